@@ -1,0 +1,97 @@
+"""`coderay`: the command line. Library code logs; this module prints."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from coderay.config import DEFAULT_CONFIG, ConfigError, load_config
+
+__all__ = ["main"]
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input: expected CxHxW such as 1x28x28, got {text!r}") from None
+    if min(c, h, w) < 1:
+        raise argparse.ArgumentTypeError(f"--input: every dimension must be ≥ 1, got {text!r}")
+    return c, h, w
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
+    from coderay.blocks import format_block_table, profile_blocks, split_model
+    from coderay.models import get_model
+
+    model = get_model(args.arch, num_classes=args.classes, input_shape=args.input).eval()
+    blocks = split_model(model, blocks=args.blocks)
+    infos = profile_blocks(blocks, args.input, batch_sizes=tuple(args.batch_sizes))
+    if args.json:
+        print(json.dumps({"arch": args.arch, "input": list(args.input), "blocks": [i.to_dict() for i in infos]},
+                         indent=2))
+    else:
+        print(f"{args.arch}: {len(blocks)} blocks, input {'x'.join(map(str, args.input))}")
+        print(format_block_table(infos))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from coderay.train import train_all
+
+    cfg = load_config(args.config, **_workdir(args))
+    results = train_all(cfg, force=args.force)
+    print(f"{'service':<12} {'arch':<12} {'task':<18} {'val acc':>8} {'test acc':>9} {'seconds':>8}  cached")
+    for name, t in results.items():
+        m = t.metrics
+        print(f"{name:<12} {t.spec.arch:<12} {t.spec.task:<18} {m['val_acc']:>8.4f} {m['test_acc']:>9.4f} "
+              f"{m['train_seconds']:>8.1f}  {'yes' if m['from_cache'] else 'no'}")
+    print(f"checkpoints under {cfg.root / 'services'}")
+    return 0
+
+
+def _workdir(args: argparse.Namespace) -> dict:
+    return {"workdir": str(args.workdir)} if getattr(args, "workdir", None) else {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coderay", description="Coordinated DNN services at the edge, on Ray (CoDE).")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("blocks", help="split an architecture into frozen blocks and print each block's "
+                                      "shapes, params, MACs and measured latency")
+    b.add_argument("arch", help="architecture name (see `coderay blocks --list`)")
+    b.add_argument("--blocks", type=int, default=None, metavar="N", help="number of blocks (default: one per stage)")
+    b.add_argument("--input", type=_shape, default=(1, 28, 28), metavar="CxHxW", help="input shape (default 1x28x28)")
+    b.add_argument("--classes", type=int, default=10, help="number of output classes (default 10)")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="B",
+                   help="batch sizes to time (default 1 8 32)")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    b.set_defaults(func=cmd_blocks)
+
+    t = sub.add_parser("train", help="train every service's model on its task (cached by config)")
+    t.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path, help="config YAML (default: the demo)")
+    t.add_argument("--workdir", type=Path, help="override the config's workdir")
+    t.add_argument("--force", action="store_true", help="retrain even when a cached checkpoint matches")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Ray clusters for coderay: a local multi-node one that emulates the config's edge servers, or an existing one.
+
+Every node carries a custom resource named after it; a service's replicas and trials ask for a sliver of
+their node's resource, which pins them there. A config naming a node the cluster lacks fails fast here:
+Ray would otherwise keep such a replica or trial pending forever.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from coderay.config import CoderayConfig
+
+__all__ = ["ray_env", "start_local_cluster", "connect", "check_nodes", "pin", "LocalCluster"]
+
+log = logging.getLogger(__name__)
+PIN = 0.01  # the share of a node's resource one replica or trial asks for
+
+
+def ray_env() -> None:
+    """Environment every coderay Ray process needs here (no usage stats, no token auth)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def pin(node: str, cpus: float = 0.0) -> dict:
+    """`ray_actor_options`-style resources that pin work to `node`."""
+    return {"num_cpus": cpus, "resources": {node: PIN}}
+
+
+class LocalCluster:
+    """A head (driver, Serve proxy, ingress) plus one Ray node per configured edge server, on this machine."""
+
+    def __init__(self, cfg: CoderayConfig, *, head_cpus: float = 1, object_store_mb: int = 128):
+        import ray
+        from ray.cluster_utils import Cluster
+
+        ray_env()
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20, "include_dashboard": False,
+            "resources": {"head": 1}})
+        self.nodes = {}
+        for node in cfg.nodes:
+            self.nodes[node.name] = self.cluster.add_node(
+                num_cpus=node.cpus, resources={node.name: 1}, object_store_memory=node.object_store_mb * 2**20)
+        self.cluster.wait_for_nodes()
+        ray.init(address=self.cluster.address, namespace="coderay", ignore_reinit_error=True,
+                 log_to_driver=False)
+        log.info("local Ray cluster: head + %s", ", ".join(self.nodes))
+
+    def remove(self, node: str) -> None:
+        """Simulate losing an edge server (never the head)."""
+        self.cluster.remove_node(self.nodes.pop(node), allow_graceful=False)
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+
+
+def start_local_cluster(cfg: CoderayConfig, **kwargs) -> LocalCluster:
+    return LocalCluster(cfg, **kwargs)
+
+
+def connect(cfg: CoderayConfig, address: str | None) -> LocalCluster | None:
+    """Join `address` (e.g. 'auto' on a `ray up` cluster) or start a local cluster; check the nodes either way."""
+    import ray
+
+    if address:
+        ray_env()
+        ray.init(address=address, namespace="coderay", ignore_reinit_error=True, log_to_driver=False)
+        local = None
+    else:
+        local = start_local_cluster(cfg)
+    check_nodes(cfg)
+    return local
+
+
+def check_nodes(cfg: CoderayConfig, nodes: list[str] | None = None) -> None:
+    """ValueError naming every configured node no alive Ray node offers (instead of pending forever)."""
+    import ray
+
+    alive = set()
+    for n in ray.nodes():
+        if n.get("Alive"):
+            alive |= set(n.get("Resources", {}))
+    wanted = nodes if nodes is not None else [n.name for n in cfg.nodes]
+    missing = [n for n in wanted if n not in alive]
+    if missing:
+        raise ValueError(f"the Ray cluster has no node offering resource(s) {missing}: start those nodes with "
+                         f"`ray start ... --resources '{{\"{missing[0]}\": 1}}'` (see cluster.yaml) or fix `nodes` "
+                         "in the config")

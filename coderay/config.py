@@ -1,0 +1,224 @@
+"""One YAML file drives every workflow: nodes, services, search, reward, serving.
+
+Validated at the edge by pydantic; a bad file fails with a `ConfigError` naming the file, the field and
+what was expected, never with a traceback from deep inside training or Ray.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError", "NodeSpec", "NetworkSpec", "TrainSpec", "ServiceSpec", "SearchSpec", "RewardSpec",
+    "ServingSpec", "CoderayConfig", "load_config", "DEFAULT_CONFIG",
+]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+_NAME = r"^[a-z][a-z0-9_-]*$"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSpec(_Strict):
+    name: str = Field(pattern=_NAME)            # also the node's Ray custom resource
+    cpus: float = Field(1.0, gt=0)              # CPUs this node offers to Ray
+    speed: float = Field(1.0, gt=0)             # relative compute speed; profiles are divided by it (emulated)
+    object_store_mb: int = Field(128, ge=64)    # per-node object store when coderay starts a local cluster
+
+
+class NetworkLink(_Strict):
+    between: tuple[str, str]                    # two node names
+    bandwidth_mbps: float = Field(gt=0)
+    rtt_ms: float = Field(ge=0)
+
+
+class NetworkSpec(_Strict):
+    bandwidth_mbps: float = Field(100.0, gt=0)  # default for node pairs not listed in `links`
+    rtt_ms: float = Field(2.0, ge=0)
+    links: list[NetworkLink] = []
+
+    def between(self, a: str, b: str) -> tuple[float, float]:
+        """(bandwidth in Mbit/s, RTT in ms) between two nodes; a node talks to itself for free."""
+        if a == b:
+            return float("inf"), 0.0
+        for link in self.links:
+            if set(link.between) == {a, b}:
+                return link.bandwidth_mbps, link.rtt_ms
+        return self.bandwidth_mbps, self.rtt_ms
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(8, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class ServiceSpec(_Strict):
+    name: str = Field(pattern=_NAME)
+    arch: str                                   # a name from coderay.models.list_models()
+    arch_kwargs: dict[str, Any] = {}            # extra builder arguments, e.g. {"widths": [16, 32, 64, 64]}
+    task: str                                   # a name from coderay.data.list_tasks()
+    node: str                                   # the node (SP server) this service runs on
+    blocks: int | None = Field(None, ge=1)      # split into N blocks (default cuts) ...
+    cuts: list[str] | None = None               # ... or at these named stages
+    weights: str | None = None                  # torchvision/coderay state_dict on disk to start from
+    guest_quota: int = Field(0, ge=0)           # s: samples of each host batch reserved for guests
+    batch_size: int = Field(32, ge=1)           # B: the batch this service's blocks run at
+    train: TrainSpec = TrainSpec()
+
+    @model_validator(mode="after")
+    def _check(self) -> ServiceSpec:
+        if self.blocks is not None and self.cuts is not None:
+            raise ValueError("give either 'blocks' or 'cuts', not both")
+        if self.guest_quota > self.batch_size:
+            raise ValueError(f"guest_quota ({self.guest_quota}) must not exceed batch_size ({self.batch_size})")
+        return self
+
+
+class SearchSpec(_Strict):
+    locals: list[str] | None = None             # services to find paths for; default: every service
+    lout: list[int] | None = [0]                # allowed local exit blocks (0 = raw input); null = all
+    hin: list[int] | None = [1]                 # allowed host entry blocks; null = all
+    include_skip: bool = True                   # also consider skip paths inside the local model
+    top_k: int = Field(3, ge=1)                 # stage 2 trains this many candidates per local service
+    predict_samples: int = Field(1024, ge=64)   # training samples the stage-1 predictor fits links on
+    link_epochs: int = Field(4, ge=1)
+    link_lr: float = Field(2e-3, gt=0)
+    link_batch_size: int = Field(64, ge=1)
+    exhaustive: bool = False                    # train every candidate (for comparison)
+
+
+class RewardSpec(_Strict):
+    accuracy: str = "power"                     # ξ: a name from coderay.reward.ACCURACY_FUNCTIONS
+    alpha: float = Field(8.0, ge=0)
+    throughput: str = "power"                   # ζ: a name from coderay.reward.THROUGHPUT_FUNCTIONS
+    beta: float = Field(1.0, ge=0)
+    accuracy_floor: float | None = Field(None, ge=0, le=1)  # δ: A^av below A_local − δ earns 0
+
+
+class ServingSpec(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)     # 0 picks a free port
+    max_batch_size: int = Field(32, ge=1)       # dynamic batching on block groups
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_request_samples: int = Field(256, ge=1)
+    max_body_bytes: int = Field(8 * 2**20, ge=1024)
+    request_timeout_s: float = Field(10.0, gt=0)
+    emulate_network: bool = True                # add RTT + bytes/bandwidth per cross-node hop
+
+
+class CoderayConfig(_Strict):
+    name: str = "coderay"
+    seed: int = 0
+    workdir: str = ".coderay"                   # checkpoints, reward tables, links (relative to the CWD)
+    data_root: str | None = None                # where torchvision datasets live, if any
+    nodes: list[NodeSpec] = Field(min_length=1)
+    network: NetworkSpec = NetworkSpec()
+    services: list[ServiceSpec] = Field(min_length=1)
+    search: SearchSpec = SearchSpec()
+    reward: RewardSpec = RewardSpec()
+    serving: ServingSpec = ServingSpec()
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> CoderayConfig:
+        nodes = [n.name for n in self.nodes]
+        _unique(nodes, "nodes", "name")
+        _unique([s.name for s in self.services], "services", "name")
+        for i, link in enumerate(self.network.links):
+            for end in link.between:
+                if end not in nodes:
+                    raise ValueError(f"network.links[{i}].between: unknown node {end!r}; expected one of {nodes}")
+        names = [s.name for s in self.services]
+        for name in self.search.locals or []:
+            if name not in names:
+                raise ValueError(f"search.locals: unknown service {name!r}; expected one of {names}")
+        for i, svc in enumerate(self.services):
+            if svc.node not in nodes:
+                raise ValueError(f"services[{i}].node: unknown node {svc.node!r}; expected one of {nodes}")
+        return self
+
+    def node(self, name: str) -> NodeSpec:
+        return next(n for n in self.nodes if n.name == name)
+
+    def service(self, name: str) -> ServiceSpec:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(f"unknown service {name!r}; expected one of {[s.name for s in self.services]}")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.workdir).expanduser().resolve()
+
+    def fingerprint(self, *parts: Any) -> str:
+        """A short stable hash of config parts, the key of every on-disk cache."""
+        blob = json.dumps([p.model_dump() if isinstance(p, BaseModel) else p for p in parts], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _unique(values: list[str], where: str, field: str) -> None:
+    seen = set()
+    for i, v in enumerate(values):
+        if v in seen:
+            raise ValueError(f"{where}[{i}].{field}: duplicate {v!r}; names must be unique")
+        seen.add(v)
+
+
+def _check_registries(cfg: CoderayConfig) -> None:
+    """Names that only the registries know: checked here so the error still names the field."""
+    from coderay.data import list_tasks
+    from coderay.models import list_models
+
+    archs, tasks = list_models(), list_tasks()
+    for i, svc in enumerate(cfg.services):
+        if svc.arch not in archs:
+            raise ConfigError(f"services[{i}].arch: unknown architecture {svc.arch!r}; expected one of {archs}")
+        if svc.task not in tasks:
+            raise ConfigError(f"services[{i}].task: unknown task {svc.task!r}; expected one of {tasks}")
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = f" (got {got!r})" if e["type"] not in ("missing", "value_error") and not isinstance(got, dict) else ""
+        lines.append(f"  {loc or '<top level>'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> CoderayConfig:
+    """Read, validate and return a config; `overrides` replace top-level fields (tests, CLI flags)."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw.update(overrides)
+    try:
+        cfg = CoderayConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: invalid config\n{_format(e)}") from None
+    try:
+        _check_registries(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: invalid config\n  {e}") from None
+    return cfg

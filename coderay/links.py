@@ -1,0 +1,117 @@
+"""Links: the small trainable adapters that join one block's output to another block's input.
+
+A link is shaped from block metadata, never guessed: conv→conv is resize + norm + 1×1 conv, conv→flat is a
+small pooled grid + norm + linear, flat→flat is norm + linear; each ends in a ReLU when the block it feeds
+expects post-activation (non-negative) input. flat→conv is not offered: no path needs to turn a vector back
+into a feature map, and such a link would be larger than the blocks it bridges.
+
+Links start from a ridge least-squares fit on paired activations (what the receiving block would have
+seen), so a link is useful before its first gradient step: the search's cheap stage-1 predictor.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Link", "link_kind", "match_image"]
+
+Shape = tuple[int, ...]
+_MAX_ROWS = 200_000
+
+
+def link_kind(src: Shape, dst: Shape) -> str:
+    """'conv→conv', 'conv→flat' or 'flat→flat'; ValueError for shapes no link joins."""
+    kinds = {(3, 3): "conv→conv", (3, 1): "conv→flat", (1, 1): "flat→flat"}
+    kind = kinds.get((len(src), len(dst)))
+    if kind is None:
+        raise ValueError(f"no link from shape {src} to {dst}: links join conv→conv, conv→flat or flat→flat")
+    return kind
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Average-pool down, bilinear up: the cheap spatial match between feature maps."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def match_image(x: torch.Tensor, shape: Shape) -> torch.Tensor:
+    """An image batch resized and channel-matched to `shape` (C, H, W): grey→RGB repeats, RGB→grey averages."""
+    x = _resize(x, tuple(shape[1:]))
+    c_in, c_out = x.shape[1], shape[0]
+    if c_in == c_out:
+        return x
+    if c_in == 1:
+        return x.expand(-1, c_out, -1, -1)
+    return x.mean(1, keepdim=True).expand(-1, c_out, -1, -1)
+
+
+class Link(nn.Module):
+    """A trainable adapter from activations of shape `src` to activations of shape `dst` (per sample)."""
+
+    def __init__(self, src: Shape, dst: Shape, *, relu: bool, grid: int = 2):
+        super().__init__()
+        self.src, self.dst, self.kind = tuple(src), tuple(dst), link_kind(src, dst)
+        if self.kind == "conv→conv":
+            self.norm = nn.BatchNorm2d(src[0])
+            self.proj = nn.Conv2d(src[0], dst[0], kernel_size=1)
+        else:
+            self.grid = grid if self.kind == "conv→flat" else 1
+            features = src[0] * self.grid**2
+            self.norm = nn.BatchNorm1d(features)
+            self.proj = nn.Linear(features, dst[0])
+        self.act = nn.ReLU() if relu else nn.Identity()
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv→conv":
+            return _resize(x, self.dst[1:])                              # (B, C_src, H_dst, W_dst)
+        if self.kind == "conv→flat":
+            return F.adaptive_avg_pool2d(x, self.grid).flatten(1)       # (B, C_src·g·g)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.proj(self.norm(self._features(x))))
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def init_lstsq(self, src: torch.Tensor, dst: torch.Tensor, *, ridge: float = 1e-3) -> float:
+        """Fit norm statistics and the projection by ridge least squares so that link(src) ≈ dst.
+
+        Returns the relative residual ‖link(src) − dst‖ / ‖dst‖ of the fit.
+        """
+        feats = self._features(src)
+        dims = (0, 2, 3) if feats.dim() == 4 else (0,)
+        mean, var = feats.mean(dims), feats.var(dims, unbiased=False)
+        self.norm.running_mean.copy_(mean)
+        self.norm.running_var.copy_(var)
+        self.norm.weight.fill_(1.0)
+        self.norm.bias.zero_()
+        z = (feats - _bcast(mean, feats)) / torch.sqrt(_bcast(var, feats) + self.norm.eps)
+        if z.dim() == 4:                                                 # rows are pixels: (B·H·W, C)
+            x_rows, y_rows = z.permute(0, 2, 3, 1).flatten(0, 2), dst.permute(0, 2, 3, 1).flatten(0, 2)
+        else:
+            x_rows, y_rows = z, dst
+        if len(x_rows) > _MAX_ROWS:
+            keep = torch.randperm(len(x_rows), generator=torch.Generator().manual_seed(0))[:_MAX_ROWS]
+            x_rows, y_rows = x_rows[keep], y_rows[keep]
+        x1 = torch.cat([x_rows, torch.ones(len(x_rows), 1)], 1).double()
+        gram = x1.T @ x1 + ridge * len(x1) * torch.eye(x1.shape[1], dtype=torch.float64)
+        sol = torch.linalg.solve(gram, x1.T @ y_rows.double()).float()   # (C_in + 1, C_out)
+        weight, bias = sol[:-1].T, sol[-1]
+        self.proj.weight.copy_(weight.reshape(self.proj.weight.shape))
+        self.proj.bias.copy_(bias)
+        was_training = self.training
+        self.eval()
+        residual = (self(src) - dst).norm() / dst.norm().clamp_min(1e-12)
+        self.train(was_training)
+        return residual.item()
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1) if like.dim() == 4 else v.view(1, -1)

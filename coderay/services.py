@@ -1,0 +1,78 @@
+"""A trained service as the rest of coderay sees it: frozen blocks, their profiles, its node."""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from coderay.blocks import Block, BlockInfo, profile_blocks, split_model
+from coderay.config import CoderayConfig, NodeSpec, ServiceSpec
+from coderay.data import TaskData
+from coderay.models import StagedModel
+from coderay.train import load_service, service_dir, train_service
+
+__all__ = ["ServiceModel", "load_services", "split_service"]
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class ServiceModel:
+    spec: ServiceSpec
+    node: NodeSpec
+    task: TaskData
+    model: StagedModel
+    blocks: list[Block]
+    infos: list[BlockInfo]      # measured on this machine; per-node times divide by node.speed (emulated)
+    metrics: dict               # from training: val_acc, test_acc, ...
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def boundaries(self) -> list[Shape]:
+        """Per-sample shapes after block k, k = 0..N (0: the input)."""
+        return [tuple(self.infos[0].in_shape)] + [tuple(i.out_shape) for i in self.infos]
+
+    @property
+    def block_params(self) -> list[int]:
+        return [i.params for i in self.infos]
+
+    def block_seconds(self, first: int, last: int) -> float:
+        """Per-sample seconds of blocks first..last (1-based, inclusive) on this service's node at its batch size."""
+        b = self.spec.batch_size
+        return sum(self.infos[k - 1].latency_ms[b] / b for k in range(first, last + 1)) / 1e3 / self.node.speed
+
+
+def split_service(spec: ServiceSpec, model: StagedModel) -> list[Block]:
+    return split_model(model, blocks=spec.blocks, cuts=spec.cuts)
+
+
+def _profile(cfg: CoderayConfig, spec: ServiceSpec, blocks: Sequence[Block], input_shape: Shape) -> list[BlockInfo]:
+    """Block profiles, measured once per (service checkpoint, cuts, batch size) and cached beside it."""
+    key = cfg.fingerprint(spec.blocks, spec.cuts, spec.batch_size)
+    path = service_dir(cfg, spec) / f"profile-{key}.json"
+    if path.exists():
+        rows = json.loads(path.read_text())
+        return [BlockInfo(**(r | {"latency_ms": {int(k): v for k, v in r["latency_ms"].items()},
+                                  "stages": tuple(r["stages"]), "in_shape": tuple(r["in_shape"]),
+                                  "out_shape": tuple(r["out_shape"])})) for r in rows]
+    infos = profile_blocks(blocks, input_shape, batch_sizes=tuple(sorted({1, spec.batch_size})))
+    path.write_text(json.dumps([i.to_dict() for i in infos], indent=2))
+    return infos
+
+
+def load_services(cfg: CoderayConfig, names: Sequence[str] | None = None, *, train_missing: bool = True,
+                  progress: bool = True) -> dict[str, ServiceModel]:
+    """Trained, split and profiled services; trains what is missing unless `train_missing` is False."""
+    out = {}
+    for spec in cfg.services:
+        if names is not None and spec.name not in names:
+            continue
+        trained = train_service(cfg, spec, progress=progress) if train_missing else load_service(cfg, spec.name)
+        blocks = split_service(spec, trained.model)
+        infos = _profile(cfg, spec, blocks, trained.task.input_shape)
+        out[spec.name] = ServiceModel(spec, cfg.node(spec.node), trained.task, trained.model, blocks, infos,
+                                      trained.metrics)
+    return out

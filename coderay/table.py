@@ -1,0 +1,115 @@
+"""The reward table: one row per candidate path, persisted as JSON and CSV, plotted as a Pareto front."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["RewardTable"]
+
+COLUMNS = [
+    "path_id", "local", "kind", "host", "lout", "hin", "hout", "lin", "trained", "pred_acc", "pred_reward",
+    "val_acc", "test_acc", "acc_avg", "acc_avg_test", "th_local", "th_host", "th_total", "th_ratio",
+    "host_own_before", "host_own_after", "latency_ms", "bottleneck", "measured_sps", "measured_ratio",
+    "reward", "link_params", "local_skipped_params", "host_added_params", "train_seconds", "links_file",
+]
+
+
+@dataclass
+class RewardTable:
+    rows: list[dict]
+    meta: dict = field(default_factory=dict)
+
+    def for_service(self, local: str) -> list[dict]:
+        return [r for r in self.rows if r["local"] == local]
+
+    @property
+    def locals(self) -> list[str]:
+        return sorted({r["local"] for r in self.rows})
+
+    def best(self, local: str) -> dict:
+        """The measured row of highest reward (the path a service should run)."""
+        measured = [r for r in self.for_service(local) if r.get("reward") is not None]
+        if not measured:
+            raise ValueError(f"no measured path for service {local!r}")
+        return max(measured, key=lambda r: (r["reward"], r["kind"] == "local"))
+
+    def row(self, path_id: str) -> dict:
+        for r in self.rows:
+            if r["path_id"] == path_id:
+                return r
+        raise KeyError(f"no path {path_id!r} in the reward table")
+
+    def pareto(self, local: str) -> list[dict]:
+        """Measured paths no other measured path beats on both average test accuracy and throughput."""
+        pts = [r for r in self.for_service(local) if r.get("acc_avg_test") is not None]
+        front = [r for r in pts if not any(
+            o["acc_avg_test"] >= r["acc_avg_test"] and o["th_total"] >= r["th_total"]
+            and (o["acc_avg_test"] > r["acc_avg_test"] or o["th_total"] > r["th_total"]) for o in pts)]
+        return sorted(front, key=lambda r: r["th_total"])
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "table.json").write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=2))
+        with open(directory / "table.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    @classmethod
+    def load(cls, directory: Path) -> RewardTable:
+        data = json.loads((Path(directory) / "table.json").read_text())
+        return cls(data["rows"], data.get("meta", {}))
+
+    def format(self, local: str, *, limit: int | None = None) -> str:
+        rows = sorted(self.for_service(local), key=lambda r: -(r["reward"] if r.get("reward") is not None
+                                                                else -1 + (r["pred_reward"] or 0) / 1e6))
+        head = (f"{'path':<34} {'kind':<5} {'trained':<7} {'pred acc':>8} {'val acc':>7} {'test acc':>8} "
+                f"{'A^av':>6} {'Th/s':>7} {'×local':>6} {'reward':>7}")
+        lines = [head, "-" * len(head)]
+        for r in rows[:limit]:
+            lines.append(f"{r['path_id']:<34} {r['kind']:<5} {'yes' if r['trained'] else 'no':<7} "
+                         f"{_f(r['pred_acc'])} {_f(r['val_acc'], 7)} {_f(r['test_acc'])} {_f(r['acc_avg_test'], 6)} "
+                         f"{r['th_total']:>7.0f} {r['th_ratio']:>6.2f} {_f(r['reward'], 7, 3)}")
+        return "\n".join(lines)
+
+    def plot(self, path: Path) -> Path:
+        """Accuracy vs throughput of every path, one panel per local service, the Pareto front drawn."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        locals_ = self.locals
+        fig, axes = plt.subplots(1, len(locals_), figsize=(6 * len(locals_), 4.5), squeeze=False)
+        for ax, local in zip(axes[0], locals_):
+            rows = self.for_service(local)
+            for kind, marker in (("coop", "o"), ("skip", "s"), ("local", "*")):
+                pts = [r for r in rows if r["kind"] == kind]
+                pred = [r for r in pts if r.get("acc_avg_test") is None]
+                meas = [r for r in pts if r.get("acc_avg_test") is not None]
+                if pred:
+                    ax.scatter([r["th_total"] for r in pred], [r["pred_acc"] for r in pred], marker=marker,
+                               facecolors="none", edgecolors="grey", alpha=0.5, label=f"{kind} (predicted)")
+                if meas:
+                    ax.scatter([r["th_total"] for r in meas], [r["acc_avg_test"] for r in meas], marker=marker,
+                               s=80 if kind == "local" else 30, label=f"{kind} (measured)")
+            front = self.pareto(local)
+            ax.plot([r["th_total"] for r in front], [r["acc_avg_test"] for r in front], "k--", lw=1,
+                    label="Pareto front")
+            best = self.best(local)
+            ax.annotate("best", (best["th_total"], best["acc_avg_test"]), textcoords="offset points",
+                        xytext=(5, -12))
+            ax.set(title=f"{local}: accuracy vs throughput", xlabel="throughput (samples/s, modelled)",
+                   ylabel="average accuracy A^av (test)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower left")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def _f(v: float | None, width: int = 8, digits: int = 4) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
