@@ -52,6 +52,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_search(table, cfg) -> None:
+    """The reward table of every local service, its best path and where the files are."""
+    for local in table.locals:
+        summary = table.meta["summary"][local]
+        print(f"\n== {local}: {summary['candidates']} candidates, {summary['trained']} trained "
+              f"({summary['trained_fraction']:.0%}) ==")
+        print(table.format(local, limit=None if table.meta.get("mode") == "exhaustive" else 15))
+        best, base = table.best(local), table.row(f"{local}:local")
+        print(f"best path: {best['path_id']}  ({best['kind']})")
+        print(f"  path accuracy {best['test_acc']:.4f} (test), average accuracy A^av {best['acc_avg_test']:.4f} vs "
+              f"local-only {base['test_acc']:.4f}; throughput {best['th_total']:.0f}/s = {best['th_ratio']:.2f}x "
+              f"local-only (modelled, emulated node speeds), {best['measured_ratio']:.2f}x measured in-process")
+    out = table.meta.get("dir")
+    if out:
+        print(f"\nreward table: {out}/table.json, {out}/table.csv; Pareto plot: {out}/pareto.png")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, **_workdir(args))
+    exhaustive = args.exhaustive or None
+    if args.in_process:
+        from coderay.search import run_search
+
+        table = run_search(cfg, exhaustive=exhaustive, use_cache=not args.force)
+    else:
+        from tuning.search import run_tune_search
+
+        table = run_tune_search(cfg, address=args.address, exhaustive=exhaustive, resume=not args.force)
+    if args.json:
+        print(json.dumps({"meta": table.meta, "rows": table.rows}, indent=2, default=str))
+    else:
+        print_search(table, cfg)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deployments.app import serve_command
+
+    cfg = load_config(args.config, **_workdir(args))
+    return serve_command(cfg, config_path=Path(args.config).resolve(), address=args.address, port=args.port,
+                         block=not args.no_block)
+
+
 def _workdir(args: argparse.Namespace) -> dict:
     return {"workdir": str(args.workdir)} if getattr(args, "workdir", None) else {}
 
@@ -77,6 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", type=Path, help="override the config's workdir")
     t.add_argument("--force", action="store_true", help="retrain even when a cached checkpoint matches")
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("search", help="find the best paths: predict every candidate, train the most promising "
+                                      "(on Ray Tune, or --in-process)")
+    s.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path, help="config YAML (default: the demo)")
+    s.add_argument("--in-process", action="store_true", help="run in this process instead of Ray Tune trials")
+    s.add_argument("--exhaustive", action="store_true", help="train every candidate (for comparison)")
+    s.add_argument("--address", default=None, help="Ray cluster to run trials on (default: start a local one)")
+    s.add_argument("--json", action="store_true", help="print the reward table as JSON")
+    s.add_argument("--force", action="store_true", help="ignore cached results (and Tune state) and search anew")
+    s.add_argument("--workdir", type=Path, help="override the config's workdir")
+    s.set_defaults(func=cmd_search)
+
+    v = sub.add_parser("serve", help="deploy every service's best path on Ray Serve and answer HTTP requests")
+    v.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path, help="config YAML (default: the demo)")
+    v.add_argument("--address", default=None, help="Ray cluster to deploy to, e.g. auto (default: a local one)")
+    v.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's serving.port)")
+    v.add_argument("--no-block", action="store_true", help="return after deploying instead of serving until Ctrl-C")
+    v.add_argument("--workdir", type=Path, help="override the config's workdir")
+    v.set_defaults(func=cmd_serve)
     return p
 
 

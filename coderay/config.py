@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import to_jsonable_python
 
 __all__ = [
     "ConfigError", "NodeSpec", "NetworkSpec", "TrainSpec", "ServiceSpec", "SearchSpec", "RewardSpec",
@@ -94,11 +95,13 @@ class SearchSpec(_Strict):
     hin: list[int] | None = [1]                 # allowed host entry blocks; null = all
     include_skip: bool = True                   # also consider skip paths inside the local model
     top_k: int = Field(3, ge=1)                 # stage 2 trains this many candidates per local service
-    predict_samples: int = Field(1024, ge=64)   # training samples the stage-1 predictor fits links on
+    predict_samples: int = Field(512, ge=64)   # samples the stage-1 predictor fits links on (least squares)
+    predict_steps: int = Field(40, ge=0)        # ... then this many gradient steps on the links
     link_epochs: int = Field(4, ge=1)
     link_lr: float = Field(2e-3, gt=0)
     link_batch_size: int = Field(64, ge=1)
     exhaustive: bool = False                    # train every candidate (for comparison)
+    baselines: bool = True                      # also score the edge-early baseline (Edgent-style)
 
 
 class RewardSpec(_Strict):
@@ -165,7 +168,7 @@ class CoderayConfig(_Strict):
 
     def fingerprint(self, *parts: Any) -> str:
         """A short stable hash of config parts, the key of every on-disk cache."""
-        blob = json.dumps([p.model_dump() if isinstance(p, BaseModel) else p for p in parts], sort_keys=True)
+        blob = json.dumps(to_jsonable_python(parts), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

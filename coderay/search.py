@@ -1,8 +1,8 @@
 """The multi-stage path search: predict every candidate cheaply, train only the most promising.
 
 Stage 1 (every candidate): throughput from block profiles (the model in `throughput.py`); accuracy from
-links fitted by least squares on a few hundred paired activations and evaluated on validation data, with
-no gradient step. Stage 2 (top-k by predicted reward): links train to convergence; validation accuracy
+links fitted by least squares on a few hundred paired activations, then a few dozen gradient steps,
+evaluated on validation data. Stage 2 (top-k by predicted reward): links train to convergence; validation accuracy
 ranks paths (the reward), test accuracy is reported. `exhaustive=True` trains every candidate instead.
 
 The per-candidate functions (`predict_path`, `train_path`) are what Tune trials call too: one
@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,10 +40,29 @@ log = logging.getLogger(__name__)
 class SearchContext:
     cfg: CoderayConfig
     services: dict[str, ServiceModel]
+    _acts: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, cfg: CoderayConfig, *, progress: bool = True, train_missing: bool = True) -> SearchContext:
         return cls(cfg, load_services(cfg, progress=progress, train_missing=train_missing))
+
+    def fit_activations(self, local: str, upto: int, host: str | None = None) -> torch.Tensor:
+        """Activations after block `upto` of `host` (default: `local`) on the local task's fitting samples,
+        the image resized for the host; computed once per search (candidates share most of them)."""
+        key = (local, host or local, upto)
+        if key not in self._acts:
+            if upto == 0 and host is None:
+                svc = self.services[local]
+                idx = torch.randperm(len(svc.task.train), generator=torch.Generator().manual_seed(self.cfg.seed))
+                self._acts[key] = torch.stack([svc.task.train[int(i)][0]
+                                               for i in idx[:self.cfg.search.predict_samples]])  # (n, C, H, W)
+            elif host is None:
+                self._acts[key] = _activations(self.services[local].blocks[upto - 1:upto],
+                                               self.fit_activations(local, upto - 1), 1)
+            else:
+                image = match_image(self.fit_activations(local, 0), self.services[host].boundaries[0])
+                self._acts[key] = _activations(self.services[host].blocks, image, upto)
+        return self._acts[key]
 
 
 def candidates(ctx: SearchContext, local: str) -> list[PathSpec]:
@@ -59,7 +78,7 @@ def _activations(blocks, x: torch.Tensor, upto: int) -> torch.Tensor:
     return x.clone()
 
 
-def build_path(ctx: SearchContext, spec: PathSpec, *, fit_samples: int | None = None) -> tuple[PathModule, dict]:
+def build_path(ctx: SearchContext, spec: PathSpec) -> tuple[PathModule, dict]:
     """A path with fresh links fitted by least squares on the local task's training data.
 
     Link targets are what the receiving block sees on its own: the host's activation of the (resized) image
@@ -67,20 +86,15 @@ def build_path(ctx: SearchContext, spec: PathSpec, *, fit_samples: int | None = 
     Returns the module and the fit residuals.
     """
     local = ctx.services[spec.local]
-    n = fit_samples or ctx.cfg.search.predict_samples
-    g = torch.Generator().manual_seed(ctx.cfg.seed)
-    train = local.task.train
-    idx = torch.randperm(len(train), generator=g)[:n]
-    x = torch.stack([train[int(i)][0] for i in idx])                         # (n, C, H, W)
-    src = _activations(local.blocks, x, spec.lout)
-    target = _activations(local.blocks, x, spec.lin - 1)
+    src = ctx.fit_activations(spec.local, spec.lout)
+    target = ctx.fit_activations(spec.local, spec.lin - 1)
     links, residuals = {}, {}
     if spec.kind == "skip":
         links["skip"] = Link(src.shape[1:], target.shape[1:], relu=bool(target.min() >= 0))
         residuals["skip"] = links["skip"].init_lstsq(src, target)
     elif spec.kind == "coop":
         host = ctx.services[spec.host]
-        host_in = _activations(host.blocks, match_image(x, host.boundaries[0]), spec.hin - 1)
+        host_in = ctx.fit_activations(spec.local, spec.hin - 1, host=spec.host)
         links["in"] = Link(src.shape[1:], host_in.shape[1:], relu=bool(host_in.min() >= 0))
         residuals["in"] = links["in"].init_lstsq(src, host_in)
         with torch.inference_mode():
@@ -171,6 +185,12 @@ def predict_path(ctx: SearchContext, spec: PathSpec) -> dict:
         module, pred_acc = PathModule(spec, local.blocks), local.metrics["val_acc"]
     else:
         module, _ = build_path(ctx, spec)
+        s = ctx.cfg.search
+        if s.predict_steps:
+            n = min(len(local.task.train), s.predict_steps * s.link_batch_size)
+            torch.manual_seed(ctx.cfg.seed)
+            fit(module, module.link_parameters(), Subset(local.task.train, range(n)), local.task.val, epochs=1,
+                lr=s.link_lr, batch_size=s.link_batch_size, seed=ctx.cfg.seed, progress=False, validate=False)
         pred_acc = evaluate(module, local.task.val)
     row = _row(ctx, module)
     acc_avg = average_accuracy(local.metrics["val_acc"], pred_acc, row["th_local"], row["th_host"])
@@ -276,11 +296,13 @@ def finish_table(cfg: CoderayConfig, rows: list[dict], meta: dict) -> RewardTabl
         svc_rows = table.for_service(local)
         trained = [r for r in svc_rows if r["reward"] is not None and r["kind"] != "local"]
         best = table.best(local)
+        base = table.baselines(local)
         summary[local] = {
             "candidates": len(svc_rows), "trained": len(trained),
             "trained_fraction": len(trained) / max(len(svc_rows), 1), "best": best["path_id"],
             "spearman_pred_vs_measured": spearman([r["pred_reward"] for r in trained], [r["reward"] for r in trained])
             if len(trained) > 2 else None,
+            "best_edge_early": max(base, key=lambda r: r["reward"])["path_id"] if base else None,
         }
     table.meta["summary"] = summary
     return table
@@ -310,8 +332,13 @@ def run_search(cfg: CoderayConfig, *, exhaustive: bool | None = None, progress: 
                                          links_dir=out / "links")
                 preds[i] = measured | {"pred_acc": row["pred_acc"], "pred_reward": row["pred_reward"]}
         rows += preds
+        if cfg.search.baselines:
+            from coderay.baselines import edge_early_rows
+
+            rows += edge_early_rows(ctx, local)
     table = finish_table(cfg, rows, {"config": cfg.name, "mode": "exhaustive" if exhaustive else "staged",
                                      "engine": "in-process", "seconds": round(time.perf_counter() - start, 1)})
+    table.meta["dir"] = str(out)
     table.save(out)
     table.plot(out / "pareto.png")
     table.meta["from_cache"] = False

@@ -54,10 +54,7 @@ def _profile(cfg: CoderayConfig, spec: ServiceSpec, blocks: Sequence[Block], inp
     key = cfg.fingerprint(spec.blocks, spec.cuts, spec.batch_size)
     path = service_dir(cfg, spec) / f"profile-{key}.json"
     if path.exists():
-        rows = json.loads(path.read_text())
-        return [BlockInfo(**(r | {"latency_ms": {int(k): v for k, v in r["latency_ms"].items()},
-                                  "stages": tuple(r["stages"]), "in_shape": tuple(r["in_shape"]),
-                                  "out_shape": tuple(r["out_shape"])})) for r in rows]
+        return [BlockInfo.from_dict(r) for r in json.loads(path.read_text())]
     infos = profile_blocks(blocks, input_shape, batch_sizes=tuple(sorted({1, spec.batch_size})))
     path.write_text(json.dumps([i.to_dict() for i in infos], indent=2))
     return infos

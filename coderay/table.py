@@ -6,13 +6,16 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RewardTable"]
+__all__ = ["RewardTable", "PATH_KINDS"]
+
+PATH_KINDS = ("local", "skip", "coop")
 
 COLUMNS = [
     "path_id", "local", "kind", "host", "lout", "hin", "hout", "lin", "trained", "pred_acc", "pred_reward",
     "val_acc", "test_acc", "acc_avg", "acc_avg_test", "th_local", "th_host", "th_total", "th_ratio",
     "host_own_before", "host_own_after", "latency_ms", "bottleneck", "measured_sps", "measured_ratio",
-    "reward", "link_params", "local_skipped_params", "host_added_params", "train_seconds", "links_file",
+    "reward", "link_params", "local_skipped_params", "host_added_params", "mirrored_params", "train_seconds",
+    "links_file",
 ]
 
 
@@ -22,7 +25,12 @@ class RewardTable:
     meta: dict = field(default_factory=dict)
 
     def for_service(self, local: str) -> list[dict]:
-        return [r for r in self.rows if r["local"] == local]
+        """The candidate paths of `local` (local-only, skip, cooperative): what a service may run."""
+        return [r for r in self.rows if r["local"] == local and r["kind"] in PATH_KINDS]
+
+    def baselines(self, local: str) -> list[dict]:
+        """Rows of the comparison baselines (edge-early), which need the local model mirrored on a host."""
+        return [r for r in self.rows if r["local"] == local and r["kind"] not in PATH_KINDS]
 
     @property
     def locals(self) -> list[str]:
@@ -94,6 +102,10 @@ class RewardTable:
                 if meas:
                     ax.scatter([r["th_total"] for r in meas], [r["acc_avg_test"] for r in meas], marker=marker,
                                s=80 if kind == "local" else 30, label=f"{kind} (measured)")
+            base = self.baselines(local)
+            if base:
+                ax.scatter([r["th_total"] for r in base], [r["acc_avg_test"] for r in base], marker="x",
+                           color="tab:red", alpha=0.6, label="edge-early baseline")
             front = self.pareto(local)
             ax.plot([r["th_total"] for r in front], [r["acc_avg_test"] for r in front], "k--", lw=1,
                     label="Pareto front")

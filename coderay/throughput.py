@@ -34,8 +34,8 @@ class PathCosts:
 
 @dataclass(frozen=True)
 class Throughput:
-    local: float                # Th^l, samples/s answered on the local node alone
-    host: float                 # Th^h, samples/s answered through the host
+    local: float                # Th^l, samples/s answered by the local-only model
+    host: float                 # Th^h, samples/s answered through the path (via the host; a skip path: itself)
     local_only: float           # the service's throughput without cooperation
     host_own_before: float      # the host's own throughput before it admits guests
     host_own_after: float       # ... and with this path's guests
@@ -60,8 +60,7 @@ def path_throughput(c: PathCosts, *, kind: str, network: NetworkSpec | None = No
     if kind == "local":
         return Throughput(local_only, 0.0, local_only, 0.0, 0.0, c.local_full * 1e3, "-")
     if kind == "skip":
-        th = 1.0 / c.local_part
-        return Throughput(th, 0.0, local_only, 0.0, 0.0, c.local_part * 1e3, "-")
+        return Throughput(0.0, 1.0 / c.local_part, local_only, 0.0, 0.0, c.local_part * 1e3, "-")
     bandwidth, rtt_ms = (network or NetworkSpec()).between(local_node, host_node)
     t_batch = (c.batch - c.guest_quota) * c.host_full + c.guest_quota * c.host_part
     caps = {"quota": c.guest_quota / t_batch if t_batch > 0 else 0.0,

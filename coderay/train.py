@@ -51,8 +51,10 @@ def evaluate(module: nn.Module, data: Dataset, *, batch_size: int = 256) -> floa
 
 def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: Dataset, *, epochs: int,
         lr: float, batch_size: int, weight_decay: float = 0.0, seed: int = 0, desc: str = "train",
-        progress: bool = True, on_epoch: Callable[[int, float, float], None] | None = None) -> list[dict]:
-    """Adam on cross-entropy over `params` only; one line per epoch. Returns the per-epoch history."""
+        progress: bool = True, validate: bool = True,
+        on_epoch: Callable[[int, float, float], None] | None = None) -> list[dict]:
+    """Adam on cross-entropy over `params` only; one line per epoch. Returns the per-epoch history
+    (validation accuracy is None when `validate` is False)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError(f"{desc}: nothing to train (no parameter requires grad)")
@@ -72,7 +74,7 @@ def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: 
             opt.step()
             total, n = total + loss.item() * len(y), n + len(y)
             bar.set_postfix(loss=f"{total / n:.3f}")
-        val_acc = evaluate(module, val)
+        val_acc = evaluate(module, val) if validate else None
         history.append({"epoch": epoch, "loss": total / n, "val_acc": val_acc})
         if progress:
             tqdm.write(f"{desc} epoch {epoch}/{epochs}: loss {total / n:.4f}  val acc {val_acc:.4f}")

@@ -1,0 +1,87 @@
+"""The edge-early baseline (Edgent-style), on the same blocks, data and profiles as CoDE's paths.
+
+The local model is partitioned after block k: blocks 1..k run on the local node, blocks k+1..e on a host
+node that must hold a *copy* of the local model's tail (the mirroring CoDE avoids). Right-sizing picks an
+early exit e: the model truncated after block e with a small trained exit head (pool + linear); e = N is
+the whole model. Each (k, e) is a row of kind 'edge-early' beside the paths, scored by the same throughput
+model (the host lends the same s slots per batch) and the same reward.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from coderay.config import CoderayConfig
+from coderay.reward import average_accuracy, reward
+from coderay.search import SearchContext
+from coderay.throughput import PathCosts, path_throughput
+from coderay.train import evaluate, fit
+
+__all__ = ["ExitHead", "edge_early_rows"]
+
+
+class ExitHead(nn.Module):
+    """An early-exit classifier after a block: global pool (for feature maps) + linear."""
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int):
+        super().__init__()
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if len(shape) == 3 else nn.Identity()
+        self.fc = nn.Linear(shape[0], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(x))
+
+
+def _branch(ctx: SearchContext, local: str, exit_after: int) -> tuple[nn.Module, float, float, int]:
+    """The local model right-sized to exit after block `exit_after`: (module, val acc, test acc, head params)."""
+    svc = ctx.services[local]
+    n = len(svc.blocks)
+    if exit_after == n:
+        module = nn.Sequential(*svc.blocks)
+        return module, svc.metrics["val_acc"], svc.metrics["test_acc"], 0
+    head = ExitHead(svc.boundaries[exit_after], svc.task.num_classes)
+    module = nn.Sequential(*svc.blocks[:exit_after], head)
+    s = ctx.cfg.search
+    torch.manual_seed(ctx.cfg.seed)
+    fit(module, head.parameters(), svc.task.train, svc.task.val, epochs=s.link_epochs, lr=s.link_lr,
+        batch_size=s.link_batch_size, seed=ctx.cfg.seed, progress=False)
+    return module, evaluate(module, svc.task.val), evaluate(module, svc.task.test), sum(
+        p.numel() for p in head.parameters())
+
+
+def edge_early_rows(ctx: SearchContext, local: str, *, exits: list[int] | None = None) -> list[dict]:
+    """Every (partition k, exit e) of `local` offloading to each other service's node, as reward-table rows."""
+    cfg: CoderayConfig = ctx.cfg
+    svc = ctx.services[local]
+    n = len(svc.blocks)
+    exits = exits or list(range(1, n + 1))
+    full = svc.block_seconds(1, n)
+    rows = []
+    for e in exits:
+        _, val_acc, test_acc, head_params = _branch(ctx, local, e)
+        for host in (h for name, h in ctx.services.items() if name != local):
+            for k in range(0, e):
+                mirrored = sum(svc.block_params[k:e])
+                host_speed_ratio = svc.node.speed / host.node.speed       # the local tail, timed on the host
+                costs = PathCosts(full, svc.block_seconds(1, k), host.block_seconds(1, len(host.blocks)),
+                                  svc.block_seconds(k + 1, e) * host_speed_ratio, host.spec.batch_size,
+                                  host.spec.guest_quota, 4 * math.prod(svc.boundaries[k]), 4 * svc.task.num_classes)
+                th = path_throughput(costs, kind="coop", network=cfg.network, local_node=svc.node.name,
+                                     host_node=host.node.name)
+                a_val = average_accuracy(svc.metrics["val_acc"], val_acc, th.local, th.host)
+                a_test = average_accuracy(svc.metrics["test_acc"], test_acc, th.local, th.host)
+                rows.append({
+                    "path_id": f"{local}:edge-early:{host.name}:{k}:{e}", "local": local, "kind": "edge-early",
+                    "host": host.name, "lout": k, "hin": k + 1, "hout": e, "lin": None, "trained": e < n,
+                    "pred_acc": None, "pred_reward": None, "val_acc": val_acc, "test_acc": test_acc,
+                    "acc_avg": a_val, "acc_avg_test": a_test, "th_local": th.local, "th_host": th.host,
+                    "th_total": th.total, "th_ratio": th.ratio, "host_own_before": th.host_own_before,
+                    "host_own_after": th.host_own_after, "latency_ms": th.latency_ms, "bottleneck": th.bottleneck,
+                    "measured_sps": None, "measured_ratio": None,
+                    "reward": reward(cfg.reward, a_val, th.ratio, acc_local=svc.metrics["val_acc"]),
+                    "link_params": head_params, "local_skipped_params": 0, "host_added_params": 0,
+                    "mirrored_params": mirrored, "train_seconds": None, "links_file": None,
+                })
+    return rows

@@ -1,0 +1,132 @@
+"""The block-group deployment: one service's frozen blocks on its node, dynamically batched.
+
+Weights are loaded inside the replica, on its node (`load_service` + `split_service`), never shipped from the
+driver. A call runs blocks `first..last` of the group; one batch may mix calls for different ranges (grouped by
+range, one forward per group). Batches are counted in samples (the service's `batch_size`, B); guest samples
+(another service's path passing through) take at most `guest_quota` (s) of each batch: a guest chunk that does
+not fit is put back in the queue for a later batch by Serve's batcher, never dropped.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from ray import serve
+
+from coderay.config import CoderayConfig
+from coderay.services import split_service
+from coderay.train import load_service
+
+from deployments.placement import replica_location, torch_threads
+from deployments.routing import TO_END, Activation, hop_delay_s
+
+__all__ = ["BlockGroup", "Chunk", "batch_samples", "run_grouped"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Part of one call: at most B samples of the owner's requests, at most s of a guest's."""
+
+    x: torch.Tensor             # (n, ...) activations entering block `first`
+    first: int
+    last: int
+    guest: bool
+    quota: int                  # s of the group (the same in every chunk: batch_size_fn sees no `self`)
+    capacity: int               # B of the group
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def batch_samples(chunks: list[Chunk]) -> int:
+    """Serve's batch size of `chunks`: their samples, or more than B once the guests exceed the quota s (the
+    batcher then defers the chunk that crossed it to a later batch)."""
+    guests = sum(len(c) for c in chunks if c.guest)
+    if guests > chunks[0].quota:
+        return chunks[0].capacity + 1
+    return sum(len(c) for c in chunks)
+
+
+def run_grouped(blocks: list[torch.nn.Module], chunks: list[Chunk]) -> list[torch.Tensor]:
+    """Run each chunk through blocks first..last (1-based), one forward per distinct range."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, c in enumerate(chunks):
+        groups.setdefault((c.first, c.last), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(chunks)
+    with torch.inference_mode():
+        for (first, last), idx in groups.items():
+            x = chunks[idx[0]].x if len(idx) == 1 else torch.cat([chunks[i].x for i in idx])
+            for block in blocks[first - 1:last]:
+                x = block(x)
+            if len(idx) == 1:
+                out[idx[0]] = x
+            else:  # split views share the group's storage: clone so each result ships only its own samples
+                for i, part in zip(idx, x.split([len(chunks[i]) for i in idx])):
+                    out[i] = part.clone()
+    return out  # type: ignore[return-value]
+
+
+@serve.deployment
+class BlockGroup:
+    """Blocks 1..N of one service, frozen, on the service's node."""
+
+    def __init__(self, cfg: CoderayConfig, service: str, cpus: float):
+        self.cfg, self.service = cfg, service
+        spec = cfg.service(service)
+        self.node, self.quota, self.capacity = spec.node, spec.guest_quota, spec.batch_size
+        self.threads = torch_threads(cpus)
+        trained = load_service(cfg, service)
+        self.blocks = split_service(spec, trained.model)
+        self.n_blocks = len(self.blocks)
+        self._run_batch.set_max_batch_size(self.capacity)
+        self._run_batch.set_batch_wait_timeout_s(cfg.serving.batch_wait_timeout_s)
+        self.stats = {"calls": 0, "batches": 0, "samples": 0, "own_samples": 0, "guest_samples": 0,
+                      "max_batch_samples": 0, "max_guest_samples_in_batch": 0, "mixed_range_batches": 0,
+                      "compute_s": 0.0}
+        log.info("block group %s: %d blocks on %s, %d torch thread(s), B=%d, s=%d", service, self.n_blocks,
+                 self.node, self.threads, self.capacity, self.quota)
+
+    async def run(self, a: Activation, first: int, last: int = TO_END, guest: bool = False) -> Activation:
+        """Blocks first..last (TO_END: to N) on `a`; a guest's samples count against the quota."""
+        last = self.n_blocks if last == TO_END else last
+        if not 1 <= first <= last <= self.n_blocks:
+            raise ValueError(f"{self.service}: block range {first}..{last} outside 1..{self.n_blocks}")
+        if guest and self.quota < 1:
+            raise ValueError(f"{self.service} admits no guest samples (guest_quota 0)")
+        self.stats["calls"] += 1
+        delay = hop_delay_s(self.cfg, a.node, self.node, a.x.nbytes)
+        if delay:
+            await asyncio.sleep(delay)
+        size = self.quota if guest else self.capacity
+        chunks = [Chunk(part, first, last, guest, self.quota, self.capacity) for part in a.x.split(size)]
+        parts = await asyncio.gather(*(self._run_batch(c) for c in chunks))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return a.moved(y, self.node, delay_s=delay, crossed=a.node != self.node)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=batch_samples)
+    async def _run_batch(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        out = run_grouped(self.blocks, chunks)
+        s = self.stats
+        guests = sum(len(c) for c in chunks if c.guest)
+        total = sum(len(c) for c in chunks)
+        s["batches"] += 1
+        s["samples"] += total
+        s["guest_samples"] += guests
+        s["own_samples"] += total - guests
+        s["max_batch_samples"] = max(s["max_batch_samples"], total)
+        s["max_guest_samples_in_batch"] = max(s["max_guest_samples_in_batch"], guests)
+        s["mixed_range_batches"] += len({(c.first, c.last) for c in chunks}) > 1
+        s["compute_s"] += time.perf_counter() - start
+        return out
+
+    def info(self) -> dict:
+        """Where this replica runs (checked from inside it), its batching figures and its settings."""
+        return {"deployment": f"blocks-{self.service}", "service": self.service, **replica_location(self.node),
+                "torch_threads": torch.get_num_threads(), "blocks": self.n_blocks, "batch_size": self.capacity,
+                "guest_quota": self.quota, "stats": dict(self.stats)}

@@ -1,0 +1,255 @@
+"""The HTTP ingress: decodes a request, picks the service's path, chains the replicas, answers.
+
+The ingress holds one handle per block group and per link set. A path runs as a chain of `.remote()` calls in
+which each call receives the previous call's `DeploymentResponse` as a top-level argument, so activations go
+from replica to replica (through Ray's object store) and only the final logits come back here. Every chain is
+bounded by `serving.request_timeout_s`; a cooperative path that fails (timeout, a dead replica, a lost node) is
+answered on the local-only path with `"fallback": true`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from coderay.config import CoderayConfig
+from coderay.data import get_task
+from coderay.paths import PathSpec
+
+from deployments.routing import Activation, Router, plan_hops
+from deployments.schemas import (
+    BINARY_TYPES, ApiError, ErrorBody, InferResponse, RouteInfo, RouteRequest, ServiceInfo, check_top_k,
+    decode_binary, decode_json_body, format_validation, infer_openapi_body,
+)
+
+__all__ = ["Ingress", "api", "read_body"]
+
+log = logging.getLogger(__name__)
+
+api = FastAPI(
+    title="coderay",
+    version="1",
+    description="Coordinated DNN services at the edge (CoDE) on Ray Serve: each service answers on its active "
+                "path, local-only or through another provider's frozen blocks joined by trained links.",
+)
+_ERRORS = {404: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody},
+           422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+    return JSONResponse({"error": format_validation(errors), "detail": errors}, status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    reason = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404 and reason == "Not Found":
+        reason = f"no route {request.method} {request.url.path}; the API is described at /docs"
+    return JSONResponse({"error": reason}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as Content-Length or the bytes actually read exceed `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, f"Content-Length: not an integer ({declared!r})") from None
+        if size > limit:
+            raise ApiError(413, f"body of {size} bytes is above the limit of {limit} (serving.max_body_bytes); "
+                                "send fewer samples per request", limit=limit)
+    parts, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, f"body is above the limit of {limit} bytes (serving.max_body_bytes)", limit=limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _resolve(response: Any) -> Any:
+    return await response
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe table values: non-finite floats become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """HTTP front of every service; owns the routing state (active path, cooperative share)."""
+
+    def __init__(self, cfg: CoderayConfig, rows: list[dict], blocks: dict, links: dict):
+        self.cfg = cfg
+        self.rows = rows
+        self.router = Router(cfg, rows)
+        self.tasks = {s.name: get_task(s.task, data_root=cfg.data_root, seed=cfg.seed) for s in cfg.services}
+        self.blocks = {name: h.options(method_name="run") for name, h in blocks.items()}
+        self.links = {name: h.options(method_name="run") for name, h in links.items()}
+        self._info_handles = [h.options(method_name="info") for h in (*blocks.values(), *links.values())]
+        self.stats = {s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "by_path": {}} for s in cfg.services}
+
+    # ------------------------------------------------------------------ routing (config deploys, controller)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """`user_config = {"routes": {svc: {"path": id, "coop_fraction": f}}}`: validated as a whole, then applied
+        (services not named keep their route). Serve calls this on a config deploy; a controller may call it
+        through a handle."""
+        routes = (user_config or {}).get("routes", {})
+        try:
+            self.router.apply(routes)
+        except ApiError as e:
+            raise ValueError(f"user_config.routes: {e.reason}") from None
+        log.info("routes: %s", self.router.snapshot())
+
+    def get_routes(self) -> dict:
+        return self.router.snapshot()
+
+    # ------------------------------------------------------------------ HTTP
+
+    @api.get("/healthz", summary="liveness")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "services": self.router.services}
+
+    @api.get("/v1/services", response_model=list[ServiceInfo], summary="every service and its active route")
+    async def services(self) -> list[dict]:
+        out = []
+        for s in self.cfg.services:
+            task, route = self.tasks[s.name], self.router.routes[s.name]
+            out.append({"name": s.name, "task": s.task, "classes": list(task.class_names),
+                        "input_shape": list(task.input_shape), "node": s.node, "guest_quota": s.guest_quota,
+                        "batch_size": s.batch_size, "active_path": route.path.id,
+                        "coop_fraction": route.coop_fraction, "stats": self.stats[s.name]})
+        return out
+
+    @api.get("/v1/services/{svc}/paths", responses=_ERRORS, summary="the reward table rows of a service")
+    async def paths(self, svc: str) -> dict:
+        self.router.check_service(svc)
+        route = self.router.routes[svc]
+        rows = [{k: _clean(v) for k, v in r.items()} | {"active": r["path_id"] == route.path.id}
+                for r in self.rows if r["local"] == svc]
+        if not any(r["active"] for r in rows):  # a service without a table still runs local-only
+            rows.insert(0, {"path_id": PathSpec.local_only(svc).id, "local": svc, "kind": "local", "active": True})
+        return {"service": svc, "active_path": route.path.id, "coop_fraction": route.coop_fraction, "paths": rows}
+
+    @api.get("/v1/services/{svc}/route", response_model=RouteInfo, responses=_ERRORS, summary="the active route")
+    async def get_route(self, svc: str) -> dict:
+        self.router.check_service(svc)
+        return self._route_info(svc)
+
+    @api.put("/v1/services/{svc}/route", response_model=RouteInfo, responses=_ERRORS,
+             summary="switch the active path and the cooperative share, live")
+    async def put_route(self, svc: str, body: RouteRequest) -> dict:
+        self.router.check_service(svc)
+        self.router.apply({svc: body.model_dump(exclude_none=True)})
+        log.info("route %s -> %s", svc, self.router.routes[svc].to_dict())
+        return self._route_info(svc)
+
+    def _route_info(self, svc: str) -> dict:
+        r = self.router.routes[svc]
+        return {"service": svc, "path": r.path.id, "path_kind": r.path.kind, "coop_fraction": r.coop_fraction}
+
+    @api.post("/v1/services/{svc}/infer", response_model=InferResponse, responses=_ERRORS,
+              openapi_extra=infer_openapi_body(), summary="classify a batch on the service's active path")
+    async def infer(self, svc: str, request: Request,
+                    top_k: int | None = Query(None, ge=1, description="classes per sample (default 3)")
+                    ) -> JSONResponse:
+        self.router.check_service(svc)
+        serving, task = self.cfg.serving, self.tasks[svc]
+        raw = await read_body(request, serving.max_body_bytes)
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype in BINARY_TYPES:
+            x01, body_k = decode_binary(raw, request.headers, task.input_shape,
+                                        max_samples=serving.max_request_samples), None
+        elif ctype in ("", "application/json", "text/json") or ctype.endswith("+json"):
+            x01, body_k = decode_json_body(raw, task.input_shape, max_samples=serving.max_request_samples)
+        else:
+            raise ApiError(415, f"Content-Type {ctype!r} not supported: send application/json "
+                                "({'inputs': ...} or {'images': ...}) or application/octet-stream with X-Shape")
+        k = check_top_k(top_k if top_k is not None else body_k, task.num_classes)
+        start = time.perf_counter()
+        spec, fallback, out = await self.answer(svc, task.normalize(x01))
+        latency_ms = (time.perf_counter() - start) * 1e3
+        stats = self.stats[svc]
+        stats["requests"] += 1
+        stats["samples"] += len(x01)
+        stats["fallbacks"] += fallback
+        stats["by_path"][spec.id] = stats["by_path"].get(spec.id, 0) + 1
+        probs = torch.softmax(out.x.float(), dim=1)
+        top_p, top_i = probs.topk(k, dim=1)
+        names = task.class_names
+        preds = [{"class_index": int(i[0]), "class_name": names[int(i[0])], "prob": float(p[0]),
+                  "top_k": [{"class_index": int(c), "class_name": names[int(c)], "prob": float(q)}
+                            for c, q in zip(i.tolist(), p.tolist())]}
+                 for p, i in zip(top_p, top_i)]
+        return JSONResponse({
+            "service": svc, "path": spec.id, "path_kind": spec.kind, "fallback": fallback,
+            "latency_ms": round(latency_ms, 3), "samples": len(x01), "predictions": preds,
+            "network": {"emulated": serving.emulate_network, "cross_node_hops": out.hops,
+                        "delay_ms": round(out.delay_ms, 3)}})
+
+    @api.get("/v1/debug/replicas", summary="where each replica runs (asked from inside it) and its batching figures")
+    async def replicas(self) -> dict:
+        infos = await asyncio.gather(*(asyncio.wait_for(_resolve(h.remote()), self.cfg.serving.request_timeout_s)
+                                       for h in self._info_handles), return_exceptions=True)
+        return {"replicas": [i if isinstance(i, dict) else {"error": repr(i)} for i in infos],
+                "routes": self.router.snapshot()}
+
+    # ------------------------------------------------------------------ running a path
+
+    async def answer(self, svc: str, x: torch.Tensor) -> tuple[PathSpec, bool, Activation]:
+        """(path used, fell back?, output activation) for the model input `x` of service `svc`."""
+        spec = self.router.choose(svc)
+        try:
+            return spec, False, await self.run_path(svc, spec, x)
+        except Exception as exc:  # noqa: BLE001 — any failure of a cooperative path falls back
+            if spec.kind == "local":
+                raise self._unavailable(svc, spec, exc) from None
+            log.warning("%s: path %s failed (%s: %s); answering on the local-only path", svc, spec.id,
+                        type(exc).__name__, exc)
+        local = PathSpec.local_only(svc)
+        try:
+            return local, True, await self.run_path(svc, local, x)
+        except Exception as exc:  # noqa: BLE001
+            raise self._unavailable(svc, local, exc) from None
+
+    async def run_path(self, svc: str, spec: PathSpec, x: torch.Tensor) -> Activation:
+        """Chain the path's replica calls, each taking the previous response; await only the last one."""
+        response: Any = Activation(x, self.cfg.service(svc).node)
+        for hop in plan_hops(spec):
+            if hop.kind == "blocks":
+                response = self.blocks[hop.service].remote(response, hop.first, hop.last, hop.guest)
+            else:
+                response = self.links[hop.service].remote(response, hop.path_id, hop.link)
+        try:
+            return await asyncio.wait_for(_resolve(response), self.cfg.serving.request_timeout_s)
+        except BaseException:
+            response.cancel()
+            raise
+
+    def _unavailable(self, svc: str, spec: PathSpec, exc: BaseException) -> ApiError:
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            return ApiError(504, f"service {svc!r}: path {spec.id} gave no answer within "
+                                 f"{self.cfg.serving.request_timeout_s:g} s (serving.request_timeout_s)")
+        return ApiError(503, f"service {svc!r}: path {spec.id} is unavailable ({type(exc).__name__})")

@@ -1,0 +1,59 @@
+"""The link deployment: the trained links of every path whose links a service's node runs.
+
+A cooperative path's links (in, out) run on the host's node (the host creates them); a skip path's link on the
+local node. Loaded inside the replica from the reward table's `links_file`s (`coderay.search.load_links`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+from ray import serve
+
+from coderay.config import CoderayConfig
+from coderay.search import load_links
+
+from deployments.placement import replica_location, torch_threads
+from deployments.routing import Activation, hop_delay_s
+
+__all__ = ["LinkSet"]
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment
+class LinkSet:
+    """Links of the paths in `files` ({path id: links file}), on `service`'s node."""
+
+    def __init__(self, cfg: CoderayConfig, service: str, files: dict[str, str]):
+        self.cfg, self.service, self.node = cfg, service, cfg.service(service).node
+        torch_threads(1)
+        self.links = {}
+        for path_id, file in files.items():
+            stored_id, links = load_links(file)
+            if stored_id != path_id:
+                raise ValueError(f"{file} holds the links of {stored_id!r}, not {path_id!r}: the reward table "
+                                 "and the links directory disagree; rerun the search")
+            self.links[path_id] = links
+        self.calls = 0
+        log.info("links on %s (%s): %s", self.node, service, sorted(self.links))
+
+    async def run(self, a: Activation, path_id: str, link: str) -> Activation:
+        try:
+            module = self.links[path_id][link]
+        except KeyError:
+            raise ValueError(f"links-{self.service} has no {link!r} link for {path_id!r}; it holds "
+                             f"{sorted(self.links)}") from None
+        self.calls += 1
+        delay = hop_delay_s(self.cfg, a.node, self.node, a.x.nbytes)
+        if delay:
+            await asyncio.sleep(delay)
+        with torch.inference_mode():
+            y = module(a.x)
+        return a.moved(y, self.node, delay_s=delay, crossed=a.node != self.node)
+
+    def info(self) -> dict:
+        return {"deployment": f"links-{self.service}", "service": self.service, **replica_location(self.node),
+                "torch_threads": torch.get_num_threads(), "paths": sorted(self.links),
+                "stats": {"calls": self.calls}}

@@ -1,0 +1,92 @@
+"""Where replicas run: each service's replicas pin to its node's custom resource and take a CPU share of it.
+
+A deploy that asks for a node no alive Ray node offers, or for more CPUs than the node has, fails here with a
+ValueError naming the node, before `serve.run` (which would otherwise wait forever for the replica to fit).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from coderay.cluster import check_nodes, pin
+from coderay.config import CoderayConfig
+
+__all__ = ["HEAD_RESOURCE", "cpu_shares", "block_options", "link_options", "ingress_options", "check_placement",
+           "torch_threads", "replica_location"]
+
+log = logging.getLogger(__name__)
+HEAD_RESOURCE = "head"   # coderay.cluster.LocalCluster gives its head node this resource
+
+
+def cpu_shares(cfg: CoderayConfig) -> dict[str, float]:
+    """CPUs of each service's block-group replica: its node's CPUs split evenly among the services on it.
+
+    Ray accepts fractions below 1 and whole numbers above; a share above 1 is rounded down."""
+    per_node: dict[str, list[str]] = {}
+    for s in cfg.services:
+        per_node.setdefault(s.node, []).append(s.name)
+    shares = {}
+    for node, names in per_node.items():
+        share = cfg.node(node).cpus / len(names)
+        shares.update({n: (float(int(share)) if share >= 1 else round(share, 4)) for n in names})
+    return shares
+
+
+def block_options(cfg: CoderayConfig, service: str) -> dict:
+    """`ray_actor_options` of a service's block group: its node's resource and its CPU share."""
+    return pin(cfg.service(service).node, cpu_shares(cfg)[service])
+
+
+def link_options(cfg: CoderayConfig, service: str) -> dict:
+    """Links are small: pinned to the owner's node, no CPU reserved (they share the block group's)."""
+    return pin(cfg.service(service).node, 0.0)
+
+
+def ingress_options() -> dict:
+    """The ingress reserves no CPU; on a coderay local cluster it sits on the head node, next to the proxy."""
+    import ray
+
+    if ray.is_initialized() and any(n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {}) for n in ray.nodes()):
+        return pin(HEAD_RESOURCE, 0.0)
+    return {"num_cpus": 0.0}
+
+
+def check_placement(cfg: CoderayConfig) -> None:
+    """ValueError, fast, if a service's node is missing or offers fewer CPUs than its replicas ask for."""
+    import ray
+
+    nodes = sorted({s.node for s in cfg.services})
+    check_nodes(cfg, nodes)
+    offered: dict[str, float] = {}
+    for n in ray.nodes():
+        if n.get("Alive"):
+            res = n.get("Resources", {})
+            for name in nodes:
+                if name in res:
+                    offered[name] = max(offered.get(name, 0.0), float(res.get("CPU", 0.0)))
+    shares = cpu_shares(cfg)
+    for name in nodes:
+        want = sum(shares[s.name] for s in cfg.services if s.node == name)
+        if want > offered.get(name, 0.0) + 1e-9:
+            raise ValueError(f"node {name!r} offers {offered.get(name, 0.0):g} CPUs but its services' replicas ask "
+                             f"for {want:g}: give the node more CPUs (`ray start --num-cpus`) or lower "
+                             f"nodes[{name}].cpus in the config")
+
+
+def torch_threads(cpus: float) -> int:
+    """torch threads for a replica owning `cpus` CPUs (at least 1)."""
+    import torch
+
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n
+
+
+def replica_location(node: str) -> dict:
+    """Inside a replica: the node it runs on and whether that node offers the resource it pinned."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    expected = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and node in n.get("Resources", {}))
+    return {"node": node, "node_id": here, "expected_node_ids": expected, "on_pinned_node": here in expected,
+            "pid": os.getpid()}

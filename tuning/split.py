@@ -1,0 +1,177 @@
+"""Split learning for cooperative paths: the local service's frozen blocks stay on the local node.
+
+A trial that trains the links of `L[1..lout] → link_in → H[hin..hout] → link_out → L[lin..N]` runs on the
+host's node and holds the host's blocks and the links. The local blocks live in a `LocalSide` actor pinned
+to the local node; the trial sees them through `RemoteBlocks`, a stand-in for `ServiceModel.blocks` whose
+slices are single `RemoteSegment` modules, so `build_path`, `PathModule`, `fit`, `evaluate` and
+`predict_path`/`train_path` run unchanged:
+
+- forward: the host sends the activation entering a local segment (link_out's output; the raw input or
+  L[1..lout] for the head), the local actor runs its blocks and returns their output (for the tail: the
+  logits, which with the labels give the loss on the host, as in any split-learning setup);
+- backward (training only): the host sends d loss / d logits, the local actor back-propagates through its
+  frozen tail and returns d loss / d activation, which continues into link_out, the host blocks and link_in.
+
+Only activations and their gradients cross nodes; no parameter does. Numerically this is the same
+computation as the in-process path (same blocks, same order, one thread each side).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+
+import ray
+import torch
+from torch import nn
+
+from coderay.cluster import pin
+from coderay.config import CoderayConfig
+from coderay.services import ServiceModel
+
+__all__ = ["LocalSide", "RemoteSegment", "RemoteBlocks", "local_side", "remote_service", "NAMESPACE"]
+
+log = logging.getLogger(__name__)
+NAMESPACE = "coderay"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class LocalSide:
+    """The local service's frozen blocks on its own node: forward, backward and timing for remote trials.
+
+    One actor serves every trial of the search (calls run one at a time); a pending backward is keyed by
+    the calling trial, which has at most one forward in flight.
+    """
+
+    def __init__(self, cfg: dict, local: str):
+        from coderay.services import load_services
+
+        torch.set_num_threads(1)
+        self.cfg = CoderayConfig.model_validate(cfg)
+        self.svc = load_services(self.cfg, [local], train_missing=False, progress=False)[local]
+        self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def describe(self) -> dict:
+        """What the host may know about the local service: block profiles and accuracy, no weights."""
+        return {"infos": self.svc.infos, "metrics": self.svc.metrics, "node_id": ray.get_runtime_context().get_node_id()}
+
+    def forward(self, key: str, first: int, last: int, x: torch.Tensor, keep: bool) -> torch.Tensor:
+        """Blocks first..last (1-based) on `x`; with `keep`, remember the graph for `backward(key, ...)`."""
+        blocks = self.svc.blocks[first - 1:last]
+        if not keep:
+            with torch.inference_mode():
+                for b in blocks:
+                    x = b(x)
+            return x
+        x = x.detach().requires_grad_(True)
+        out = x.clone()                      # a non-leaf, so a block may start with an in-place op
+        for b in blocks:
+            out = b(out)
+        self.pending[key] = (x, out)
+        return out.detach()
+
+    def backward(self, key: str, grad: torch.Tensor) -> torch.Tensor:
+        """d loss / d input of the segment `key` ran forward last, given d loss / d output."""
+        if key not in self.pending:
+            raise RuntimeError(f"no pending forward for {key!r} (the local side restarted?): retry the trial")
+        x, out = self.pending.pop(key)
+        out.backward(grad)
+        return x.grad
+
+    def timing(self, lout: int, lin: int, batch: int) -> tuple[float, float]:
+        """(seconds per batch of the local head and tail of a path, samples/s of the local-only model),
+        measured here with `coderay.search.measured_throughput`, one thread."""
+        from coderay.paths import PathModule, PathSpec
+        from coderay.search import measured_throughput
+
+        blocks, shapes = self.svc.blocks, self.svc.boundaries
+        seconds = batch / measured_throughput(nn.Sequential(*blocks[lin - 1:]), shapes[lin - 1], batch)
+        if lout:
+            seconds += batch / measured_throughput(nn.Sequential(*blocks[:lout]), shapes[0], batch)
+        base = measured_throughput(PathModule(PathSpec.local_only(self.svc.name), blocks), shapes[0], batch)
+        return seconds, base
+
+
+def side_name(cfg: CoderayConfig, local: str) -> str:
+    return f"split-{local}-{cfg.fingerprint(cfg.services, cfg.seed)}"
+
+
+def local_side(cfg: CoderayConfig, local: str, *, create: bool = False) -> ray.actor.ActorHandle:
+    """The `LocalSide` actor of `local` (pinned to its node); the driver creates it, trials look it up."""
+    name = side_name(cfg, local)
+    if not create:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    node = cfg.node(cfg.service(local).node).name
+    return LocalSide.options(name=name, namespace=NAMESPACE, get_if_exists=True, **pin(node)).remote(
+        cfg.model_dump(mode="json"), local)
+
+
+class _Backprop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, segment: RemoteSegment) -> torch.Tensor:
+        ctx.segment = segment
+        return segment.call(x, keep=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.segment.grad(grad.contiguous()), None
+
+
+class RemoteSegment(nn.Module):
+    """Local blocks first..last, run by the `LocalSide` actor; differentiable w.r.t. its input."""
+
+    _ids = itertools.count()
+
+    def __init__(self, side: ray.actor.ActorHandle, first: int, last: int):
+        super().__init__()
+        self.side, self.first, self.last = side, first, last
+        self.key = f"{os.getpid()}-{id(self)}-{next(self._ids)}"
+
+    def call(self, x: torch.Tensor, *, keep: bool) -> torch.Tensor:
+        return ray.get(self.side.forward.remote(self.key, self.first, self.last, x.detach().contiguous(), keep))
+
+    def grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return ray.get(self.side.backward.remote(self.key, grad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Backprop.apply(x, self)
+        return self.call(x, keep=False)
+
+    def extra_repr(self) -> str:
+        return f"blocks {self.first}..{self.last} on the local node"
+
+
+class RemoteBlocks(Sequence):
+    """Stands in for a service's block list: `blocks[i]` and every slice are one `RemoteSegment` (a slice
+    gives a list of one segment, or none), so each contiguous run of local blocks costs one round trip."""
+
+    def __init__(self, side: ray.actor.ActorHandle, n: int):
+        self.side, self.n = side, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self.n)
+            if step != 1:
+                raise ValueError("remote blocks slice contiguously only")
+            return [RemoteSegment(self.side, start + 1, stop)] if stop > start else []
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        i %= self.n
+        return RemoteSegment(self.side, i + 1, i + 1)
+
+
+def remote_service(cfg: CoderayConfig, local: str, side: ray.actor.ActorHandle) -> ServiceModel:
+    """The local service as the host's trial sees it: spec, node, task data, profiles and accuracy, and
+    `RemoteBlocks` in place of its weights."""
+    from coderay.data import get_task
+
+    spec = cfg.service(local)
+    info = ray.get(side.describe.remote())
+    task = get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed)
+    return ServiceModel(spec, cfg.node(spec.node), task, None, RemoteBlocks(side, len(info["infos"])),
+                        info["infos"], info["metrics"])

@@ -1,0 +1,189 @@
+"""The Tune trainables of the path search: one trial per candidate and stage, pinned to the node it trains on.
+
+Every trial rebuilds the config from `config["cfg"]` (a `model_dump`, never a file path), loads the
+services it needs from the on-disk cache (never trains a model) and calls coderay's own per-candidate
+functions (`predict_path`, `build_path`, `train_path`, `edge_early_rows`): one implementation, two engines.
+
+- a cooperative path's trial runs on the host's node with the host's blocks; the local blocks are reached
+  through the local node's `LocalSide` actor (`tuning.split`);
+- local-only and skip paths (and the edge-early baseline) run on the local node, which owns every block
+  they touch.
+
+Each report carries the node the trial ran on (`node`, `node_id`). Stage-2 trials report the validation
+accuracy and the reward it implies after every epoch (what the early-stopping scheduler ranks), with the
+links as a checkpoint; the last report carries the measured row and the final links.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+
+from coderay.config import CoderayConfig
+from coderay.paths import PathSpec
+from coderay.reward import average_accuracy, reward
+from coderay.search import SearchContext, build_path, load_links, predict_path, save_links, train_path
+from coderay.services import load_services
+
+from tuning.split import local_side, remote_service
+
+__all__ = ["predict_trial", "train_trial", "baseline_trial", "trial_resources", "STATE_FILE"]
+
+STATE_FILE = "state.json"
+_CONTEXTS: dict[tuple, SearchContext] = {}   # per worker process: reused actors keep their loaded services
+
+
+def trial_resources(config: dict) -> tune.PlacementGroupFactory:
+    """One bundle on the trial's node: its CPU share plus a sliver of the node's custom resource."""
+    from coderay.cluster import PIN
+
+    return tune.PlacementGroupFactory([{"CPU": config["cand"]["cpus"], config["cand"]["node"]: PIN}])
+
+
+def _setup(config: dict) -> tuple[CoderayConfig, dict]:
+    torch.set_num_threads(1)
+    return CoderayConfig.model_validate(config["cfg"]), config["cand"]
+
+
+def _context(cfg: CoderayConfig, spec: PathSpec) -> SearchContext:
+    """The services this trial may hold: the host's blocks and the local stand-in for a cooperative path,
+    the local service for the others. Cached per process (Tune reuses trial actors)."""
+    key = (cfg.fingerprint(cfg), spec.local, spec.host)
+    if key not in _CONTEXTS:
+        if spec.kind == "coop":
+            services = load_services(cfg, [spec.host], train_missing=False, progress=False)
+            services[spec.local] = remote_service(cfg, spec.local, local_side(cfg, spec.local))
+        else:
+            services = load_services(cfg, [spec.local], train_missing=False, progress=False)
+        _CONTEXTS.clear()                     # one search at a time per worker
+        _CONTEXTS[key] = SearchContext(cfg, services)
+    return _CONTEXTS[key]
+
+
+def _where(cand: dict) -> dict:
+    return {"node": cand["node"], "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+def _maybe_fail(cand: dict) -> None:
+    """Fault injection for tests: the first `fail` attempts of this trial raise."""
+    if not cand.get("fail"):
+        return
+    marker = Path(cand["fault_dir"]) / (cand["path_id"].replace(":", "+") + ".attempts")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    attempt = int(marker.read_text()) + 1 if marker.exists() else 1
+    marker.write_text(str(attempt))
+    if attempt <= cand["fail"]:
+        raise RuntimeError(f"injected fault in {cand['path_id']} (attempt {attempt} of {cand['fail']} failing)")
+
+
+def predict_trial(config: dict) -> None:
+    """Stage 1 for one candidate: `predict_path` (least-squares links + a few steps, modelled throughput)."""
+    cfg, cand = _setup(config)
+    spec = PathSpec.parse(cand["path_id"])
+    ctx = _context(cfg, spec)
+    _maybe_fail(cand)
+    row = predict_path(ctx, spec)
+    tune.report({"row": row, "reward": row["pred_reward"], **_where(cand)})
+
+
+def _epoch_reward(cfg: CoderayConfig, ctx: SearchContext, cand: dict, local: str, val_acc: float) -> float:
+    """The reward a validation accuracy implies for this path (throughput from stage 1's model)."""
+    acc_local = ctx.services[local].metrics["val_acc"]
+    a = average_accuracy(acc_local, val_acc, cand["th_local"], cand["th_host"])
+    return reward(cfg.reward, a, cand["th_ratio"], acc_local=acc_local)
+
+
+def _checkpoint(module, epoch: int, directory: Path) -> tune.Checkpoint:
+    save_links(module, directory)
+    (directory / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
+    return tune.Checkpoint.from_directory(str(directory))
+
+
+def _split_throughput(ctx: SearchContext, module, side) -> tuple[float, float]:
+    """(samples/s, ratio to local-only) of a split path timed as `measured_throughput` times a path in one
+    process: the host part here, the local head and tail on the local node, added up (no network)."""
+    from torch import nn
+
+    from coderay.search import measured_throughput
+
+    spec, local = module.spec, ctx.services[module.spec.local]
+    b = local.spec.batch_size
+    host_part = nn.Sequential(module.links["in"], module.middle, module.links["out"]).eval()
+    host_s = b / measured_throughput(host_part, local.boundaries[spec.lout], b)
+    local_s, base = ray.get(side.timing.remote(spec.lout, spec.lin, b))
+    sps = b / (host_s + local_s)
+    return sps, sps / base
+
+
+def train_trial(config: dict) -> None:
+    """Stage 2 for one candidate: `train_path` from the least-squares start (or the latest checkpoint after
+    a failure), one report per epoch, the measured row and final links in the last report."""
+    cfg, cand = _setup(config)
+    spec = PathSpec.parse(cand["path_id"])
+    ctx = _context(cfg, spec)
+    epochs = cfg.search.link_epochs
+    if spec.kind == "local":
+        _maybe_fail(cand)
+        row, _ = train_path(ctx, spec, progress=False)
+        tune.report({"row": row, "reward": row["reward"], **_where(cand)})
+        return
+
+    module, _ = build_path(ctx, spec)
+    done = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:                       # a retry: continue from the last epoch's links
+        with checkpoint.as_directory() as d:
+            done = json.loads((Path(d) / STATE_FILE).read_text())["epoch"]
+            for file in Path(d).glob("*.pt"):
+                for name, link in load_links(file)[1].items():
+                    module.links[name].load_state_dict(link.state_dict())
+    _maybe_fail(cand)
+
+    def on_epoch(epoch: int, loss: float, val_acc: float) -> None:
+        epoch += done
+        if epoch >= epochs:                          # the final report below carries this epoch
+            return
+        with tempfile.TemporaryDirectory() as d:
+            tune.report({"epoch": epoch, "loss": loss, "val_acc": val_acc,
+                         "reward": _epoch_reward(cfg, ctx, cand, spec.local, val_acc), **_where(cand)},
+                        checkpoint=_checkpoint(module, epoch, Path(d)))
+
+    work = Path(tempfile.mkdtemp(prefix="coderay-links-"))
+    try:
+        row, module = train_path(ctx, spec, epochs=max(epochs - done, 1), progress=False, module=module,
+                                 links_dir=work, on_epoch=on_epoch)
+        if spec.kind == "coop":                      # timed without the round trips the split adds
+            row["measured_sps"], row["measured_ratio"] = _split_throughput(ctx, module, local_side(cfg, spec.local))
+        row |= {"links_file": None, "epochs": epochs, "resumed_from_epoch": done}
+        tune.report({"epoch": epochs, "val_acc": row["val_acc"], "reward": row["reward"], "row": row,
+                     **_where(cand)}, checkpoint=_checkpoint(module, epochs, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def baseline_trial(config: dict) -> None:
+    """The edge-early baseline rows of one local service (`coderay.baselines.edge_early_rows`), on the local
+    node. The baseline mirrors the local model's tail by definition; of the hosts it needs only their block
+    profiles, which come in the trial's config (`cand["hosts"]`): no host weight is loaded here."""
+    from coderay.baselines import edge_early_rows
+    from coderay.blocks import BlockInfo
+    from coderay.services import ServiceModel
+
+    cfg, cand = _setup(config)
+    _maybe_fail(cand)
+    local = cand["local"]
+    services = load_services(cfg, [local], train_missing=False, progress=False)
+    for name, meta in cand["hosts"].items():
+        spec = cfg.service(name)
+        infos = [BlockInfo.from_dict(d) for d in meta["infos"]]
+        services[name] = ServiceModel(spec, cfg.node(spec.node), None, None, [None] * len(infos), infos,
+                                      meta["metrics"])
+    rows = edge_early_rows(SearchContext(cfg, services), local)
+    best = max((r["reward"] for r in rows), default=None)
+    tune.report({"rows": rows, "reward": best, **_where(cand)})
