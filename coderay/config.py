@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_core import to_jsonable_python
 
 __all__ = [
@@ -110,6 +111,16 @@ class RewardSpec(_Strict):
     throughput: str = "power"                   # ζ: a name from coderay.reward.THROUGHPUT_FUNCTIONS
     beta: float = Field(1.0, ge=0)
     accuracy_floor: float | None = Field(None, ge=0, le=1)  # δ: A^av below A_local − δ earns 0
+
+    @field_validator("accuracy", "throughput")
+    @classmethod
+    def _known_function(cls, name: str, info: ValidationInfo) -> str:
+        from coderay.reward import ACCURACY_FUNCTIONS, THROUGHPUT_FUNCTIONS
+
+        table = ACCURACY_FUNCTIONS if info.field_name == "accuracy" else THROUGHPUT_FUNCTIONS
+        if name not in table:
+            raise ValueError(f"unknown function {name!r}; expected one of {sorted(table)}")
+        return name
 
 
 class ServingSpec(_Strict):

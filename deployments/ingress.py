@@ -5,8 +5,10 @@ which each call receives the previous call's `DeploymentResponse` as a top-level
 from replica to replica (through Ray's object store) and only the final logits come back here. Every chain is
 bounded by `serving.request_timeout_s`; a cooperative path that fails (timeout, a dead replica, a lost node) is
 answered on the local-only path with `"fallback": true`.
+
+No `from __future__ import annotations` here: FastAPI reads the endpoint annotations (`Request`, the body model)
+at run time through Serve's class-based view, where string annotations do not resolve.
 """
-from __future__ import annotations
 
 import asyncio
 import logging

@@ -1,0 +1,38 @@
+"""coderay's path search on Ray Tune: parallel, pinned, resumable, private.
+
+    from tuning.search import run_tune_search
+    table = run_tune_search(cfg)                    # a local cluster of the config's nodes
+    table = run_tune_search(cfg, address="auto")    # a running cluster (`ray up cluster.yaml`)
+
+What it does. CoDE's two search stages (`coderay.search`) become two Tune experiments: stage 1 predicts every
+candidate path (`predict_path`), stage 2 trains the most promising ones (`train_path`, from stage 1's
+ranking by `stage2_selection`), measures the local-only path and scores the edge-early baseline. One trial
+per candidate and stage, each calling coderay's own functions, so the reward table is the in-process one
+(same rows, same columns, same seeds, hence the same numbers up to float noise), saved in the same
+`search_dir` with `meta["engine"] = "tune"`, links where serving loads them.
+
+Where things run. Every Ray node carries a custom resource named after the config's node; a trial asks for
+`{"CPU": 1, "<node>": 0.01}` (`tune.PlacementGroupFactory`), which pins it to that node:
+- a cooperative path `L[1..lout] → link_in → H[hin..hout] → link_out → L[lin..N]` trains on the HOST's node,
+  holding the host's frozen blocks and the links (the host creates the links, per the paper);
+- local-only and skip paths, and the edge-early baseline, run on the LOCAL node.
+
+Privacy (the point of CoDE). No model parameter crosses nodes during the search. The local service's blocks
+stay in a small actor pinned to the local node (`tuning.split.LocalSide`): split learning. For each batch
+the host's trial sends the activation entering the local tail (link_out's output) and gets back the tail's
+logits; in training it sends d loss / d logits and gets back d loss / d activation, which flows on through
+link_out, the host's blocks and link_in. The local head L[1..lout] runs there too (forward only). The host
+learns the local model's block shapes, profiles and accuracy (metadata the reward needs), never its
+weights; the local node never sees the host's blocks or the links. The host's trial does hold the local
+task's training samples and labels (here read from coderay's data registry; in deployment the local node
+would stream them): with lout = 0 — the setting the paper fixes — the raw input is what the local sends to
+the host anyway. The edge-early baseline mirrors the local model's tail by definition; its trial runs on
+the local node and gets only the hosts' block profiles.
+
+Resuming and failures. Experiments live under `<workdir>/tune/`; running the same search again restores
+them (`Tuner.restore`): finished trials are not rerun. A trial that raises is retried twice from its last
+checkpoint (the links after its last epoch); if it still fails its row says so (`error`, no reward).
+"""
+from tuning.search import run_tune_search
+
+__all__ = ["run_tune_search"]
