@@ -95,8 +95,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          block=not args.no_block)
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    """The main job: train (or load cached), search (or load cached), serve on a local multi-node cluster."""
+    import time
+
+    from coderay.search import run_search
+    from coderay.train import train_all
+    from deployments.app import serve_command
+
+    start = time.perf_counter()
+    cfg = load_config(args.config, **_workdir(args))
+    print(f"[1/3] services of {cfg.name!r}: training or loading cached checkpoints")
+    for name, t in train_all(cfg).items():
+        print(f"  {name}: {t.spec.arch} on {t.spec.task}, test acc {t.metrics['test_acc']:.4f}"
+              f"{' (cached)' if t.metrics['from_cache'] else ''}")
+    print(f"[2/3] path search (staged, in-process){' ' * 4}[{time.perf_counter() - start:.0f}s]")
+    table = run_search(cfg)
+    print_search(table, cfg)
+    print(f"[3/3] serving on a local Ray cluster{' ' * 4}[{time.perf_counter() - start:.0f}s]")
+    return serve_command(cfg, config_path=Path(args.config).resolve(), address=args.address, port=args.port,
+                         block=not args.no_block)
+
+
 def _workdir(args: argparse.Namespace) -> dict:
     return {"workdir": str(args.workdir)} if getattr(args, "workdir", None) else {}
+
+
+def _deploy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path, help="config YAML (default: the demo)")
+    p.add_argument("--address", default=None, help="Ray cluster to deploy to, e.g. auto (default: a local one)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's serving.port)")
+    p.add_argument("--no-block", action="store_true", help="return after deploying instead of serving until Ctrl-C")
+    p.add_argument("--workdir", type=Path, help="override the config's workdir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,12 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", type=Path, help="override the config's workdir")
     s.set_defaults(func=cmd_search)
 
+    u = sub.add_parser("up", help="the main job: train (cached), search (cached) and serve, on a local "
+                                  "multi-node Ray cluster by default")
+    _deploy_args(u)
+    u.set_defaults(func=cmd_up)
+
     v = sub.add_parser("serve", help="deploy every service's best path on Ray Serve and answer HTTP requests")
-    v.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path, help="config YAML (default: the demo)")
-    v.add_argument("--address", default=None, help="Ray cluster to deploy to, e.g. auto (default: a local one)")
-    v.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's serving.port)")
-    v.add_argument("--no-block", action="store_true", help="return after deploying instead of serving until Ctrl-C")
-    v.add_argument("--workdir", type=Path, help="override the config's workdir")
+    _deploy_args(v)
     v.set_defaults(func=cmd_serve)
     return p
 

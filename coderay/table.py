@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coderay.reward import average_accuracy
+
 __all__ = ["RewardTable", "PATH_KINDS"]
 
 PATH_KINDS = ("local", "skip", "coop")
@@ -92,29 +94,35 @@ class RewardTable:
         fig, axes = plt.subplots(1, len(locals_), figsize=(6 * len(locals_), 4.5), squeeze=False)
         for ax, local in zip(axes[0], locals_):
             rows = self.for_service(local)
+            a_local = self.row(f"{local}:local")["val_acc"]
+            ys = []
             for kind, marker in (("coop", "o"), ("skip", "s"), ("local", "*")):
                 pts = [r for r in rows if r["kind"] == kind]
                 pred = [r for r in pts if r.get("acc_avg_test") is None]
                 meas = [r for r in pts if r.get("acc_avg_test") is not None]
-                if pred:
-                    ax.scatter([r["th_total"] for r in pred], [r["pred_acc"] for r in pred], marker=marker,
-                               facecolors="none", edgecolors="grey", alpha=0.5, label=f"{kind} (predicted)")
+                if pred:   # A^av estimated from the stage-1 prediction
+                    y = [average_accuracy(a_local, r["pred_acc"], r["th_local"], r["th_host"]) for r in pred]
+                    ax.scatter([r["th_total"] for r in pred], y, marker=marker, facecolors="none",
+                               edgecolors="grey", alpha=0.5, label=f"{kind} (predicted)")
                 if meas:
+                    ys += [r["acc_avg_test"] for r in meas]
                     ax.scatter([r["th_total"] for r in meas], [r["acc_avg_test"] for r in meas], marker=marker,
-                               s=80 if kind == "local" else 30, label=f"{kind} (measured)")
+                               s=90 if kind == "local" else 35, zorder=3, label=f"{kind} (measured)")
             base = self.baselines(local)
             if base:
                 ax.scatter([r["th_total"] for r in base], [r["acc_avg_test"] for r in base], marker="x",
                            color="tab:red", alpha=0.6, label="edge-early baseline")
             front = self.pareto(local)
             ax.plot([r["th_total"] for r in front], [r["acc_avg_test"] for r in front], "k--", lw=1,
-                    label="Pareto front")
+                    label="Pareto front (measured)")
             best = self.best(local)
-            ax.annotate("best", (best["th_total"], best["acc_avg_test"]), textcoords="offset points",
-                        xytext=(5, -12))
-            ax.set(title=f"{local}: accuracy vs throughput", xlabel="throughput (samples/s, modelled)",
+            ax.annotate(f"best: {best['path_id']}", (best["th_total"], best["acc_avg_test"]),
+                        textcoords="offset points", xytext=(6, -14), fontsize=8)
+            ax.set_xscale("log")
+            ax.set_ylim(max(0.0, min(ys) - 0.12), 1.005)
+            ax.set(title=f"{local}: accuracy vs throughput", xlabel="throughput Th (samples/s, modelled; log)",
                    ylabel="average accuracy A^av (test)")
-            ax.grid(alpha=0.3)
+            ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7, loc="lower left")
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: 
         lr: float, batch_size: int, weight_decay: float = 0.0, seed: int = 0, desc: str = "train",
         progress: bool = True, validate: bool = True,
         on_epoch: Callable[[int, float, float], None] | None = None) -> list[dict]:
-    """Adam on cross-entropy over `params` only; one line per epoch. Returns the per-epoch history
+    """Adam (one-cycle learning rate) on cross-entropy over `params` only; one line per epoch. Returns the per-epoch history
     (validation accuracy is None when `validate` is False)."""
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -61,6 +61,7 @@ def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: 
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.2)
     history = []
     for epoch in range(1, epochs + 1):
         module.train()
@@ -72,6 +73,7 @@ def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             total, n = total + loss.item() * len(y), n + len(y)
             bar.set_postfix(loss=f"{total / n:.3f}")
         val_acc = evaluate(module, val) if validate else None

@@ -26,8 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from coderay.config import CoderayConfig
 from coderay.data import get_task
 from coderay.paths import PathSpec
+from coderay.table import PATH_KINDS
 
-from deployments.routing import Activation, Router, plan_hops
+from deployments.routing import Activation, Router, plan_hops, servable
 from deployments.schemas import (
     BINARY_TYPES, ApiError, ErrorBody, InferResponse, RouteInfo, RouteRequest, ServiceInfo, check_top_k,
     decode_binary, decode_json_body, format_validation, infer_openapi_body,
@@ -149,11 +150,16 @@ class Ingress:
     async def paths(self, svc: str) -> dict:
         self.router.check_service(svc)
         route = self.router.routes[svc]
-        rows = [{k: _clean(v) for k, v in r.items()} | {"active": r["path_id"] == route.path.id}
-                for r in self.rows if r["local"] == svc]
+        mine = [r for r in self.rows if r["local"] == svc]
+        rows = [{k: _clean(v) for k, v in r.items()} | {"active": r["path_id"] == route.path.id,
+                                                       "servable": r["kind"] == "local" or bool(r.get("links_file"))}
+                for r in servable(mine)]
         if not any(r["active"] for r in rows):  # a service without a table still runs local-only
-            rows.insert(0, {"path_id": PathSpec.local_only(svc).id, "local": svc, "kind": "local", "active": True})
-        return {"service": svc, "active_path": route.path.id, "coop_fraction": route.coop_fraction, "paths": rows}
+            rows.insert(0, {"path_id": PathSpec.local_only(svc).id, "local": svc, "kind": "local", "active": True,
+                            "servable": True})
+        baselines = [{k: _clean(v) for k, v in r.items()} for r in mine if r.get("kind") not in PATH_KINDS]
+        return {"service": svc, "active_path": route.path.id, "coop_fraction": route.coop_fraction, "paths": rows,
+                "baselines": baselines}
 
     @api.get("/v1/services/{svc}/route", response_model=RouteInfo, responses=_ERRORS, summary="the active route")
     async def get_route(self, svc: str) -> dict:

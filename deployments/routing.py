@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -15,13 +16,14 @@ import torch
 
 from coderay.config import CoderayConfig
 from coderay.paths import PathSpec
-from coderay.table import RewardTable
+from coderay.table import PATH_KINDS, RewardTable
 
 from deployments.schemas import ApiError
 
-__all__ = ["Activation", "Hop", "plan_hops", "hop_delay_s", "link_owner", "link_files", "Route", "Router",
-           "initial_routes", "TO_END"]
+__all__ = ["Activation", "Hop", "plan_hops", "hop_delay_s", "link_owner", "link_files", "servable", "Route",
+           "Router", "initial_routes", "TO_END"]
 
+log = logging.getLogger(__name__)
 TO_END = -1  # `last` of a hop that runs a service's blocks to its last one
 
 
@@ -78,10 +80,15 @@ def hop_delay_s(cfg: CoderayConfig, src: str, dst: str, nbytes: int) -> float:
     return rtt_ms / 2e3 + (nbytes * 8 / (bandwidth_mbps * 1e6) if math.isfinite(bandwidth_mbps) else 0.0)
 
 
+def servable(rows: list[dict]) -> list[dict]:
+    """The rows that are paths (local-only, skip, coop); baselines such as edge-early are for comparison only."""
+    return [r for r in rows if r.get("kind") in PATH_KINDS]
+
+
 def link_files(rows: list[dict]) -> dict[str, dict[str, str]]:
     """{owner service: {path id: links file}} for every path of the table with trained links."""
     out: dict[str, dict[str, str]] = {}
-    for r in rows:
+    for r in servable(rows):
         if r.get("links_file") and r["kind"] != "local":
             spec = PathSpec.parse(r["path_id"])
             out.setdefault(link_owner(spec), {})[spec.id] = r["links_file"]
@@ -116,10 +123,15 @@ class Router:
 
     def __init__(self, cfg: CoderayConfig, rows: list[dict]):
         self.cfg = cfg
-        self.rows = {r["path_id"]: r for r in rows}
+        self.rows = {r["path_id"]: r for r in servable(rows)}
         self.routes: dict[str, Route] = {}
         self._credit: dict[str, float] = {}
-        self.apply(initial_routes(cfg, rows))
+        for svc, route in initial_routes(cfg, rows).items():
+            try:
+                self.apply({svc: route})
+            except ApiError as e:  # e.g. the host's guest quota was set to 0 after the search
+                log.warning("%s: cannot start on %s (%s); starting local-only", svc, route["path"], e.reason)
+                self.apply({svc: {"path": PathSpec.local_only(svc).id}})
 
     @property
     def services(self) -> list[str]:

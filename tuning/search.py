@@ -19,6 +19,7 @@ measure every candidate.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -61,7 +62,7 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
     import ray
 
     from coderay.cluster import check_nodes, connect, start_local_cluster
-    from tuning.split import local_side
+    from tuning.split import local_side, stop_side
     from tuning.trials import predict_trial
 
     start = time.perf_counter()
@@ -86,9 +87,11 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
     try:
         sides = {local: local_side(cfg, local, create=True) for local in locals_
                  if any(c.kind == "coop" for c in cands[local])}
-        ray.get([s.describe.remote() for s in sides.values()])   # loaded on their nodes (fails fast)
         nodes = {r: n["NodeID"] for n in ray.nodes() if n.get("Alive") for r in n.get("Resources", {})
                  if r in {x.name for x in cfg.nodes}}          # node name → Ray node id
+
+        if not resume:
+            shutil.rmtree(cfg.root / "tune" / "faults", ignore_errors=True)
 
         def extra(pid: str) -> dict:
             if not faults or pid not in faults:
@@ -150,17 +153,19 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
             res = s2.results.get(f"{local}:edge-early")
             if res is not None:
                 if res.error is None and "rows" in res.metrics:
-                    rows += res.metrics["rows"]
+                    rows += list(res.metrics["rows"].values())
                 else:
                     rows.append({"path_id": f"{local}:edge-early", "local": local, "kind": "edge-early",
                                  "host": None, "reward": None, "error": s2.error(f"{local}:edge-early") or "no result"})
         errors = {r["path_id"]: r["error"] for r in rows if r.get("error")}
+        split_nodes = dict(zip(sides, ray.get([s.node_id.remote() for s in sides.values()])))
         meta = {"config": cfg.name, "mode": "exhaustive" if exhaustive else "staged", "engine": "tune",
                 "seconds": round(time.perf_counter() - start, 1),
                 "tune": {"storage": str(cfg.root / "tune"), "experiments": [s1.path, s2.path],
-                         "nodes": nodes, "trials": {"predict": s1.total, "train": s2.total},
+                         "nodes": nodes, "split_nodes": split_nodes, "trials": {"predict": s1.total, "train": s2.total},
                          "trials_run": {"predict": len(s1.started), "train": len(s2.started)},
                          "reports_run": {"predict": s1.reports, "train": s2.reports},
+                         "stage_seconds": {"predict": s1.seconds, "train": s2.seconds},
                          "retries": s1.retries + s2.retries, "resumed": s1.restored or s2.restored,
                          "early_stop": scheduler is not None, "pruned": pruned, "errors": errors}}
         table = finish_table(cfg, rows, meta)
@@ -173,8 +178,8 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
                        f"{len(pruned)} stopped early; {meta['seconds']} s)")
         return table
     finally:
-        for side in sides.values():
-            ray.kill(side)
+        for local in sides:
+            stop_side(cfg, local)
         if cluster is not None:
             cluster.shutdown()
         elif joined:
@@ -209,7 +214,8 @@ def _error_row(spec: PathSpec, error: str | None) -> dict:
 
 
 def _trial_fields(stage: str, metrics: dict) -> dict:
-    return {"node": metrics.get("node"), f"{stage}_node_id": metrics.get("node_id")}
+    return {"node": metrics.get("node"), f"{stage}_node_id": metrics.get("node_id"),
+            f"{stage}_trial_seconds": metrics.get("trial_seconds")}
 
 
 def _copy_links(checkpoint, links_dir: Path) -> Path:
@@ -244,6 +250,7 @@ class _Stage:
     reports: int = 0
     retries: int = 0
     results: dict = field(default_factory=dict)      # path id → ray.tune.Result
+    seconds: float = 0.0
     bar: object = None
 
     def error(self, path_id: str) -> str | None:
@@ -285,9 +292,9 @@ class _Watch(tune.Callback):
 
     def on_step_begin(self, iteration, trials, **info):
         st = self.stage
-        if st is not None and st.progress and st.bar is None:
+        if st is not None and st.progress and st.bar is None and trials:
             done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-            st.bar = tqdm(total=len(trials), initial=done, desc=f"tune {st.name}", unit="trial")
+            st.bar = tqdm(total=st.total, initial=done, desc=f"tune {st.name}", unit="trial")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.stage is not None:
@@ -337,6 +344,8 @@ def _run_stage(cfg: CoderayConfig, name: str, trainable: Callable, space: list[d
     path = experiment_dir(cfg, name, exhaustive=exhaustive)
     key = str(path)
     stage = _STAGES[key] = _Stage(name, progress, path=key, total=len(space))
+    quiet = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"     # Tune's own tables off (verbose=0): progress is ours
     try:
         fn = tune.with_resources(trainable, trial_resources)
         if resume and tune.Tuner.can_restore(path):
@@ -352,9 +361,10 @@ def _run_stage(cfg: CoderayConfig, name: str, trainable: Callable, space: list[d
                 run_config=tune.RunConfig(
                     name=path.name, storage_path=str(path.parent), verbose=0,
                     failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     callbacks=[_Watch(key)]))
+        began = time.perf_counter()
         grid = tuner.fit()
+        stage.seconds = round(time.perf_counter() - began, 1)
         for result in grid:
             stage.results[_path_of(result)] = result
         stage.total = len(grid)
@@ -363,6 +373,10 @@ def _run_stage(cfg: CoderayConfig, name: str, trainable: Callable, space: list[d
                                f"of {len(grid)} trials unfinished; run the search again to resume it ({path})")
         return stage
     finally:
+        if quiet is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = quiet
         if stage.bar is not None:
             stage.bar.close()
         _STAGES.pop(key, None)

@@ -30,7 +30,7 @@ from coderay.cluster import pin
 from coderay.config import CoderayConfig
 from coderay.services import ServiceModel
 
-__all__ = ["LocalSide", "RemoteSegment", "RemoteBlocks", "local_side", "remote_service", "NAMESPACE"]
+__all__ = ["LocalSide", "RemoteSegment", "RemoteBlocks", "local_side", "stop_side", "remote_service", "NAMESPACE"]
 
 log = logging.getLogger(__name__)
 NAMESPACE = "coderay"
@@ -51,6 +51,9 @@ class LocalSide:
         self.cfg = CoderayConfig.model_validate(cfg)
         self.svc = load_services(self.cfg, [local], train_missing=False, progress=False)[local]
         self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def describe(self) -> dict:
         """What the host may know about the local service: block profiles and accuracy, no weights."""
@@ -95,6 +98,24 @@ class LocalSide:
 
 def side_name(cfg: CoderayConfig, local: str) -> str:
     return f"split-{local}-{cfg.fingerprint(cfg.services, cfg.seed)}"
+
+
+def stop_side(cfg: CoderayConfig, local: str, *, timeout_s: float = 10.0) -> None:
+    """Kill `local`'s `LocalSide` and wait until its name is free (a next search creates a new one)."""
+    import time
+
+    try:
+        side = local_side(cfg, local)
+    except ValueError:
+        return
+    ray.kill(side)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            local_side(cfg, local)
+        except ValueError:
+            return
+        time.sleep(0.1)
 
 
 def local_side(cfg: CoderayConfig, local: str, *, create: bool = False) -> ray.actor.ActorHandle:

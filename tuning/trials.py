@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -36,7 +37,8 @@ from tuning.split import local_side, remote_service
 __all__ = ["predict_trial", "train_trial", "baseline_trial", "trial_resources", "STATE_FILE"]
 
 STATE_FILE = "state.json"
-_CONTEXTS: dict[tuple, SearchContext] = {}   # per worker process: reused actors keep their loaded services
+_CONTEXTS: dict[tuple, SearchContext] = {}
+_STARTED: dict[str, float] = {}   # per worker process: reused actors keep their loaded services
 
 
 def trial_resources(config: dict) -> tune.PlacementGroupFactory:
@@ -47,6 +49,7 @@ def trial_resources(config: dict) -> tune.PlacementGroupFactory:
 
 
 def _setup(config: dict) -> tuple[CoderayConfig, dict]:
+    _STARTED["t"] = time.perf_counter()
     torch.set_num_threads(1)
     return CoderayConfig.model_validate(config["cfg"]), config["cand"]
 
@@ -67,14 +70,15 @@ def _context(cfg: CoderayConfig, spec: PathSpec) -> SearchContext:
 
 
 def _where(cand: dict) -> dict:
-    return {"node": cand["node"], "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    return {"node": cand["node"], "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+            "trial_seconds": round(time.perf_counter() - _STARTED.get("t", time.perf_counter()), 3)}
 
 
-def _maybe_fail(cand: dict) -> None:
-    """Fault injection for tests: the first `fail` attempts of this trial raise."""
+def _maybe_fail(cand: dict, stage: str) -> None:
+    """Fault injection for tests: the first `fail` attempts of this candidate's trial in `stage` raise."""
     if not cand.get("fail"):
         return
-    marker = Path(cand["fault_dir"]) / (cand["path_id"].replace(":", "+") + ".attempts")
+    marker = Path(cand["fault_dir"]) / f"{stage}-{cand['path_id'].replace(':', '+')}.attempts"
     marker.parent.mkdir(parents=True, exist_ok=True)
     attempt = int(marker.read_text()) + 1 if marker.exists() else 1
     marker.write_text(str(attempt))
@@ -87,7 +91,7 @@ def predict_trial(config: dict) -> None:
     cfg, cand = _setup(config)
     spec = PathSpec.parse(cand["path_id"])
     ctx = _context(cfg, spec)
-    _maybe_fail(cand)
+    _maybe_fail(cand, "predict")
     row = predict_path(ctx, spec)
     tune.report({"row": row, "reward": row["pred_reward"], **_where(cand)})
 
@@ -129,7 +133,7 @@ def train_trial(config: dict) -> None:
     ctx = _context(cfg, spec)
     epochs = cfg.search.link_epochs
     if spec.kind == "local":
-        _maybe_fail(cand)
+        _maybe_fail(cand, "train")
         row, _ = train_path(ctx, spec, progress=False)
         tune.report({"row": row, "reward": row["reward"], **_where(cand)})
         return
@@ -143,7 +147,7 @@ def train_trial(config: dict) -> None:
             for file in Path(d).glob("*.pt"):
                 for name, link in load_links(file)[1].items():
                     module.links[name].load_state_dict(link.state_dict())
-    _maybe_fail(cand)
+    _maybe_fail(cand, "train")
 
     def on_epoch(epoch: int, loss: float, val_acc: float) -> None:
         epoch += done
@@ -176,7 +180,7 @@ def baseline_trial(config: dict) -> None:
     from coderay.services import ServiceModel
 
     cfg, cand = _setup(config)
-    _maybe_fail(cand)
+    _maybe_fail(cand, "train")
     local = cand["local"]
     services = load_services(cfg, [local], train_missing=False, progress=False)
     for name, meta in cand["hosts"].items():
@@ -186,4 +190,4 @@ def baseline_trial(config: dict) -> None:
                                       meta["metrics"])
     rows = edge_early_rows(SearchContext(cfg, services), local)
     best = max((r["reward"] for r in rows), default=None)
-    tune.report({"rows": rows, "reward": best, **_where(cand)})
+    tune.report({"rows": {r["path_id"]: r for r in rows}, "reward": best, **_where(cand)})

@@ -1,0 +1,255 @@
+"""The serving logic that needs no Ray: input decoding and validation, path plans, routing, batching, placement."""
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from coderay.config import CoderayConfig
+from coderay.paths import PathSpec
+from deployments.blocks import Chunk, batch_samples, run_grouped
+from deployments.placement import cpu_shares
+from deployments.routing import TO_END, Activation, Hop, Router, hop_delay_s, initial_routes, link_files, plan_hops
+from deployments.schemas import (
+    ApiError, check_top_k, decode_binary, decode_images, decode_json_body, infer_openapi_body, to_batch,
+)
+
+SHAPE = (1, 28, 28)
+BEST = "digits:mnist:0:1:2:3"
+ROWS = [
+    {"path_id": "digits:local", "local": "digits", "kind": "local", "reward": 0.60, "links_file": None},
+    {"path_id": BEST, "local": "digits", "kind": "coop", "reward": 0.64, "links_file": "/x/best.pt"},
+    {"path_id": "digits:mnist:0:1:1:2", "local": "digits", "kind": "coop", "reward": 0.62, "links_file": "/x/b.pt"},
+    {"path_id": "digits:mnist:0:1:3:4", "local": "digits", "kind": "coop", "reward": None, "links_file": None},
+    {"path_id": "digits:skip:0:3", "local": "digits", "kind": "skip", "reward": 0.5, "links_file": "/x/skip.pt"},
+    {"path_id": "digits:edge-early:mnist:2:1", "local": "digits", "kind": "edge-early", "reward": 0.9,
+     "links_file": None},
+]
+
+
+def png(h: int = 28, w: int = 28, mode: str = "L", fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w), 128, np.uint8)).convert(mode).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def error_of(fn, *args, **kwargs) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        fn(*args, **kwargs)
+    return info.value
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def test_json_inputs_accept_bchw_and_bhw():
+    x = np.random.default_rng(0).random((3, 1, 28, 28)).astype(np.float32)
+    for body in (x.tolist(), x[:, 0].tolist()):
+        out, k = decode_json_body(f'{{"inputs": {body}, "top_k": 2}}'.encode(), SHAPE, max_samples=8)
+        assert out.shape == (3, 1, 28, 28) and out.dtype == torch.float32 and k == 2
+        assert torch.equal(out, torch.from_numpy(x))
+
+
+def test_binary_body_round_trips_exactly():
+    x = np.random.default_rng(1).random((5, 1, 28, 28)).astype("<f4")
+    out = decode_binary(x.tobytes(), {"x-shape": "5,1,28,28"}, SHAPE, max_samples=8)
+    assert torch.equal(out, torch.from_numpy(x))
+    assert decode_binary(x.tobytes(), {"x-shape": "5,28,28"}, SHAPE, max_samples=8).shape == (5, 1, 28, 28)
+
+
+def test_png_images_decode_to_unit_pixels():
+    out = decode_images([png(), "data:image/png;base64," + png(mode="RGB")], SHAPE, max_samples=8)
+    assert out.shape == (2, 1, 28, 28)
+    assert torch.allclose(out, torch.full_like(out, 128 / 255))
+
+
+def test_pixels_within_rounding_of_the_range_are_clamped():
+    x = np.zeros((1, 1, 28, 28))
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = -1e-6, 1 + 1e-6
+    out = to_batch(x.tolist(), SHAPE, max_samples=4)
+    assert out.min() == 0.0 and out.max() == 1.0
+
+
+BAD_JSON = [
+    (b"{", 422, "malformed JSON"),
+    (b"[1, 2]", 422, "JSON object"),
+    (b'{"inputs": []}', 422, "empty batch"),
+    (b'{"inputs": [[["a"]]]}', 422, "strings"),
+    (b'{"inputs": [[[true]]]}', 422, "booleans"),
+    (b'{"inputs": [[[null]]]}', 422, "null"),
+    (b'{"inputs": [[[0.5, 0.5], [0.5]]]}', 422, "ragged"),
+    (b'{"inputs": [[[0.5]]]}', 422, "expected a batch shaped (B, 1, 28, 28)"),
+    (b'{"inputs": [0.5]}', 422, "expected a batch shaped"),
+    (b'{"inputs": 3}', 422, "inputs"),
+    (b'{"inputs": [[[0.5]]], "images": ["x"]}', 422, "exactly one"),
+    (b"{}", 422, "exactly one"),
+    (b'{"inputs": [[[0.5]]], "extra": 1}', 422, "extra"),
+    (b'{"images": ["%%%"]}', 422, "images[0]: not valid base64"),
+    (b'{"images": ["aGVsbG8="]}', 422, "images[0]: not a readable PNG"),
+    (b'{"inputs": [[[0.5]]], "top_k": 0}', 422, "top_k"),
+    (b"{\"inputs\": \"\xc3\x28\"}", 422, "UTF-8"),
+]
+
+
+@pytest.mark.parametrize("raw,status,reason", BAD_JSON, ids=[r[2] for r in BAD_JSON])
+def test_bad_json_bodies_name_the_problem(raw, status, reason):
+    err = error_of(decode_json_body, raw, SHAPE, max_samples=4)
+    assert err.status == status and reason in err.reason, err.reason
+    assert err.body()["error"] == err.reason
+
+
+def test_non_finite_and_out_of_range_pixels():
+    for value, reason in ((math.nan, "finite"), (math.inf, "finite"), (1.5, "[0, 1]"), (-0.2, "[0, 1]")):
+        x = np.zeros((1, 1, 28, 28))
+        x[0, 0, 3, 4] = value
+        err = error_of(to_batch, x.tolist(), SHAPE, max_samples=4)
+        assert err.status == 422 and reason in err.reason
+    raw = b'{"inputs": [[[NaN]]]}'  # Python's json reads NaN/Infinity literals: still refused
+    x = np.full((1, 28, 28), 0.5).tolist()
+    x[0][0][0] = float("nan")
+    assert "finite" in error_of(decode_json_body, str({"inputs": x}).replace("'", '"').replace("nan", "NaN").encode(),
+                                SHAPE, max_samples=4).reason
+    assert error_of(decode_json_body, raw, SHAPE, max_samples=4).status == 422
+
+
+def test_batch_above_the_limit_is_413():
+    x = np.zeros((5, 28, 28)).tolist()
+    assert error_of(to_batch, x, SHAPE, max_samples=4).status == 413
+    assert error_of(decode_binary, bytes(4 * 5 * 784), {"x-shape": "5,1,28,28"}, SHAPE, max_samples=4).status == 413
+    assert error_of(decode_images, [png()] * 5, SHAPE, max_samples=4).status == 413
+
+
+@pytest.mark.parametrize("headers,nbytes,reason", [
+    ({}, 4 * 784, "X-Shape header missing"),
+    ({"x-shape": "1,1,28,x"}, 4 * 784, "comma-separated integers"),
+    ({"x-shape": "1,1,28,28"}, 2 * 784, "needs 3136"),
+    ({"x-shape": "1,1,28,28", "x-dtype": "float64"}, 8 * 784, "unsupported dtype"),
+    ({"x-shape": "1,3,28,28"}, 4 * 3 * 784, "expected a batch shaped"),
+    ({"x-shape": "0,1,28,28"}, 0, "empty batch"),
+])
+def test_bad_binary_bodies(headers, nbytes, reason):
+    err = error_of(decode_binary, bytes(nbytes), headers, SHAPE, max_samples=4)
+    assert err.status == 422 and reason in err.reason, err.reason
+
+
+def test_bad_images():
+    assert "expected a PNG" in error_of(decode_images, [png(fmt="JPEG")], SHAPE, max_samples=4).reason
+    assert "expected 28x28" in error_of(decode_images, [png(h=10)], SHAPE, max_samples=4).reason
+
+
+def test_top_k_bounds():
+    assert check_top_k(None, 10) == 3 and check_top_k(10, 10) == 10
+    assert error_of(check_top_k, 11, 10).status == 422
+
+
+def test_openapi_body_documents_both_encodings():
+    content = infer_openapi_body()["requestBody"]["content"]
+    assert {"application/json", "application/octet-stream"} <= set(content)
+    assert "inputs" in content["application/json"]["schema"]["properties"]
+
+
+# --------------------------------------------------------------------------- path plans and routing
+
+
+def test_plans_chain_blocks_and_links_on_the_right_services():
+    assert plan_hops(PathSpec.local_only("digits")) == [Hop("blocks", "digits", 1, TO_END)]
+    coop = PathSpec.parse("digits:mnist:2:1:3:4")
+    assert plan_hops(coop) == [
+        Hop("blocks", "digits", 1, 2), Hop("links", "mnist", path_id=coop.id, link="in"),
+        Hop("blocks", "mnist", 1, 3, guest=True), Hop("links", "mnist", path_id=coop.id, link="out"),
+        Hop("blocks", "digits", 4, TO_END)]
+    skip = PathSpec.parse("digits:skip:0:3")
+    assert [h.kind for h in plan_hops(skip)] == ["links", "blocks"] and plan_hops(skip)[0].service == "digits"
+
+
+def test_link_files_group_by_the_node_that_runs_them():
+    assert link_files(ROWS) == {"mnist": {BEST: "/x/best.pt", "digits:mnist:0:1:1:2": "/x/b.pt"},
+                                "digits": {"digits:skip:0:3": "/x/skip.pt"}}
+
+
+def test_initial_routes_are_the_table_best(tiny_cfg):
+    routes = initial_routes(tiny_cfg, ROWS)
+    assert routes == {"digits": {"path": BEST, "coop_fraction": 1.0},        # edge-early is not a path
+                      "mnist": {"path": "mnist:local", "coop_fraction": 0.0}}
+
+
+def test_router_validates_and_switches(tiny_cfg):
+    router = Router(tiny_cfg, ROWS)
+    assert router.routes["digits"].path.id == BEST
+    for svc, path, frac, status, reason in [
+        ("nope", "nope:local", None, 404, "unknown service"),
+        ("digits", "garbage", None, 422, "not a path id"),
+        ("digits", "mnist:local", None, 422, "answers service 'mnist'"),
+        ("digits", "digits:mnist:0:1:4:5", None, 422, "not in the reward table"),
+        ("digits", "digits:mnist:0:1:3:4", None, 422, "no trained links"),
+        ("digits", BEST, 1.5, 422, "coop_fraction"),
+    ]:
+        err = error_of(router.validate, svc, path, frac)
+        assert err.status == status and reason in err.reason, err.reason
+    with pytest.raises(ApiError):  # one bad entry: nothing switches
+        router.apply({"digits": {"path": "digits:local"}, "mnist": {"path": "bad"}})
+    assert router.routes["digits"].path.id == BEST
+    router.apply({"digits": {"path": "digits:local"}})
+    assert router.snapshot()["digits"] == {"path": "digits:local", "coop_fraction": 0.0}
+
+
+def test_host_without_guest_quota_is_refused(tiny_cfg):
+    raw = tiny_cfg.model_dump()
+    raw["services"][1]["guest_quota"] = 0
+    router = Router(CoderayConfig.model_validate(raw), ROWS)
+    assert router.routes["digits"].path.id == "digits:local"  # the table's best is no longer possible
+    assert "admits no guests" in error_of(router.validate, "digits", BEST).reason
+
+
+def test_coop_fraction_splits_traffic_evenly(tiny_cfg):
+    router = Router(tiny_cfg, ROWS)
+    router.apply({"digits": {"path": BEST, "coop_fraction": 0.25}})
+    chosen = [router.choose("digits").id for _ in range(100)]
+    assert chosen.count(BEST) == 25 and chosen.count("digits:local") == 75
+    router.apply({"digits": {"path": BEST, "coop_fraction": 0.0}})
+    assert {router.choose("digits").id for _ in range(10)} == {"digits:local"}
+
+
+def test_emulated_hop_delay(tiny_cfg):
+    assert hop_delay_s(tiny_cfg, "edge-a", "edge-a", 10**6) == 0.0
+    # tiny config: 100 Mbit/s, 1 ms RTT -> 0.5 ms + 8e6 bit / 1e8 bit/s
+    assert hop_delay_s(tiny_cfg, "edge-a", "edge-b", 10**6) == pytest.approx(0.0005 + 0.08)
+    off = tiny_cfg.model_copy(update={"serving": tiny_cfg.serving.model_copy(update={"emulate_network": False})})
+    assert hop_delay_s(off, "edge-a", "edge-b", 10**6) == 0.0
+    a = Activation(torch.zeros(1), "edge-a").moved(torch.ones(1), "edge-b", delay_s=0.002, crossed=True)
+    assert (a.node, a.hops, a.delay_ms) == ("edge-b", 1, 2.0)
+
+
+# --------------------------------------------------------------------------- batching and placement
+
+
+def test_batch_size_counts_samples_and_enforces_the_guest_quota():
+    own = Chunk(torch.zeros(10, 1), 1, 5, False, quota=8, capacity=16)
+    guest = Chunk(torch.zeros(6, 1), 1, 2, True, quota=8, capacity=16)
+    assert batch_samples([own]) == 10 and batch_samples([own, guest]) == 16
+    assert batch_samples([guest, guest]) == 17  # 12 guest samples > s = 8: the second is deferred
+
+
+def test_mixed_block_ranges_in_one_batch_match_separate_runs():
+    torch.manual_seed(0)
+    blocks = [torch.nn.Linear(4, 4) for _ in range(3)]
+    x = [torch.randn(n, 4) for n in (2, 3, 1)]
+    chunks = [Chunk(x[0], 1, 3, False, 0, 8), Chunk(x[1], 2, 2, True, 4, 8), Chunk(x[2], 1, 3, False, 0, 8)]
+    out = run_grouped(blocks, chunks)
+    with torch.no_grad():
+        assert torch.allclose(out[0], blocks[2](blocks[1](blocks[0](x[0]))), atol=1e-6)
+        assert torch.allclose(out[1], blocks[1](x[1]), atol=1e-6)
+        assert torch.allclose(out[2], blocks[2](blocks[1](blocks[0](x[2]))), atol=1e-6)
+    assert out[0].untyped_storage().nbytes() == out[0].numel() * 4  # not a view of the group's output
+
+
+def test_cpu_shares_split_each_node(tiny_cfg):
+    assert cpu_shares(tiny_cfg) == {"digits": 1.0, "mnist": 1.0}
+    raw = tiny_cfg.model_dump()
+    raw["services"][1]["node"] = "edge-a"
+    assert cpu_shares(CoderayConfig.model_validate(raw)) == {"digits": 0.5, "mnist": 0.5}

@@ -1,0 +1,143 @@
+"""The path search on Ray Tune (issue #5), on a local 2-node cluster shared by the module.
+
+One search with two injected faults, then the same search again (resumed), compared with the in-process
+search of the same config (`searched_table`, which must run first: both engines write the same search dir).
+"""
+import pytest
+import torch
+
+from coderay.search import load_links, search_dir
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def cluster(trained_cfg, searched_table):
+    from coderay.cluster import LocalCluster
+
+    assert searched_table.meta["engine"] == "in-process"     # computed before Tune rewrites the search dir
+    c = LocalCluster(trained_cfg)
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def node_ids(cluster, trained_cfg):
+    import ray
+
+    names = {n.name for n in trained_cfg.nodes}
+    return {r: n["NodeID"] for n in ray.nodes() if n.get("Alive") for r in n["Resources"] if r in names}
+
+
+@pytest.fixture(scope="module")
+def faults(searched_table):
+    """The in-process best path fails its first attempt in both stages (the retry succeeds); the candidate
+    predicted worst fails all 1 + max_failures attempts of stage 1 (and succeeds when resumed)."""
+    rows = [r for r in searched_table.rows if r["kind"] in ("coop", "skip")]
+    best = searched_table.best("digits")["path_id"]
+    worst = min(rows, key=lambda r: r["pred_reward"])["path_id"]
+    assert best != worst
+    return {"best": best, "worst": worst, "faults": {best: 1, worst: 3}}
+
+
+@pytest.fixture(scope="module")
+def tune_runs(trained_cfg, cluster, faults):
+    from tuning.search import run_tune_search
+
+    first = run_tune_search(trained_cfg, progress=False, resume=False, faults=faults["faults"])
+    second = run_tune_search(trained_cfg, progress=False, faults=faults["faults"])
+    return first, second
+
+
+def test_split_learning_matches_local_blocks(trained_cfg, search_ctx, cluster):
+    """The local tail run by the local node's actor gives the same output and input gradient as in-process,
+    and the host's stand-in for the local service holds no weights."""
+    from tuning.split import local_side, remote_service, stop_side
+
+    side = local_side(trained_cfg, "digits", create=True)
+    try:
+        svc = remote_service(trained_cfg, "digits", side)
+        assert svc.model is None and len(svc.blocks) == len(search_ctx.services["digits"].blocks)
+        (tail,) = svc.blocks[2:]
+        assert sum(p.numel() for p in tail.parameters()) == 0
+        real = torch.nn.Sequential(*search_ctx.services["digits"].blocks[2:])
+        x = torch.randn(4, *svc.boundaries[2], generator=torch.Generator().manual_seed(0))
+        xr, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, yl = tail(xr), real(xl)
+        torch.testing.assert_close(yr, yl)
+        g = torch.randn_like(yl)
+        yr.backward(g)
+        yl.backward(g)
+        torch.testing.assert_close(xr.grad, xl.grad)
+        assert svc.boundaries == search_ctx.services["digits"].boundaries
+    finally:
+        stop_side(trained_cfg, "digits")
+
+
+def test_table_and_links_land_where_serving_loads_them(trained_cfg, searched_table, tune_runs):
+    from coderay.table import RewardTable
+
+    table = tune_runs[1]
+    out = search_dir(trained_cfg, exhaustive=False)
+    on_disk = RewardTable.load(out)
+    assert on_disk.meta["engine"] == "tune" and (out / "pareto.png").exists()
+    assert [r["path_id"] for r in on_disk.rows] == [r["path_id"] for r in searched_table.rows]
+    for mine, theirs in zip(table.rows, searched_table.rows):
+        assert set(theirs) <= set(mine)
+    trained = [r for r in table.rows if r["trained"] and r["kind"] in ("coop", "skip")]
+    assert len(trained) == trained_cfg.search.top_k
+    for r in trained:
+        assert r["links_file"].startswith(str(out / "links"))
+        assert load_links(r["links_file"])[0] == r["path_id"]
+
+
+def test_trials_run_on_the_host_node(trained_cfg, tune_runs, node_ids):
+    first, _ = tune_runs
+    assert first.meta["tune"]["split_nodes"] == {"digits": node_ids["edge-a"]}    # local blocks stay local
+    node_of = {s.name: s.node for s in trained_cfg.services}
+    for r in first.rows:
+        if r["kind"] not in ("coop", "skip", "local") or r.get("error"):
+            continue
+        where = node_ids[node_of[r["host"] if r["kind"] == "coop" else r["local"]]]
+        assert r["predict_node_id"] == where, r["path_id"]
+        if r["trained"] or r["kind"] == "local":
+            assert r["train_node_id"] == where, r["path_id"]
+    assert any(r["kind"] == "coop" and r["trained"] for r in first.rows)
+
+
+def test_tune_matches_in_process_search(searched_table, tune_runs):
+    for table in tune_runs:
+        assert table.best("digits")["path_id"] == searched_table.best("digits")["path_id"]
+        for theirs in searched_table.rows:
+            mine = table.row(theirs["path_id"])
+            if mine.get("error"):
+                continue
+            assert mine["trained"] == theirs["trained"], mine["path_id"]
+            for key in ("pred_acc", "val_acc", "test_acc"):
+                if theirs.get(key) is not None:
+                    assert abs(mine[key] - theirs[key]) <= 0.03, (mine["path_id"], key)
+
+
+def test_failing_trial_is_retried_then_reported(tune_runs, faults):
+    first, _ = tune_runs
+    tune = first.meta["tune"]
+    best = first.row(faults["best"])                           # failed once per stage, then succeeded
+    assert not best.get("error") and best["reward"] is not None
+    worst = first.row(faults["worst"])                         # failed 3 times: reported, no reward
+    assert "injected fault" in worst["error"] and worst["reward"] is None and worst["pred_reward"] is None
+    assert tune["errors"] == {faults["worst"]: worst["error"]}
+    assert tune["retries"] == 2 + 2                            # best: 1 per stage; worst: max_failures
+
+
+def test_resume_runs_no_finished_trial_again(tune_runs, faults):
+    first, second = tune_runs
+    tune = second.meta["tune"]
+    assert tune["resumed"]
+    assert tune["trials_run"] == {"predict": 1, "train": 0}    # only the errored trial, resumed
+    assert tune["reports_run"]["train"] == 0                   # no training epoch at all
+    assert tune["errors"] == {}
+    assert second.row(faults["worst"])["pred_acc"] is not None
+    for a in first.rows:
+        if a["path_id"] != faults["worst"]:
+            b = second.row(a["path_id"])
+            assert (a["val_acc"], a["test_acc"], a["pred_acc"]) == (b["val_acc"], b["test_acc"], b["pred_acc"])
