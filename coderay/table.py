@@ -81,7 +81,7 @@ class RewardTable:
         for r in rows[:limit]:
             lines.append(f"{r['path_id']:<34} {r['kind']:<5} {'yes' if r['trained'] else 'no':<7} "
                          f"{_f(r['pred_acc'])} {_f(r['val_acc'], 7)} {_f(r['test_acc'])} {_f(r['acc_avg_test'], 6)} "
-                         f"{r['th_total']:>7.0f} {r['th_ratio']:>6.2f} {_f(r['reward'], 7, 3)}")
+                         f"{_f(r['th_total'], 7, 0)} {_f(r['th_ratio'], 6, 2)} {_f(r['reward'], 7, 3)}")
         return "\n".join(lines)
 
     def plot(self, path: Path) -> Path:

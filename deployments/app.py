@@ -51,12 +51,16 @@ def build_app(cfg: CoderayConfig, table: RewardTable) -> Application:
     if missing:
         raise ValueError(f"links files of the reward table are missing: {missing[:3]}; rerun `coderay search`")
     shares = cpu_shares(cfg)
-    ongoing = max(64, 2 * cfg.serving.max_batch_size, *(2 * s.batch_size for s in cfg.services))
-    blocks = {s.name: BlockGroup.options(name=f"blocks-{s.name}", num_replicas=1, max_ongoing_requests=ongoing,
-                                         ray_actor_options=block_options(cfg, s.name)).bind(cfg, s.name, shares[s.name])
+    # max_ongoing_requests ≥ the batch (in samples, so in calls too); no request outlives request_timeout_s, so
+    # a replica being replaced (or stuck on a lost node) need not be waited for longer than that.
+    opts = {"num_replicas": 1,
+            "max_ongoing_requests": max(64, 2 * cfg.serving.max_batch_size, *(2 * s.batch_size for s in cfg.services)),
+            "graceful_shutdown_timeout_s": min(20.0, max(2.0, cfg.serving.request_timeout_s))}
+    blocks = {s.name: BlockGroup.options(name=f"blocks-{s.name}", ray_actor_options=block_options(cfg, s.name),
+                                         **opts).bind(cfg, s.name, shares[s.name])
               for s in cfg.services}
-    links = {owner: LinkSet.options(name=f"links-{owner}", num_replicas=1, max_ongoing_requests=ongoing,
-                                    ray_actor_options=link_options(cfg, owner)).bind(cfg, owner, owned)
+    links = {owner: LinkSet.options(name=f"links-{owner}", ray_actor_options=link_options(cfg, owner),
+                                    **opts).bind(cfg, owner, owned)
              for owner, owned in sorted(files.items())}
     # One ingress replica: PUT /route changes the replica it reaches; a config deploy reaches every replica.
     return Ingress.options(name=INGRESS, num_replicas=1, max_ongoing_requests=1024,
@@ -75,13 +79,15 @@ def cached_table(cfg: CoderayConfig) -> RewardTable | None:
 def app_builder(args: dict) -> Application:
     """`import_path` target of the Serve config: args `{config: <path>, workdir: <path, optional>}`.
 
-    Loads the cached reward table (runs the search only when there is none)."""
+    Checks the cluster's nodes first (a missing node fails the deploy with its name instead of leaving it
+    pending), then loads the cached reward table (runs the search only when there is none)."""
     from coderay.search import run_search
 
     if not isinstance(args, dict) or "config" not in args:
         raise ValueError(f"app args must be {{'config': <path to the coderay YAML>}}, got {args!r}")
     overrides = {"workdir": str(args["workdir"])} if args.get("workdir") else {}
     cfg = load_config(args["config"], **overrides)
+    check_placement(cfg)
     return build_app(cfg, run_search(cfg, progress=False))
 
 

@@ -4,7 +4,9 @@ The ingress holds one handle per block group and per link set. A path runs as a 
 which each call receives the previous call's `DeploymentResponse` as a top-level argument, so activations go
 from replica to replica (through Ray's object store) and only the final logits come back here. Every chain is
 bounded by `serving.request_timeout_s`; a cooperative path that fails (timeout, a dead replica, a lost node) is
-answered on the local-only path with `"fallback": true`.
+answered on the local-only path with `"fallback": true`, and is then skipped (answered locally at once, still
+marked as a fallback) for a cool-down of `3 × request_timeout_s` (at least 10 s) before it is tried again, so a
+lost host costs one timeout, not one per request.
 
 No `from __future__ import annotations` here: FastAPI reads the endpoint annotations (`Request`, the body model)
 at run time through Serve's class-based view, where string annotations do not resolve.
@@ -112,28 +114,45 @@ class Ingress:
         self.links = {name: h.options(method_name="run") for name, h in links.items()}
         self._info_handles = [h.options(method_name="info") for h in (*blocks.values(), *links.values())]
         self.stats = {s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "by_path": {}} for s in cfg.services}
+        self.suspended: dict[str, float] = {}   # path id -> time.monotonic() until which it is skipped
+        self.config_errors: dict[str, str] = {}  # the last reconfigure's rejected entries
+        self.cooldown_s = max(10.0, 3 * cfg.serving.request_timeout_s)
 
     # ------------------------------------------------------------------ routing (config deploys, controller)
 
-    def reconfigure(self, user_config: dict) -> None:
-        """`user_config = {"routes": {svc: {"path": id, "coop_fraction": f}}}`: validated as a whole, then applied
-        (services not named keep their route). Serve calls this on a config deploy; a controller may call it
-        through a handle."""
-        routes = (user_config or {}).get("routes", {})
-        try:
-            self.router.apply(routes)
-        except ApiError as e:
-            raise ValueError(f"user_config.routes: {e.reason}") from None
-        log.info("routes: %s", self.router.snapshot())
+    async def reconfigure(self, user_config: dict) -> dict:
+        """`user_config = {"routes": {svc: {"path": id, "coop_fraction": f}}}`. Serve calls this on a config deploy
+        (in place, no restart); a controller may call it through a handle. Services not named keep their route.
 
-    def get_routes(self) -> dict:
+        Never raises: Serve stops a replica whose reconfigure raises, and its replacement would fail the same way,
+        leaving no ingress. An invalid entry is rejected (its service keeps its route) and reported in the
+        result, in the log and under `config_errors` of GET /healthz. Async: it runs on the event loop that serves
+        requests, so a switch never interleaves with a request reading the routes."""
+        routes = (user_config or {}).get("routes", {}) if isinstance(user_config, dict) else user_config
+        applied, rejected = {}, {}
+        if not isinstance(routes, dict):
+            rejected["*"] = f"user_config.routes: expected a mapping service -> {{path, coop_fraction}}, got {routes!r}"
+        else:
+            for svc, route in routes.items():
+                try:
+                    self.router.apply({svc: route})
+                    applied[svc] = self.router.routes[svc].to_dict()
+                except ApiError as e:
+                    rejected[svc] = f"user_config.routes.{svc}: {e.reason}"
+        self.config_errors = rejected
+        for reason in rejected.values():
+            log.error("%s (the previous route stays)", reason)
+        log.info("routes: %s", self.router.snapshot())
+        return {"applied": applied, "rejected": rejected, "routes": self.router.snapshot()}
+
+    async def get_routes(self) -> dict:
         return self.router.snapshot()
 
     # ------------------------------------------------------------------ HTTP
 
     @api.get("/healthz", summary="liveness")
     async def healthz(self) -> dict:
-        return {"status": "ok", "services": self.router.services}
+        return {"status": "ok", "services": self.router.services, "config_errors": self.config_errors}
 
     @api.get("/v1/services", response_model=list[ServiceInfo], summary="every service and its active route")
     async def services(self) -> list[dict]:
@@ -143,8 +162,14 @@ class Ingress:
             out.append({"name": s.name, "task": s.task, "classes": list(task.class_names),
                         "input_shape": list(task.input_shape), "node": s.node, "guest_quota": s.guest_quota,
                         "batch_size": s.batch_size, "active_path": route.path.id,
-                        "coop_fraction": route.coop_fraction, "stats": self.stats[s.name]})
+                        "coop_fraction": route.coop_fraction,
+                        "stats": self.stats[s.name] | {"suspended_paths": self._suspended_paths(s.name)}})
         return out
+
+    def _suspended_paths(self, svc: str) -> dict[str, float]:
+        """Cooperative paths of `svc` skipped after a failure, with the seconds left of their cool-down."""
+        now = time.monotonic()
+        return {p: round(t - now, 1) for p, t in self.suspended.items() if t > now and p.startswith(f"{svc}:")}
 
     @api.get("/v1/services/{svc}/paths", responses=_ERRORS, summary="the reward table rows of a service")
     async def paths(self, svc: str) -> dict:
@@ -221,21 +246,30 @@ class Ingress:
     async def replicas(self) -> dict:
         infos = await asyncio.gather(*(asyncio.wait_for(_resolve(h.remote()), self.cfg.serving.request_timeout_s)
                                        for h in self._info_handles), return_exceptions=True)
+        import os
+
+        import ray
+
         return {"replicas": [i if isinstance(i, dict) else {"error": repr(i)} for i in infos],
-                "routes": self.router.snapshot()}
+                "ingress": {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()},
+                "routes": self.router.snapshot(), "config_errors": self.config_errors}
 
     # ------------------------------------------------------------------ running a path
 
     async def answer(self, svc: str, x: torch.Tensor) -> tuple[PathSpec, bool, Activation]:
         """(path used, fell back?, output activation) for the model input `x` of service `svc`."""
         spec = self.router.choose(svc)
-        try:
-            return spec, False, await self.run_path(svc, spec, x)
-        except Exception as exc:  # noqa: BLE001 — any failure of a cooperative path falls back
-            if spec.kind == "local":
-                raise self._unavailable(svc, spec, exc) from None
-            log.warning("%s: path %s failed (%s: %s); answering on the local-only path", svc, spec.id,
-                        type(exc).__name__, exc)
+        if spec.kind == "local" or self.suspended.get(spec.id, 0.0) <= time.monotonic():
+            try:
+                out = await self.run_path(svc, spec, x)
+                self.suspended.pop(spec.id, None)
+                return spec, False, out
+            except Exception as exc:  # noqa: BLE001 — any failure of a cooperative path falls back
+                if spec.kind == "local":
+                    raise self._unavailable(svc, spec, exc) from None
+                self.suspended[spec.id] = time.monotonic() + self.cooldown_s
+                log.warning("%s: path %s failed (%s: %s); answering on the local-only path and skipping it for "
+                            "%.0f s", svc, spec.id, type(exc).__name__, exc, self.cooldown_s)
         local = PathSpec.local_only(svc)
         try:
             return local, True, await self.run_path(svc, local, x)

@@ -137,6 +137,8 @@ def parse_json(raw: bytes) -> Any:
                             "Content-Type: application/octet-stream") from None
     except json.JSONDecodeError as e:
         raise ApiError(422, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ApiError(422, "malformed JSON: nested too deeply") from None
 
 
 def format_validation(errors: list[dict]) -> str:
@@ -193,9 +195,9 @@ def to_batch(inputs: list, input_shape: tuple[int, ...], *, max_samples: int, fi
     _check_count(len(inputs), max_samples, field)
     try:
         arr = np.asarray(inputs)
-    except (ValueError, TypeError):
-        raise ApiError(422, f"{field}: ragged nested lists; every sample must have the same shape, "
-                            f"the batch {_expected(input_shape)}") from None
+    except (ValueError, TypeError, RecursionError):
+        raise ApiError(422, f"{field}: ragged nested lists (or nested deeper than a batch); every sample must "
+                            f"have the same shape, the batch {_expected(input_shape)}") from None
     if arr.dtype.kind not in "iuf":
         what = {"b": "booleans", "U": "strings", "S": "strings", "O": "null, ragged or mixed values"}.get(
             arr.dtype.kind, f"values of dtype {arr.dtype}")
@@ -233,7 +235,7 @@ def decode_binary(raw: bytes, headers: dict[str, str], input_shape: tuple[int, .
 
 def decode_images(images: list[str], input_shape: tuple[int, ...], *, max_samples: int) -> torch.Tensor:
     """Base64 PNGs of the task's size → a pixel batch; one-channel tasks read them as greyscale, three as RGB."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     _check_count(len(images), max_samples, "images")
     c, h, w = input_shape
@@ -258,7 +260,7 @@ def decode_images(images: list[str], input_shape: tuple[int, ...], *, max_sample
             pixels = np.asarray(img.convert(mode), dtype=np.float32) / 255.0   # (H, W) or (H, W, 3)
         except ApiError:
             raise
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        except Exception:  # noqa: BLE001 — PIL raises many types (UnidentifiedImageError, DecompressionBomb...)
             raise ApiError(422, f"images[{i}]: not a readable PNG image") from None
         out[i] = pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
     return torch.from_numpy(out)

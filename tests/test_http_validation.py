@@ -93,6 +93,8 @@ BAD_JSON = [
     (b'{"images": ["aGVsbG8="]}', 422, "images[0]: not a readable PNG"),
     (b'{"inputs": [[[0.5]]], "top_k": 0}', 422, "top_k"),
     (b"{\"inputs\": \"\xc3\x28\"}", 422, "UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, 422, "nested too deeply"),
+    (b'{"inputs": ' + b"[" * 100 + b"0.5" + b"]" * 100 + b"}", 422, "nested deeper than a batch"),
 ]
 
 
