@@ -97,7 +97,7 @@ class SearchSpec(_Strict):
     include_skip: bool = True                   # also consider skip paths inside the local model
     top_k: int = Field(3, ge=1)                 # stage 2 trains this many candidates per local service
     predict_samples: int = Field(512, ge=64)   # samples the stage-1 predictor fits links on (least squares)
-    predict_steps: int = Field(40, ge=0)        # ... then this many gradient steps on the links
+    predict_steps: int = Field(15, ge=0)        # ... then this many gradient steps on the links
     link_epochs: int = Field(4, ge=1)
     link_lr: float = Field(2e-3, gt=0)
     link_batch_size: int = Field(64, ge=1)

@@ -106,9 +106,12 @@ def test_trials_run_on_the_host_node(trained_cfg, tune_runs, node_ids):
 
 
 def test_tune_matches_in_process_search(searched_table, tune_runs):
+    """Same seeds, same functions: the same best path and the same accuracies (up to float noise) for every
+    candidate path. (The edge-early baseline rows are not compared: its first exit head is initialised
+    before the seed is set, so it differs between any two processes.)"""
     for table in tune_runs:
         assert table.best("digits")["path_id"] == searched_table.best("digits")["path_id"]
-        for theirs in searched_table.rows:
+        for theirs in searched_table.for_service("digits"):
             mine = table.row(theirs["path_id"])
             if mine.get("error"):
                 continue

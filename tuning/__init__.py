@@ -21,13 +21,20 @@ Privacy (the point of CoDE). No model parameter crosses nodes during the search.
 stay in a small actor pinned to the local node (`tuning.split.LocalSide`): split learning. For each batch
 the host's trial sends the activation entering the local tail (link_out's output) and gets back the tail's
 logits; in training it sends d loss / d logits and gets back d loss / d activation, which flows on through
-link_out, the host's blocks and link_in. The local head L[1..lout] runs there too (forward only). The host
-learns the local model's block shapes, profiles and accuracy (metadata the reward needs), never its
-weights; the local node never sees the host's blocks or the links. The host's trial does hold the local
-task's training samples and labels (here read from coderay's data registry; in deployment the local node
-would stream them): with lout = 0 — the setting the paper fixes — the raw input is what the local sends to
-the host anyway. The edge-early baseline mirrors the local model's tail by definition; its trial runs on
-the local node and gets only the hosts' block profiles.
+link_out, the host's blocks and link_in. The local head L[1..lout] runs there too (forward only). It is the
+same computation as in one process (same blocks, order and seeds): the Tune table equals the in-process one.
+The host learns the local model's block shapes, profiles and accuracy (metadata the reward needs), never its
+weights; the local node never sees the host's blocks or the links. Limits, stated plainly:
+- the host's trial holds the local task's training samples and labels, read from coderay's data registry
+  (in deployment the local node would stream them); with lout = 0, the setting the paper fixes, the raw
+  input is what the local node sends to the host anyway;
+- the local node's actor serves all of its cooperative trials one call at a time (its node is one server):
+  the local model's share of the work does not parallelise across hosts, and activations cross nodes
+  (through Ray's object store) twice per batch;
+- `run_tune_search(..., private=False)` loads the local model into the host's trial instead: no split, no
+  privacy, trials independent of each other;
+- the edge-early baseline mirrors the local model's tail by definition; its trial runs on the local node and
+  gets only the hosts' block profiles.
 
 Resuming and failures. Experiments live under `<workdir>/tune/`; running the same search again restores
 them (`Tuner.restore`): finished trials are not rerun. A trial that raises is retried twice from its last

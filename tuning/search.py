@@ -32,30 +32,31 @@ from tqdm.auto import tqdm
 from coderay.config import CoderayConfig
 from coderay.paths import PathSpec
 from coderay.search import SearchContext, candidates, finish_table, search_dir, stage2_selection
-from coderay.table import RewardTable
+from coderay.table import COLUMNS, RewardTable
 
 __all__ = ["run_tune_search", "experiment_dir"]
 
 log = logging.getLogger(__name__)
 MAX_FAILURES = 2
-_PATH_FIELDS = ("path_id", "local", "kind", "host", "lout", "hin", "hout", "lin")
 
 
-def experiment_dir(cfg: CoderayConfig, stage: str, *, exhaustive: bool) -> Path:
+def experiment_dir(cfg: CoderayConfig, stage: str, *, exhaustive: bool, private: bool = True) -> Path:
     """Where Tune keeps one stage's experiment ('predict' or 'train'): keyed like `search_dir`."""
-    return cfg.root / "tune" / f"{search_dir(cfg, exhaustive=exhaustive).name}-{stage}"
+    return cfg.root / "tune" / f"{search_dir(cfg, exhaustive=exhaustive).name}{'' if private else '-shared'}-{stage}"
 
 
 def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustive: bool | None = None,
                     progress: bool = True, resume: bool = True, early_stop: bool | None = None,
-                    faults: Mapping[str, int] | None = None) -> RewardTable:
+                    private: bool = True, faults: Mapping[str, int] | None = None) -> RewardTable:
     """Run the path search on Ray Tune and write its reward table and links where serving finds them.
 
-    address: a running cluster ('auto', 'ray://...'); None: the Ray session this process already has, or
-        else a local cluster of the config's nodes, started here and shut down at the end.
+    address: a running cluster to join ('auto', 'HOST:PORT'); None: a local cluster of the config's nodes,
+        started here and shut down at the end. A Ray session this process already has is used as it is.
     exhaustive: train every candidate (default: the config's `search.exhaustive`).
     resume: continue the stored experiments of this search (finished trials are kept); False starts over.
     early_stop: stop hopeless stage-2 trials with ASHA (default: on unless exhaustive).
+    private: split learning for cooperative paths, the local blocks staying on the local node (see
+        `tuning`); False loads the local model into the host's trial (faster, no privacy).
     faults: fault injection for tests, path id → how many attempts of its trials raise (stage 1 and 2;
         `LOCAL:edge-early` for the baseline). Stored with the experiment: a resumed search keeps the first.
     """
@@ -86,7 +87,7 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
     sides = {}
     try:
         sides = {local: local_side(cfg, local, create=True) for local in locals_
-                 if any(c.kind == "coop" for c in cands[local])}
+                 if private and any(c.kind == "coop" for c in cands[local])}
         nodes = {r: n["NodeID"] for n in ray.nodes() if n.get("Alive") for r in n.get("Resources", {})
                  if r in {x.name for x in cfg.nodes}}          # node name → Ray node id
 
@@ -95,13 +96,13 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
 
         def extra(pid: str) -> dict:
             if not faults or pid not in faults:
-                return {}
-            return {"fail": int(faults[pid]), "fault_dir": str(cfg.root / "tune" / "faults")}
+                return {"private": private}
+            return {"private": private, "fail": int(faults[pid]), "fault_dir": str(cfg.root / "tune" / "faults")}
 
         # ---- stage 1: predict every candidate
         space = [_cand(cfg, spec) | extra(spec.id) for local in locals_ for spec in cands[local]]
-        s1 = _run_stage(cfg, "predict", predict_trial, space, exhaustive=exhaustive, resume=resume,
-                        progress=progress, scheduler=None)
+        s1 = _run_stage(cfg, experiment_dir(cfg, "predict", exhaustive=exhaustive, private=private), predict_trial,
+                        space, resume=resume, progress=progress, scheduler=None)
 
         # ---- stage 2: train the chosen candidates, measure the local-only path, score the baseline
         preds: dict[str, list[dict]] = {}
@@ -127,36 +128,27 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
                               "hosts": {n: {"infos": [i.to_dict() for i in s.infos], "metrics": s.metrics}
                                         for n, s in ctx.services.items() if n != local}} | extra(pid))
         scheduler = _asha(cfg) if early_stop and cfg.search.link_epochs > 1 else None
-        s2 = _run_stage(cfg, "train", _dispatch_train, space, exhaustive=exhaustive, resume=resume,
-                        progress=progress, scheduler=scheduler)
+        s2 = _run_stage(cfg, experiment_dir(cfg, "train", exhaustive=exhaustive, private=private), _dispatch_train,
+                        space, resume=resume, progress=progress, scheduler=scheduler)
 
         # ---- merge, in run_search's order: candidates, then the baseline
         links_dir = out / "links"
         rows, pruned = [], []
         for local in locals_:
             for i, row in enumerate(preds[local]):
-                res = s2.results.get(row["path_id"])
-                if res is None:
-                    continue
-                if res.error is not None or "row" not in res.metrics and "epoch" not in res.metrics:
-                    preds[local][i] = row | {"error": s2.error(row["path_id"]) or "no result", "reward": None}
-                elif "row" in res.metrics:
-                    measured = res.metrics["row"] | _trial_fields("train", res.metrics)
-                    if measured.get("trained"):
-                        measured["links_file"] = str(_copy_links(res.checkpoint, links_dir))
-                    preds[local][i] = row | measured | {"pred_acc": row["pred_acc"], "pred_reward": row["pred_reward"]}
-                else:                                    # stopped by ASHA after some epochs
-                    pruned.append(row["path_id"])
-                    preds[local][i] = row | {"pruned_at_epoch": res.metrics["epoch"],
-                                             "pruned_val_acc": res.metrics["val_acc"]} | _trial_fields("train", res.metrics)
+                if row["path_id"] in s2.results:
+                    preds[local][i] = _merge(row, s2, links_dir)
+                    if "pruned_at_epoch" in preds[local][i]:
+                        pruned.append(row["path_id"])
             rows += preds[local]
             res = s2.results.get(f"{local}:edge-early")
             if res is not None:
                 if res.error is None and "rows" in res.metrics:
                     rows += list(res.metrics["rows"].values())
                 else:
-                    rows.append({"path_id": f"{local}:edge-early", "local": local, "kind": "edge-early",
-                                 "host": None, "reward": None, "error": s2.error(f"{local}:edge-early") or "no result"})
+                    rows.append(dict.fromkeys(COLUMNS) | {
+                        "path_id": f"{local}:edge-early", "local": local, "kind": "edge-early", "trained": False,
+                        "error": s2.error(f"{local}:edge-early") or "no result"})
         errors = {r["path_id"]: r["error"] for r in rows if r.get("error")}
         split_nodes = dict(zip(sides, ray.get([s.node_id.remote() for s in sides.values()])))
         meta = {"config": cfg.name, "mode": "exhaustive" if exhaustive else "staged", "engine": "tune",
@@ -167,7 +159,7 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
                          "reports_run": {"predict": s1.reports, "train": s2.reports},
                          "stage_seconds": {"predict": s1.seconds, "train": s2.seconds},
                          "retries": s1.retries + s2.retries, "resumed": s1.restored or s2.restored,
-                         "early_stop": scheduler is not None, "pruned": pruned, "errors": errors}}
+                         "early_stop": scheduler is not None, "private": private, "pruned": pruned, "errors": errors}}
         table = finish_table(cfg, rows, meta)
         table.meta["dir"] = str(out)
         table.save(out)
@@ -184,6 +176,22 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
             cluster.shutdown()
         elif joined:
             ray.shutdown()
+
+
+def _merge(row: dict, stage: _Stage, links_dir: Path) -> dict:
+    """A stage-1 row updated with its stage-2 trial: measured (links copied to `links_dir`), stopped early
+    by ASHA, or failed."""
+    res = stage.results[row["path_id"]]
+    metrics = res.metrics or {}
+    if res.error is None and "row" in metrics:
+        measured = metrics["row"] | _trial_fields("train", metrics)
+        if measured.get("trained"):
+            measured["links_file"] = str(_copy_links(res.checkpoint, links_dir))
+        return row | measured | {"pred_acc": row["pred_acc"], "pred_reward": row["pred_reward"]}
+    if res.error is None and "epoch" in metrics:
+        return row | {"pruned_at_epoch": metrics["epoch"], "pruned_val_acc": metrics["val_acc"]} | _trial_fields(
+            "train", metrics)
+    return row | {"error": stage.error(row["path_id"]) or "no result", "reward": None}
 
 
 def _dispatch_train(config: dict) -> None:
@@ -208,9 +216,10 @@ def _cand(cfg: CoderayConfig, spec: PathSpec) -> dict:
 
 
 def _error_row(spec: PathSpec, error: str | None) -> dict:
-    row = {k: getattr(spec, k) for k in _PATH_FIELDS if k not in ("path_id", "kind")}
-    return row | {"path_id": spec.id, "kind": spec.kind, "trained": False, "pred_acc": None, "pred_reward": None,
-                  "reward": None, "th_total": None, "error": error or "no result"}
+    """A candidate whose stage-1 trial failed for good: every column present, nothing measured."""
+    return dict.fromkeys(COLUMNS) | {"path_id": spec.id, "local": spec.local, "kind": spec.kind, "host": spec.host,
+                                     "lout": spec.lout, "hin": spec.hin, "hout": spec.hout, "lin": spec.lin,
+                                     "trained": False, "error": error or "no result"}
 
 
 def _trial_fields(stage: str, metrics: dict) -> dict:
@@ -297,6 +306,7 @@ class _Watch(tune.Callback):
             st.bar = tqdm(total=st.total, initial=done, desc=f"tune {st.name}", unit="trial")
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        log.debug("start %s", _path_id(trial))
         if self.stage is not None:
             self.stage.started.add(trial.trial_id)
 
@@ -305,6 +315,7 @@ class _Watch(tune.Callback):
             self.stage.reports += 1
 
     def on_trial_recover(self, iteration, trials, trial, **info):
+        log.debug("recover %s", _path_id(trial))
         st = self.stage
         if st is not None:
             st.retries += 1
@@ -312,6 +323,7 @@ class _Watch(tune.Callback):
                 tqdm.write(f"{st.name}: {_path_id(trial)} failed, retrying from its last checkpoint")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        log.debug("complete %s", _path_id(trial))
         st = self.stage
         if st is not None and st.bar is not None:
             st.bar.update(1)
@@ -323,6 +335,7 @@ class _Watch(tune.Callback):
                 tqdm.write(f"train: {_path_id(trial)} on {r.get('node')}: {what}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        log.debug("error %s", _path_id(trial))
         st = self.stage
         if st is not None and st.bar is not None:
             st.bar.update(1)
@@ -336,12 +349,13 @@ class _Watch(tune.Callback):
 
 
 
-def _run_stage(cfg: CoderayConfig, name: str, trainable: Callable, space: list[dict], *, exhaustive: bool,
-               resume: bool, progress: bool, scheduler) -> _Stage:
-    """Run (or resume) one stage's experiment: a trial per entry of `space`; results by path id."""
+def _run_stage(cfg: CoderayConfig, path: Path, trainable: Callable, space: list[dict], *, resume: bool, progress: bool,
+               scheduler) -> _Stage:
+    """Run (or resume) the experiment at `path`: a trial per entry of `space`; results by path id."""
     from tuning.trials import trial_resources
 
-    path = experiment_dir(cfg, name, exhaustive=exhaustive)
+    name = path.name.rsplit("-", 1)[1]
+    log.debug("%s: stage begins", name)
     key = str(path)
     stage = _STAGES[key] = _Stage(name, progress, path=key, total=len(space))
     quiet = os.environ.get("RAY_AIR_NEW_OUTPUT")
@@ -363,7 +377,9 @@ def _run_stage(cfg: CoderayConfig, name: str, trainable: Callable, space: list[d
                     failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
                     callbacks=[_Watch(key)]))
         began = time.perf_counter()
+        log.debug("%s: fit", name)
         grid = tuner.fit()
+        log.debug("%s: fit returned", name)
         stage.seconds = round(time.perf_counter() - began, 1)
         for result in grid:
             stage.results[_path_of(result)] = result

@@ -22,6 +22,7 @@ import logging
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import ray
 import torch
 from torch import nn
@@ -57,30 +58,31 @@ class LocalSide:
 
     def describe(self) -> dict:
         """What the host may know about the local service: block profiles and accuracy, no weights."""
-        return {"infos": self.svc.infos, "metrics": self.svc.metrics, "node_id": ray.get_runtime_context().get_node_id()}
+        return {"infos": self.svc.infos, "metrics": self.svc.metrics}
 
-    def forward(self, key: str, first: int, last: int, x: torch.Tensor, keep: bool) -> torch.Tensor:
+    def forward(self, key: str, first: int, last: int, x: np.ndarray, keep: bool) -> np.ndarray:
         """Blocks first..last (1-based) on `x`; with `keep`, remember the graph for `backward(key, ...)`."""
         blocks = self.svc.blocks[first - 1:last]
+        x = torch.tensor(x)                  # a copy: what Ray hands over may be read-only
         if not keep:
             with torch.inference_mode():
                 for b in blocks:
                     x = b(x)
-            return x
-        x = x.detach().requires_grad_(True)
+            return x.numpy()
+        x.requires_grad_(True)
         out = x.clone()                      # a non-leaf, so a block may start with an in-place op
         for b in blocks:
             out = b(out)
         self.pending[key] = (x, out)
-        return out.detach()
+        return out.detach().numpy()
 
-    def backward(self, key: str, grad: torch.Tensor) -> torch.Tensor:
+    def backward(self, key: str, grad: np.ndarray) -> np.ndarray:
         """d loss / d input of the segment `key` ran forward last, given d loss / d output."""
         if key not in self.pending:
             raise RuntimeError(f"no pending forward for {key!r} (the local side restarted?): retry the trial")
         x, out = self.pending.pop(key)
-        out.backward(grad)
-        return x.grad
+        out.backward(torch.tensor(grad))
+        return x.grad.numpy()
 
     def timing(self, lout: int, lin: int, batch: int) -> tuple[float, float]:
         """(seconds per batch of the local head and tail of a path, samples/s of the local-only model),
@@ -128,6 +130,11 @@ def local_side(cfg: CoderayConfig, local: str, *, create: bool = False) -> ray.a
         cfg.model_dump(mode="json"), local)
 
 
+def _array(x: torch.Tensor) -> np.ndarray:
+    """Activations travel as numpy arrays: Ray moves them with less overhead than pickled tensors."""
+    return x.detach().contiguous().numpy()
+
+
 class _Backprop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, segment: RemoteSegment) -> torch.Tensor:
@@ -136,7 +143,7 @@ class _Backprop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.segment.grad(grad.contiguous()), None
+        return ctx.segment.grad(grad), None
 
 
 class RemoteSegment(nn.Module):
@@ -150,10 +157,10 @@ class RemoteSegment(nn.Module):
         self.key = f"{os.getpid()}-{id(self)}-{next(self._ids)}"
 
     def call(self, x: torch.Tensor, *, keep: bool) -> torch.Tensor:
-        return ray.get(self.side.forward.remote(self.key, self.first, self.last, x.detach().contiguous(), keep))
+        return torch.tensor(ray.get(self.side.forward.remote(self.key, self.first, self.last, _array(x), keep)))
 
     def grad(self, grad: torch.Tensor) -> torch.Tensor:
-        return ray.get(self.side.backward.remote(self.key, grad))
+        return torch.tensor(ray.get(self.side.backward.remote(self.key, _array(grad))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

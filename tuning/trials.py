@@ -32,13 +32,13 @@ from coderay.reward import average_accuracy, reward
 from coderay.search import SearchContext, build_path, load_links, predict_path, save_links, train_path
 from coderay.services import load_services
 
-from tuning.split import local_side, remote_service
+from tuning.split import RemoteBlocks, local_side, remote_service
 
 __all__ = ["predict_trial", "train_trial", "baseline_trial", "trial_resources", "STATE_FILE"]
 
 STATE_FILE = "state.json"
-_CONTEXTS: dict[tuple, SearchContext] = {}
-_STARTED: dict[str, float] = {}   # per worker process: reused actors keep their loaded services
+_CONTEXTS: dict[tuple, SearchContext] = {}   # per worker process: reused actors keep their loaded services
+_STARTED: dict[str, float] = {}              # when the current trial began (reported as trial_seconds)
 
 
 def trial_resources(config: dict) -> tune.PlacementGroupFactory:
@@ -54,12 +54,16 @@ def _setup(config: dict) -> tuple[CoderayConfig, dict]:
     return CoderayConfig.model_validate(config["cfg"]), config["cand"]
 
 
-def _context(cfg: CoderayConfig, spec: PathSpec) -> SearchContext:
-    """The services this trial may hold: the host's blocks and the local stand-in for a cooperative path,
-    the local service for the others. Cached per process (Tune reuses trial actors)."""
-    key = (cfg.fingerprint(cfg), spec.local, spec.host)
+def _context(cfg: CoderayConfig, spec: PathSpec, cand: dict) -> SearchContext:
+    """The services this trial may hold: for a cooperative path the host's blocks and the local stand-in
+    (or, not private, the local service itself), the local service for the others. Cached per process
+    (Tune reuses trial actors)."""
+    private = spec.kind == "coop" and cand.get("private", True)
+    key = (cfg.fingerprint(cfg), spec.local, spec.host, private)
     if key not in _CONTEXTS:
-        if spec.kind == "coop":
+        if not private and spec.kind == "coop":
+            services = load_services(cfg, [spec.local, spec.host], train_missing=False, progress=False)
+        elif private:
             services = load_services(cfg, [spec.host], train_missing=False, progress=False)
             services[spec.local] = remote_service(cfg, spec.local, local_side(cfg, spec.local))
         else:
@@ -90,7 +94,7 @@ def predict_trial(config: dict) -> None:
     """Stage 1 for one candidate: `predict_path` (least-squares links + a few steps, modelled throughput)."""
     cfg, cand = _setup(config)
     spec = PathSpec.parse(cand["path_id"])
-    ctx = _context(cfg, spec)
+    ctx = _context(cfg, spec, cand)
     _maybe_fail(cand, "predict")
     row = predict_path(ctx, spec)
     tune.report({"row": row, "reward": row["pred_reward"], **_where(cand)})
@@ -126,11 +130,13 @@ def _split_throughput(ctx: SearchContext, module, side) -> tuple[float, float]:
 
 
 def train_trial(config: dict) -> None:
-    """Stage 2 for one candidate: `train_path` from the least-squares start (or the latest checkpoint after
-    a failure), one report per epoch, the measured row and final links in the last report."""
+    """Stage 2 for one candidate: `train_path` from the least-squares start, one report per epoch (links
+    checkpointed), the measured row and final links in the last report. A retry after a failure continues
+    from the last checkpointed links for the remaining epochs, with a fresh optimiser and learning-rate
+    schedule (`fit` has no resumable state): close to, not bit-identical with, an uninterrupted run."""
     cfg, cand = _setup(config)
     spec = PathSpec.parse(cand["path_id"])
-    ctx = _context(cfg, spec)
+    ctx = _context(cfg, spec, cand)
     epochs = cfg.search.link_epochs
     if spec.kind == "local":
         _maybe_fail(cand, "train")
@@ -162,7 +168,7 @@ def train_trial(config: dict) -> None:
     try:
         row, module = train_path(ctx, spec, epochs=max(epochs - done, 1), progress=False, module=module,
                                  links_dir=work, on_epoch=on_epoch)
-        if spec.kind == "coop":                      # timed without the round trips the split adds
+        if isinstance(ctx.services[spec.local].blocks, RemoteBlocks):   # timed without the split's round trips
             row["measured_sps"], row["measured_ratio"] = _split_throughput(ctx, module, local_side(cfg, spec.local))
         row |= {"links_file": None, "epochs": epochs, "resumed_from_epoch": done}
         tune.report({"epoch": epochs, "val_acc": row["val_acc"], "reward": row["reward"], "row": row,
