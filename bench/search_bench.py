@@ -8,10 +8,38 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from coderay.config import DEFAULT_CONFIG, load_config
-from coderay.search import run_search, spearman
+from coderay.paths import PathSpec
+from coderay.search import SearchContext, build_path, path_costs, run_search, spearman
+from coderay.throughput import path_throughput
+
+
+def capacity_sweep(cfg, path_id: str) -> list[str]:
+    """The modelled throughput of one cooperative path as the link between the two nodes gets faster and the
+    host lends more or fewer slots s of its batch B: where the local SP's gain is bound, and at what cost to
+    the host's own requests."""
+    ctx = SearchContext.load(cfg, progress=False)
+    spec = PathSpec.parse(path_id)
+    costs = path_costs(ctx, build_path(ctx, spec)[0])
+    a, b = cfg.service(spec.local).node, cfg.service(spec.host).node
+    bw, rtt = cfg.network.between(a, b)
+    lines = ["", f"`{path_id}` under other link speeds and guest quotas (modelled; the demo: {bw:g} Mbit/s, "
+                 f"s = {costs.guest_quota} of B = {costs.batch}; {costs.bytes_out + costs.bytes_back:,} bytes "
+                 f"on the wire per sample):", "",
+             f"| Mbit/s | s | Th/s | × local | bound by | host's own Th/s (of {1 / costs.host_full:.0f}) |",
+             "|---|---|---|---|---|---|"]
+    for mbps in sorted({100, 200, 500, 1000, bw}):
+        for s in sorted({8, 16, 24, costs.guest_quota} - {0}):
+            if s >= costs.batch:
+                continue
+            net = cfg.network.model_copy(update={"bandwidth_mbps": mbps, "rtt_ms": rtt, "links": []})
+            th = path_throughput(replace(costs, guest_quota=s), kind="coop", network=net, local_node=a, host_node=b)
+            lines.append(f"| {mbps:g} | {s} | {th.total:.0f} | {th.ratio:.2f} | {th.bottleneck} | "
+                         f"{th.host_own_after:.0f} |")
+    return lines
 
 
 def main(config: str | None = None) -> Path:
@@ -41,8 +69,8 @@ def main(config: str | None = None) -> Path:
                       "throughput ratio vs local-only):", "",
                   "| path | A_p test | A^av test | Th/s | × local (model) | × local (in-process) | reward |",
                   "|---|---|---|---|---|---|---|"]
-        for r in sorted((r for r in ex.for_service(local) if r["reward"] is not None),
-                        key=lambda r: -r["reward"])[:8] + [base]:
+        top = sorted((r for r in ex.for_service(local) if r["reward"] is not None), key=lambda r: -r["reward"])[:8]
+        for r in top + ([base] if base["path_id"] not in {t["path_id"] for t in top} else []):
             lines.append(f"| `{r['path_id']}` | {r['test_acc']:.4f} | {r['acc_avg_test']:.4f} | {r['th_total']:.0f} "
                          f"| {r['th_ratio']:.2f} | {r['measured_ratio']:.2f} | {r['reward']:.3f} |")
         edge = st.baselines(local)
@@ -51,6 +79,8 @@ def main(config: str | None = None) -> Path:
             lines += ["", f"Edge-early baseline (mirrors {e['mirrored_params']:,} local parameters on "
                           f"`{e['host']}`): best `{e['path_id']}`: A test {e['test_acc']:.4f}, "
                           f"Th × {e['th_ratio']:.2f}, reward {e['reward']:.3f}."]
+        if s_best["kind"] == "coop":
+            lines += capacity_sweep(cfg, s_best["path_id"])
     out = Path(__file__).parent / "results" / "search.md"
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())

@@ -31,7 +31,10 @@ def pin(node: str, cpus: float = 0.0) -> dict:
 class LocalCluster:
     """A head (driver, Serve proxy, ingress) plus one Ray node per configured edge server, on this machine."""
 
-    def __init__(self, cfg: CoderayConfig, *, head_cpus: float = 1, object_store_mb: int = 128):
+    def __init__(self, cfg: CoderayConfig, *, head_cpus: float = 1, object_store_mb: int = 128,
+                 layout: list[tuple[float, list[str]]] | None = None):
+        """layout: which edge servers share a Ray node, as (cpus, [node names]) per Ray node (default: one
+        Ray node per configured node, with its `cpus`). Benchmarks use it to run one config on fewer nodes."""
         import ray
         from ray.cluster_utils import Cluster
 
@@ -40,17 +43,21 @@ class LocalCluster:
             "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20, "include_dashboard": False,
             "resources": {"head": 1}})
         self.nodes = {}
-        for node in cfg.nodes:
-            self.nodes[node.name] = self.cluster.add_node(
-                num_cpus=node.cpus, resources={node.name: 1}, object_store_memory=node.object_store_mb * 2**20)
+        for cpus, names in layout or [(n.cpus, [n.name]) for n in cfg.nodes]:
+            store = max(cfg.node(n).object_store_mb for n in names)
+            ray_node = self.cluster.add_node(num_cpus=cpus, resources=dict.fromkeys(names, 1),
+                                             object_store_memory=store * 2**20)
+            self.nodes |= dict.fromkeys(names, ray_node)
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, namespace="coderay", ignore_reinit_error=True,
                  log_to_driver=False)
         log.info("local Ray cluster: head + %s", ", ".join(self.nodes))
 
     def remove(self, node: str) -> None:
-        """Simulate losing an edge server (never the head)."""
-        self.cluster.remove_node(self.nodes.pop(node), allow_graceful=False)
+        """Simulate losing an edge server (never the head), with every edge server sharing its Ray node."""
+        ray_node = self.nodes[node]
+        self.nodes = {k: v for k, v in self.nodes.items() if v is not ray_node}
+        self.cluster.remove_node(ray_node, allow_graceful=False)
 
     def shutdown(self) -> None:
         import ray
