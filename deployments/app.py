@@ -11,6 +11,7 @@ Ingress's `user_config` (in-place `reconfigure`, no replica restart).
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import time
 from pathlib import Path
@@ -192,7 +193,9 @@ def serve_command(cfg: CoderayConfig, *, config_path: str | Path, address: str |
     print(f"  Serve config: {out}")
     if not block:
         return 0
-    print("serving until Ctrl-C")
+    print("serving until Ctrl-C (or SIGTERM)")
+    signal.signal(signal.SIGTERM, _interrupt)     # `kill`, a service manager: shut down as on Ctrl-C
+    signal.signal(signal.SIGINT, _interrupt)      # also when started in the background, where SIGINT is ignored
     try:
         while True:
             time.sleep(3600)
@@ -203,6 +206,10 @@ def serve_command(cfg: CoderayConfig, *, config_path: str | Path, address: str |
         if local is not None:
             local.shutdown()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _input_shape(cfg: CoderayConfig, service: str) -> tuple[int, ...]:
