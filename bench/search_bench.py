@@ -32,10 +32,10 @@ def capacity_sweep(cfg, path_id: str) -> list[str]:
              f"| Mbit/s | s | Th/s | × local | bound by | host's own Th/s (of {1 / costs.host_full:.0f}) |",
              "|---|---|---|---|---|---|"]
     for mbps in sorted({100, 200, 500, 1000, bw}):
+        net = cfg.network.model_copy(update={"bandwidth_mbps": mbps, "rtt_ms": rtt, "links": []})
         for s in sorted({8, 16, 24, costs.guest_quota} - {0}):
             if s >= costs.batch:
                 continue
-            net = cfg.network.model_copy(update={"bandwidth_mbps": mbps, "rtt_ms": rtt, "links": []})
             th = path_throughput(replace(costs, guest_quota=s), kind="coop", network=net, local_node=a, host_node=b)
             lines.append(f"| {mbps:g} | {s} | {th.total:.0f} | {th.ratio:.2f} | {th.bottleneck} | "
                          f"{th.host_own_after:.0f} |")
@@ -49,7 +49,9 @@ def main(config: str | None = None) -> Path:
         start = time.perf_counter()
         tables[mode] = run_search(cfg, exhaustive=mode == "exhaustive")
         timings[mode] = tables[mode].meta.get("seconds", round(time.perf_counter() - start, 1))
-    lines = [f"# Path search: staged vs exhaustive ({cfg.name}, in-process, 2-core CPU)", "",
+    engines = ", ".join(f"{mode}: {t.meta.get('engine')}" for mode, t in tables.items())
+    lines = [f"# Path search: staged vs exhaustive ({cfg.name}, 2-core CPU)", "",
+             f"Engine that produced each table (in-process and Tune searches share a search directory; the latest run is read): {engines}.", "",
              "| local | candidates | trained (staged) | staged best | staged reward | exhaustive best | "
              "exhaustive reward | staged / optimum | Spearman(pred, measured) | staged s | exhaustive s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
