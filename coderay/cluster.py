@@ -53,11 +53,23 @@ class LocalCluster:
                  log_to_driver=False)
         log.info("local Ray cluster: head + %s", ", ".join(self.nodes))
 
-    def remove(self, node: str) -> None:
-        """Simulate losing an edge server (never the head), with every edge server sharing its Ray node."""
+    def remove(self, node: str, *, timeout_s: float = 60.0) -> None:
+        """Simulate losing an edge server (never the head), with every edge server sharing its Ray node.
+
+        Returns once Ray reports the node dead (its health checks take ~15 s): until then work on it may
+        still answer, so a caller could not tell a lost server from a live one."""
+        import time
+
+        import ray
+
         ray_node = self.nodes[node]
         self.nodes = {k: v for k, v in self.nodes.items() if v is not ray_node}
         self.cluster.remove_node(ray_node, allow_graceful=False)
+        deadline = time.monotonic() + timeout_s
+        while any(n["NodeID"] == ray_node.node_id and n["Alive"] for n in ray.nodes()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Ray still reports node {node!r} alive {timeout_s:.0f} s after removing it")
+            time.sleep(0.2)
 
     def shutdown(self) -> None:
         import ray
