@@ -64,7 +64,7 @@ from pathlib import Path
 
 __all__ = [
     "V1", "V2", "NONE", "DEFAULT_PERIOD_US", "Detection", "JoinResult", "Usage", "SharePlan",
-    "detect", "join", "leave", "usage", "cleanup", "group_pids", "session_id", "new_session",
+    "detect", "join", "leave", "usage", "cleanup", "group_pids", "threads_in_group", "session_id", "new_session",
     "plan_shares", "machine_cpus",
 ]
 
@@ -280,6 +280,8 @@ def _set_quota(det: Detection, group: Path, share: float, period_us: int) -> int
     quota = max(MIN_QUOTA_US, round(share * period_us))
     if det.kind == V1:
         period_file, quota_file = group / "cpu.cfs_period_us", group / "cpu.cfs_quota_us"
+        if (quota_file.read_text().strip(), period_file.read_text().strip()) == (str(quota), str(period_us)):
+            return quota  # joining again: no momentary lift of the cap
         # the kernel checks quota/period against the parent on each write: lift the quota first
         quota_file.write_text("-1")
         period_file.write_text(str(period_us))
@@ -311,11 +313,14 @@ def _threads_in(pid: int, det: Detection, rel: str) -> tuple[int, int]:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return 0, 0
-    inside = 0
+    inside = total = 0
     for tid in tids:
         where = _proc_group(pid, tid, det)
-        inside += where is not None and where.rstrip("/").endswith(rel)
-    return inside, len(tids)
+        if where is None:
+            continue  # the thread exited while we looked
+        total += 1
+        inside += where.rstrip("/").endswith(rel)
+    return inside, total
 
 
 @dataclass(frozen=True)
@@ -416,6 +421,14 @@ def group_pids(node: str, *, session: str | None = None) -> list[int]:
     if not det.available:
         return []
     return _pids(_groups(det, node, session or session_id())[0])
+
+
+def threads_in_group(node: str, pid: int | None = None, *, session: str | None = None) -> tuple[int, int]:
+    """(threads of `pid` now inside `node`'s group, all threads of `pid`): checks that no thread escaped."""
+    det = detect()
+    if not det.available:
+        return 0, 0
+    return _threads_in(os.getpid() if pid is None else int(pid), det, f"/{PARENT}/{session or session_id()}/{node}")
 
 
 def _pids(group: Path) -> list[int]:
@@ -530,7 +543,8 @@ def _rmdir(group: Path) -> bool:
         except FileNotFoundError:
             return False
         except OSError as e:
-            if e.errno == errno.EBUSY and _pids(group) == [] and attempt < 19:
+            if e.errno == errno.EBUSY and attempt < 19 and _pids(group) == [] \
+                    and not any(p.is_dir() for p in group.iterdir()):
                 time.sleep(0.02)
                 continue
             if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
