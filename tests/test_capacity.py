@@ -22,7 +22,8 @@ BURN_S = 3.0
 CHILD = textwrap.dedent("""
     import json, sys, threading, time
     from coderay import capacity
-    node, share, start, burn_s, threads = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+    node, share, threads = sys.argv[1], float(sys.argv[2]), int(sys.argv[5])
+    start, burn_s = float(sys.argv[3]), float(sys.argv[4])
     stop = time.time() + 3600
     def spin():
         while time.time() < stop:
@@ -66,7 +67,7 @@ def session(monkeypatch):
 
 def _children(node: str, share: float, n: int, threads: int = 0) -> list[dict]:
     env = os.environ | {"PYTHONPATH": str(REPO)}
-    start = time.time() + 1.0  # every child has joined by then
+    start = time.time() + 0.5  # every child has joined by then (they import only the stdlib)
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, node, str(share), str(start), str(BURN_S),
                                str(threads)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(n)]
@@ -170,3 +171,22 @@ def test_refusal_is_reported_and_warned_once(tmp_path, monkeypatch, caplog):
     assert capacity.join("edge-small", 0.3).mechanism == "none: disabled by CODERAY_CAPACITY=off"
     with pytest.raises(ValueError, match="share"):
         capacity.join("edge-small", 0)
+
+
+def test_ray_actor_joined_in_init_gets_node_share(monkeypatch):
+    """bench/capacity_check.py in its own process (its own Ray): a multi-threaded Ray worker is capped whole."""
+    det = _skip_unless_caps()
+    monkeypatch.delenv(capacity.SESSION_ENV, raising=False)
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "capacity_check.py"), "--json", "--share", "0.3",
+                          "--burn-s", "1.2"], capture_output=True, text=True, timeout=120,
+                         env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert run.returncode in (0, 1), run.stderr[-2000:]
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    one, two = r["one_actor"], r["two_actors"]
+    print(f"{r['mechanism']}: Ray actor share 0.3 asked, {one['got']:.3f} got ({one['threads_inside']}/"
+          f"{one['threads']} threads in group); 2 actors of one node {two['got']:.3f} together")
+    assert r["mechanism"] == det.kind
+    assert one["threads_inside"] == one["threads"] > 5  # gRPC and Ray's own threads moved with the worker
+    assert two["threads_inside"] == two["threads"]
+    assert 0.24 <= one["got"] <= 0.36 and 0.24 <= two["got"] <= 0.36
+    assert not r["stale"]
