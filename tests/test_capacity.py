@@ -177,9 +177,12 @@ def test_ray_actor_joined_in_init_gets_node_share(monkeypatch):
     """bench/capacity_check.py in its own process (its own Ray): a multi-threaded Ray worker is capped whole."""
     det = _skip_unless_caps()
     monkeypatch.delenv(capacity.SESSION_ENV, raising=False)
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "capacity_check.py"), "--json", "--share", "0.3",
-                          "--burn-s", "1.2"], capture_output=True, text=True, timeout=120,
-                         env=os.environ | {"PYTHONPATH": str(REPO)})
+    try:
+        run = subprocess.run([sys.executable, str(REPO / "bench" / "capacity_check.py"), "--json", "--share",
+                              "0.3", "--burn-s", "1.2"], capture_output=True, text=True, timeout=120,
+                             env=os.environ | {"PYTHONPATH": str(REPO)})
+    finally:
+        capacity.cleanup(all_sessions=True)  # had the script died: its groups are empty now, remove them
     assert run.returncode in (0, 1), run.stderr[-2000:]
     r = json.loads(run.stdout.strip().splitlines()[-1])
     one, two = r["one_actor"], r["two_actors"]
@@ -190,3 +193,24 @@ def test_ray_actor_joined_in_init_gets_node_share(monkeypatch):
     assert two["threads_inside"] == two["threads"]
     assert 0.24 <= one["got"] <= 0.36 and 0.24 <= two["got"] <= 0.36
     assert not r["stale"]
+
+
+def test_v2_layout_on_a_fake_tree(tmp_path, monkeypatch):
+    """No cgroup v2 cpu controller here: check the v2 files written and read on a fake tree. The move itself
+    cannot happen in a plain directory, and join says so instead of claiming a cap."""
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    for d in (tmp_path, tmp_path / capacity.PARENT, tmp_path / capacity.PARENT / "fake"):  # the kernel makes these
+        d.mkdir(exist_ok=True)
+        (d / "cgroup.subtree_control").write_text("")
+    monkeypatch.setenv(capacity.ROOT_ENV, str(tmp_path))
+    monkeypatch.setenv(capacity.SESSION_ENV, "fake")
+    assert capacity.detect(refresh=True).kind == capacity.V2
+    r = capacity.join("edge-v2", 0.3)
+    group = tmp_path / capacity.PARENT / "fake" / "edge-v2"
+    assert (group / "cpu.max").read_text() == "6000 20000"
+    assert all((d / "cgroup.subtree_control").read_text() == "+cpu"
+               for d in (tmp_path, group.parent.parent, group.parent))
+    assert r.mechanism.startswith("none: cgroup-v2 refused") and "stayed outside" in r.mechanism
+    (group / "cpu.stat").write_text("usage_usec 1500000\nnr_periods 10\nnr_throttled 4\nthrottled_usec 250000\n")
+    used = capacity.usage("edge-v2")
+    assert (used.cpu_s, used.nr_throttled, used.throttled_s, used.share) == (1.5, 4, 0.25, 0.3)
