@@ -13,7 +13,8 @@ from pathlib import Path
 
 from coderay.config import DEFAULT_CONFIG, load_config
 from coderay.paths import PathSpec
-from coderay.search import SearchContext, build_path, path_costs, run_search, spearman
+from coderay.candidate import SearchContext, build_path, path_costs
+from coderay.search import run_search, spearman
 from coderay.throughput import path_throughput
 
 
@@ -67,14 +68,14 @@ def main(config: str | None = None) -> Path:
                      f"{e_best['reward']:.3f} | {s_score / e_best['reward']:.1%} | {rho:.2f} | "
                      f"{timings['staged']} | {timings['exhaustive']} |")
         base = st.row(f"{local}:local")
-        lines += ["", f"Best paths of `{local}` (test accuracy, average accuracy A^av, modelled and in-process "
-                      "throughput ratio vs local-only):", "",
-                  "| path | A_p test | A^av test | Th/s | × local (model) | × local (in-process) | reward |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", f"Best paths of `{local}` (test accuracy, average accuracy A^av, modelled throughput "
+                      "ratio vs local-only):", "",
+                  "| path | A_p test | A^av test | Th/s | × local (model) | reward |",
+                  "|---|---|---|---|---|---|"]
         top = sorted((r for r in ex.for_service(local) if r["reward"] is not None), key=lambda r: -r["reward"])[:8]
         for r in top + ([base] if base["path_id"] not in {t["path_id"] for t in top} else []):
             lines.append(f"| `{r['path_id']}` | {r['test_acc']:.4f} | {r['acc_avg_test']:.4f} | {r['th_total']:.0f} "
-                         f"| {r['th_ratio']:.2f} | {r['measured_ratio']:.2f} | {r['reward']:.3f} |")
+                         f"| {r['th_ratio']:.2f} | {r['reward']:.3f} |")
         edge = st.baselines(local)
         if edge:
             e = max(edge, key=lambda r: r["reward"])

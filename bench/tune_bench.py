@@ -15,7 +15,7 @@ from pathlib import Path
 
 from coderay.cluster import LocalCluster
 from coderay.config import DEFAULT_CONFIG, load_config
-from coderay.search import SearchContext
+from coderay.candidate import SearchContext
 from tuning.search import run_tune_search
 
 

@@ -13,10 +13,9 @@ import math
 import torch
 from torch import nn
 
-from coderay.config import CoderayConfig
-from coderay.reward import average_accuracy, reward
-from coderay.search import SearchContext
-from coderay.throughput import PathCosts, path_throughput
+from coderay.candidate import SearchContext
+from coderay.rows import BaselineRow, score
+from coderay.throughput import BYTES_PER_VALUE, PathCosts
 from coderay.train import evaluate, fit
 
 __all__ = ["ExitHead", "edge_early_rows"]
@@ -51,37 +50,29 @@ def _branch(ctx: SearchContext, local: str, exit_after: int) -> tuple[nn.Module,
         p.numel() for p in head.parameters())
 
 
-def edge_early_rows(ctx: SearchContext, local: str, *, exits: list[int] | None = None) -> list[dict]:
+def edge_early_rows(ctx: SearchContext, local: str, *, exits: list[int] | None = None) -> list[BaselineRow]:
     """Every (partition k, exit e) of `local` offloading to each other service's node, as reward-table rows."""
-    cfg: CoderayConfig = ctx.cfg
     svc = ctx.services[local]
     n = len(svc.blocks)
     exits = exits or list(range(1, n + 1))
     full = svc.block_seconds(1, n)
+    wire = BYTES_PER_VALUE["float32"]
     rows = []
     for e in exits:
         _, val_acc, test_acc, head_params = _branch(ctx, local, e)
         for host in (h for name, h in ctx.services.items() if name != local):
             for k in range(0, e):
-                mirrored = sum(svc.block_params[k:e])
                 host_speed_ratio = svc.node.speed / host.node.speed       # the local tail, timed on the host
-                costs = PathCosts(full, svc.block_seconds(1, k), host.block_seconds(1, len(host.blocks)),
-                                  svc.block_seconds(k + 1, e) * host_speed_ratio, host.spec.batch_size,
-                                  host.spec.guest_quota, 4 * math.prod(svc.boundaries[k]), 4 * svc.task.num_classes)
-                th = path_throughput(costs, kind="coop", network=cfg.network, local_node=svc.node.name,
-                                     host_node=host.node.name)
-                a_val = average_accuracy(svc.metrics["val_acc"], val_acc, th.local, th.host)
-                a_test = average_accuracy(svc.metrics["test_acc"], test_acc, th.local, th.host)
-                rows.append({
-                    "path_id": f"{local}:edge-early:{host.name}:{k}:{e}", "local": local, "kind": "edge-early",
-                    "host": host.name, "lout": k, "hin": k + 1, "hout": e, "lin": None, "trained": e < n,
-                    "pred_acc": None, "pred_reward": None, "val_acc": val_acc, "test_acc": test_acc,
-                    "acc_avg": a_val, "acc_avg_test": a_test, "th_local": th.local, "th_host": th.host,
-                    "th_total": th.total, "th_ratio": th.ratio, "host_own_before": th.host_own_before,
-                    "host_own_after": th.host_own_after, "latency_ms": th.latency_ms, "bottleneck": th.bottleneck,
-                    "measured_sps": None, "measured_ratio": None,
-                    "reward": reward(cfg.reward, a_val, th.ratio, acc_local=svc.metrics["val_acc"]),
-                    "link_params": head_params, "local_skipped_params": 0, "host_added_params": 0,
-                    "mirrored_params": mirrored, "train_seconds": None, "links_file": None,
-                })
+                costs = PathCosts(local_full=full, local_part=svc.block_seconds(1, k),
+                                  host_full=host.block_seconds(1, len(host.blocks)),
+                                  host_part=svc.block_seconds(k + 1, e) * host_speed_ratio,
+                                  batch=host.spec.batch_size, guest_quota=host.spec.guest_quota,
+                                  bytes_out=wire * math.prod(svc.boundaries[k]), bytes_back=wire * svc.task.num_classes)
+                row = BaselineRow(
+                    path_id=f"{local}:edge-early:{host.name}:{k}:{e}", local=local, kind="edge-early", host=host.name,
+                    lout=k, hin=k + 1, hout=e, lin=None, exit_after=e, local_node=svc.node.name,
+                    host_node=host.node.name, acc_local_val=svc.metrics["val_acc"],
+                    acc_local_test=svc.metrics["test_acc"], val_acc=val_acc, test_acc=test_acc, trained=e < n,
+                    costs=costs, link_params=head_params, mirrored_params=sum(svc.block_params[k:e]))
+                rows.append(score(row, ctx.cfg.reward, ctx.cfg.network))
     return rows

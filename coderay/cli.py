@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
-from coderay.config import DEFAULT_CONFIG, ConfigError, load_config
+from coderay.config import DEFAULT_CONFIG, load_config
+from coderay.errors import CoderayError
 
 __all__ = ["main"]
 
@@ -52,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_search(table, cfg) -> None:
+def print_search(table) -> None:
     """The reward table of every local service, its best path and where the files are."""
     for local in table.locals:
         summary = table.meta["summary"][local]
@@ -60,10 +62,10 @@ def print_search(table, cfg) -> None:
               f"({summary['trained_fraction']:.0%}) ==")
         print(table.format(local, limit=None if table.meta.get("mode") == "exhaustive" else 15))
         best, base = table.best(local), table.row(f"{local}:local")
-        print(f"best path: {best['path_id']}  ({best['kind']})")
-        print(f"  path accuracy {best['test_acc']:.4f} (test), average accuracy A^av {best['acc_avg_test']:.4f} vs "
-              f"local-only {base['test_acc']:.4f}; throughput {best['th_total']:.0f}/s = {best['th_ratio']:.2f}x "
-              f"local-only (modelled, emulated node speeds), {best['measured_ratio']:.2f}x measured in-process")
+        print(f"best path: {best.path_id}  ({best.kind})")
+        print(f"  path accuracy {best.test_acc:.4f} (test), average accuracy A^av {best.acc_avg_test:.4f} vs "
+              f"local-only {base.test_acc:.4f}; throughput {best.th_total:.0f}/s = {best.th_ratio:.2f}x "
+              f"local-only (modelled from profiles, emulated node speeds and network)")
     out = table.meta.get("dir")
     if out:
         print(f"\nreward table: {out}/table.json, {out}/table.csv; Pareto plot: {out}/pareto.png")
@@ -81,18 +83,58 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         table = run_tune_search(cfg, address=args.address, exhaustive=exhaustive, resume=not args.force)
     if args.json:
-        print(json.dumps({"meta": table.meta, "rows": table.rows}, indent=2, default=str))
+        print(json.dumps({"meta": table.meta, "rows": [r.to_dict() for r in table.rows]}, indent=2, default=str))
     else:
-        print_search(table, cfg)
+        print_search(table)
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from deployments.app import serve_command
+def serve_until_stopped(cfg, args: argparse.Namespace) -> int:
+    """Deploy, print how to reach it, and serve until Ctrl-C or SIGTERM (unless --no-block)."""
+    import signal
+    import time
 
-    cfg = load_config(args.config, **_workdir(args))
-    return serve_command(cfg, config_path=Path(args.config).resolve(), address=args.address, port=args.port,
-                         block=not args.no_block)
+    from deployments.app import start_serving
+
+    served = start_serving(cfg, config_path=Path(args.config).resolve(), address=args.address, port=args.port)
+    url, svc = served.url, cfg.services[0]
+    shape = (1, *_input_shape(cfg, svc.name))
+    print(f"coderay is serving {len(cfg.services)} service(s) at {url}")
+    print(f"  API docs:   {url}/docs")
+    print(f"  services:   curl {url}/v1/services")
+    print(f"  infer:      head -c {4 * math.prod(shape)} /dev/zero | curl -s -X POST {url}/v1/services/{svc.name}/infer "
+          f"-H 'Content-Type: application/octet-stream' -H 'X-Shape: {','.join(map(str, shape))}' --data-binary @-")
+    print(f"  pin a path: curl -X PUT {url}/v1/services/{svc.name}/route -H 'Content-Type: application/json' "
+          f"-d '{{\"path\": \"{svc.name}:local\"}}'   (release: curl -X DELETE {url}/v1/services/{svc.name}/route)")
+    print(f"  Serve config: {served.serve_config}")
+    if args.no_block:
+        return 0
+    print("serving until Ctrl-C (or SIGTERM)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)     # `kill`, a service manager: shut down as on Ctrl-C
+    signal.signal(signal.SIGINT, _interrupt)      # also when started in the background, where SIGINT is ignored
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping")
+    finally:
+        served.shutdown()
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _input_shape(cfg, service: str) -> tuple[int, ...]:
+    from coderay.data import get_task
+
+    spec = cfg.service(service)
+    return get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed).input_shape
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return serve_until_stopped(load_config(args.config, **_workdir(args)), args)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -101,20 +143,17 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from coderay.search import run_search
     from coderay.train import train_all
-    from deployments.app import serve_command
 
     start = time.perf_counter()
     cfg = load_config(args.config, **_workdir(args))
-    print(f"[1/3] services of {cfg.name!r}: training or loading cached checkpoints")
+    print(f"[1/3] services of {cfg.name!r}: training or loading cached checkpoints", flush=True)
     for name, t in train_all(cfg).items():
         print(f"  {name}: {t.spec.arch} on {t.spec.task}, test acc {t.metrics['test_acc']:.4f}"
               f"{' (cached)' if t.metrics['from_cache'] else ''}")
-    print(f"[2/3] path search (staged, in-process){' ' * 4}[{time.perf_counter() - start:.0f}s]")
-    table = run_search(cfg)
-    print_search(table, cfg)
-    print(f"[3/3] serving on a local Ray cluster{' ' * 4}[{time.perf_counter() - start:.0f}s]")
-    return serve_command(cfg, config_path=Path(args.config).resolve(), address=args.address, port=args.port,
-                         block=not args.no_block)
+    print(f"[2/3] path search (staged, in-process){' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
+    print_search(run_search(cfg))
+    print(f"[3/3] serving on a local Ray cluster{' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
+    return serve_until_stopped(cfg, args)
 
 
 def _workdir(args: argparse.Namespace) -> dict:
@@ -175,13 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # logs and progress go to stderr, so stdout carries only results (pure JSON with --json)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:
+    except (CoderayError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import to_jsonable_python
+
+from coderay.errors import ConfigError, UnknownServiceError
 
 __all__ = [
     "ConfigError", "NodeSpec", "NetworkSpec", "TrainSpec", "ServiceSpec", "SearchSpec", "RewardSpec",
@@ -23,10 +24,6 @@ __all__ = [
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 _NAME = r"^[a-z][a-z0-9_-]*$"
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file and the field."""
 
 
 class _Strict(BaseModel):
@@ -105,32 +102,27 @@ class SearchSpec(_Strict):
     baselines: bool = True                      # also score the edge-early baseline (Edgent-style)
 
 
+AccuracyFunction = Literal["power", "exp", "linear"]    # ξ, implemented in coderay.reward
+ThroughputFunction = Literal["power", "log", "linear"]  # ζ, implemented in coderay.reward
+
+
 class RewardSpec(_Strict):
-    accuracy: str = "power"                     # ξ: a name from coderay.reward.ACCURACY_FUNCTIONS
+    accuracy: AccuracyFunction = "power"        # ξ(A^av; α)
     alpha: float = Field(8.0, ge=0)
-    throughput: str = "power"                   # ζ: a name from coderay.reward.THROUGHPUT_FUNCTIONS
+    throughput: ThroughputFunction = "power"    # ζ(Th / Th_local-only; β)
     beta: float = Field(1.0, ge=0)
     accuracy_floor: float | None = Field(None, ge=0, le=1)  # δ: A^av below A_local − δ earns 0
-
-    @field_validator("accuracy", "throughput")
-    @classmethod
-    def _known_function(cls, name: str, info: ValidationInfo) -> str:
-        from coderay.reward import ACCURACY_FUNCTIONS, THROUGHPUT_FUNCTIONS
-
-        table = ACCURACY_FUNCTIONS if info.field_name == "accuracy" else THROUGHPUT_FUNCTIONS
-        if name not in table:
-            raise ValueError(f"unknown function {name!r}; expected one of {sorted(table)}")
-        return name
 
 
 class ServingSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)     # 0 picks a free port
-    max_batch_size: int = Field(32, ge=1)       # dynamic batching on block groups
+    max_batch_size: int = Field(32, ge=1)       # most samples one block-group batch runs (caps each service's B)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_request_samples: int = Field(256, ge=1)
     max_body_bytes: int = Field(8 * 2**20, ge=1024)
     request_timeout_s: float = Field(10.0, gt=0)
+    fallback_cooldown_s: float | None = Field(None, ge=0)  # a failed path is skipped this long; None: max(10, 3 × timeout)
     emulate_network: bool = True                # add RTT + bytes/bandwidth per cross-node hop
 
 
@@ -171,11 +163,18 @@ class CoderayConfig(_Strict):
         for s in self.services:
             if s.name == name:
                 return s
-        raise KeyError(f"unknown service {name!r}; expected one of {[s.name for s in self.services]}")
+        raise UnknownServiceError(f"unknown service {name!r}; expected one of {[s.name for s in self.services]}")
 
     @property
     def root(self) -> Path:
         return Path(self.workdir).expanduser().resolve()
+
+    def portable(self) -> CoderayConfig:
+        """This config with its paths absolute: Ray workers resolve them elsewhere (other directories, nodes)."""
+        update = {"workdir": str(self.root)}
+        if self.data_root:
+            update["data_root"] = str(Path(self.data_root).expanduser().resolve())
+        return self.model_copy(update=update)
 
     def fingerprint(self, *parts: Any) -> str:
         """A short stable hash of config parts, the key of every on-disk cache."""

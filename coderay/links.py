@@ -10,11 +10,13 @@ seen), so a link is useful before its first gradient step: the search's cheap st
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Link", "link_kind", "match_image"]
+__all__ = ["Link", "link_kind", "match_image", "save_links", "load_links"]
 
 Shape = tuple[int, ...]
 _MAX_ROWS = 200_000
@@ -115,3 +117,24 @@ class Link(nn.Module):
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1) if like.dim() == 4 else v.view(1, -1)
+
+
+def save_links(module: nn.Module, directory: Path) -> Path:
+    """A path's links (`module.spec`, `module.links`) with what rebuilds them: all the serving side needs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{module.spec.id.replace(':', '__')}.pt"
+    torch.save({"path_id": module.spec.id,
+                "links": {k: {"src": l.src, "dst": l.dst, "relu": isinstance(l.act, nn.ReLU),
+                              "state": l.state_dict()} for k, l in module.links.items()}}, path)
+    return path
+
+
+def load_links(path: str | Path) -> tuple[str, dict[str, Link]]:
+    """(path id, {name: link in eval mode}) from a file `save_links` wrote."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    links = {}
+    for k, d in blob["links"].items():
+        links[k] = Link(tuple(d["src"]), tuple(d["dst"]), relu=d["relu"])
+        links[k].load_state_dict(d["state"])
+        links[k].eval()
+    return blob["path_id"], links

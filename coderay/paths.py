@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from coderay.links import Link, link_kind
+from coderay.plan import TO_END, plan_hops
 
 __all__ = ["PathSpec", "PathModule", "enumerate_paths", "path_budget"]
 
@@ -115,27 +116,32 @@ def enumerate_paths(local: str, boundaries: Mapping[str, Sequence[Shape]], *, lo
 
 
 class PathModule(nn.Module):
-    """Runs one path: frozen local head → link(s) → frozen host middle → frozen local tail.
+    """Runs one path's plan (`coderay.plan.plan_hops`) in this process.
 
-    Blocks are shared (not copied) from their services; `links` holds the only trainable parameters.
+    Blocks are shared (not copied) from their services; `links` holds the only trainable parameters. A
+    service's blocks may be a stand-in whose slices run elsewhere (split learning in `tuning.split`).
     """
 
     def __init__(self, spec: PathSpec, local_blocks: Sequence[nn.Module], host_blocks: Sequence[nn.Module] = (),
                  links: Mapping[str, Link] | None = None):
         super().__init__()
         self.spec = spec
-        self.head = nn.Sequential(*local_blocks[:spec.lout])
-        self.middle = nn.Sequential(*host_blocks[spec.hin - 1:spec.hout]) if spec.host else nn.Sequential()
-        self.tail = nn.Sequential(*local_blocks[spec.lin - 1:])
         self.links = nn.ModuleDict(links or {})
+        blocks = {spec.local: local_blocks, spec.host: host_blocks}
+        self.hops = plan_hops(spec)
+        steps = []
+        for hop in self.hops:
+            if hop.kind == "links":
+                steps.append(self.links[hop.link])
+            else:
+                last = None if hop.last == TO_END else hop.last
+                steps.append(nn.Sequential(*blocks[hop.service][hop.first - 1:last]))
+        self.steps = nn.ModuleList(steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head(x)
-        if self.spec.kind == "coop":
-            x = self.links["out"](self.middle(self.links["in"](x)))
-        elif self.spec.kind == "skip":
-            x = self.links["skip"](x)
-        return self.tail(x)
+        for step in self.steps:
+            x = step(x)
+        return x
 
     def link_parameters(self):
         return self.links.parameters()

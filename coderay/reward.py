@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import get_args
 
-from coderay.config import RewardSpec
+from coderay.config import AccuracyFunction, RewardSpec, ThroughputFunction
 
 __all__ = ["ACCURACY_FUNCTIONS", "THROUGHPUT_FUNCTIONS", "average_accuracy", "reward"]
 
@@ -24,6 +25,9 @@ THROUGHPUT_FUNCTIONS: dict[str, Callable[[float, float], float]] = {
     "log": lambda r, beta: 1.0 + beta * math.log(r),
     "linear": lambda r, beta: r,
 }
+if set(ACCURACY_FUNCTIONS) != set(get_args(AccuracyFunction)) or \
+        set(THROUGHPUT_FUNCTIONS) != set(get_args(ThroughputFunction)):
+    raise ImportError("coderay.reward and coderay.config disagree on the reward function names")
 
 
 def average_accuracy(acc_local: float, acc_path: float, th_local: float, th_host: float) -> float:

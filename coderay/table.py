@@ -1,4 +1,4 @@
-"""The reward table: one row per candidate path, persisted as JSON and CSV, plotted as a Pareto front."""
+"""The reward table: the typed rows of every candidate path, persisted as JSON and CSV, plotted as a Pareto front."""
 from __future__ import annotations
 
 import csv
@@ -6,75 +6,75 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coderay.config import NetworkSpec, RewardSpec
 from coderay.reward import average_accuracy
+from coderay.rows import PATH_KINDS, Row, csv_columns, row_from_dict, score
 
 __all__ = ["RewardTable", "PATH_KINDS"]
-
-PATH_KINDS = ("local", "skip", "coop")
-
-COLUMNS = [
-    "path_id", "local", "kind", "host", "lout", "hin", "hout", "lin", "trained", "pred_acc", "pred_reward",
-    "val_acc", "test_acc", "acc_avg", "acc_avg_test", "th_local", "th_host", "th_total", "th_ratio",
-    "host_own_before", "host_own_after", "latency_ms", "bottleneck", "measured_sps", "measured_ratio",
-    "reward", "link_params", "local_skipped_params", "host_added_params", "mirrored_params", "train_seconds",
-    "links_file",
-]
 
 
 @dataclass
 class RewardTable:
-    rows: list[dict]
+    rows: list[Row]
     meta: dict = field(default_factory=dict)
 
-    def for_service(self, local: str) -> list[dict]:
-        """The candidate paths of `local` (local-only, skip, cooperative): what a service may run."""
-        return [r for r in self.rows if r["local"] == local and r["kind"] in PATH_KINDS]
+    def __post_init__(self) -> None:
+        self.rows = [r if isinstance(r, Row) else row_from_dict(r) for r in self.rows]
 
-    def baselines(self, local: str) -> list[dict]:
+    def for_service(self, local: str) -> list[Row]:
+        """The candidate paths of `local` (local-only, skip, cooperative): what a service may run."""
+        return [r for r in self.rows if r.local == local and r.is_path]
+
+    def baselines(self, local: str) -> list[Row]:
         """Rows of the comparison baselines (edge-early), which need the local model mirrored on a host."""
-        return [r for r in self.rows if r["local"] == local and r["kind"] not in PATH_KINDS]
+        return [r for r in self.rows if r.local == local and not r.is_path]
 
     @property
     def locals(self) -> list[str]:
-        return sorted({r["local"] for r in self.rows})
+        return sorted({r.local for r in self.rows})
 
-    def best(self, local: str) -> dict:
+    def best(self, local: str) -> Row:
         """The measured row of highest reward (the path a service should run)."""
-        measured = [r for r in self.for_service(local) if r.get("reward") is not None]
+        measured = [r for r in self.for_service(local) if r.measured]
         if not measured:
             raise ValueError(f"no measured path for service {local!r}")
-        return max(measured, key=lambda r: (r["reward"], r["kind"] == "local"))
+        return max(measured, key=lambda r: (r.reward, r.kind == "local"))
 
-    def row(self, path_id: str) -> dict:
+    def row(self, path_id: str) -> Row:
         for r in self.rows:
-            if r["path_id"] == path_id:
+            if r.path_id == path_id:
                 return r
         raise KeyError(f"no path {path_id!r} in the reward table")
 
-    def pareto(self, local: str) -> list[dict]:
+    def pareto(self, local: str) -> list[Row]:
         """Measured paths no other measured path beats on both average test accuracy and throughput."""
-        pts = [r for r in self.for_service(local) if r.get("acc_avg_test") is not None]
+        pts = [r for r in self.for_service(local) if r.acc_avg_test is not None]
         front = [r for r in pts if not any(
-            o["acc_avg_test"] >= r["acc_avg_test"] and o["th_total"] >= r["th_total"]
-            and (o["acc_avg_test"] > r["acc_avg_test"] or o["th_total"] > r["th_total"]) for o in pts)]
-        return sorted(front, key=lambda r: r["th_total"])
+            o.acc_avg_test >= r.acc_avg_test and o.th_total >= r.th_total
+            and (o.acc_avg_test > r.acc_avg_test or o.th_total > r.th_total) for o in pts)]
+        return sorted(front, key=lambda r: r.th_total)
+
+    def rescored(self, reward_spec: RewardSpec, network: NetworkSpec) -> RewardTable:
+        """Every row re-scored (new costs, reward shape or network): no torch, no training."""
+        return RewardTable([score(r, reward_spec, network) for r in self.rows], dict(self.meta))
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "table.json").write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=2))
+        doc = {"meta": self.meta, "rows": [r.to_dict() for r in self.rows]}
+        (directory / "table.json").write_text(json.dumps(doc, indent=2, default=str))
         with open(directory / "table.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=csv_columns(), extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(self.rows)
+            writer.writerows(r.to_csv() for r in self.rows)
 
     @classmethod
     def load(cls, directory: Path) -> RewardTable:
         data = json.loads((Path(directory) / "table.json").read_text())
-        return cls(data["rows"], data.get("meta", {}))
+        return cls([row_from_dict(r) for r in data["rows"]], data.get("meta", {}))
 
     def format(self, local: str, *, limit: int | None = None) -> str:
-        rows = sorted(self.for_service(local), key=lambda r: -(r["reward"] if r.get("reward") is not None
-                                                                else -1 + (r["pred_reward"] or 0) / 1e6))
+        rows = sorted(self.for_service(local), key=lambda r: -(r.reward if r.reward is not None
+                                                                else -1 + (r.pred_reward or 0) / 1e6))
         head = (f"{'path':<34} {'kind':<5} {'trained':<7} {'pred acc':>8} {'val acc':>7} {'test acc':>8} "
                 f"{'A^av':>6} {'Th/s':>7} {'×local':>6} {'reward':>7}")
         lines = [head, "-" * len(head)]
@@ -93,12 +93,12 @@ class RewardTable:
         locals_ = self.locals
         fig, axes = plt.subplots(1, len(locals_), figsize=(6 * len(locals_), 4.5), squeeze=False)
         for ax, local in zip(axes[0], locals_):
-            rows = self.for_service(local)
+            rows = [r for r in self.for_service(local) if r.th_total is not None]   # failed candidates: no point
             a_local = self.row(f"{local}:local")["val_acc"]
             ys = []
             for kind, marker in (("coop", "o"), ("skip", "s"), ("local", "*")):
                 pts = [r for r in rows if r["kind"] == kind]
-                pred = [r for r in pts if r.get("acc_avg_test") is None]
+                pred = [r for r in pts if r.get("acc_avg_test") is None and r.pred_acc is not None]
                 meas = [r for r in pts if r.get("acc_avg_test") is not None]
                 if pred:   # A^av estimated from the stage-1 prediction
                     y = [average_accuracy(a_local, r["pred_acc"], r["th_local"], r["th_host"]) for r in pred]

@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass
 
 from coderay.config import NetworkSpec
 
-__all__ = ["PathCosts", "Throughput", "path_throughput"]
+__all__ = ["BYTES_PER_VALUE", "PathCosts", "Throughput", "path_throughput"]
+
+BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}   # activations on the wire, by encoding
 
 
 @dataclass(frozen=True)

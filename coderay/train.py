@@ -5,8 +5,8 @@
 from __future__ import annotations
 
 import json
-import sys
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from coderay.config import CoderayConfig, ServiceSpec
 from coderay.data import TaskData, get_task
+from coderay.errors import NotTrainedError
 from coderay.models import StagedModel, get_model
 
 __all__ = ["TrainedService", "fit", "evaluate", "build_model", "service_dir", "train_service", "train_all",
@@ -79,7 +80,8 @@ def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: 
         val_acc = evaluate(module, val) if validate else None
         history.append({"epoch": epoch, "loss": total / n, "val_acc": val_acc})
         if progress:
-            tqdm.write(f"{desc} epoch {epoch}/{epochs}: loss {total / n:.4f}  val acc {val_acc:.4f}")
+            shown = "" if val_acc is None else f"  val acc {val_acc:.4f}"
+            log.info("%s epoch %d/%d: loss %.4f%s", desc, epoch, epochs, total / n, shown)
         if on_epoch is not None:
             on_epoch(epoch, total / n, val_acc)
     module.eval()
@@ -97,20 +99,26 @@ def service_dir(cfg: CoderayConfig, spec: ServiceSpec) -> Path:
     return cfg.root / "services" / f"{spec.name}-{key}"
 
 
+def _load(cfg: CoderayConfig, spec: ServiceSpec, task: TaskData, out: Path) -> TrainedService | None:
+    ckpt, metrics_file = out / "model.pt", out / "metrics.json"
+    if not (ckpt.exists() and metrics_file.exists()):
+        return None
+    model = build_model(spec, task)
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    model.eval()
+    metrics = json.loads(metrics_file.read_text()) | {"from_cache": True}
+    log.info("%s: loaded cached model (test acc %.4f)", spec.name, metrics["test_acc"])
+    return TrainedService(spec, task, model, metrics, ckpt)
+
+
 def train_service(cfg: CoderayConfig, spec: ServiceSpec, *, progress: bool = True, force: bool = False
                   ) -> TrainedService:
     """Train one service's model on its task, or load it when this exact configuration was trained before."""
     task = get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed)
     out = service_dir(cfg, spec)
-    ckpt, metrics_file = out / "model.pt", out / "metrics.json"
-    model = build_model(spec, task)
-    if ckpt.exists() and metrics_file.exists() and not force:
-        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-        model.eval()
-        metrics = json.loads(metrics_file.read_text()) | {"from_cache": True}
-        log.info("%s: loaded cached model (test acc %.4f)", spec.name, metrics["test_acc"])
-        return TrainedService(spec, task, model, metrics, ckpt)
-
+    cached = None if force else _load(cfg, spec, task, out)
+    if cached is not None:
+        return cached
     torch.manual_seed(cfg.seed)
     model = build_model(spec, task)
     start = time.perf_counter()
@@ -124,20 +132,21 @@ def train_service(cfg: CoderayConfig, spec: ServiceSpec, *, progress: bool = Tru
         "params": sum(p.numel() for p in model.parameters()), "history": history,
     }
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), ckpt)
-    metrics_file.write_text(json.dumps(metrics, indent=2))
-    return TrainedService(spec, task, model, metrics | {"from_cache": False}, ckpt)
+    torch.save(model.state_dict(), out / "model.pt")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return TrainedService(spec, task, model, metrics | {"from_cache": False}, out / "model.pt")
 
 
 def train_all(cfg: CoderayConfig, *, progress: bool = True, force: bool = False) -> dict[str, TrainedService]:
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     return {s.name: train_service(cfg, s, progress=progress, force=force) for s in cfg.services}
 
 
 def load_service(cfg: CoderayConfig, name: str) -> TrainedService:
     """A trained service from the cache; never trains (serving and search workers call this)."""
     spec = cfg.service(name)
-    ckpt = service_dir(cfg, spec) / "model.pt"
-    if not ckpt.exists():
-        raise FileNotFoundError(f"service {name!r} is not trained yet ({ckpt} missing): run `coderay train`")
-    return train_service(cfg, spec, progress=False)
+    out = service_dir(cfg, spec)
+    loaded = _load(cfg, spec, get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed), out)
+    if loaded is None:
+        raise NotTrainedError(f"service {name!r} is not trained yet (no checkpoint in {out}): run "
+                              f"`coderay train CONFIG` first")
+    return loaded

@@ -11,26 +11,30 @@ Ingress's `user_config` (in-place `reconfigure`, no replica restart).
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from ray import serve
 from ray.serve import Application
 
+from coderay.cluster import LocalCluster, connect
 from coderay.config import CoderayConfig, load_config
+from coderay.errors import NotSearchedError
+from coderay.routing import initial_routes, link_files
+from coderay.search import load_table
 from coderay.table import RewardTable
+from coderay.train import load_service
 
 from deployments.blocks import BlockGroup
 from deployments.ingress import Ingress
 from deployments.links import LinkSet
 from deployments.placement import block_options, check_placement, cpu_shares, ingress_options, link_options
-from deployments.routing import initial_routes, link_files
 
 __all__ = ["APP_NAME", "INGRESS", "build_app", "app_builder", "deploy", "base_url", "write_serve_config",
-           "serve_command", "free_port", "cached_table"]
+           "Served", "start_serving", "served_table", "free_port"]
 
 log = logging.getLogger(__name__)
 APP_NAME = "coderay"
@@ -38,14 +42,9 @@ INGRESS = "Ingress"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _absolute(cfg: CoderayConfig) -> CoderayConfig:
-    """The config with its workdir made absolute: replicas resolve it on other nodes, from other directories."""
-    return cfg if Path(cfg.workdir).is_absolute() else cfg.model_copy(update={"workdir": str(cfg.root)})
-
-
 def build_app(cfg: CoderayConfig, table: RewardTable) -> Application:
     """The Serve application for `cfg` serving the paths of `table` (initial routes: each service's best path)."""
-    cfg = _absolute(cfg)
+    cfg = cfg.portable()
     rows = table.rows
     files = link_files(rows)
     missing = [f for owned in files.values() for f in owned.values() if not Path(f).is_file()]
@@ -54,8 +53,9 @@ def build_app(cfg: CoderayConfig, table: RewardTable) -> Application:
     shares = cpu_shares(cfg)
     # max_ongoing_requests ≥ the batch (in samples, so in calls too); no request outlives request_timeout_s, so
     # a replica being replaced (or stuck on a lost node) need not be waited for longer than that.
+    # at least two batches of one-sample calls in flight per replica, so a batch can fill while one runs
     opts = {"num_replicas": 1,
-            "max_ongoing_requests": max(64, 2 * cfg.serving.max_batch_size, *(2 * s.batch_size for s in cfg.services)),
+            "max_ongoing_requests": 2 * max(min(s.batch_size, cfg.serving.max_batch_size) for s in cfg.services),
             "graceful_shutdown_timeout_s": min(20.0, max(2.0, cfg.serving.request_timeout_s))}
     blocks = {s.name: BlockGroup.options(name=f"blocks-{s.name}", ray_actor_options=block_options(cfg, s.name),
                                          **opts).bind(cfg, s.name, shares[s.name])
@@ -64,32 +64,32 @@ def build_app(cfg: CoderayConfig, table: RewardTable) -> Application:
                                     **opts).bind(cfg, owner, owned)
              for owner, owned in sorted(files.items())}
     # One ingress replica: PUT /route changes the replica it reaches; a config deploy reaches every replica.
+    # No routes in its user_config: routes given there are pins (an operator's), and none is set yet.
     return Ingress.options(name=INGRESS, num_replicas=1, max_ongoing_requests=1024,
                            ray_actor_options=ingress_options(),
-                           user_config={"routes": initial_routes(cfg, rows)}).bind(cfg, rows, blocks, links)
+                           user_config={"routes": {}}).bind(cfg, rows, blocks, links)
 
 
-def cached_table(cfg: CoderayConfig) -> RewardTable | None:
-    """The in-process search's reward table if it is on disk (never runs a search)."""
-    from coderay.search import search_dir
-
-    directory = search_dir(cfg, exhaustive=cfg.search.exhaustive)
-    return RewardTable.load(directory) if (directory / "table.json").exists() else None
+def served_table(cfg: CoderayConfig) -> RewardTable:
+    """The search's reward table from disk; serving never searches (nor trains)."""
+    table = load_table(cfg)
+    if table is None:
+        raise NotSearchedError(f"no reward table for config {cfg.name!r} under {cfg.root / 'search'}: run "
+                               "`coderay search CONFIG` (or `coderay up`) first")
+    return table
 
 
 def app_builder(args: dict) -> Application:
     """`import_path` target of the Serve config: args `{config: <path>, workdir: <path, optional>}`.
 
     Checks the cluster's nodes first (a missing node fails the deploy with its name instead of leaving it
-    pending), then loads the cached reward table (runs the search only when there is none)."""
-    from coderay.search import run_search
-
+    pending), then loads the search's reward table (a config never searched fails with the command to run)."""
     if not isinstance(args, dict) or "config" not in args:
         raise ValueError(f"app args must be {{'config': <path to the coderay YAML>}}, got {args!r}")
     overrides = {"workdir": str(args["workdir"])} if args.get("workdir") else {}
     cfg = load_config(args["config"], **overrides)
     check_placement(cfg)
-    return build_app(cfg, run_search(cfg, progress=False))
+    return build_app(cfg, served_table(cfg))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -139,9 +139,9 @@ def write_serve_config(cfg: CoderayConfig, config_path: str | Path, out_path: st
 
     Its Ingress `user_config.routes` is the routing map: edit a route and deploy the file again to switch it
     in place (reconfigure, no restart). The builder loads `config_path` with `workdir` made absolute."""
-    cfg = _absolute(cfg)
+    cfg = cfg.portable()
     port = cfg.serving.port if port is None else port
-    table = cached_table(cfg)
+    table = load_table(cfg)
     app: dict = {
         "name": APP_NAME,
         "route_prefix": "/",
@@ -164,63 +164,34 @@ def write_serve_config(cfg: CoderayConfig, config_path: str | Path, out_path: st
     return out
 
 
-def serve_command(cfg: CoderayConfig, *, config_path: str | Path, address: str | None = None,
-                  port: int | None = None, block: bool = True) -> int:
-    """`coderay serve`: connect (or start a local cluster), load the search table, deploy, print the endpoint,
-    write the Serve config under the workdir, and serve until Ctrl-C when `block`."""
-    from coderay.cluster import connect
-    from coderay.search import run_search
+@dataclass
+class Served:
+    """A running deployment: where it answers, the Serve config written for it, the local cluster (if any)."""
 
-    local = connect(cfg, address)
+    url: str
+    serve_config: Path
+    cluster: LocalCluster | None
+
+    def shutdown(self) -> None:
+        serve.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+
+
+def start_serving(cfg: CoderayConfig, *, config_path: str | Path, address: str | None = None,
+                  port: int | None = None) -> Served:
+    """Connect (or start a local cluster), load the search's table, deploy, and write the Serve config under
+    the workdir. Fails before starting anything when the services are untrained or the search never ran."""
+    for spec in cfg.services:
+        load_service(cfg, spec.name)                     # NotTrainedError with the command to run
+    table = served_table(cfg)
+    cluster = connect(cfg, address)
     try:
-        table = run_search(cfg)
         url = deploy(cfg, table, port=port)
         actual = int(url.rsplit(":", 1)[1])
         out = write_serve_config(cfg, config_path, cfg.root / "serve-config.yaml", port=actual)
     except BaseException:
-        if local is not None:
-            local.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
         raise
-    svc = cfg.services[0]
-    shape = ",".join(map(str, (1, *_input_shape(cfg, svc.name))))
-    print(f"coderay is serving {len(cfg.services)} service(s) at {url}")
-    print(f"  API docs:   {url}/docs")
-    print(f"  services:   curl {url}/v1/services")
-    print(f"  infer:      head -c {4 * _numel(shape)} /dev/zero | curl -s -X POST {url}/v1/services/{svc.name}/infer "
-          f"-H 'Content-Type: application/octet-stream' -H 'X-Shape: {shape}' --data-binary @-")
-    print(f"  switch:     curl -X PUT {url}/v1/services/{svc.name}/route -H 'Content-Type: application/json' "
-          f"-d '{{\"path\": \"{svc.name}:local\"}}'")
-    print(f"  Serve config: {out}")
-    if not block:
-        return 0
-    print("serving until Ctrl-C (or SIGTERM)")
-    signal.signal(signal.SIGTERM, _interrupt)     # `kill`, a service manager: shut down as on Ctrl-C
-    signal.signal(signal.SIGINT, _interrupt)      # also when started in the background, where SIGINT is ignored
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping")
-    finally:
-        serve.shutdown()
-        if local is not None:
-            local.shutdown()
-    return 0
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-def _input_shape(cfg: CoderayConfig, service: str) -> tuple[int, ...]:
-    from coderay.data import get_task
-
-    spec = cfg.service(service)
-    return get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed).input_shape
-
-
-def _numel(shape: str) -> int:
-    n = 1
-    for v in shape.split(","):
-        n *= int(v)
-    return n
+    return Served(url, out, cluster)

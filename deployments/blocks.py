@@ -21,7 +21,9 @@ from coderay.services import split_service
 from coderay.train import load_service
 
 from deployments.placement import replica_location, torch_threads
-from deployments.routing import TO_END, Activation, hop_delay_s
+from coderay.plan import TO_END
+
+from deployments.routing import Activation, hop_delay_s
 
 __all__ = ["BlockGroup", "Chunk", "batch_samples", "run_grouped"]
 
@@ -78,7 +80,8 @@ class BlockGroup:
     def __init__(self, cfg: CoderayConfig, service: str, cpus: float):
         self.cfg, self.service = cfg, service
         spec = cfg.service(service)
-        self.node, self.quota, self.capacity = spec.node, spec.guest_quota, spec.batch_size
+        self.node, self.quota = spec.node, spec.guest_quota
+        self.capacity = min(spec.batch_size, cfg.serving.max_batch_size)   # B, in samples
         self.threads = torch_threads(cpus)
         trained = load_service(cfg, service)
         self.blocks = split_service(spec, trained.model)

@@ -5,8 +5,9 @@ which each call receives the previous call's `DeploymentResponse` as a top-level
 from replica to replica (through Ray's object store) and only the final logits come back here. Every chain is
 bounded by `serving.request_timeout_s`; a cooperative path that fails (timeout, a dead replica, a lost node) is
 answered on the local-only path with `"fallback": true`, and is then skipped (answered locally at once, still
-marked as a fallback) for a cool-down of `3 × request_timeout_s` (at least 10 s) before it is tried again, so a
-lost host costs one timeout, not one per request.
+marked as a fallback) for a cool-down (`serving.fallback_cooldown_s`, default `3 × request_timeout_s`, at least
+10 s) before it is tried again, so a lost host costs one timeout, not one per request. coderay's domain errors
+(unknown service, invalid route) become 404 / 422 here.
 
 No `from __future__ import annotations` here: FastAPI reads the endpoint annotations (`Request`, the body model)
 at run time through Serve's class-based view, where string annotations do not resolve.
@@ -27,10 +28,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coderay.config import CoderayConfig
 from coderay.data import get_task
+from coderay.errors import CoderayError
 from coderay.paths import PathSpec
-from coderay.table import PATH_KINDS
+from coderay.plan import plan_hops
+from coderay.routing import Router
+from coderay.rows import Row
 
-from deployments.routing import Activation, Router, plan_hops, servable
+from deployments.routing import Activation
 from deployments.schemas import (
     BINARY_TYPES, ApiError, ErrorBody, InferResponse, RouteInfo, RouteRequest, ServiceInfo, check_top_k,
     decode_binary, decode_json_body, format_validation, infer_openapi_body,
@@ -53,6 +57,12 @@ _ERRORS = {404: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@api.exception_handler(CoderayError)
+async def _domain_error(request: Request, exc: CoderayError) -> JSONResponse:
+    err = ApiError.of(exc)
+    return JSONResponse(err.body(), status_code=err.status)
 
 
 @api.exception_handler(RequestValidationError)
@@ -105,7 +115,7 @@ def _clean(value: Any) -> Any:
 class Ingress:
     """HTTP front of every service; owns the routing state (active path, cooperative share)."""
 
-    def __init__(self, cfg: CoderayConfig, rows: list[dict], blocks: dict, links: dict):
+    def __init__(self, cfg: CoderayConfig, rows: list[Row], blocks: dict, links: dict):
         self.cfg = cfg
         self.rows = rows
         self.router = Router(cfg, rows)
@@ -116,13 +126,14 @@ class Ingress:
         self.stats = {s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "by_path": {}} for s in cfg.services}
         self.suspended: dict[str, float] = {}   # path id -> time.monotonic() until which it is skipped
         self.config_errors: dict[str, str] = {}  # the last reconfigure's rejected entries
-        self.cooldown_s = max(10.0, 3 * cfg.serving.request_timeout_s)
+        cooldown = cfg.serving.fallback_cooldown_s
+        self.cooldown_s = max(10.0, 3 * cfg.serving.request_timeout_s) if cooldown is None else cooldown
 
     # ------------------------------------------------------------------ routing (config deploys, controller)
 
     async def reconfigure(self, user_config: dict) -> dict:
         """`user_config = {"routes": {svc: {"path": id, "coop_fraction": f}}}`. Serve calls this on a config deploy
-        (in place, no restart); a controller may call it through a handle. Services not named keep their route.
+        (in place, no restart). The routes named are pinned, as by PUT; services not named keep their route.
 
         Never raises: Serve stops a replica whose reconfigure raises, and its replacement would fail the same way,
         leaving no ingress. An invalid entry is rejected (its service keeps its route) and reported in the
@@ -137,7 +148,7 @@ class Ingress:
                 try:
                     self.router.apply({svc: route})
                     applied[svc] = self.router.routes[svc].to_dict()
-                except ApiError as e:
+                except CoderayError as e:
                     rejected[svc] = f"user_config.routes.{svc}: {e.reason}"
         self.config_errors = rejected
         for reason in rejected.values():
@@ -162,7 +173,7 @@ class Ingress:
             out.append({"name": s.name, "task": s.task, "classes": list(task.class_names),
                         "input_shape": list(task.input_shape), "node": s.node, "guest_quota": s.guest_quota,
                         "batch_size": s.batch_size, "active_path": route.path.id,
-                        "coop_fraction": route.coop_fraction,
+                        "coop_fraction": route.coop_fraction, "pinned": self.router.is_pinned(s.name),
                         "stats": self.stats[s.name] | {"suspended_paths": self._suspended_paths(s.name)}})
         return out
 
@@ -175,16 +186,16 @@ class Ingress:
     async def paths(self, svc: str) -> dict:
         self.router.check_service(svc)
         route = self.router.routes[svc]
-        mine = [r for r in self.rows if r["local"] == svc]
-        rows = [{k: _clean(v) for k, v in r.items()} | {"active": r["path_id"] == route.path.id,
-                                                       "servable": r["kind"] == "local" or bool(r.get("links_file"))}
-                for r in servable(mine)]
+        mine = [r for r in self.rows if r.local == svc]
+        rows = [{k: _clean(v) for k, v in r.to_dict().items()} | {
+                    "active": r.path_id == route.path.id, "servable": r.kind == "local" or bool(r.links_file)}
+                for r in mine if r.is_path]
         if not any(r["active"] for r in rows):  # a service without a table still runs local-only
             rows.insert(0, {"path_id": PathSpec.local_only(svc).id, "local": svc, "kind": "local", "active": True,
                             "servable": True})
-        baselines = [{k: _clean(v) for k, v in r.items()} for r in mine if r.get("kind") not in PATH_KINDS]
-        return {"service": svc, "active_path": route.path.id, "coop_fraction": route.coop_fraction, "paths": rows,
-                "baselines": baselines}
+        baselines = [{k: _clean(v) for k, v in r.to_dict().items()} for r in mine if not r.is_path]
+        return {"service": svc, "active_path": route.path.id, "coop_fraction": route.coop_fraction,
+                "pinned": self.router.is_pinned(svc), "paths": rows, "baselines": baselines}
 
     @api.get("/v1/services/{svc}/route", response_model=RouteInfo, responses=_ERRORS, summary="the active route")
     async def get_route(self, svc: str) -> dict:
@@ -192,11 +203,18 @@ class Ingress:
         return self._route_info(svc)
 
     @api.put("/v1/services/{svc}/route", response_model=RouteInfo, responses=_ERRORS,
-             summary="switch the active path and the cooperative share, live")
+             summary="pin the active path and the cooperative share, live, until DELETE releases it")
     async def put_route(self, svc: str, body: RouteRequest) -> dict:
         self.router.check_service(svc)
         self.router.apply({svc: body.model_dump(exclude_none=True)})
-        log.info("route %s -> %s", svc, self.router.routes[svc].to_dict())
+        log.info("route %s pinned -> %s", svc, self.router.routes[svc].to_dict())
+        return self._route_info(svc)
+
+    @api.delete("/v1/services/{svc}/route", response_model=RouteInfo, responses=_ERRORS,
+                summary="release a pinned route: the service answers on coderay's own choice again")
+    async def delete_route(self, svc: str) -> dict:
+        self.router.release(svc)
+        log.info("route %s released -> %s", svc, self.router.routes[svc].to_dict())
         return self._route_info(svc)
 
     def _route_info(self, svc: str) -> dict:

@@ -1,7 +1,7 @@
 """The link deployment: the trained links of every path whose links a service's node runs.
 
 A cooperative path's links (in, out) run on the host's node (the host creates them); a skip path's link on the
-local node. Loaded inside the replica from the reward table's `links_file`s (`coderay.search.load_links`).
+local node. Loaded inside the replica from the reward table's `links_file`s (`coderay.links.load_links`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from ray import serve
 
 from coderay.config import CoderayConfig
-from coderay.search import load_links
+from coderay.links import load_links
 
 from deployments.placement import replica_location, torch_threads
 from deployments.routing import Activation, hop_delay_s

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from coderay.errors import CoderayError, InvalidRouteError, UnknownServiceError
+
 __all__ = [
     "ApiError", "InferRequest", "ClassScore", "Prediction", "NetworkInfo", "InferResponse", "RouteRequest",
     "RouteInfo", "ServiceInfo", "ErrorBody", "PIXEL_TOLERANCE", "DEFAULT_TOP_K", "parse_json", "format_validation",
@@ -44,6 +46,15 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": self.reason, **self.extra}
+
+    @classmethod
+    def of(cls, exc: CoderayError) -> ApiError:
+        """coderay's domain error as the HTTP answer it gets: 404 unknown service, 422 invalid route, else 503."""
+        status = next((code for kind, code in HTTP_STATUS.items() if isinstance(exc, kind)), 503)
+        return cls(status, exc.reason)
+
+
+HTTP_STATUS = {UnknownServiceError: 404, InvalidRouteError: 422}
 
 
 # --------------------------------------------------------------------------- models (also the OpenAPI schema)
@@ -118,6 +129,7 @@ class ServiceInfo(_Model):
     batch_size: int
     active_path: str
     coop_fraction: float
+    pinned: bool                      # True: set by PUT (or a config deploy), held until DELETE releases it
     stats: dict
 
 

@@ -73,7 +73,7 @@ def trained_cfg(tiny_cfg):
 
 @pytest.fixture(scope="session")
 def search_ctx(trained_cfg):
-    from coderay.search import SearchContext
+    from coderay.candidate import SearchContext
 
     return SearchContext.load(trained_cfg, progress=False, train_missing=False)
 

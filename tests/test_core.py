@@ -14,7 +14,9 @@ from coderay.links import Link, link_kind
 from coderay.models import get_model, list_models
 from coderay.paths import PathModule, PathSpec, enumerate_paths, path_budget
 from coderay.reward import ACCURACY_FUNCTIONS, THROUGHPUT_FUNCTIONS, average_accuracy, reward
-from coderay.search import build_path, candidates, load_links, predict_path, spearman, train_path
+from coderay.candidate import build_path, candidates, predict_path, train_path
+from coderay.links import load_links
+from coderay.search import spearman
 from coderay.throughput import PathCosts, path_throughput
 from coderay.train import evaluate
 
@@ -202,3 +204,17 @@ def test_cli_search_and_blocks(searched_table, tiny_config_path, capsys):
     with pytest.raises(SystemExit):
         main(["blocks", "alexnet", "--input", "1x28"])
     assert "--input: expected CxHxW" in capsys.readouterr().err
+
+
+def test_search_json_is_pure_json_on_stdout(searched_table, tiny_config_path):
+    """`coderay search --json | python -m json.tool` works: progress and logs go to stderr, even when the
+    search runs (not only when it is cached)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "coderay.cli", "search", str(tiny_config_path), "--in-process",
+                          "--json", "--force"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    data = json.loads(run.stdout)
+    assert not data["meta"]["from_cache"] and "stage 2 trains" in run.stderr
+    assert [r["path_id"] for r in data["rows"]] == [r["path_id"] for r in searched_table.rows]

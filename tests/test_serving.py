@@ -77,7 +77,7 @@ def pixels(task) -> tuple[torch.Tensor, torch.Tensor]:
 def test_replicas_run_on_their_pinned_nodes(served):
     info = served.client.get("/v1/debug/replicas").json()
     replicas = {r["deployment"]: r for r in info["replicas"]}
-    from deployments.routing import link_files
+    from coderay.routing import link_files
 
     links = {f"links-{owner}" for owner in link_files(served.table.rows)}
     assert "links-mnist" in links and set(replicas) == {"blocks-digits", "blocks-mnist"} | links, info
@@ -109,7 +109,7 @@ def test_listing_health_and_docs(served):
 
 def test_held_out_predictions_match_the_in_process_path(served, search_ctx):
     from coderay.paths import PathModule, PathSpec
-    from coderay.search import load_links
+    from coderay.links import load_links
 
     local = search_ctx.services["digits"]
     x01, y = pixels(local.task)
@@ -345,7 +345,7 @@ def test_serve_config_file_is_deployable(served, tiny_config_path, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     from deployments.app import app_builder, write_serve_config
-    from deployments.routing import initial_routes
+    from coderay.routing import initial_routes
 
     out = write_serve_config(served.cfg, tiny_config_path, tmp_path / "serve-config.yaml", port=8123)
     doc = yaml.safe_load(out.read_text())

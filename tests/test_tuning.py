@@ -6,7 +6,8 @@ search of the same config (`searched_table`, which must run first: both engines 
 import pytest
 import torch
 
-from coderay.search import load_links, search_dir
+from coderay.links import load_links
+from coderay.search import search_dir
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -1,12 +1,10 @@
-"""`run_tune_search`: CoDE's multi-stage path search as two Ray Tune experiments.
+"""`run_tune_search`: CoDE's multi-stage path search (`coderay.search.staged_search`) run by Ray Tune.
 
-Stage 1 ("predict"): one trial per candidate path runs `coderay.search.predict_path`. Stage 2 ("train"):
-the candidates `coderay.search.stage2_selection` picks from stage 1's rows (top-k by predicted reward, or
-every candidate when exhaustive), the local-only path of each service, and the edge-early baseline, one
-trial each, run `train_path` (`edge_early_rows`). The rows merge exactly as in `coderay.search.run_search`
-and land in the same place: `finish_table`, `RewardTable.save` into `search_dir(cfg, exhaustive=...)`,
-`pareto.png`, the links under its `links/` (copied from each trial's final checkpoint), with
-`meta["engine"] = "tune"`.
+`TuneExecutor` is the search's second executor: stage 1 is one Tune experiment ("predict", a trial per
+candidate calling `coderay.candidate.predict_path`), stage 2 another ("train": a trial per selected
+candidate and local-only path calling `train_path`, and one per service for the edge-early baseline). The
+algorithm, the selection, the merge and the table are `staged_search`'s, so the table is the in-process one,
+saved in the same `search_dir` with `meta["engine"] = "tune"`, links where serving loads them.
 
 Each experiment is stored under `<workdir>/tune/<search key>-predict|-train`; a search that stops (Ctrl-C,
 a crash, a lost driver) resumes from there with `Tuner.restore`: finished trials are not run again,
@@ -22,19 +20,22 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ray import tune
 from tqdm.auto import tqdm
 
+from coderay.candidate import SearchContext
 from coderay.config import CoderayConfig
 from coderay.paths import PathSpec
-from coderay.search import SearchContext, candidates, finish_table, search_dir, stage2_selection
-from coderay.table import COLUMNS, RewardTable
+from coderay.plan import link_owner
+from coderay.rows import BaselineRow, Row, row_from_dict
+from coderay.search import search_dir, staged_search
+from coderay.table import RewardTable
 
-__all__ = ["run_tune_search", "experiment_dir"]
+__all__ = ["run_tune_search", "experiment_dir", "TuneExecutor"]
 
 log = logging.getLogger(__name__)
 MAX_FAILURES = 2
@@ -64,16 +65,12 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
 
     from coderay.cluster import check_nodes, connect, start_local_cluster
     from tuning.split import local_side, stop_side
-    from tuning.trials import predict_trial
 
-    start = time.perf_counter()
     exhaustive = cfg.search.exhaustive if exhaustive is None else exhaustive
     early_stop = not exhaustive if early_stop is None else early_stop
-    cfg = _portable(cfg)
-    out = search_dir(cfg, exhaustive=exhaustive)
+    cfg = cfg.portable()
     ctx = SearchContext.load(cfg, progress=progress)     # trains what is missing: trials only read caches
     locals_ = cfg.search.locals or [s.name for s in cfg.services]
-    cands = {local: candidates(ctx, local) for local in locals_}
 
     cluster, joined = None, False
     if ray.is_initialized():
@@ -86,89 +83,13 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
         check_nodes(cfg)
     sides = {}
     try:
-        sides = {local: local_side(cfg, local, create=True) for local in locals_
-                 if private and any(c.kind == "coop" for c in cands[local])}
-        nodes = {r: n["NodeID"] for n in ray.nodes() if n.get("Alive") for r in n.get("Resources", {})
-                 if r in {x.name for x in cfg.nodes}}          # node name → Ray node id
-
+        if private:
+            sides = {local: local_side(cfg, local, create=True) for local in locals_ if len(cfg.services) > 1}
         if not resume:
             shutil.rmtree(cfg.root / "tune" / "faults", ignore_errors=True)
-
-        def extra(pid: str) -> dict:
-            if not faults or pid not in faults:
-                return {"private": private}
-            return {"private": private, "fail": int(faults[pid]), "fault_dir": str(cfg.root / "tune" / "faults")}
-
-        # ---- stage 1: predict every candidate
-        space = [_cand(cfg, spec) | extra(spec.id) for local in locals_ for spec in cands[local]]
-        s1 = _run_stage(cfg, experiment_dir(cfg, "predict", exhaustive=exhaustive, private=private), predict_trial,
-                        space, resume=resume, progress=progress, scheduler=None)
-
-        # ---- stage 2: train the chosen candidates, measure the local-only path, score the baseline
-        preds: dict[str, list[dict]] = {}
-        space = []
-        for local in locals_:
-            preds[local] = []
-            for spec in cands[local]:
-                res = s1.results.get(spec.id)
-                if res is None or res.error is not None or "row" not in (res.metrics or {}):
-                    preds[local].append(_error_row(spec, s1.error(spec.id)))
-                else:
-                    preds[local].append(res.metrics["row"] | _trial_fields("predict", res.metrics))
-            ok = [r for r in preds[local] if r.get("pred_reward") is not None]
-            chosen = set(stage2_selection(ok, cfg.search.top_k, exhaustive))
-            for r in ok:
-                if r["path_id"] in chosen or r["kind"] == "local":
-                    space.append(_cand(cfg, PathSpec.parse(r["path_id"]))
-                                 | {k: r[k] for k in ("th_local", "th_host", "th_ratio")} | extra(r["path_id"]))
-            if getattr(cfg.search, "baselines", False):
-                pid = f"{local}:edge-early"
-                space.append({"path_id": pid, "local": local, "node": cfg.service(local).node,
-                              "cpus": min(1.0, cfg.node(cfg.service(local).node).cpus), "kind": "baseline",
-                              "hosts": {n: {"infos": [i.to_dict() for i in s.infos], "metrics": s.metrics}
-                                        for n, s in ctx.services.items() if n != local}} | extra(pid))
-        scheduler = _asha(cfg) if early_stop and cfg.search.link_epochs > 1 else None
-        s2 = _run_stage(cfg, experiment_dir(cfg, "train", exhaustive=exhaustive, private=private), _dispatch_train,
-                        space, resume=resume, progress=progress, scheduler=scheduler)
-
-        # ---- merge, in run_search's order: candidates, then the baseline
-        links_dir = out / "links"
-        rows, pruned = [], []
-        for local in locals_:
-            for i, row in enumerate(preds[local]):
-                if row["path_id"] in s2.results:
-                    preds[local][i] = _merge(row, s2, links_dir)
-                    if "pruned_at_epoch" in preds[local][i]:
-                        pruned.append(row["path_id"])
-            rows += preds[local]
-            res = s2.results.get(f"{local}:edge-early")
-            if res is not None:
-                if res.error is None and "rows" in res.metrics:
-                    rows += list(res.metrics["rows"].values())
-                else:
-                    rows.append(dict.fromkeys(COLUMNS) | {
-                        "path_id": f"{local}:edge-early", "local": local, "kind": "edge-early", "trained": False,
-                        "error": s2.error(f"{local}:edge-early") or "no result"})
-        errors = {r["path_id"]: r["error"] for r in rows if r.get("error")}
-        split_nodes = dict(zip(sides, ray.get([s.node_id.remote() for s in sides.values()])))
-        meta = {"config": cfg.name, "mode": "exhaustive" if exhaustive else "staged", "engine": "tune",
-                "seconds": round(time.perf_counter() - start, 1),
-                "tune": {"storage": str(cfg.root / "tune"), "experiments": [s1.path, s2.path],
-                         "nodes": nodes, "split_nodes": split_nodes, "trials": {"predict": s1.total, "train": s2.total},
-                         "trials_run": {"predict": len(s1.started), "train": len(s2.started)},
-                         "reports_run": {"predict": s1.reports, "train": s2.reports},
-                         "stage_seconds": {"predict": s1.seconds, "train": s2.seconds},
-                         "retries": s1.retries + s2.retries, "resumed": s1.restored or s2.restored,
-                         "early_stop": scheduler is not None, "private": private, "pruned": pruned, "errors": errors}}
-        table = finish_table(cfg, rows, meta)
-        table.meta["dir"] = str(out)
-        table.save(out)
-        RewardTable([r for r in table.rows if r.get("th_total") is not None], table.meta).plot(out / "pareto.png")
-        table.meta["from_cache"] = False
-        if progress:
-            tqdm.write(f"reward table: {out / 'table.json'} ({len(rows)} rows, {len(errors)} failed, "
-                       f"{len(pruned)} stopped early; {meta['seconds']} s)")
-        return table
+        executor = TuneExecutor(ctx, exhaustive=exhaustive, resume=resume, progress=progress,
+                                early_stop=early_stop, private=private, faults=faults, sides=sides)
+        return staged_search(ctx, executor, exhaustive=exhaustive, out=search_dir(cfg, exhaustive=exhaustive))
     finally:
         for local in sides:
             stop_side(cfg, local)
@@ -178,20 +99,110 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
             ray.shutdown()
 
 
-def _merge(row: dict, stage: _Stage, links_dir: Path) -> dict:
-    """A stage-1 row updated with its stage-2 trial: measured (links copied to `links_dir`), stopped early
-    by ASHA, or failed."""
-    res = stage.results[row["path_id"]]
-    metrics = res.metrics or {}
-    if res.error is None and "row" in metrics:
-        measured = metrics["row"] | _trial_fields("train", metrics)
-        if measured.get("trained"):
-            measured["links_file"] = str(_copy_links(res.checkpoint, links_dir))
-        return row | measured | {"pred_acc": row["pred_acc"], "pred_reward": row["pred_reward"]}
-    if res.error is None and "epoch" in metrics:
-        return row | {"pruned_at_epoch": metrics["epoch"], "pruned_val_acc": metrics["val_acc"]} | _trial_fields(
-            "train", metrics)
-    return row | {"error": stage.error(row["path_id"]) or "no result", "reward": None}
+class TuneExecutor:
+    """The search's per-candidate work as Tune trials: stage 1 one experiment, stage 2 (and the baselines)
+    another, each trial pinned to the node that owns its blocks."""
+
+    name = "tune"
+
+    def __init__(self, ctx: SearchContext, *, exhaustive: bool, resume: bool, progress: bool, early_stop: bool,
+                 private: bool, faults: Mapping[str, int] | None, sides: dict):
+        import ray
+
+        self.ctx, self.cfg = ctx, ctx.cfg
+        self.exhaustive, self.resume, self.progress = exhaustive, resume, progress
+        self.early_stop, self.private, self.faults, self.sides = early_stop, private, dict(faults or {}), sides
+        names = {n.name for n in self.cfg.nodes}
+        self.nodes = {r: n["NodeID"] for n in ray.nodes() if n.get("Alive") for r in n.get("Resources", {})
+                      if r in names}                       # node name → Ray node id
+        self.stages: dict[str, _Stage] = {}
+        self.pruned: list[str] = []
+        self.scheduler = None
+
+    def _extra(self, path_id: str) -> dict:
+        if path_id not in self.faults:
+            return {"private": self.private}
+        return {"private": self.private, "fail": int(self.faults[path_id]),
+                "fault_dir": str(self.cfg.root / "tune" / "faults")}
+
+    def _cand(self, spec: PathSpec) -> dict:
+        """A trial's candidate: its path and the node it is pinned to (where the path's links run)."""
+        node = self.cfg.service(link_owner(spec)).node
+        return {"path_id": spec.id, "node": node, "cpus": min(1.0, self.cfg.node(node).cpus)} | self._extra(spec.id)
+
+    def predict(self, specs: Sequence[PathSpec]) -> dict[str, Row]:
+        from tuning.trials import predict_trial
+
+        stage = self.stages["predict"] = _run_stage(
+            self.cfg, experiment_dir(self.cfg, "predict", exhaustive=self.exhaustive, private=self.private),
+            predict_trial, [self._cand(spec) for spec in specs], resume=self.resume, progress=self.progress,
+            scheduler=None)
+        rows = {}
+        for spec in specs:
+            res = stage.results.get(spec.id)
+            if res is None or res.error is not None or "row" not in (res.metrics or {}):
+                rows[spec.id] = Row.failed(spec, stage.error(spec.id) or "no result")
+            else:
+                rows[spec.id] = row_from_dict(res.metrics["row"]).with_extra(**_trial_fields("predict", res.metrics))
+        return rows
+
+    def measure(self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
+                ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
+        space = [self._cand(PathSpec.parse(r.path_id)) | {"predicted": r.to_dict()} for r in chosen]
+        for local in baselines:
+            pid = f"{local}:edge-early"
+            node = self.cfg.service(local).node
+            space.append({"path_id": pid, "local": local, "node": node, "cpus": min(1.0, self.cfg.node(node).cpus),
+                          "kind": "baseline",
+                          "hosts": {n: {"infos": [i.to_dict() for i in s.infos], "metrics": s.metrics}
+                                    for n, s in self.ctx.services.items() if n != local}} | self._extra(pid))
+        if self.early_stop and self.cfg.search.link_epochs > 1:
+            self.scheduler = _asha(self.cfg)
+        stage = self.stages["train"] = _run_stage(
+            self.cfg, experiment_dir(self.cfg, "train", exhaustive=self.exhaustive, private=self.private),
+            _dispatch_train, space, resume=self.resume, progress=self.progress, scheduler=self.scheduler)
+        measured = {r.path_id: self._merge(r, stage, links_dir) for r in chosen}
+        base = {}
+        for local in baselines:
+            res = stage.results.get(f"{local}:edge-early")
+            if res is not None and res.error is None and "rows" in (res.metrics or {}):
+                base[local] = [row_from_dict(d) for d in res.metrics["rows"].values()]
+            else:
+                base[local] = [BaselineRow(path_id=f"{local}:edge-early", local=local, kind="edge-early",
+                                           error=stage.error(f"{local}:edge-early") or "no result")]
+        return measured, base
+
+    def _merge(self, row: Row, stage: _Stage, links_dir: Path) -> Row:
+        """A stage-1 row updated with its stage-2 trial: measured (links copied to `links_dir`), stopped early
+        by ASHA, or failed."""
+        res = stage.results.get(row.path_id)
+        metrics = (res.metrics or {}) if res is not None else {}
+        if res is not None and res.error is None and "row" in metrics:
+            measured = row_from_dict(metrics["row"]).with_extra(**_trial_fields("train", metrics))
+            if measured.trained:
+                measured = replace(measured, links_file=str(_copy_links(res.checkpoint, links_dir)))
+            return measured
+        if res is not None and res.error is None and "epoch" in metrics:
+            self.pruned.append(row.path_id)
+            return row.with_extra(pruned_at_epoch=metrics["epoch"], pruned_val_acc=metrics["val_acc"],
+                                  **_trial_fields("train", metrics))
+        return replace(row, error=stage.error(row.path_id) or "no result", reward=None)
+
+    def meta(self) -> dict:
+        import ray
+
+        s1, s2 = self.stages["predict"], self.stages["train"]
+        split_nodes = dict(zip(self.sides, ray.get([s.node_id.remote() for s in self.sides.values()])))
+        rows_errors = {pid: s.error(pid) for s in (s1, s2) for pid in s.results if s.error(pid)}
+        return {"tune": {"storage": str(self.cfg.root / "tune"), "experiments": [s1.path, s2.path],
+                         "nodes": self.nodes, "split_nodes": split_nodes,
+                         "trials": {"predict": s1.total, "train": s2.total},
+                         "trials_run": {"predict": len(s1.started), "train": len(s2.started)},
+                         "reports_run": {"predict": s1.reports, "train": s2.reports},
+                         "stage_seconds": {"predict": s1.seconds, "train": s2.seconds},
+                         "retries": s1.retries + s2.retries, "resumed": s1.restored or s2.restored,
+                         "early_stop": self.scheduler is not None, "private": self.private,
+                         "pruned": self.pruned, "errors": rows_errors}}
 
 
 def _dispatch_train(config: dict) -> None:
@@ -199,27 +210,6 @@ def _dispatch_train(config: dict) -> None:
     from tuning.trials import baseline_trial, train_trial
 
     (baseline_trial if config["cand"].get("kind") == "baseline" else train_trial)(config)
-
-
-def _portable(cfg: CoderayConfig) -> CoderayConfig:
-    """The config with absolute paths: trials run in other directories (and on other machines)."""
-    update = {"workdir": str(cfg.root)}
-    if cfg.data_root:
-        update["data_root"] = str(Path(cfg.data_root).expanduser().resolve())
-    return cfg.model_copy(update=update)
-
-
-def _cand(cfg: CoderayConfig, spec: PathSpec) -> dict:
-    """A trial's candidate: its path and the node it is pinned to (the host's for a cooperative path)."""
-    node = cfg.service(spec.host if spec.kind == "coop" else spec.local).node
-    return {"path_id": spec.id, "node": node, "cpus": min(1.0, cfg.node(node).cpus)}
-
-
-def _error_row(spec: PathSpec, error: str | None) -> dict:
-    """A candidate whose stage-1 trial failed for good: every column present, nothing measured."""
-    return dict.fromkeys(COLUMNS) | {"path_id": spec.id, "local": spec.local, "kind": spec.kind, "host": spec.host,
-                                     "lout": spec.lout, "hin": spec.hin, "hout": spec.hout, "lin": spec.lin,
-                                     "trained": False, "error": error or "no result"}
 
 
 def _trial_fields(stage: str, metrics: dict) -> dict:
@@ -320,7 +310,7 @@ class _Watch(tune.Callback):
         if st is not None:
             st.retries += 1
             if st.progress:
-                tqdm.write(f"{st.name}: {_path_id(trial)} failed, retrying from its last checkpoint")
+                log.info("%s: %s failed, retrying from its last checkpoint", st.name, _path_id(trial))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         log.debug("complete %s", _path_id(trial))
@@ -332,14 +322,14 @@ class _Watch(tune.Callback):
             if st.name == "train":
                 what = (f"val acc {row['val_acc']:.4f}, reward {row['reward']:.4f}" if row.get("reward") is not None
                         else f"stopped at epoch {r.get('epoch')}" if "epoch" in r else "done")
-                tqdm.write(f"train: {_path_id(trial)} on {r.get('node')}: {what}")
+                log.info("train: %s on %s: %s", _path_id(trial), r.get("node"), what)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         log.debug("error %s", _path_id(trial))
         st = self.stage
         if st is not None and st.bar is not None:
             st.bar.update(1)
-            tqdm.write(f"{st.name}: {_path_id(trial)} FAILED after {MAX_FAILURES} retries")
+            log.warning("%s: %s FAILED after %d retries", st.name, _path_id(trial), MAX_FAILURES)
 
     def on_experiment_end(self, trials, **info):
         st = self.stage
@@ -349,17 +339,24 @@ class _Watch(tune.Callback):
 
 
 
+# Tune's own progress tables off (verbose=0: progress is ours) and no automatic TensorBoard logger, which
+# logs a "Summary name ... is illegal" line for every path-id metric; CSV and JSON results stay (passed below).
+_QUIET = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
 def _run_stage(cfg: CoderayConfig, path: Path, trainable: Callable, space: list[dict], *, resume: bool, progress: bool,
                scheduler) -> _Stage:
     """Run (or resume) the experiment at `path`: a trial per entry of `space`; results by path id."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     from tuning.trials import trial_resources
 
     name = path.name.rsplit("-", 1)[1]
     log.debug("%s: stage begins", name)
     key = str(path)
     stage = _STAGES[key] = _Stage(name, progress, path=key, total=len(space))
-    quiet = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"     # Tune's own tables off (verbose=0): progress is ours
+    saved = {k: os.environ.get(k) for k in _QUIET}
+    os.environ.update(_QUIET)
     try:
         fn = tune.with_resources(trainable, trial_resources)
         if resume and tune.Tuner.can_restore(path):
@@ -375,7 +372,7 @@ def _run_stage(cfg: CoderayConfig, path: Path, trainable: Callable, space: list[
                 run_config=tune.RunConfig(
                     name=path.name, storage_path=str(path.parent), verbose=0,
                     failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-                    callbacks=[_Watch(key)]))
+                    callbacks=[_Watch(key), CSVLoggerCallback(), JsonLoggerCallback()]))
         began = time.perf_counter()
         log.debug("%s: fit", name)
         grid = tuner.fit()
@@ -389,10 +386,11 @@ def _run_stage(cfg: CoderayConfig, path: Path, trainable: Callable, space: list[
                                f"of {len(grid)} trials unfinished; run the search again to resume it ({path})")
         return stage
     finally:
-        if quiet is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = quiet
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         if stage.bar is not None:
             stage.bar.close()
         _STAGES.pop(key, None)

@@ -84,19 +84,6 @@ class LocalSide:
         out.backward(torch.tensor(grad))
         return x.grad.numpy()
 
-    def timing(self, lout: int, lin: int, batch: int) -> tuple[float, float]:
-        """(seconds per batch of the local head and tail of a path, samples/s of the local-only model),
-        measured here with `coderay.search.measured_throughput`, one thread."""
-        from coderay.paths import PathModule, PathSpec
-        from coderay.search import measured_throughput
-
-        blocks, shapes = self.svc.blocks, self.svc.boundaries
-        seconds = batch / measured_throughput(nn.Sequential(*blocks[lin - 1:]), shapes[lin - 1], batch)
-        if lout:
-            seconds += batch / measured_throughput(nn.Sequential(*blocks[:lout]), shapes[0], batch)
-        base = measured_throughput(PathModule(PathSpec.local_only(self.svc.name), blocks), shapes[0], batch)
-        return seconds, base
-
 
 def side_name(cfg: CoderayConfig, local: str) -> str:
     return f"split-{local}-{cfg.fingerprint(cfg.services, cfg.seed)}"

@@ -20,19 +20,21 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 import torch
 from ray import tune
 
+from coderay.candidate import SearchContext, build_path, predict_path, train_path
 from coderay.config import CoderayConfig
+from coderay.links import load_links, save_links
 from coderay.paths import PathSpec
-from coderay.reward import average_accuracy, reward
-from coderay.search import SearchContext, build_path, load_links, predict_path, save_links, train_path
+from coderay.rows import Row, row_from_dict, score
 from coderay.services import load_services
 
-from tuning.split import RemoteBlocks, local_side, remote_service
+from tuning.split import local_side, remote_service
 
 __all__ = ["predict_trial", "train_trial", "baseline_trial", "trial_resources", "STATE_FILE"]
 
@@ -97,36 +99,18 @@ def predict_trial(config: dict) -> None:
     ctx = _context(cfg, spec, cand)
     _maybe_fail(cand, "predict")
     row = predict_path(ctx, spec)
-    tune.report({"row": row, "reward": row["pred_reward"], **_where(cand)})
+    tune.report({"row": row.to_dict(), "reward": row.pred_reward, **_where(cand)})
 
 
-def _epoch_reward(cfg: CoderayConfig, ctx: SearchContext, cand: dict, local: str, val_acc: float) -> float:
-    """The reward a validation accuracy implies for this path (throughput from stage 1's model)."""
-    acc_local = ctx.services[local].metrics["val_acc"]
-    a = average_accuracy(acc_local, val_acc, cand["th_local"], cand["th_host"])
-    return reward(cfg.reward, a, cand["th_ratio"], acc_local=acc_local)
+def _epoch_reward(cfg: CoderayConfig, predicted: Row, val_acc: float) -> float:
+    """The reward a validation accuracy implies for this path (costs from its stage-1 row)."""
+    return score(replace(predicted, val_acc=val_acc), cfg.reward, cfg.network).reward
 
 
 def _checkpoint(module, epoch: int, directory: Path) -> tune.Checkpoint:
     save_links(module, directory)
     (directory / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
     return tune.Checkpoint.from_directory(str(directory))
-
-
-def _split_throughput(ctx: SearchContext, module, side) -> tuple[float, float]:
-    """(samples/s, ratio to local-only) of a split path timed as `measured_throughput` times a path in one
-    process: the host part here, the local head and tail on the local node, added up (no network)."""
-    from torch import nn
-
-    from coderay.search import measured_throughput
-
-    spec, local = module.spec, ctx.services[module.spec.local]
-    b = local.spec.batch_size
-    host_part = nn.Sequential(module.links["in"], module.middle, module.links["out"]).eval()
-    host_s = b / measured_throughput(host_part, local.boundaries[spec.lout], b)
-    local_s, base = ray.get(side.timing.remote(spec.lout, spec.lin, b))
-    sps = b / (host_s + local_s)
-    return sps, sps / base
 
 
 def train_trial(config: dict) -> None:
@@ -138,10 +122,11 @@ def train_trial(config: dict) -> None:
     spec = PathSpec.parse(cand["path_id"])
     ctx = _context(cfg, spec, cand)
     epochs = cfg.search.link_epochs
+    predicted = row_from_dict(cand["predicted"])
     if spec.kind == "local":
         _maybe_fail(cand, "train")
-        row, _ = train_path(ctx, spec, progress=False)
-        tune.report({"row": row, "reward": row["reward"], **_where(cand)})
+        row, _ = train_path(ctx, spec, progress=False, predicted=predicted)
+        tune.report({"row": row.to_dict(), "reward": row.reward, **_where(cand)})
         return
 
     module, _ = build_path(ctx, spec)
@@ -161,17 +146,15 @@ def train_trial(config: dict) -> None:
             return
         with tempfile.TemporaryDirectory() as d:
             tune.report({"epoch": epoch, "loss": loss, "val_acc": val_acc,
-                         "reward": _epoch_reward(cfg, ctx, cand, spec.local, val_acc), **_where(cand)},
+                         "reward": _epoch_reward(cfg, predicted, val_acc), **_where(cand)},
                         checkpoint=_checkpoint(module, epoch, Path(d)))
 
     work = Path(tempfile.mkdtemp(prefix="coderay-links-"))
     try:
         row, module = train_path(ctx, spec, epochs=max(epochs - done, 1), progress=False, module=module,
-                                 links_dir=work, on_epoch=on_epoch)
-        if isinstance(ctx.services[spec.local].blocks, RemoteBlocks):   # timed without the split's round trips
-            row["measured_sps"], row["measured_ratio"] = _split_throughput(ctx, module, local_side(cfg, spec.local))
-        row |= {"links_file": None, "epochs": epochs, "resumed_from_epoch": done}
-        tune.report({"epoch": epochs, "val_acc": row["val_acc"], "reward": row["reward"], "row": row,
+                                 links_dir=work, on_epoch=on_epoch, predicted=predicted)
+        row = replace(row, links_file=None).with_extra(epochs=epochs, resumed_from_epoch=done)
+        tune.report({"epoch": epochs, "val_acc": row.val_acc, "reward": row.reward, "row": row.to_dict(),
                      **_where(cand)}, checkpoint=_checkpoint(module, epochs, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -195,5 +178,5 @@ def baseline_trial(config: dict) -> None:
         services[name] = ServiceModel(spec, cfg.node(spec.node), None, None, [None] * len(infos), infos,
                                       meta["metrics"])
     rows = edge_early_rows(SearchContext(cfg, services), local)
-    best = max((r["reward"] for r in rows), default=None)
-    tune.report({"rows": {r["path_id"]: r for r in rows}, "reward": best, **_where(cand)})
+    best = max((r.reward for r in rows), default=None)
+    tune.report({"rows": {r.path_id: r.to_dict() for r in rows}, "reward": best, **_where(cand)})

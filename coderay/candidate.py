@@ -1,0 +1,215 @@
+"""The work on one candidate path, the same whichever engine schedules it (in-process or Ray Tune).
+
+- `predict_path` (stage 1): links fitted by least squares on a few hundred paired activations, then a few
+  gradient steps, evaluated on validation data; throughput from block profiles (`coderay.throughput`).
+- `train_path` (stage 2): the links trained to convergence from that start; validation accuracy ranks paths,
+  test accuracy is reported.
+Both return a typed `Row` (`coderay.rows`), built by `path_row` and scored by `coderay.rows.score`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from coderay.config import CoderayConfig
+from coderay.links import Link, match_image, save_links
+from coderay.paths import PathModule, PathSpec, enumerate_paths, path_budget
+from coderay.plan import TO_END, crossings
+from coderay.rows import Row, score
+from coderay.services import ServiceModel, load_services
+from coderay.throughput import BYTES_PER_VALUE, PathCosts
+from coderay.train import evaluate, fit
+
+__all__ = ["SearchContext", "candidates", "build_path", "path_costs", "path_row", "predict_path", "train_path"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchContext:
+    """What a search needs, loaded once: the config and the trained, split, profiled services."""
+
+    cfg: CoderayConfig
+    services: dict[str, ServiceModel]
+    _acts: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, cfg: CoderayConfig, *, progress: bool = True, train_missing: bool = True) -> SearchContext:
+        return cls(cfg, load_services(cfg, progress=progress, train_missing=train_missing))
+
+    def fit_activations(self, local: str, upto: int, host: str | None = None) -> torch.Tensor:
+        """Activations after block `upto` of `host` (default: `local`) on the local task's fitting samples,
+        the image resized for the host; computed once per search (candidates share most of them)."""
+        key = (local, host or local, upto)
+        if key not in self._acts:
+            if upto == 0 and host is None:
+                svc = self.services[local]
+                idx = torch.randperm(len(svc.task.train), generator=torch.Generator().manual_seed(self.cfg.seed))
+                self._acts[key] = torch.stack([svc.task.train[int(i)][0]
+                                               for i in idx[:self.cfg.search.predict_samples]])  # (n, C, H, W)
+            elif host is None:
+                self._acts[key] = _run(self.services[local].blocks[upto - 1:upto],
+                                       self.fit_activations(local, upto - 1))
+            else:
+                image = match_image(self.fit_activations(local, 0), self.services[host].boundaries[0])
+                self._acts[key] = _run(self.services[host].blocks[:upto], image)
+        return self._acts[key]
+
+
+def candidates(ctx: SearchContext, local: str) -> list[PathSpec]:
+    s = ctx.cfg.search
+    return enumerate_paths(local, {n: svc.boundaries for n, svc in ctx.services.items()}, lout=s.lout, hin=s.hin,
+                           include_skip=s.include_skip)
+
+
+def _run(blocks, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        for b in blocks:
+            x = b(x)
+    return x.clone()
+
+
+def build_path(ctx: SearchContext, spec: PathSpec) -> tuple[PathModule, dict]:
+    """A path with fresh links fitted by least squares on the local task's training data.
+
+    Link targets are what the receiving block sees on its own: the host's activation of the (resized) image
+    at hin−1 for link_in, the local model's activation at lin−1 for link_out and skip links.
+    Returns the module and the fit residuals.
+    """
+    local = ctx.services[spec.local]
+    src = ctx.fit_activations(spec.local, spec.lout)
+    target = ctx.fit_activations(spec.local, spec.lin - 1)
+    links, residuals = {}, {}
+    if spec.kind == "skip":
+        links["skip"] = Link(src.shape[1:], target.shape[1:], relu=bool(target.min() >= 0))
+        residuals["skip"] = links["skip"].init_lstsq(src, target)
+    elif spec.kind == "coop":
+        host = ctx.services[spec.host]
+        host_in = ctx.fit_activations(spec.local, spec.hin - 1, host=spec.host)
+        links["in"] = Link(src.shape[1:], host_in.shape[1:], relu=bool(host_in.min() >= 0))
+        residuals["in"] = links["in"].init_lstsq(src, host_in)
+        with torch.inference_mode():
+            links["in"].eval()
+            mid = _run(host.blocks[spec.hin - 1:spec.hout], links["in"](src))
+        links["out"] = Link(mid.shape[1:], target.shape[1:], relu=bool(target.min() >= 0))
+        residuals["out"] = links["out"].init_lstsq(mid, target)
+    host_blocks = ctx.services[spec.host].blocks if spec.host else ()
+    module = PathModule(spec, local.blocks, host_blocks, links).eval()
+    return module, residuals
+
+
+def _link_seconds(link: Link, batch: int, speed: float) -> float:
+    """Per-sample seconds of a link at batch `batch`, measured here, divided by the node's speed."""
+    x = torch.randn(batch, *link.src)
+    link.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            link(x)
+            start = time.perf_counter()
+            for _ in range(3):
+                link(x)
+            return (time.perf_counter() - start) / 3 / batch / speed
+    finally:
+        torch.set_num_threads(threads)
+
+
+def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
+    """The throughput model's inputs for a path, read off its plan: each hop's per-sample seconds on the
+    node that runs it (blocks from profiles, links timed at that node's batch) and the bytes of every
+    activation that crosses between the local and the host node."""
+    spec = module.spec
+    local = ctx.services[spec.local]
+    full = local.block_seconds(1, len(local.blocks))
+    if spec.kind == "local":
+        return PathCosts(local_full=full, local_part=full)
+    seconds = {spec.local: 0.0, spec.host: 0.0}
+    shapes = [local.boundaries[0]]                      # the activation leaving each hop
+    for hop in module.hops:
+        svc = ctx.services[hop.service]
+        if hop.kind == "links":
+            link = module.links[hop.link]
+            seconds[hop.service] += _link_seconds(link, svc.spec.batch_size, svc.node.speed)
+            shapes.append(link.dst)
+        else:
+            last = len(svc.blocks) if hop.last == TO_END else hop.last
+            seconds[hop.service] += svc.block_seconds(hop.first, last)
+            shapes.append(svc.boundaries[last])
+    nbytes = {"out": 0, "back": 0}
+    for i, src, _ in crossings(spec):
+        nbytes["out" if src == spec.local else "back"] += BYTES_PER_VALUE["float32"] * math.prod(shapes[i])
+    if spec.kind == "skip":
+        return PathCosts(local_full=full, local_part=seconds[spec.local])
+    host = ctx.services[spec.host]
+    return PathCosts(local_full=full, local_part=seconds[spec.local],
+                     host_full=host.block_seconds(1, len(host.blocks)), host_part=seconds[spec.host],
+                     batch=host.spec.batch_size, guest_quota=host.spec.guest_quota,
+                     bytes_out=nbytes["out"], bytes_back=nbytes["back"])
+
+
+def path_row(ctx: SearchContext, spec: PathSpec, costs: PathCosts, *, link_params: int = 0, **fields) -> Row:
+    """The one constructor of a path's row: identity, nodes, the local model's accuracy, costs, budget, and
+    `fields` (accuracies, bookkeeping); scored before it is returned."""
+    local = ctx.services[spec.local]
+    host = ctx.services[spec.host] if spec.host else None
+    budget = path_budget(spec, local.block_params, host.block_params if host else (), link_params)
+    row = Row(path_id=spec.id, local=spec.local, kind=spec.kind, host=spec.host, lout=spec.lout, hin=spec.hin,
+              hout=spec.hout, lin=spec.lin, local_node=local.node.name, host_node=host.node.name if host else "",
+              acc_local_val=local.metrics["val_acc"], acc_local_test=local.metrics["test_acc"], costs=costs,
+              **budget, **fields)
+    return score(row, ctx.cfg.reward, ctx.cfg.network)
+
+
+def _link_params(module: PathModule) -> int:
+    return sum(p.numel() for p in module.links.parameters())
+
+
+def predict_path(ctx: SearchContext, spec: PathSpec) -> Row:
+    """Stage 1 for one candidate: least-squares links, validation accuracy, modelled throughput, reward."""
+    local = ctx.services[spec.local]
+    if spec.kind == "local":
+        module, pred_acc = PathModule(spec, local.blocks), local.metrics["val_acc"]
+    else:
+        module, _ = build_path(ctx, spec)
+        s = ctx.cfg.search
+        if s.predict_steps:
+            n = min(len(local.task.train), s.predict_steps * s.link_batch_size)
+            torch.manual_seed(ctx.cfg.seed)
+            fit(module, module.link_parameters(), Subset(local.task.train, range(n)), local.task.val, epochs=1,
+                lr=s.link_lr, batch_size=s.link_batch_size, seed=ctx.cfg.seed, progress=False, validate=False)
+        pred_acc = evaluate(module, local.task.val)
+    return path_row(ctx, spec, path_costs(ctx, module), link_params=_link_params(module), pred_acc=pred_acc)
+
+
+def train_path(ctx: SearchContext, spec: PathSpec, *, epochs: int | None = None, progress: bool = True,
+               links_dir: Path | None = None, on_epoch: Callable[[int, float, float], None] | None = None,
+               module: PathModule | None = None, predicted: Row | None = None) -> tuple[Row, PathModule]:
+    """Stage 2 for one candidate: train its links (from the least-squares start), measure, save the links.
+    `predicted` (its stage-1 row) keeps the prediction beside the measurement."""
+    local = ctx.services[spec.local]
+    s = ctx.cfg.search
+    if module is None:
+        module = PathModule(spec, local.blocks) if spec.kind == "local" else build_path(ctx, spec)[0]
+    start = time.perf_counter()
+    trained = spec.kind != "local"
+    if trained:
+        torch.manual_seed(ctx.cfg.seed)
+        fit(module, module.link_parameters(), local.task.train, local.task.val, epochs=epochs or s.link_epochs,
+            lr=s.link_lr, batch_size=s.link_batch_size, seed=ctx.cfg.seed, desc=spec.id, progress=progress,
+            on_epoch=on_epoch)
+    val_acc, test_acc = evaluate(module, local.task.val), evaluate(module, local.task.test)
+    links_file = str(save_links(module, links_dir)) if trained and links_dir is not None else None
+    row = path_row(ctx, spec, path_costs(ctx, module), link_params=_link_params(module),
+                   pred_acc=predicted.pred_acc if predicted else None, val_acc=val_acc, test_acc=test_acc,
+                   trained=trained, train_seconds=round(time.perf_counter() - start, 2), links_file=links_file)
+    if predicted is not None:
+        row = row.with_extra(**predicted.extra)
+    return row, module

@@ -1,0 +1,67 @@
+"""The one plan of a path: its ordered hops, each a run of one service's blocks or one link, on a node.
+
+Every executor runs this plan and nothing else: the in-process `PathModule` (search), the chain of replica
+calls (serving) and the split-learning trial (Tune). Where a link runs is decided here, once.
+
+    local:  L[1..N]
+    skip:   L[1..lout] → link 'skip' (local node) → L[lin..N]
+    coop:   L[1..lout] → link 'in' (host node) → H[hin..hout] → link 'out' (host node) → L[lin..N]
+
+An empty head (lout = 0) is no hop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # paths.py runs plans, so it imports this module, not the other way round
+    from coderay.paths import PathSpec
+
+__all__ = ["TO_END", "Hop", "plan_hops", "link_owner", "crossings"]
+
+TO_END = -1  # `last` of a hop that runs a service's blocks to its last one
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One step of a path: a service's blocks first..last, or one of the path's links on a service's node."""
+
+    kind: str                   # 'blocks' or 'links'
+    service: str                # whose node runs it (blocks-<service> / links-<service> in serving)
+    first: int = 0
+    last: int = 0               # TO_END: to the service's last block
+    guest: bool = False         # the samples belong to another service (counted against its guest quota)
+    path_id: str = ""
+    link: str = ""              # 'in', 'out' or 'skip'
+
+
+def link_owner(spec: PathSpec) -> str:
+    """The service whose node runs a path's links: the host for cooperative paths, the local for skip paths."""
+    return spec.host if spec.kind == "coop" else spec.local
+
+
+def plan_hops(spec: PathSpec) -> list[Hop]:
+    if spec.kind == "local":
+        return [Hop("blocks", spec.local, 1, TO_END)]
+    head = [Hop("blocks", spec.local, 1, spec.lout)] if spec.lout > 0 else []
+    tail = [Hop("blocks", spec.local, spec.lin, TO_END)]
+    owner = link_owner(spec)
+    if spec.kind == "skip":
+        return [*head, Hop("links", owner, path_id=spec.id, link="skip"), *tail]
+    return [*head, Hop("links", owner, path_id=spec.id, link="in"),
+            Hop("blocks", spec.host, spec.hin, spec.hout, guest=True),
+            Hop("links", owner, path_id=spec.id, link="out"), *tail]
+
+
+def crossings(spec: PathSpec) -> list[tuple[int, str, str]]:
+    """(index of the hop that receives, from service, to service) for every hop whose input arrives from
+    another service's node: where activations cross the network (the model counts their bytes)."""
+    hops = plan_hops(spec)
+    out, where = [], spec.local          # the request enters on the local node
+    for i, hop in enumerate(hops):
+        if hop.service != where:
+            out.append((i, where, hop.service))
+        where = hop.service
+    if where != spec.local:              # the answer returns to the local service
+        out.append((len(hops), where, spec.local))
+    return out
