@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from coderay.candidate import SearchContext
+from coderay.emulation import node_rate
 from coderay.rows import BaselineRow, score
 from coderay.throughput import BYTES_PER_VALUE, PathCosts
 from coderay.train import evaluate, fit
@@ -56,13 +57,13 @@ def edge_early_rows(ctx: SearchContext, local: str, *, exits: list[int] | None =
     n = len(svc.blocks)
     exits = exits or list(range(1, n + 1))
     full = svc.block_seconds(1, n)
-    wire = BYTES_PER_VALUE["float32"]
+    wire = BYTES_PER_VALUE[ctx.cfg.network.encoding]   # the same wire as the paths (accuracy not re-measured)
     rows = []
     for e in exits:
         _, val_acc, test_acc, head_params = _branch(ctx, local, e)
         for host in (h for name, h in ctx.services.items() if name != local):
             for k in range(0, e):
-                host_speed_ratio = svc.node.speed / host.node.speed       # the local tail, timed on the host
+                host_speed_ratio = node_rate(ctx.cfg, svc.node.name) / node_rate(ctx.cfg, host.node.name)
                 costs = PathCosts(local_full=full, local_part=svc.block_seconds(1, k),
                                   host_full=host.block_seconds(1, len(host.blocks)),
                                   host_part=svc.block_seconds(k + 1, e) * host_speed_ratio,

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Subset
 
 from coderay.config import CoderayConfig
+from coderay.emulation import speed_divisor, sustained_seconds, timing_as
 from coderay.links import Link, match_image, save_links
 from coderay.paths import PathModule, PathSpec, enumerate_paths, path_budget
 from coderay.plan import TO_END, crossings
@@ -101,23 +102,33 @@ def build_path(ctx: SearchContext, spec: PathSpec) -> tuple[PathModule, dict]:
         links["out"] = Link(mid.shape[1:], target.shape[1:], relu=bool(target.min() >= 0))
         residuals["out"] = links["out"].init_lstsq(mid, target)
     host_blocks = ctx.services[spec.host].blocks if spec.host else ()
-    module = PathModule(spec, local.blocks, host_blocks, links).eval()
+    module = PathModule(spec, local.blocks, host_blocks, links, link_out=link_out_place(ctx, spec),
+                        encoding=ctx.cfg.network.encoding).eval()
     return module, residuals
 
 
-def _link_seconds(link: Link, batch: int, speed: float) -> float:
-    """Per-sample seconds of a link at batch `batch`, measured here, divided by the node's speed."""
+def link_out_place(ctx: SearchContext, spec: PathSpec) -> str:
+    """Where a cooperative path's link_out runs: the config's choice, or (auto) the node that makes fewer
+    values cross back to the local node: the host block's output (link_out on the local node) or the link's."""
+    choice = ctx.cfg.search.link_out
+    if spec.kind != "coop" or choice != "auto":
+        return "host" if spec.kind != "coop" else choice
+    host_out = math.prod(ctx.services[spec.host].boundaries[spec.hout])
+    local_in = math.prod(ctx.services[spec.local].boundaries[spec.lin - 1])
+    return "local" if host_out < local_in else "host"
+
+
+def _link_seconds(cfg: CoderayConfig, link: Link, batch: int, node: str) -> float:
+    """Per-sample seconds of a link at batch `batch` on `node`: timed as that node (under its CPU cap), or
+    timed here and divided by its speed where emulation is arithmetic."""
     x = torch.randn(batch, *link.src)
     link.eval()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.inference_mode():
-            link(x)
-            start = time.perf_counter()
-            for _ in range(3):
-                link(x)
-            return (time.perf_counter() - start) / 3 / batch / speed
+        with timing_as(cfg, node) as cap, torch.inference_mode():
+            seconds = sustained_seconds(lambda: link(x), min_seconds=0.1 if cap.capped else 0.0)
+        return seconds / batch / speed_divisor(cfg, node)
     finally:
         torch.set_num_threads(threads)
 
@@ -137,15 +148,15 @@ def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
         svc = ctx.services[hop.service]
         if hop.kind == "links":
             link = module.links[hop.link]
-            seconds[hop.service] += _link_seconds(link, svc.spec.batch_size, svc.node.speed)
+            seconds[hop.service] += _link_seconds(ctx.cfg, link, svc.spec.batch_size, svc.node.name)
             shapes.append(link.dst)
         else:
             last = len(svc.blocks) if hop.last == TO_END else hop.last
             seconds[hop.service] += svc.block_seconds(hop.first, last)
             shapes.append(svc.boundaries[last])
     nbytes = {"out": 0, "back": 0}
-    for i, src, _ in crossings(spec):
-        nbytes["out" if src == spec.local else "back"] += BYTES_PER_VALUE["float32"] * math.prod(shapes[i])
+    for i, src, _ in crossings(spec, link_out=module.link_out):
+        nbytes["out" if src == spec.local else "back"] += BYTES_PER_VALUE[module.encoding] * math.prod(shapes[i])
     if spec.kind == "skip":
         return PathCosts(local_full=full, local_part=seconds[spec.local])
     host = ctx.services[spec.host]
@@ -163,6 +174,8 @@ def path_row(ctx: SearchContext, spec: PathSpec, costs: PathCosts, *, link_param
     budget = path_budget(spec, local.block_params, host.block_params if host else (), link_params)
     row = Row(path_id=spec.id, local=spec.local, kind=spec.kind, host=spec.host, lout=spec.lout, hin=spec.hin,
               hout=spec.hout, lin=spec.lin, local_node=local.node.name, host_node=host.node.name if host else "",
+              link_out_on=link_out_place(ctx, spec) if spec.kind == "coop" else None,
+              encoding=ctx.cfg.network.encoding if spec.kind == "coop" else "float32",
               acc_local_val=local.metrics["val_acc"], acc_local_test=local.metrics["test_acc"], costs=costs,
               **budget, **fields)
     return score(row, ctx.cfg.reward, ctx.cfg.network)

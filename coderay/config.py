@@ -19,7 +19,7 @@ from coderay.errors import ConfigError, UnknownServiceError
 
 __all__ = [
     "ConfigError", "NodeSpec", "NetworkSpec", "TrainSpec", "ServiceSpec", "SearchSpec", "RewardSpec",
-    "ServingSpec", "CoderayConfig", "load_config", "DEFAULT_CONFIG",
+    "ServingSpec", "EmulationSpec", "CoderayConfig", "load_config", "DEFAULT_CONFIG",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -33,7 +33,7 @@ class _Strict(BaseModel):
 class NodeSpec(_Strict):
     name: str = Field(pattern=_NAME)            # also the node's Ray custom resource
     cpus: float = Field(1.0, gt=0)              # CPUs this node offers to Ray
-    speed: float = Field(1.0, gt=0)             # relative compute speed; profiles are divided by it (emulated)
+    speed: float = Field(1.0, gt=0)             # relative compute speed (emulated: see EmulationSpec)
     object_store_mb: int = Field(128, ge=64)    # per-node object store when coderay starts a local cluster
 
 
@@ -43,10 +43,15 @@ class NetworkLink(_Strict):
     rtt_ms: float = Field(ge=0)
 
 
+WireEncoding = Literal["float32", "float16", "bfloat16"]
+
+
 class NetworkSpec(_Strict):
     bandwidth_mbps: float = Field(100.0, gt=0)  # default for node pairs not listed in `links`
     rtt_ms: float = Field(2.0, ge=0)
     links: list[NetworkLink] = []
+    encoding: WireEncoding = "float32"          # activations crossing nodes travel as this (the search measures
+                                                # every path's accuracy with it, the model counts its bytes)
 
     def between(self, a: str, b: str) -> tuple[float, float]:
         """(bandwidth in Mbit/s, RTT in ms) between two nodes; a node talks to itself for free."""
@@ -98,6 +103,9 @@ class SearchSpec(_Strict):
     link_epochs: int = Field(4, ge=1)
     link_lr: float = Field(2e-3, gt=0)
     link_batch_size: int = Field(64, ge=1)
+    link_out: Literal["auto", "host", "local"] = "auto"  # where a cooperative path's link_out runs; auto: on the
+                                                # node that makes fewer bytes cross (the host block's output
+                                                # or the link's)
     exhaustive: bool = False                    # train every candidate (for comparison)
     baselines: bool = True                      # also score the edge-early baseline (Edgent-style)
 
@@ -126,6 +134,16 @@ class ServingSpec(_Strict):
     emulate_network: bool = True                # add RTT + bytes/bandwidth per cross-node hop
 
 
+class EmulationSpec(_Strict):
+    """Heterogeneous edge servers on one machine. With `cpu_caps`, every process working for a node (its
+    replicas, its Tune trials, the profiling behind the throughput model) runs under one real CPU quota of
+    cpus × speed × scale CPUs (coderay.capacity.plan_shares); without it (or where the OS refuses, or on a
+    real cluster) a node's speed only divides its profiled times in the model."""
+    cpu_caps: bool = True                       # real CPU quotas per node on a local cluster; off with --address
+    reserve_cpus: float = Field(0.5, ge=0)      # this machine's CPUs left to Serve's proxy, the ingress, the driver
+                                                # and a load generator, so that the emulated nodes are the bottleneck
+
+
 class CoderayConfig(_Strict):
     name: str = "coderay"
     seed: int = 0
@@ -137,6 +155,7 @@ class CoderayConfig(_Strict):
     search: SearchSpec = SearchSpec()
     reward: RewardSpec = RewardSpec()
     serving: ServingSpec = ServingSpec()
+    emulation: EmulationSpec = EmulationSpec()
 
     @model_validator(mode="after")
     def _cross_check(self) -> CoderayConfig:
@@ -175,6 +194,11 @@ class CoderayConfig(_Strict):
         if self.data_root:
             update["data_root"] = str(Path(self.data_root).expanduser().resolve())
         return self.model_copy(update=update)
+
+    def on_real_cluster(self) -> CoderayConfig:
+        """This config for a real cluster: nothing emulated (no CPU caps, no network delays)."""
+        return self.model_copy(update={"emulation": self.emulation.model_copy(update={"cpu_caps": False}),
+                                       "serving": self.serving.model_copy(update={"emulate_network": False})})
 
     def fingerprint(self, *parts: Any) -> str:
         """A short stable hash of config parts, the key of every on-disk cache."""

@@ -123,7 +123,7 @@ def save_links(module: nn.Module, directory: Path) -> Path:
     """A path's links (`module.spec`, `module.links`) with what rebuilds them: all the serving side needs."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{module.spec.id.replace(':', '__')}.pt"
-    torch.save({"path_id": module.spec.id,
+    torch.save({"path_id": module.spec.id, "link_out": module.link_out, "encoding": module.encoding,
                 "links": {k: {"src": l.src, "dst": l.dst, "relu": isinstance(l.act, nn.ReLU),
                               "state": l.state_dict()} for k, l in module.links.items()}}, path)
     return path

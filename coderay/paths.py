@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from coderay.links import Link, link_kind
-from coderay.plan import TO_END, plan_hops
+from coderay.plan import TO_END, crossings, plan_hops
 
-__all__ = ["PathSpec", "PathModule", "enumerate_paths", "path_budget"]
+__all__ = ["PathSpec", "PathModule", "WIRE_DTYPES", "to_wire", "enumerate_paths", "path_budget"]
 
 Shape = tuple[int, ...]
 
@@ -115,20 +115,30 @@ def enumerate_paths(local: str, boundaries: Mapping[str, Sequence[Shape]], *, lo
     return paths
 
 
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def to_wire(x: torch.Tensor, encoding: str) -> torch.Tensor:
+    """An activation as it crosses between nodes (the receiver computes on `x.float()`)."""
+    return x if encoding == "float32" else x.to(WIRE_DTYPES[encoding])
+
+
 class PathModule(nn.Module):
-    """Runs one path's plan (`coderay.plan.plan_hops`) in this process.
+    """Runs one path's plan (`coderay.plan.plan_hops`) in this process, activations rounded to the wire
+    encoding wherever the plan crosses nodes, exactly as serving sends them.
 
     Blocks are shared (not copied) from their services; `links` holds the only trainable parameters. A
     service's blocks may be a stand-in whose slices run elsewhere (split learning in `tuning.split`).
     """
 
     def __init__(self, spec: PathSpec, local_blocks: Sequence[nn.Module], host_blocks: Sequence[nn.Module] = (),
-                 links: Mapping[str, Link] | None = None):
+                 links: Mapping[str, Link] | None = None, *, link_out: str = "host", encoding: str = "float32"):
         super().__init__()
-        self.spec = spec
+        self.spec, self.link_out, self.encoding = spec, link_out, encoding
         self.links = nn.ModuleDict(links or {})
         blocks = {spec.local: local_blocks, spec.host: host_blocks}
-        self.hops = plan_hops(spec)
+        self.hops = plan_hops(spec, link_out=link_out)
+        self.cross = {i for i, _, _ in crossings(spec, link_out=link_out)}
         steps = []
         for hop in self.hops:
             if hop.kind == "links":
@@ -139,7 +149,9 @@ class PathModule(nn.Module):
         self.steps = nn.ModuleList(steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for step in self.steps:
+        for i, step in enumerate(self.steps):
+            if i in self.cross:
+                x = to_wire(x, self.encoding).float()
             x = step(x)
         return x
 

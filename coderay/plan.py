@@ -1,13 +1,14 @@
 """The one plan of a path: its ordered hops, each a run of one service's blocks or one link, on a node.
 
 Every executor runs this plan and nothing else: the in-process `PathModule` (search), the chain of replica
-calls (serving) and the split-learning trial (Tune). Where a link runs is decided here, once.
+calls (serving) and the split-learning trial (Tune). Where links run is decided here, once.
 
     local:  L[1..N]
     skip:   L[1..lout] → link 'skip' (local node) → L[lin..N]
-    coop:   L[1..lout] → link 'in' (host node) → H[hin..hout] → link 'out' (host node) → L[lin..N]
+    coop:   L[1..lout] → link 'in' (host node) → H[hin..hout] → link 'out' (host or local node) → L[lin..N]
 
-An empty head (lout = 0) is no hop.
+An empty head (lout = 0) is no hop. link_out runs on the host by default (the host creates the links, as in
+the paper); on the local node it ships the host block's output instead of the link's, where that is smaller.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:   # paths.py runs plans, so it imports this module, not the other way round
     from coderay.paths import PathSpec
 
-__all__ = ["TO_END", "Hop", "plan_hops", "link_owner", "crossings"]
+__all__ = ["TO_END", "LINK_OUT_PLACES", "Hop", "plan_hops", "link_owner", "link_services", "crossings"]
 
 TO_END = -1  # `last` of a hop that runs a service's blocks to its last one
+LINK_OUT_PLACES = ("host", "local")
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,14 @@ class Hop:
 
 
 def link_owner(spec: PathSpec) -> str:
-    """The service whose node runs a path's links: the host for cooperative paths, the local for skip paths."""
+    """The service whose node trains a path's links (and runs link_in): the host for cooperative paths, the
+    local service for skip paths."""
     return spec.host if spec.kind == "coop" else spec.local
 
 
-def plan_hops(spec: PathSpec) -> list[Hop]:
+def plan_hops(spec: PathSpec, *, link_out: str = "host") -> list[Hop]:
+    if link_out not in LINK_OUT_PLACES:
+        raise ValueError(f"link_out must be one of {LINK_OUT_PLACES}, got {link_out!r}")
     if spec.kind == "local":
         return [Hop("blocks", spec.local, 1, TO_END)]
     head = [Hop("blocks", spec.local, 1, spec.lout)] if spec.lout > 0 else []
@@ -48,20 +53,27 @@ def plan_hops(spec: PathSpec) -> list[Hop]:
     owner = link_owner(spec)
     if spec.kind == "skip":
         return [*head, Hop("links", owner, path_id=spec.id, link="skip"), *tail]
+    out_on = spec.host if link_out == "host" else spec.local
     return [*head, Hop("links", owner, path_id=spec.id, link="in"),
             Hop("blocks", spec.host, spec.hin, spec.hout, guest=True),
-            Hop("links", owner, path_id=spec.id, link="out"), *tail]
+            Hop("links", out_on, path_id=spec.id, link="out"), *tail]
 
 
-def crossings(spec: PathSpec) -> list[tuple[int, str, str]]:
+def link_services(spec: PathSpec, *, link_out: str = "host") -> list[str]:
+    """The services whose nodes run at least one of the path's links."""
+    return sorted({h.service for h in plan_hops(spec, link_out=link_out) if h.kind == "links"})
+
+
+def crossings(spec: PathSpec, *, link_out: str = "host") -> list[tuple[int, str, str]]:
     """(index of the hop that receives, from service, to service) for every hop whose input arrives from
-    another service's node: where activations cross the network (the model counts their bytes)."""
-    hops = plan_hops(spec)
+    another service's node: where activations cross the network (the model counts their bytes, the wire
+    encoding applies). Index len(hops): the answer going back to the local service."""
+    hops = plan_hops(spec, link_out=link_out)
     out, where = [], spec.local          # the request enters on the local node
     for i, hop in enumerate(hops):
         if hop.service != where:
             out.append((i, where, hop.service))
         where = hop.service
-    if where != spec.local:              # the answer returns to the local service
+    if where != spec.local:
         out.append((len(hops), where, spec.local))
     return out

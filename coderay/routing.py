@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from coderay.config import CoderayConfig
 from coderay.errors import InvalidRouteError, UnknownServiceError
 from coderay.paths import PathSpec
-from coderay.plan import link_owner
+from coderay.plan import link_services
 from coderay.rows import Row
 from coderay.table import RewardTable
 
-__all__ = ["Route", "Router", "initial_routes", "link_files"]
+__all__ = ["Route", "Router", "model_share", "initial_routes", "link_files"]
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +32,39 @@ class Route:
         return {"path": self.path.id, "coop_fraction": self.coop_fraction}
 
 
+def model_share(row: Row) -> float:
+    """The share of requests a path should take for the throughput the model promises: Th^h / (Th^l + Th^h)
+    (the local node answers the rest on its own model); 1.0 where the row has no model figures."""
+    if row.kind == "local":
+        return 0.0
+    if row.th_total and row.th_host is not None:
+        return round(row.th_host / row.th_total, 4)
+    return 1.0
+
+
 def initial_routes(cfg: CoderayConfig, rows: Sequence[Row]) -> dict[str, dict]:
-    """Each service's reward-table best path (coop_fraction 1.0 unless local-only); local-only without rows."""
+    """Each service's reward-table best path at the model's share (`model_share`); local-only without rows."""
     table = RewardTable(list(rows))
     routes = {}
     for svc in cfg.services:
         try:
-            best = table.best(svc.name).path_id
+            best = table.best(svc.name)
         except ValueError:
-            best = PathSpec.local_only(svc.name).id
-        local = PathSpec.parse(best).kind == "local"
-        routes[svc.name] = {"path": best, "coop_fraction": 0.0 if local else 1.0}
+            routes[svc.name] = {"path": PathSpec.local_only(svc.name).id, "coop_fraction": 0.0}
+            continue
+        routes[svc.name] = {"path": best.path_id, "coop_fraction": model_share(best)}
     return routes
 
 
 def link_files(rows: Sequence[Row]) -> dict[str, dict[str, str]]:
-    """{service whose node runs them: {path id: links file}} for every path of the table with trained links."""
+    """{service whose node runs links: {path id: links file}} for every path of the table with trained links
+    (a path whose link_out runs on the local node appears under both services)."""
     out: dict[str, dict[str, str]] = {}
     for r in RewardTable(list(rows)).rows:
         if r.is_path and r.links_file and r.kind != "local":
             spec = PathSpec.parse(r.path_id)
-            out.setdefault(link_owner(spec), {})[spec.id] = r.links_file
+            for svc in link_services(spec, link_out=r.link_out_on or "host"):
+                out.setdefault(svc, {})[spec.id] = r.links_file
     return out
 
 

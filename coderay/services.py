@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 from coderay.blocks import Block, BlockInfo, profile_blocks, split_model
 from coderay.config import CoderayConfig, NodeSpec, ServiceSpec
 from coderay.data import TaskData
+from coderay.emulation import node_capacity, speed_divisor, sustained_seconds, timing_as
 from coderay.models import StagedModel
 from coderay.train import load_service, service_dir, train_service
 
 __all__ = ["ServiceModel", "load_services", "split_service"]
 
 Shape = tuple[int, ...]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,8 +28,9 @@ class ServiceModel:
     task: TaskData
     model: StagedModel
     blocks: list[Block]
-    infos: list[BlockInfo]      # measured on this machine; per-node times divide by node.speed (emulated)
+    infos: list[BlockInfo]      # measured on this machine, under the node's CPU cap where one is in force
     metrics: dict               # from training: val_acc, test_acc, ...
+    divisor: float | None = None  # profiled seconds / divisor = seconds on the node (None: node.speed)
 
     @property
     def name(self) -> str:
@@ -42,7 +48,8 @@ class ServiceModel:
     def block_seconds(self, first: int, last: int) -> float:
         """Per-sample seconds of blocks first..last (1-based, inclusive) on this service's node at its batch size."""
         b = self.spec.batch_size
-        return sum(self.infos[k - 1].latency_ms[b] / b for k in range(first, last + 1)) / 1e3 / self.node.speed
+        divisor = self.node.speed if self.divisor is None else self.divisor
+        return sum(self.infos[k - 1].latency_ms[b] / b for k in range(first, last + 1)) / 1e3 / divisor
 
 
 def split_service(spec: ServiceSpec, model: StagedModel) -> list[Block]:
@@ -50,12 +57,31 @@ def split_service(spec: ServiceSpec, model: StagedModel) -> list[Block]:
 
 
 def _profile(cfg: CoderayConfig, spec: ServiceSpec, blocks: Sequence[Block], input_shape: Shape) -> list[BlockInfo]:
-    """Block profiles, measured once per (service checkpoint, cuts, batch size) and cached beside it."""
-    key = cfg.fingerprint(spec.blocks, spec.cuts, spec.batch_size)
+    """Block profiles, measured once per (service checkpoint, cuts, batch size, node capacity) and cached
+    beside the checkpoint. Under a CPU cap each block is timed inside its node's group, sustained over many
+    quota periods, so the throughput model describes the machine that serves."""
+    cap = node_capacity(cfg)[spec.node]
+    key = cfg.fingerprint(spec.blocks, spec.cuts, spec.batch_size, cap.share, cap.capped)
     path = service_dir(cfg, spec) / f"profile-{key}.json"
     if path.exists():
         return [BlockInfo.from_dict(r) for r in json.loads(path.read_text())]
-    infos = profile_blocks(blocks, input_shape, batch_sizes=tuple(sorted({1, spec.batch_size})))
+    b = spec.batch_size
+    if not cap.capped:
+        infos = profile_blocks(blocks, input_shape, batch_sizes=tuple(sorted({1, b})))
+    else:
+        infos = profile_blocks(blocks, input_shape, measure_latency=False)
+        with timing_as(cfg, spec.node), torch.inference_mode():
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(0))
+                for block, info in zip(blocks, infos):
+                    info.latency_ms = {b: 1e3 * sustained_seconds(lambda: block(x))}
+                    x = block(x)
+            finally:
+                torch.set_num_threads(threads)
+        log.info("%s: blocks profiled under %s at %.3f CPU (node %s)", spec.name, cap.mechanism, cap.share,
+                 spec.node)
     path.write_text(json.dumps([i.to_dict() for i in infos], indent=2))
     return infos
 
@@ -71,5 +97,5 @@ def load_services(cfg: CoderayConfig, names: Sequence[str] | None = None, *, tra
         blocks = split_service(spec, trained.model)
         infos = _profile(cfg, spec, blocks, trained.task.input_shape)
         out[spec.name] = ServiceModel(spec, cfg.node(spec.node), trained.task, trained.model, blocks, infos,
-                                      trained.metrics)
+                                      trained.metrics, speed_divisor(cfg, spec.node))
     return out

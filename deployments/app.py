@@ -182,6 +182,8 @@ def start_serving(cfg: CoderayConfig, *, config_path: str | Path, address: str |
                   port: int | None = None) -> Served:
     """Connect (or start a local cluster), load the search's table, deploy, and write the Serve config under
     the workdir. Fails before starting anything when the services are untrained or the search never ran."""
+    if address:
+        cfg = cfg.on_real_cluster()                      # real nodes: no CPU caps, no emulated delays
     for spec in cfg.services:
         load_service(cfg, spec.name)                     # NotTrainedError with the command to run
     table = served_table(cfg)

@@ -20,7 +20,10 @@ from coderay.config import CoderayConfig
 from coderay.services import split_service
 from coderay.train import load_service
 
-from deployments.placement import replica_location, torch_threads
+from coderay.emulation import work_as
+
+from deployments.placement import capacity_info, replica_location, torch_threads
+from coderay.paths import to_wire
 from coderay.plan import TO_END
 
 from deployments.routing import Activation, hop_delay_s
@@ -83,6 +86,7 @@ class BlockGroup:
         self.node, self.quota = spec.node, spec.guest_quota
         self.capacity = min(spec.batch_size, cfg.serving.max_batch_size)   # B, in samples
         self.threads = torch_threads(cpus)
+        self.cap = work_as(cfg, self.node)            # the node's real CPU quota, where emulation has one
         trained = load_service(cfg, service)
         self.blocks = split_service(spec, trained.model)
         self.n_blocks = len(self.blocks)
@@ -94,8 +98,10 @@ class BlockGroup:
         log.info("block group %s: %d blocks on %s, %d torch thread(s), B=%d, s=%d", service, self.n_blocks,
                  self.node, self.threads, self.capacity, self.quota)
 
-    async def run(self, a: Activation, first: int, last: int = TO_END, guest: bool = False) -> Activation:
-        """Blocks first..last (TO_END: to N) on `a`; a guest's samples count against the quota."""
+    async def run(self, a: Activation, first: int, last: int = TO_END, guest: bool = False,
+                  send: str | None = None) -> Activation:
+        """Blocks first..last (TO_END: to N) on `a`; a guest's samples count against the quota. `send`: the
+        wire encoding of the output when the next hop is on another node."""
         last = self.n_blocks if last == TO_END else last
         if not 1 <= first <= last <= self.n_blocks:
             raise ValueError(f"{self.service}: block range {first}..{last} outside 1..{self.n_blocks}")
@@ -106,10 +112,11 @@ class BlockGroup:
         if delay:
             await asyncio.sleep(delay)
         size = self.quota if guest else self.capacity
-        chunks = [Chunk(part, first, last, guest, self.quota, self.capacity) for part in a.x.split(size)]
+        x = a.x.float()                               # a no-op unless it crossed the wire as float16/bfloat16
+        chunks = [Chunk(part, first, last, guest, self.quota, self.capacity) for part in x.split(size)]
         parts = await asyncio.gather(*(self._run_batch(c) for c in chunks))
         y = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return a.moved(y, self.node, delay_s=delay, crossed=a.node != self.node)
+        return a.moved(to_wire(y, send) if send else y, self.node, delay_s=delay, crossed=a.node != self.node)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=batch_samples)
     async def _run_batch(self, chunks: list[Chunk]) -> list[torch.Tensor]:
@@ -132,4 +139,4 @@ class BlockGroup:
         """Where this replica runs (checked from inside it), its batching figures and its settings."""
         return {"deployment": f"blocks-{self.service}", "service": self.service, **replica_location(self.node),
                 "torch_threads": torch.get_num_threads(), "blocks": self.n_blocks, "batch_size": self.capacity,
-                "guest_quota": self.quota, "stats": dict(self.stats)}
+                "guest_quota": self.quota, "capacity": capacity_info(self.cfg, self.cap), "stats": dict(self.stats)}

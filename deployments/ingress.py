@@ -29,8 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from coderay.config import CoderayConfig
 from coderay.data import get_task
 from coderay.errors import CoderayError
-from coderay.paths import PathSpec
-from coderay.plan import plan_hops
+from coderay.paths import PathSpec, to_wire
+from coderay.plan import crossings, plan_hops
 from coderay.routing import Router
 from coderay.rows import Row
 
@@ -125,6 +125,7 @@ class Ingress:
         self._info_handles = [h.options(method_name="info") for h in (*blocks.values(), *links.values())]
         self.stats = {s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "by_path": {}} for s in cfg.services}
         self.suspended: dict[str, float] = {}   # path id -> time.monotonic() until which it is skipped
+        self._plans: dict[str, tuple] = {}
         self.config_errors: dict[str, str] = {}  # the last reconfigure's rejected entries
         cooldown = cfg.serving.fallback_cooldown_s
         self.cooldown_s = max(10.0, 3 * cfg.serving.request_timeout_s) if cooldown is None else cooldown
@@ -258,7 +259,7 @@ class Ingress:
             "service": svc, "path": spec.id, "path_kind": spec.kind, "fallback": fallback,
             "latency_ms": round(latency_ms, 3), "samples": len(x01), "predictions": preds,
             "network": {"emulated": serving.emulate_network, "cross_node_hops": out.hops,
-                        "delay_ms": round(out.delay_ms, 3)}})
+                        "delay_ms": round(out.delay_ms, 3), "wire_bytes": out.wire_bytes}})
 
     @api.get("/v1/debug/replicas", summary="where each replica runs (asked from inside it) and its batching figures")
     async def replicas(self) -> dict:
@@ -294,14 +295,27 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001
             raise self._unavailable(svc, local, exc) from None
 
+    def plan(self, spec: PathSpec) -> tuple[list, str | None, list[str | None]]:
+        """(hops, wire encoding of the input, wire encoding of each hop's output): the path's plan with its
+        placement from the reward table; `None` where the next hop runs on the same node. Cached per path."""
+        if spec.id not in self._plans:
+            row = self.router.rows.get(spec.id)
+            link_out, encoding = (row.link_out_on or "host", row.encoding) if row is not None else ("host", "float32")
+            hops = plan_hops(spec, link_out=link_out)
+            cross = {i for i, _, _ in crossings(spec, link_out=link_out)}
+            sends = [encoding if i + 1 in cross else None for i in range(len(hops))]
+            self._plans[spec.id] = (hops, encoding if 0 in cross else None, sends)
+        return self._plans[spec.id]
+
     async def run_path(self, svc: str, spec: PathSpec, x: torch.Tensor) -> Activation:
         """Chain the path's replica calls, each taking the previous response; await only the last one."""
-        response: Any = Activation(x, self.cfg.service(svc).node)
-        for hop in plan_hops(spec):
+        hops, first_send, sends = self.plan(spec)
+        response: Any = Activation(to_wire(x, first_send) if first_send else x, self.cfg.service(svc).node)
+        for hop, send in zip(hops, sends):
             if hop.kind == "blocks":
-                response = self.blocks[hop.service].remote(response, hop.first, hop.last, hop.guest)
+                response = self.blocks[hop.service].remote(response, hop.first, hop.last, hop.guest, send)
             else:
-                response = self.links[hop.service].remote(response, hop.path_id, hop.link)
+                response = self.links[hop.service].remote(response, hop.path_id, hop.link, send)
         try:
             return await asyncio.wait_for(_resolve(response), self.cfg.serving.request_timeout_s)
         except BaseException:

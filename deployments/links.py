@@ -1,7 +1,8 @@
 """The link deployment: the trained links of every path whose links a service's node runs.
 
-A cooperative path's links (in, out) run on the host's node (the host creates them); a skip path's link on the
-local node. Loaded inside the replica from the reward table's `links_file`s (`coderay.links.load_links`).
+A cooperative path's link_in runs on the host's node (the host creates the links), its link_out on the host's
+or the local node (the row's `link_out_on`); a skip path's link on the local node. Each link set loads the whole
+links file of every path it runs a link of. Loaded inside the replica from the reward table's `links_file`s (`coderay.links.load_links`).
 """
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from ray import serve
 
 from coderay.config import CoderayConfig
 from coderay.links import load_links
+from coderay.paths import to_wire
 
-from deployments.placement import replica_location, torch_threads
+from coderay.emulation import work_as
+
+from deployments.placement import capacity_info, replica_location, torch_threads
 from deployments.routing import Activation, hop_delay_s
 
 __all__ = ["LinkSet"]
@@ -29,6 +33,7 @@ class LinkSet:
     def __init__(self, cfg: CoderayConfig, service: str, files: dict[str, str]):
         self.cfg, self.service, self.node = cfg, service, cfg.service(service).node
         torch_threads(1)
+        self.cap = work_as(cfg, self.node)            # shares the node's CPU quota with its block group
         self.links = {}
         for path_id, file in files.items():
             stored_id, links = load_links(file)
@@ -39,7 +44,8 @@ class LinkSet:
         self.calls = 0
         log.info("links on %s (%s): %s", self.node, service, sorted(self.links))
 
-    async def run(self, a: Activation, path_id: str, link: str) -> Activation:
+    async def run(self, a: Activation, path_id: str, link: str, send: str | None = None) -> Activation:
+        """The path's link `link` on `a`; `send`: the wire encoding of the output for a next hop elsewhere."""
         try:
             module = self.links[path_id][link]
         except KeyError:
@@ -50,10 +56,11 @@ class LinkSet:
         if delay:
             await asyncio.sleep(delay)
         with torch.inference_mode():
-            y = module(a.x)
-        return a.moved(y, self.node, delay_s=delay, crossed=a.node != self.node)
+            y = module(a.x.float())
+        return a.moved(to_wire(y, send) if send else y, self.node, delay_s=delay, crossed=a.node != self.node)
 
     def info(self) -> dict:
         return {"deployment": f"links-{self.service}", "service": self.service, **replica_location(self.node),
                 "torch_threads": torch.get_num_threads(), "paths": sorted(self.links),
+                "capacity": capacity_info(self.cfg, self.cap),
                 "stats": {"calls": self.calls}}

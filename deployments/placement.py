@@ -12,7 +12,7 @@ from coderay.cluster import check_nodes, pin
 from coderay.config import CoderayConfig
 
 __all__ = ["HEAD_RESOURCE", "cpu_shares", "block_options", "link_options", "ingress_options", "check_placement",
-           "torch_threads", "replica_location"]
+           "torch_threads", "replica_location", "capacity_info"]
 
 log = logging.getLogger(__name__)
 HEAD_RESOURCE = "head"   # coderay.cluster.LocalCluster gives its head node this resource
@@ -80,6 +80,17 @@ def torch_threads(cpus: float) -> int:
     n = max(1, int(cpus))
     torch.set_num_threads(n)
     return n
+
+
+def capacity_info(cfg: CoderayConfig, cap) -> dict:
+    """Inside a replica: its node's capacity emulation and the CPU seconds the node's group has used."""
+    from coderay import capacity
+
+    info = cap.as_dict()
+    if cap.capped:
+        used = capacity.usage(cap.node)
+        info |= {"cpu_s": used.cpu_s, "throttled_periods": used.nr_throttled}
+    return info
 
 
 def replica_location(node: str) -> dict:

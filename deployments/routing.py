@@ -24,9 +24,12 @@ class Activation:
     node: str                   # where `x` was produced (the receiver emulates the hop from here)
     hops: int = 0               # cross-node hops so far
     delay_ms: float = 0.0       # emulated network delay so far
+    wire_bytes: int = 0         # bytes that crossed between nodes so far (as encoded on the wire)
 
     def moved(self, x: torch.Tensor, node: str, *, delay_s: float, crossed: bool) -> Activation:
-        return replace(self, x=x, node=node, hops=self.hops + int(crossed), delay_ms=self.delay_ms + delay_s * 1e3)
+        """The output `x` of the hop on `node` that received this activation (across the wire if `crossed`)."""
+        return replace(self, x=x, node=node, hops=self.hops + int(crossed), delay_ms=self.delay_ms + delay_s * 1e3,
+                       wire_bytes=self.wire_bytes + (self.x.nbytes if crossed else 0))
 
 
 def hop_delay_s(cfg: CoderayConfig, src: str, dst: str, nbytes: int) -> float:

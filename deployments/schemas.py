@@ -91,6 +91,7 @@ class NetworkInfo(_Model):
     emulated: bool                    # True: the delays below were added on purpose (one machine emulating the edge)
     cross_node_hops: int              # hops of this request's activations between different nodes
     delay_ms: float                   # emulated delay added on those hops (0 when not emulated)
+    wire_bytes: int                   # bytes of activations that crossed between nodes (the wire encoding's)
 
 
 class InferResponse(_Model):

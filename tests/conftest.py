@@ -16,7 +16,7 @@ workdir: {workdir}
 nodes:
   - {{name: edge-a, cpus: 1, speed: 1.0}}
   - {{name: edge-b, cpus: 1, speed: 2.0}}
-network: {{bandwidth_mbps: 100, rtt_ms: 1}}
+network: {{bandwidth_mbps: 100, rtt_ms: 1, encoding: float16}}
 services:
   - name: digits
     arch: small_cnn
@@ -44,6 +44,7 @@ search:
   link_epochs: 1
 reward: {{alpha: 8, beta: 1}}
 serving: {{port: 0, max_batch_size: 16, request_timeout_s: 20}}
+emulation: {{cpu_caps: false}}   # the search and Tune tests run uncapped (faster); serving tests turn caps on
 """
 
 

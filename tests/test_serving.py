@@ -29,7 +29,8 @@ def served(trained_cfg, searched_table):
 
     serving = trained_cfg.serving.model_copy(update={"request_timeout_s": 8.0, "max_request_samples": 128,
                                                      "max_body_bytes": 2 * 2**20})
-    cfg = trained_cfg.model_copy(update={"serving": serving})
+    emulation = trained_cfg.emulation.model_copy(update={"cpu_caps": True})   # real CPU caps per node
+    cfg = trained_cfg.model_copy(update={"serving": serving, "emulation": emulation})
     if ray.is_initialized():  # LocalCluster's ray.init would otherwise keep a connection some other test left
         ray.shutdown()
     cluster = LocalCluster(cfg)
@@ -90,12 +91,14 @@ def test_replicas_run_on_their_pinned_nodes(served):
 
 
 def test_listing_health_and_docs(served):
+    from coderay.routing import model_share
+
     c = served.client
     assert c.get("/healthz").json()["status"] == "ok"
     services = {s["name"]: s for s in c.get("/v1/services").json()}
     assert services["digits"] | {"stats": None} == services["digits"] | {
         "task": "digits", "classes": [str(d) for d in range(10)], "input_shape": [1, 28, 28], "node": "edge-a",
-        "active_path": served.best, "coop_fraction": 0.0 if served.best == "digits:local" else 1.0, "stats": None}
+        "active_path": served.best, "coop_fraction": model_share(served.table.row(served.best)), "stats": None}
     assert services["mnist"]["active_path"] == "mnist:local" and services["mnist"]["node"] == "edge-b"
     paths = c.get("/v1/services/digits/paths").json()
     assert [r["path_id"] for r in paths["paths"] if r["active"]] == [served.best] == [paths["active_path"]]
@@ -115,21 +118,26 @@ def test_held_out_predictions_match_the_in_process_path(served, search_ctx):
     x01, y = pixels(local.task)
     for path_id in (served.coop, "digits:local"):
         route(served.client, path_id)
-        probs, hops = [], set()
+        probs, hops, wire = [], set(), set()
         for batch in x01.split(BATCH):
             r = post_binary(served.client, "digits", batch.numpy(), top_k=10)
             assert r.status_code == 200, r.text
             body = r.json()
             assert (body["path"], body["fallback"], body["samples"]) == (path_id, False, len(batch))
             hops.add(body["network"]["cross_node_hops"])
+            wire.add(body["network"]["wire_bytes"] / len(batch))
             probs += [[dict((s["class_index"], s["prob"]) for s in p["top_k"])[k] for k in range(10)]
                       for p in body["predictions"]]
         served_probs = torch.tensor(probs)
         spec = PathSpec.parse(path_id)
         if spec.kind == "coop":
-            _, links = load_links(served.table.row(path_id)["links_file"])
-            module = PathModule(spec, local.blocks, search_ctx.services[spec.host].blocks, links).eval()
+            row = served.table.row(path_id)
+            _, links = load_links(row["links_file"])
+            module = PathModule(spec, local.blocks, search_ctx.services[spec.host].blocks, links,
+                                link_out=row.link_out_on, encoding=row.encoding).eval()
             assert hops == {2}                      # local node -> host node -> local node
+            assert row.encoding == "float16"        # the tiny config's wire: the table measured it so
+            assert wire == {row.costs.bytes_out + row.costs.bytes_back}   # the model's bytes, as served
         else:
             module = PathModule(spec, local.blocks).eval()
             assert hops == {0}
@@ -254,6 +262,21 @@ def test_route_switch_is_validated_and_splits_traffic(served):
     route(c, served.coop)
 
 
+def test_put_pins_a_route_until_delete_releases_it(served):
+    from coderay.routing import initial_routes
+
+    c = served.client
+    auto = initial_routes(served.cfg, served.table.rows)["digits"]
+    route(c, "digits:local")
+    listed = {s["name"]: s for s in c.get("/v1/services").json()}["digits"]
+    assert (listed["active_path"], listed["pinned"]) == ("digits:local", True)
+    released = c.delete("/v1/services/digits/route")
+    assert released.status_code == 200 and released.json()["path"] == auto["path"]
+    assert released.json()["coop_fraction"] == pytest.approx(auto["coop_fraction"])
+    assert not {s["name"]: s for s in c.get("/v1/services").json()}["digits"]["pinned"]
+    assert c.delete("/v1/services/nope/route").status_code == 404
+
+
 def test_reconfigure_switches_routes_in_place(served):
     from ray import serve
 
@@ -340,14 +363,15 @@ def test_switching_paths_under_concurrent_load_fails_no_request(served):
     assert not any(f for _, _, f in results)
 
 
-def test_serve_config_file_is_deployable(served, tiny_config_path, tmp_path):
+def test_serve_config_file_is_deployable(served, trained_cfg, tiny_config_path, tmp_path):
     from ray.serve import Application
     from ray.serve.schema import ServeDeploySchema
 
     from deployments.app import app_builder, write_serve_config
     from coderay.routing import initial_routes
 
-    out = write_serve_config(served.cfg, tiny_config_path, tmp_path / "serve-config.yaml", port=8123)
+    # the config file as searched (the fixture serves it with CPU caps on: another search key)
+    out = write_serve_config(trained_cfg, tiny_config_path, tmp_path / "serve-config.yaml", port=8123)
     doc = yaml.safe_load(out.read_text())
     ServeDeploySchema.model_validate(doc)
     app = doc["applications"][0]
@@ -374,6 +398,49 @@ def test_deploy_to_a_missing_node_fails_fast(served):
         deploy(CoderayConfig.model_validate(raw), served.table, port=0)
     assert time.perf_counter() - start < 10
     assert served.client.get("/healthz").status_code == 200   # the running app is untouched
+
+
+def test_capped_replicas_get_their_nodes_share(served):
+    """Kept busy (calls straight to its handle, so HTTP is not the limit), the local node's block group uses
+    its node's CPU quota: CPU seconds of the node's group over wall time within ±20% of the share."""
+    from ray import serve
+
+    from coderay.emulation import node_capacity
+    from deployments.app import APP_NAME
+    from deployments.routing import Activation
+
+    cap = node_capacity(served.cfg)["edge-a"]
+    if not cap.capped:
+        pytest.skip(f"no CPU caps on this machine: {cap.mechanism}")
+
+    def digits_cpu() -> tuple[float, dict]:
+        info = served.client.get("/v1/debug/replicas").json()
+        blocks = next(r for r in info["replicas"] if r["deployment"] == "blocks-digits")
+        return blocks["capacity"]["cpu_s"], blocks["capacity"]
+
+    handle = serve.get_deployment_handle("blocks-digits", APP_NAME).options(method_name="run")
+    x = Activation(torch.rand(256, 1, 28, 28), "edge-a")
+    done = threading.Event()
+
+    def keep_busy(_):
+        while not done.is_set():
+            handle.remote(x, 1, -1).result(timeout_s=60)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(keep_busy, i) for i in range(4)]
+        time.sleep(1.5)                                   # warm: the replica's queue is full
+        cpu0, info = digits_cpu()
+        t0 = time.perf_counter()
+        time.sleep(4.0)
+        cpu1, _ = digits_cpu()
+        wall = time.perf_counter() - t0
+        done.set()
+        for f in futures:
+            f.result()
+    used = (cpu1 - cpu0) / wall
+    print(f"\nedge-a: {used:.3f} CPU used of a {cap.share:.3f} CPU quota ({info['mechanism']})")
+    assert info["mechanism"] == cap.mechanism and info["share"] == pytest.approx(cap.share)
+    assert used == pytest.approx(cap.share, rel=0.2)
 
 
 def test_a_lost_host_node_falls_back_to_the_local_path(served):

@@ -68,7 +68,7 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
 
     exhaustive = cfg.search.exhaustive if exhaustive is None else exhaustive
     early_stop = not exhaustive if early_stop is None else early_stop
-    cfg = cfg.portable()
+    cfg = cfg.portable() if not address else cfg.portable().on_real_cluster()
     ctx = SearchContext.load(cfg, progress=progress)     # trains what is missing: trials only read caches
     locals_ = cfg.search.locals or [s.name for s in cfg.services]
 

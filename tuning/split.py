@@ -29,6 +29,7 @@ from torch import nn
 
 from coderay.cluster import pin
 from coderay.config import CoderayConfig
+from coderay.emulation import speed_divisor, work_as
 from coderay.services import ServiceModel
 
 __all__ = ["LocalSide", "RemoteSegment", "RemoteBlocks", "local_side", "stop_side", "remote_service", "NAMESPACE"]
@@ -51,6 +52,7 @@ class LocalSide:
         torch.set_num_threads(1)
         self.cfg = CoderayConfig.model_validate(cfg)
         self.svc = load_services(self.cfg, [local], train_missing=False, progress=False)[local]
+        work_as(self.cfg, self.svc.node.name)          # the local node's CPU cap, where emulation has one
         self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def node_id(self) -> str:
@@ -189,4 +191,4 @@ def remote_service(cfg: CoderayConfig, local: str, side: ray.actor.ActorHandle) 
     info = ray.get(side.describe.remote())
     task = get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed)
     return ServiceModel(spec, cfg.node(spec.node), task, None, RemoteBlocks(side, len(info["infos"])),
-                        info["infos"], info["metrics"])
+                        info["infos"], info["metrics"], speed_divisor(cfg, spec.node))

@@ -29,6 +29,7 @@ from ray import tune
 
 from coderay.candidate import SearchContext, build_path, predict_path, train_path
 from coderay.config import CoderayConfig
+from coderay.emulation import speed_divisor, work_as
 from coderay.links import load_links, save_links
 from coderay.paths import PathSpec
 from coderay.rows import Row, row_from_dict, score
@@ -51,9 +52,12 @@ def trial_resources(config: dict) -> tune.PlacementGroupFactory:
 
 
 def _setup(config: dict) -> tuple[CoderayConfig, dict]:
+    """The trial's config and candidate; the process now works as the trial's node (under its CPU cap)."""
     _STARTED["t"] = time.perf_counter()
     torch.set_num_threads(1)
-    return CoderayConfig.model_validate(config["cfg"]), config["cand"]
+    cfg, cand = CoderayConfig.model_validate(config["cfg"]), config["cand"]
+    work_as(cfg, cand["node"])
+    return cfg, cand
 
 
 def _context(cfg: CoderayConfig, spec: PathSpec, cand: dict) -> SearchContext:
@@ -176,7 +180,7 @@ def baseline_trial(config: dict) -> None:
         spec = cfg.service(name)
         infos = [BlockInfo.from_dict(d) for d in meta["infos"]]
         services[name] = ServiceModel(spec, cfg.node(spec.node), None, None, [None] * len(infos), infos,
-                                      meta["metrics"])
+                                      meta["metrics"], speed_divisor(cfg, spec.node))
     rows = edge_early_rows(SearchContext(cfg, services), local)
     best = max((r.reward for r in rows), default=None)
     tune.report({"rows": {r.path_id: r.to_dict() for r in rows}, "reward": best, **_where(cand)})
