@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from coderay.config import CoderayConfig
+from coderay.config import CoderayConfig, LinkVariant
 from coderay.emulation import speed_divisor, sustained_seconds, timing_as
 from coderay.links import Link, match_image, save_links
 from coderay.paths import PathModule, PathSpec, enumerate_paths, path_budget
@@ -77,19 +77,21 @@ def _run(blocks, x: torch.Tensor) -> torch.Tensor:
     return x.clone()
 
 
-def build_path(ctx: SearchContext, spec: PathSpec) -> tuple[PathModule, dict]:
+def build_path(ctx: SearchContext, spec: PathSpec, variant: LinkVariant | None = None) -> tuple[PathModule, dict]:
     """A path with fresh links fitted by least squares on the local task's training data.
 
     Link targets are what the receiving block sees on its own: the host's activation of the (resized) image
-    at hin−1 for link_in, the local model's activation at lin−1 for link_out and skip links.
+    at hin−1 for link_in, the local model's activation at lin−1 for link_out and skip links. The link that
+    brings the sample back is built as `variant` says (default: the config's first link variant).
     Returns the module and the fit residuals.
     """
+    capacity = (variant or ctx.cfg.search.link_variants[0]).capacity
     local = ctx.services[spec.local]
     src = ctx.fit_activations(spec.local, spec.lout)
     target = ctx.fit_activations(spec.local, spec.lin - 1)
     links, residuals = {}, {}
     if spec.kind == "skip":
-        links["skip"] = Link(src.shape[1:], target.shape[1:], relu=bool(target.min() >= 0))
+        links["skip"] = Link(src.shape[1:], target.shape[1:], relu=bool(target.min() >= 0), capacity=capacity)
         residuals["skip"] = links["skip"].init_lstsq(src, target)
     elif spec.kind == "coop":
         host = ctx.services[spec.host]
@@ -99,7 +101,7 @@ def build_path(ctx: SearchContext, spec: PathSpec) -> tuple[PathModule, dict]:
         with torch.inference_mode():
             links["in"].eval()
             mid = _run(host.blocks[spec.hin - 1:spec.hout], links["in"](src))
-        links["out"] = Link(mid.shape[1:], target.shape[1:], relu=bool(target.min() >= 0))
+        links["out"] = Link(mid.shape[1:], target.shape[1:], relu=bool(target.min() >= 0), capacity=capacity)
         residuals["out"] = links["out"].init_lstsq(mid, target)
     host_blocks = ctx.services[spec.host].blocks if spec.host else ()
     module = PathModule(spec, local.blocks, host_blocks, links, link_out=link_out_place(ctx, spec),
@@ -202,27 +204,57 @@ def predict_path(ctx: SearchContext, spec: PathSpec) -> Row:
     return path_row(ctx, spec, path_costs(ctx, module), link_params=_link_params(module), pred_acc=pred_acc)
 
 
+def _feature_matching(ctx: SearchContext, module: PathModule, weight: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The distillation term of a path's training: the link that brings a sample back should produce what the
+    local model's own blocks 1..lin−1 produce for the same input (relative squared error, times `weight`)."""
+    spec = module.spec
+    link = module.links["skip" if spec.kind == "skip" else "out"]
+    teacher = torch.nn.Sequential(*ctx.services[spec.local].blocks[:spec.lin - 1])
+    seen = {}
+    link.register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out))
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = teacher(x)
+        return weight * (seen["out"] - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-8)
+    return loss
+
+
 def train_path(ctx: SearchContext, spec: PathSpec, *, epochs: int | None = None, progress: bool = True,
                links_dir: Path | None = None, on_epoch: Callable[[int, float, float], None] | None = None,
                module: PathModule | None = None, predicted: Row | None = None) -> tuple[Row, PathModule]:
-    """Stage 2 for one candidate: train its links (from the least-squares start), measure, save the links.
-    `predicted` (its stage-1 row) keeps the prediction beside the measurement."""
+    """Stage 2 for one candidate: train its links (from the least-squares start) once per link variant of the
+    config, keep the variant of best validation accuracy, measure it, save its links. `module` (the first
+    variant's, e.g. restored from a checkpoint) is trained instead of a fresh one; `on_epoch` counts epochs
+    across variants. `predicted` (its stage-1 row) keeps the prediction beside the measurement."""
     local = ctx.services[spec.local]
     s = ctx.cfg.search
-    if module is None:
-        module = PathModule(spec, local.blocks) if spec.kind == "local" else build_path(ctx, spec)[0]
+    epochs = epochs or s.link_epochs
     start = time.perf_counter()
     trained = spec.kind != "local"
-    if trained:
-        torch.manual_seed(ctx.cfg.seed)
-        fit(module, module.link_parameters(), local.task.train, local.task.val, epochs=epochs or s.link_epochs,
-            lr=s.link_lr, batch_size=s.link_batch_size, seed=ctx.cfg.seed, desc=spec.id, progress=progress,
-            on_epoch=on_epoch)
-    val_acc, test_acc = evaluate(module, local.task.val), evaluate(module, local.task.test)
+    variants = s.link_variants if trained else s.link_variants[:1]
+    best = None
+    for i, variant in enumerate(variants):
+        if module is None or i > 0:
+            module = PathModule(spec, local.blocks) if not trained else build_path(ctx, spec, variant)[0]
+        if trained:
+            torch.manual_seed(ctx.cfg.seed)
+            shift = i * epochs
+            fit(module, module.link_parameters(), local.task.train, local.task.val, epochs=epochs, lr=s.link_lr,
+                batch_size=s.link_batch_size, seed=ctx.cfg.seed, desc=f"{spec.id} [{variant.name}]",
+                progress=progress, on_epoch=None if on_epoch is None else
+                (lambda e, loss, acc, shift=shift: on_epoch(e + shift, loss, acc)),
+                aux_loss=_feature_matching(ctx, module, variant.distill) if variant.distill else None)
+        val_acc = evaluate(module, local.task.val)
+        if best is None or val_acc > best[0]:
+            best = (val_acc, module, variant)
+    val_acc, module, variant = best
+    test_acc = evaluate(module, local.task.test)
     links_file = str(save_links(module, links_dir)) if trained and links_dir is not None else None
     row = path_row(ctx, spec, path_costs(ctx, module), link_params=_link_params(module),
                    pred_acc=predicted.pred_acc if predicted else None, val_acc=val_acc, test_acc=test_acc,
-                   trained=trained, train_seconds=round(time.perf_counter() - start, 2), links_file=links_file)
+                   trained=trained, train_seconds=round(time.perf_counter() - start, 2), links_file=links_file,
+                   link_variant=variant.name if trained else None)
     if predicted is not None:
         row = row.with_extra(**predicted.extra)
     return row, module

@@ -56,6 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def print_search(table) -> None:
     """The reward table of every local service, its best path and where the files are."""
+    from coderay.routing import model_share
+
     for local in table.locals:
         summary = table.meta["summary"][local]
         print(f"\n== {local}: {summary['candidates']} candidates, {summary['trained']} trained "
@@ -63,9 +65,15 @@ def print_search(table) -> None:
         print(table.format(local, limit=None if table.meta.get("mode") == "exhaustive" else 15))
         best, base = table.best(local), table.row(f"{local}:local")
         print(f"best path: {best.path_id}  ({best.kind})")
+        emulation = table.meta.get("emulation", {}).get("mechanism", "")
+        how = ("profiles taken under per-node CPU caps, " + emulation if emulation.startswith("cgroup")
+               else "profiles divided by node speeds")
         print(f"  path accuracy {best.test_acc:.4f} (test), average accuracy A^av {best.acc_avg_test:.4f} vs "
               f"local-only {base.test_acc:.4f}; throughput {best.th_total:.0f}/s = {best.th_ratio:.2f}x "
-              f"local-only (modelled from profiles, emulated node speeds and network)")
+              f"local-only (modelled: {how}; emulated network)")
+        if best.kind == "coop":
+            print(f"  served at a share of {model_share(best):.2f} of requests (the rest local-only), activations "
+                  f"as {best.encoding}, link_out on the {best.link_out_on} node, links {best.link_variant}")
     out = table.meta.get("dir")
     if out:
         print(f"\nreward table: {out}/table.json, {out}/table.csv; Pareto plot: {out}/pareto.png")

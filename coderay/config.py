@@ -19,7 +19,7 @@ from coderay.errors import ConfigError, UnknownServiceError
 
 __all__ = [
     "ConfigError", "NodeSpec", "NetworkSpec", "TrainSpec", "ServiceSpec", "SearchSpec", "RewardSpec",
-    "ServingSpec", "EmulationSpec", "CoderayConfig", "load_config", "DEFAULT_CONFIG",
+    "ServingSpec", "EmulationSpec", "LinkVariant", "CoderayConfig", "load_config", "DEFAULT_CONFIG",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -92,6 +92,19 @@ class ServiceSpec(_Strict):
         return self
 
 
+class LinkVariant(_Strict):
+    """How the links that bring a sample back (link_out, skip) are built and trained; stage 2 trains every
+    variant of `search.link_variants` and keeps the one of best validation accuracy (its cost is timed)."""
+    capacity: Literal["1x1", "3x3", "bottleneck"] = "1x1"  # 1x1: norm + 1×1 conv; 3x3: + a depthwise 3×3 and 1×1
+                                                # residual; bottleneck: + a 1×1 → 3×3 → 1×1 residual (C/4 wide)
+    distill: float = Field(0.0, ge=0)           # weight of a feature-matching loss toward the local model's own
+                                                # activation where the sample re-enters it
+
+    @property
+    def name(self) -> str:
+        return self.capacity + (f"+distill{self.distill:g}" if self.distill else "")
+
+
 class SearchSpec(_Strict):
     locals: list[str] | None = None             # services to find paths for; default: every service
     lout: list[int] | None = [0]                # allowed local exit blocks (0 = raw input); null = all
@@ -103,6 +116,7 @@ class SearchSpec(_Strict):
     link_epochs: int = Field(4, ge=1)
     link_lr: float = Field(2e-3, gt=0)
     link_batch_size: int = Field(64, ge=1)
+    link_variants: list[LinkVariant] = Field(default_factory=lambda: [LinkVariant()], min_length=1)
     link_out: Literal["auto", "host", "local"] = "auto"  # where a cooperative path's link_out runs; auto: on the
                                                 # node that makes fewer bytes cross (the host block's output
                                                 # or the link's)

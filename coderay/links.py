@@ -54,9 +54,11 @@ def match_image(x: torch.Tensor, shape: Shape) -> torch.Tensor:
 class Link(nn.Module):
     """A trainable adapter from activations of shape `src` to activations of shape `dst` (per sample)."""
 
-    def __init__(self, src: Shape, dst: Shape, *, relu: bool, grid: int = 2):
+    def __init__(self, src: Shape, dst: Shape, *, relu: bool, grid: int = 2, capacity: str = "1x1"):
         super().__init__()
         self.src, self.dst, self.kind = tuple(src), tuple(dst), link_kind(src, dst)
+        self.capacity = capacity if len(dst) == 3 else "1x1"     # wider links only where a feature map is made
+        self.refine = _refinement(self.capacity, dst[0]) if self.capacity != "1x1" else None
         if self.kind == "conv→conv":
             self.norm = nn.BatchNorm2d(src[0])
             self.proj = nn.Conv2d(src[0], dst[0], kernel_size=1)
@@ -75,7 +77,10 @@ class Link(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.proj(self.norm(self._features(x))))
+        y = self.proj(self.norm(self._features(x)))
+        if self.refine is not None:
+            y = y + self.refine(y)
+        return self.act(y)
 
     @property
     def num_params(self) -> int:
@@ -115,6 +120,23 @@ class Link(nn.Module):
         return residual.item()
 
 
+def _refinement(capacity: str, channels: int) -> nn.Module:
+    """A residual branch on the projected feature map whose last layer starts at zero, so the link starts
+    as its least-squares fit: '3x3' depthwise 3×3 + 1×1 mix; 'bottleneck' 1×1 → 3×3 → 1×1 at C/4."""
+    if capacity == "3x3":
+        branch = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.ReLU(),
+                               nn.Conv2d(channels, channels, 1))
+    elif capacity == "bottleneck":
+        mid = max(8, channels // 4)
+        branch = nn.Sequential(nn.Conv2d(channels, mid, 1), nn.ReLU(), nn.Conv2d(mid, mid, 3, padding=1), nn.ReLU(),
+                               nn.Conv2d(mid, channels, 1))
+    else:
+        raise ValueError(f"unknown link capacity {capacity!r}; expected '1x1', '3x3' or 'bottleneck'")
+    nn.init.zeros_(branch[-1].weight)
+    nn.init.zeros_(branch[-1].bias)
+    return branch
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1) if like.dim() == 4 else v.view(1, -1)
 
@@ -124,7 +146,7 @@ def save_links(module: nn.Module, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{module.spec.id.replace(':', '__')}.pt"
     torch.save({"path_id": module.spec.id, "link_out": module.link_out, "encoding": module.encoding,
-                "links": {k: {"src": l.src, "dst": l.dst, "relu": isinstance(l.act, nn.ReLU),
+                "links": {k: {"src": l.src, "dst": l.dst, "relu": isinstance(l.act, nn.ReLU), "capacity": l.capacity,
                               "state": l.state_dict()} for k, l in module.links.items()}}, path)
     return path
 
@@ -134,7 +156,7 @@ def load_links(path: str | Path) -> tuple[str, dict[str, Link]]:
     blob = torch.load(path, map_location="cpu", weights_only=True)
     links = {}
     for k, d in blob["links"].items():
-        links[k] = Link(tuple(d["src"]), tuple(d["dst"]), relu=d["relu"])
+        links[k] = Link(tuple(d["src"]), tuple(d["dst"]), relu=d["relu"], capacity=d.get("capacity", "1x1"))
         links[k].load_state_dict(d["state"])
         links[k].eval()
     return blob["path_id"], links

@@ -39,6 +39,7 @@ class Row(Mapping):
     host_node: str = ""                     # where the host part runs ('' for local and skip paths)
     link_out_on: str | None = None          # 'host' or 'local': which node runs a cooperative path's link_out
     encoding: str = "float32"               # how activations crossing nodes travel (coderay.paths.WIRE_DTYPES)
+    link_variant: str | None = None         # the links' build and training (config LinkVariant.name)
     # accuracy (fractions in [0, 1])
     acc_local_val: float | None = None      # the local-only model's, for A^av and the reward's floor
     acc_local_test: float | None = None

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from coderay.candidate import SearchContext, candidates, predict_path, train_path
 from coderay.config import CoderayConfig
+from coderay.emulation import describe
 from coderay.paths import PathSpec
 from coderay.rows import Row
 from coderay.table import RewardTable
@@ -121,7 +122,8 @@ def staged_search(ctx: SearchContext, executor: Executor, *, exhaustive: bool, o
         rows += [measured.get(spec.id, preds[spec.id]) for spec in cands[local]]
         rows += baselines.get(local, [])
     meta = {"config": cfg.name, "mode": "exhaustive" if exhaustive else "staged", "engine": executor.name,
-            "seconds": round(time.perf_counter() - start, 1), **executor.meta()}
+            "seconds": round(time.perf_counter() - start, 1), "emulation": describe(cfg),
+            "network": cfg.network.model_dump(mode="json"), **executor.meta()}
     table = finish_table(rows, meta)
     table.meta["dir"] = str(out)
     table.save(out)

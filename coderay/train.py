@@ -53,9 +53,11 @@ def evaluate(module: nn.Module, data: Dataset, *, batch_size: int = 256) -> floa
 def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: Dataset, *, epochs: int,
         lr: float, batch_size: int, weight_decay: float = 0.0, seed: int = 0, desc: str = "train",
         progress: bool = True, validate: bool = True,
-        on_epoch: Callable[[int, float, float], None] | None = None) -> list[dict]:
+        on_epoch: Callable[[int, float, float], None] | None = None,
+        aux_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[dict]:
     """Adam (one-cycle learning rate) on cross-entropy over `params` only; one line per epoch. Returns the per-epoch history
-    (validation accuracy is None when `validate` is False)."""
+    (validation accuracy is None when `validate` is False). `aux_loss(x)`, called after the forward pass on
+    the batch `x`, is added to the loss (links' feature matching)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError(f"{desc}: nothing to train (no parameter requires grad)")
@@ -71,6 +73,8 @@ def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: 
                    disable=not progress or not sys.stderr.isatty())
         for x, y in bar:
             loss = nn.functional.cross_entropy(module(x), y)
+            if aux_loss is not None:
+                loss = loss + aux_loss(x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

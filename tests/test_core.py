@@ -218,3 +218,41 @@ def test_search_json_is_pure_json_on_stdout(searched_table, tiny_config_path):
     data = json.loads(run.stdout)
     assert not data["meta"]["from_cache"] and "stage 2 trains" in run.stderr
     assert [r["path_id"] for r in data["rows"]] == [r["path_id"] for r in searched_table.rows]
+
+
+def test_wider_links_start_as_their_least_squares_fit():
+    torch.manual_seed(0)
+    src, dst = torch.randn(64, 6, 5, 5), torch.relu(torch.randn(64, 4, 5, 5))
+    base = Link((6, 5, 5), (4, 5, 5), relu=True)
+    r0 = base.init_lstsq(src, dst)
+    for capacity in ("3x3", "bottleneck"):
+        wide = Link((6, 5, 5), (4, 5, 5), relu=True, capacity=capacity)
+        assert wide.init_lstsq(src, dst) == pytest.approx(r0, rel=1e-5)      # the residual branch starts at 0
+        assert wide.num_params > base.num_params
+    assert Link((6, 5, 5), (3,), relu=False, capacity="3x3").capacity == "1x1"   # flat targets stay linear
+
+
+def test_stage2_keeps_the_best_link_variant(search_ctx, tmp_path):
+    """Two variants (plain, and a bottleneck trained with feature matching): the row names the one of best
+    validation accuracy, and the saved links rebuild exactly that path."""
+    from dataclasses import replace
+
+    from coderay.candidate import SearchContext
+    from coderay.config import LinkVariant
+
+    search = search_ctx.cfg.search.model_copy(update={"link_variants": [
+        LinkVariant(), LinkVariant(capacity="bottleneck", distill=0.5)]})
+    ctx = SearchContext(search_ctx.cfg.model_copy(update={"search": search}), search_ctx.services)
+    spec = PathSpec("digits", lout=0, lin=4, host="mnist", hin=1, hout=3)
+    seen = []
+    row, module = train_path(ctx, spec, epochs=1, progress=False, links_dir=tmp_path,
+                             on_epoch=lambda e, loss, acc: seen.append((e, acc)))
+    assert [e for e, _ in seen] == [1, 2]                  # epochs count across the variants
+    assert row.link_variant == ("1x1" if seen[0][1] >= seen[1][1] else "bottleneck+distill0.5")
+    assert row.val_acc == max(acc for _, acc in seen)
+    _, links = load_links(row.links_file)
+    local = search_ctx.services["digits"]
+    rebuilt = PathModule(spec, local.blocks, search_ctx.services["mnist"].blocks, links,
+                         link_out=row.link_out_on, encoding=row.encoding).eval()
+    assert evaluate(rebuilt, local.task.test) == row.test_acc
+    assert replace(row, link_variant=None) != row

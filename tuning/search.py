@@ -156,7 +156,7 @@ class TuneExecutor:
                           "kind": "baseline",
                           "hosts": {n: {"infos": [i.to_dict() for i in s.infos], "metrics": s.metrics}
                                     for n, s in self.ctx.services.items() if n != local}} | self._extra(pid))
-        if self.early_stop and self.cfg.search.link_epochs > 1:
+        if self.early_stop and self.cfg.search.link_epochs * len(self.cfg.search.link_variants) > 1:
             self.scheduler = _asha(self.cfg)
         stage = self.stages["train"] = _run_stage(
             self.cfg, experiment_dir(self.cfg, "train", exhaustive=self.exhaustive, private=self.private),
@@ -230,8 +230,9 @@ def _copy_links(checkpoint, links_dir: Path) -> Path:
 def _asha(cfg: CoderayConfig):
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="epoch", metric="reward", mode="max", max_t=cfg.search.link_epochs,
-                         grace_period=1, reduction_factor=2)
+    return ASHAScheduler(time_attr="epoch", metric="reward", mode="max",
+                         max_t=cfg.search.link_epochs * len(cfg.search.link_variants), grace_period=1,
+                         reduction_factor=2)
 
 
 # ---------------------------------------------------------------------------------------------- one stage

@@ -121,11 +121,13 @@ def train_trial(config: dict) -> None:
     """Stage 2 for one candidate: `train_path` from the least-squares start, one report per epoch (links
     checkpointed), the measured row and final links in the last report. A retry after a failure continues
     from the last checkpointed links for the remaining epochs, with a fresh optimiser and learning-rate
-    schedule (`fit` has no resumable state): close to, not bit-identical with, an uninterrupted run."""
+    schedule (`fit` has no resumable state): close to, not bit-identical with, an uninterrupted run. With
+    several link variants the epochs count across them and a retry starts over (no per-variant checkpoint)."""
     cfg, cand = _setup(config)
     spec = PathSpec.parse(cand["path_id"])
     ctx = _context(cfg, spec, cand)
-    epochs = cfg.search.link_epochs
+    resumable = len(cfg.search.link_variants) == 1
+    epochs = cfg.search.link_epochs * len(cfg.search.link_variants)
     predicted = row_from_dict(cand["predicted"])
     if spec.kind == "local":
         _maybe_fail(cand, "train")
@@ -135,7 +137,7 @@ def train_trial(config: dict) -> None:
 
     module, _ = build_path(ctx, spec)
     done = 0
-    checkpoint = tune.get_checkpoint()
+    checkpoint = tune.get_checkpoint() if resumable else None
     if checkpoint is not None:                       # a retry: continue from the last epoch's links
         with checkpoint.as_directory() as d:
             done = json.loads((Path(d) / STATE_FILE).read_text())["epoch"]
@@ -148,14 +150,18 @@ def train_trial(config: dict) -> None:
         epoch += done
         if epoch >= epochs:                          # the final report below carries this epoch
             return
+        report = {"epoch": epoch, "loss": loss, "val_acc": val_acc,
+                  "reward": _epoch_reward(cfg, predicted, val_acc), **_where(cand)}
+        if not resumable:
+            tune.report(report)
+            return
         with tempfile.TemporaryDirectory() as d:
-            tune.report({"epoch": epoch, "loss": loss, "val_acc": val_acc,
-                         "reward": _epoch_reward(cfg, predicted, val_acc), **_where(cand)},
-                        checkpoint=_checkpoint(module, epoch, Path(d)))
+            tune.report(report, checkpoint=_checkpoint(module, epoch, Path(d)))
 
     work = Path(tempfile.mkdtemp(prefix="coderay-links-"))
     try:
-        row, module = train_path(ctx, spec, epochs=max(epochs - done, 1), progress=False, module=module,
+        row, module = train_path(ctx, spec, epochs=max(cfg.search.link_epochs - done, 1), progress=False,
+                                 module=module,
                                  links_dir=work, on_epoch=on_epoch, predicted=predicted)
         row = replace(row, links_file=None).with_extra(epochs=epochs, resumed_from_epoch=done)
         tune.report({"epoch": epochs, "val_acc": row.val_acc, "reward": row.reward, "row": row.to_dict(),
