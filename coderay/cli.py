@@ -103,6 +103,7 @@ def serve_until_stopped(cfg, args: argparse.Namespace) -> int:
     import time
 
     from deployments.app import start_serving
+    from deployments.schemas import BODY_DTYPE
 
     served = start_serving(cfg, config_path=Path(args.config).resolve(), address=args.address, port=args.port)
     url, svc = served.url, cfg.services[0]
@@ -110,7 +111,7 @@ def serve_until_stopped(cfg, args: argparse.Namespace) -> int:
     print(f"coderay is serving {len(cfg.services)} service(s) at {url}")
     print(f"  API docs:   {url}/docs")
     print(f"  services:   curl {url}/v1/services")
-    print(f"  infer:      head -c {4 * math.prod(shape)} /dev/zero | curl -s -X POST {url}/v1/services/{svc.name}/infer "
+    print(f"  infer:      head -c {BODY_DTYPE.itemsize * math.prod(shape)} /dev/zero | curl -s -X POST {url}/v1/services/{svc.name}/infer "
           f"-H 'Content-Type: application/octet-stream' -H 'X-Shape: {','.join(map(str, shape))}' --data-binary @-")
     print(f"  pin a path: curl -X PUT {url}/v1/services/{svc.name}/route -H 'Content-Type: application/json' "
           f"-d '{{\"path\": \"{svc.name}:local\"}}'   (release: curl -X DELETE {url}/v1/services/{svc.name}/route)")

@@ -144,6 +144,7 @@ class ServingSpec(_Strict):
     max_request_samples: int = Field(256, ge=1)
     max_body_bytes: int = Field(8 * 2**20, ge=1024)
     request_timeout_s: float = Field(10.0, gt=0)
+    max_ongoing_requests: int = Field(1024, ge=1)  # requests the ingress holds at once; more wait in Serve's proxy
     fallback_cooldown_s: float | None = Field(None, ge=0)  # a failed path is skipped this long; None: max(10, 3 × timeout)
     emulate_network: bool = True                # add RTT + bytes/bandwidth per cross-node hop
 

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
+from coderay.baselines import edge_early_rows
 from coderay.candidate import SearchContext, candidates, predict_path, train_path
 from coderay.config import CoderayConfig
 from coderay.emulation import describe
@@ -64,8 +65,6 @@ class InProcess:
 
     def measure(self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
                 ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
-        from coderay.baselines import edge_early_rows
-
         measured = {}
         for row in chosen:
             if row.kind != "local":

@@ -65,7 +65,7 @@ def build_app(cfg: CoderayConfig, table: RewardTable) -> Application:
              for owner, owned in sorted(files.items())}
     # One ingress replica: PUT /route changes the replica it reaches; a config deploy reaches every replica.
     # No routes in its user_config: routes given there are pins (an operator's), and none is set yet.
-    return Ingress.options(name=INGRESS, num_replicas=1, max_ongoing_requests=1024,
+    return Ingress.options(name=INGRESS, num_replicas=1, max_ongoing_requests=cfg.serving.max_ongoing_requests,
                            ray_actor_options=ingress_options(),
                            user_config={"routes": {}}).bind(cfg, rows, blocks, links)
 

@@ -35,6 +35,7 @@ PIXEL_TOLERANCE = 1e-4   # pixels this far outside [0, 1] (float rounding) are c
 DEFAULT_TOP_K = 3
 BINARY_TYPES = ("application/octet-stream",)
 FLOAT32_NAMES = ("float32", "f4", "<f4", "float")
+BODY_DTYPE = np.dtype("<f4")  # the binary body: little-endian float32
 
 
 class ApiError(Exception):
@@ -237,11 +238,11 @@ def decode_binary(raw: bytes, headers: dict[str, str], input_shape: tuple[int, .
     if not shape or min(shape) < 0:
         raise ApiError(422, f"X-Shape: dimensions must be non-negative integers, got {text!r}")
     _check_count(shape[0], max_samples, "X-Shape")
-    need = 4 * math.prod(shape)
+    need = BODY_DTYPE.itemsize * math.prod(shape)
     if len(raw) != need:
         raise ApiError(422, f"body has {len(raw)} bytes but X-Shape {text} needs {need} "
                             f"(4-byte little-endian float32 per value)")
-    arr = np.frombuffer(raw, dtype="<f4").reshape(shape)
+    arr = np.frombuffer(raw, dtype=BODY_DTYPE).reshape(shape)
     arr = _shape_batch(arr, input_shape, "X-Shape")
     return check_pixels(arr, "body")
 

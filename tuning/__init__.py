@@ -4,15 +4,16 @@
     table = run_tune_search(cfg)                    # a local cluster of the config's nodes
     table = run_tune_search(cfg, address="auto")    # a running cluster (`ray up cluster.yaml`)
 
-What it does. CoDE's two search stages (`coderay.search`) become two Tune experiments: stage 1 predicts every
-candidate path (`predict_path`), stage 2 trains the most promising ones (`train_path`, from stage 1's
-ranking by `stage2_selection`), measures the local-only path and scores the edge-early baseline. One trial
-per candidate and stage, each calling coderay's own functions, so the reward table is the in-process one
-(same rows, same columns, same seeds, hence the same numbers up to float noise), saved in the same
-`search_dir` with `meta["engine"] = "tune"`, links where serving loads them.
+What it does. coderay's one staged search (`coderay.search.staged_search`) runs with a Tune executor
+(`tuning.search.TuneExecutor`): stage 1 is one experiment (a trial per candidate calling
+`coderay.candidate.predict_path`), stage 2 another (a trial per selected candidate and local-only path calling
+`train_path`, and one per service for the edge-early baseline). The selection, merge and table are the
+search's own, so the reward table is the in-process one (same rows, same seeds, the same numbers up to float
+noise), saved in the same `search_dir` with `meta["engine"] = "tune"`, links where serving loads them.
 
 Where things run. Every Ray node carries a custom resource named after the config's node; a trial asks for
-`{"CPU": 1, "<node>": 0.01}` (`tune.PlacementGroupFactory`), which pins it to that node:
+`{"CPU": 1, "<node>": 0.01}` (`tune.PlacementGroupFactory`), which pins it to that node, and works under the
+node's CPU cap where emulation has one (`coderay.emulation.work_as`):
 - a cooperative path `L[1..lout] → link_in → H[hin..hout] → link_out → L[lin..N]` trains on the HOST's node,
   holding the host's frozen blocks and the links (the host creates the links, per the paper);
 - local-only and skip paths, and the edge-early baseline, run on the LOCAL node.
