@@ -215,7 +215,8 @@ async def measure(url: str, routes: list[Route], services: dict[str, Service], a
                         body["coop_fraction"] = route.coop_fraction
                     await call_json(client, "PUT", f"/v1/services/{route.service}/route", body)
                     svc.tally = Tally()
-                    await loadgen.closed_loop(client, svc.send, 2, args.warmup_s)       # warm-up, not recorded
+                    # warm-up, not recorded; longer the first time a path runs (cold replicas, first batches)
+                    await loadgen.closed_loop(client, svc.send, 2, args.warmup_s * (3 if rep == 0 else 1))
 
                     tallies: dict[int, Tally] = {}
                     records: dict[int, dict] = {}
@@ -261,6 +262,19 @@ async def measure(url: str, routes: list[Route], services: dict[str, Service], a
                 except Exception as e:  # noqa: BLE001
                     log(f"could not release the route of {svc_name}: {e}")
     return {"runs": results, **facts}
+
+
+async def until_signal(coro):
+    """Run `coro`, cancelling it on SIGINT or SIGTERM (its `finally` blocks run: routes are released); the
+    cancellation then propagates to the caller."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await coro
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def raw_torch(cfg, svc: str, batch: int, seconds: float, repeats: int) -> dict:
@@ -399,7 +413,8 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
         "the arrival count nor the ramp of one latency at the window's ends. Closed loop: "
         f"{', '.join(map(str, args.clients))} clients back to back, {args.step_s:g} s each. Each run: a "
         f"{args.warmup_s:g} s warm-up per path (not recorded), then the search and the closed loop; paths "
-        f"interleaved within each of {reps} runs. Every figure: median (min–max) of the runs.",
+        f"interleaved within each of {reps} runs (the first warm-up of a path is 3× as long). Every figure: median "
+        "(min–max) of the runs.",
         f"- Generator: one asyncio thread with a minimal HTTP/1.1 keep-alive client (`bench/loadgen.py`); its "
         f"own CPU seconds per step (`time.thread_time`) are in the tables: at most "
         f"{max((s['cpu_s'] / s['wall_s'] for s in all_steps if s['wall_s']), default=0):.0%} of one core in any "
@@ -489,7 +504,8 @@ def parse_args(argv):
     p.add_argument("--max-in-flight", type=int, default=64, help="outstanding requests at most (default 64)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="closed-loop clients (1 8 32)")
     p.add_argument("--repeats", type=int, default=3, help="runs; figures are medians (min–max) (default 3)")
-    p.add_argument("--warmup-s", type=float, default=3.0, help="closed-loop warm-up per path and run (default 3)")
+    p.add_argument("--warmup-s", type=float, default=3.0,
+                   help="closed-loop warm-up (2 clients) per path and run, 3× in the first run (default 3)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="per request, and the drain after a step")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.md")
     p.add_argument("--plot", type=Path, help="default: OUT with .png")
@@ -512,8 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
 
-    # SIGTERM as Ctrl-C: asyncio.run cancels the measurement (routes released), then the finally below shuts down
-    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    def sigterm_as_ctrl_c() -> None:
+        """SIGTERM as Ctrl-C outside the measurement (which handles both itself, see `until_signal`); installed
+        again after ray.init, whose driver replaces the handler."""
+        signal.signal(signal.SIGTERM, on_term)
+
+    sigterm_as_ctrl_c()
 
     from coderay.config import load_config
     from coderay.data import get_task
@@ -571,11 +594,13 @@ def main(argv: list[str] | None = None) -> int:
 
             log("starting the local Ray cluster")
             cluster = LocalCluster(cfg)
+            sigterm_as_ctrl_c()
             log("deploying")
             url = deploy(cfg, table, port=free_port())
             log(f"served at {url}")
-        measured = asyncio.run(measure(url, routes, pools, args, log))
-    except KeyboardInterrupt:
+        measured = asyncio.run(until_signal(measure(url, routes, pools, args, log)))
+        sigterm_as_ctrl_c()
+    except (KeyboardInterrupt, asyncio.CancelledError):
         log("interrupted: shutting down")
         return 130
     finally:
