@@ -10,13 +10,13 @@ from the server it measures. The way MLPerf's Server scenario and Triton's perf_
   stalled) is counted as waiting, not hidden (no coordinated omission). At most `max_in_flight` requests are
   outstanding; an arrival that finds the bound hit is *dropped* (counted, never sent, never waited for).
 - `closed_loop`: N clients, each sending its next request as soon as the last one is answered.
-- `rate_search`: the highest offered rate whose step passes a check (e.g. p99 under a bound, no failures,
-  achieved ≥ 95% of offered): geometric steps up to the first failing rate, then bisection between the last
+- `rate_search`: the highest offered rate whose step passes a check (`step_check`: p99 under a bound, no
+  failure or drop, answers keeping up with arrivals): geometric steps up to the first failing rate, then bisection between the last
   pass and the first fail.
 
-A request is an `async send(client, i) -> bool` supplied by the caller (`client`: an `HttpClient`) (True: a good answer); an exception in
-it counts as a failure. Each step reports the CPU seconds of the generator's own thread (`time.thread_time`),
-so a reader can check the generator was not the limit.
+A request is an `async send(client, i) -> bool` supplied by the caller (`client`: an `HttpClient`; True: a good
+answer); an exception in it counts as a failure. Each step reports the CPU seconds of the generator's own
+thread (`time.thread_time`), so a reader can check the generator was not the limit.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 from urllib.parse import urlsplit
 
-__all__ = ["Send", "Step", "SearchResult", "HttpClient", "HttpError", "make_client", "open_loop", "closed_loop", "rate_search",
-           "percentile", "step_check"]
+__all__ = ["Send", "Step", "SearchResult", "HttpClient", "HttpError", "make_client", "open_loop", "closed_loop",
+           "rate_search", "percentile", "step_check"]
 
 Send = Callable[["HttpClient", int], Awaitable[bool]]
 

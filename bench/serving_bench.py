@@ -148,7 +148,8 @@ def fmt(values: list[float | None], digits: int = 0, scale: float = 1.0) -> str:
     return f"{a:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
 
 
-def step_record(step: loadgen.Step, tally: Tally, batch: int, why: str | None = "n/a") -> dict:
+def step_record(step: loadgen.Step, tally: Tally, batch: int) -> dict:
+    """One step's figures (open-loop steps get `passed` and `why` from the rate search's check)."""
     return {"mode": step.mode, "offered_rps": step.offered_rps, "clients": step.clients,
             "arrival_rps": step.arrival_rps if step.mode == "open" else None,
             "arrival_sps": step.arrival_rps * batch if step.mode == "open" else None,
@@ -158,8 +159,8 @@ def step_record(step: loadgen.Step, tally: Tally, batch: int, why: str | None = 
             "dropped": step.dropped, "fallbacks": tally.fallbacks, "accuracy": tally.accuracy,
             "by_path": dict(tally.by_path), "statuses": {str(k): v for k, v in tally.statuses.items()},
             "cpu_s": step.cpu_s, "wall_s": step.wall_s, "lag_p99_ms": step.lag_p99_ms,
-            "emulated": sorted(tally.emulated), "delay_ms": statistics.median(tally.delay_ms) if tally.delay_ms else None,
-            "passed": why is None, "why": why, "load1": os.getloadavg()[0]}
+            "emulated": sorted(tally.emulated),
+            "delay_ms": statistics.median(tally.delay_ms) if tally.delay_ms else None, "load1": os.getloadavg()[0]}
 
 
 # ---------------------------------------------------------------------------------------------------- the runs
@@ -196,8 +197,52 @@ def choose_routes(svc: str, rows: list[dict]) -> tuple[list[Route], dict | None,
     return routes, best, edge
 
 
+async def measure_route(client: loadgen.HttpClient, route: Route, svc: Service, first_run: bool, args, seeds,
+                        log) -> dict:
+    """One run of one path: pin it, warm up, the open-loop rate search, then the closed-loop clients."""
+    body = {"path": route.path_id}
+    if route.path_id != f"{route.service}:local":
+        body["coop_fraction"] = route.coop_fraction
+    await call_json(client, "PUT", f"/v1/services/{route.service}/route", body)
+    # warm-up, not recorded; longer the first time a path runs (cold replicas, first batches)
+    await loadgen.closed_loop(client, svc.send, 2, args.warmup_s * (3 if first_run else 1))
+
+    records: list[dict] = []
+
+    async def run(rate: float) -> loadgen.Step:
+        svc.tally = Tally()
+        step = await loadgen.open_loop(client, svc.send, rate, args.step_s, max_in_flight=args.max_in_flight,
+                                       drain_s=args.timeout_s, seed=next(seeds))
+        records.append(step_record(step, svc.tally, args.batch))
+        return step
+
+    def check(step: loadgen.Step) -> str | None:     # called by rate_search right after run(): records[-1]
+        why = loadgen.step_check(step, p99_ms=args.p99_ms)
+        r = records[-1]
+        r.update(passed=why is None, why=why)
+        log(f"  open    {route.key:<32} offered {step.offered_rps * args.batch:7.1f} achieved "
+            f"{r['achieved_sps']:7.1f} samples/s  p50 {r['p50_ms'] or math.nan:6.0f}  p99 "
+            f"{r['p99_ms'] or math.nan:6.0f} ms  fail {step.failed}+{step.dropped}  acc "
+            f"{r['accuracy'] or math.nan:.3f}  cpu {step.cpu_s:.2f} s  {why or 'pass'}")
+        return why
+
+    search = await loadgen.rate_search(run, check, start=args.start_rps, factor=args.factor,
+                                       resolution=args.resolution, max_steps=args.max_steps)
+    out = {"search": records, "best_rps": search.best_rps, "first_fail_rps": search.first_fail_rps, "closed": []}
+    for n in args.clients:
+        svc.tally = Tally()
+        step = await loadgen.closed_loop(client, svc.send, n, args.step_s)
+        c = step_record(step, svc.tally, args.batch)
+        out["closed"].append(c)
+        log(f"  closed  {route.key:<32} {n:>3} clients  {c['achieved_sps']:7.1f} samples/s  "
+            f"p50 {c['p50_ms'] or math.nan:6.0f}  p99 {c['p99_ms'] or math.nan:6.0f} ms  "
+            f"failed {c['failed']}  cpu {c['cpu_s']:.2f} s")
+    return out
+
+
 async def measure(url: str, routes: list[Route], services: dict[str, Service], args, log) -> dict:
-    """Every run: {(route key, repeat): {"search": [...], "best_rps": ..., "closed": [...]}} plus facts."""
+    """Every run: {"runs": {(route key, repeat): measure_route's dict}, "replicas": ..., "routes_released": ...};
+    the paths interleaved within each run, every pinned route released at the end (also when cancelled)."""
     results: dict = {}
     facts: dict = {"replicas": None, "routes_released": []}
     seeds = iter(range(1, 10**9))
@@ -209,50 +254,9 @@ async def measure(url: str, routes: list[Route], services: dict[str, Service], a
         try:
             for rep in range(args.repeats):
                 for route in routes:
-                    svc = services[route.service]
-                    body = {"path": route.path_id}
-                    if route.path_id != f"{route.service}:local":
-                        body["coop_fraction"] = route.coop_fraction
-                    await call_json(client, "PUT", f"/v1/services/{route.service}/route", body)
-                    svc.tally = Tally()
-                    # warm-up, not recorded; longer the first time a path runs (cold replicas, first batches)
-                    await loadgen.closed_loop(client, svc.send, 2, args.warmup_s * (3 if rep == 0 else 1))
-
-                    tallies: dict[int, Tally] = {}
-                    records: dict[int, dict] = {}
-
-                    async def run(rate: float) -> loadgen.Step:
-                        svc.tally = Tally()
-                        step = await loadgen.open_loop(client, svc.send, rate, args.step_s,
-                                                       max_in_flight=args.max_in_flight,
-                                                       drain_s=args.timeout_s, seed=next(seeds))
-                        tallies[id(step)] = svc.tally
-                        return step
-
-                    def check(step: loadgen.Step) -> str | None:
-                        why = loadgen.step_check(step, p99_ms=args.p99_ms)
-                        r = records[id(step)] = step_record(step, tallies[id(step)], args.batch, why)
-                        log(f"  open    {route.key:<32} offered {step.offered_rps * args.batch:7.1f} achieved "
-                            f"{r['achieved_sps']:7.1f} samples/s  p50 {r['p50_ms'] or math.nan:6.0f}  p99 "
-                            f"{r['p99_ms'] or math.nan:6.0f} ms  fail {step.failed}+{step.dropped}  acc "
-                            f"{r['accuracy'] or math.nan:.3f}  cpu {step.cpu_s:.2f} s  {why or 'pass'}")
-                        return why
-
-                    search = await loadgen.rate_search(run, check, start=args.start_rps, factor=args.factor,
-                                                       resolution=args.resolution, max_steps=args.max_steps)
-                    recs = [records[id(step)] for step, _ in search.steps]
-                    out = {"search": recs, "best_rps": search.best_rps, "first_fail_rps": search.first_fail_rps,
-                           "closed": []}
-                    for n in args.clients:
-                        svc.tally = Tally()
-                        step = await loadgen.closed_loop(client, svc.send, n, args.step_s)
-                        out["closed"].append(step_record(step, svc.tally, args.batch, None))
-                        c = out["closed"][-1]
-                        log(f"  closed  {route.key:<32} {n:>3} clients  {c['achieved_sps']:7.1f} samples/s  "
-                            f"p50 {c['p50_ms'] or math.nan:6.0f}  p99 {c['p99_ms'] or math.nan:6.0f} ms  "
-                            f"failed {c['failed']}  cpu {c['cpu_s']:.2f} s")
+                    out = await measure_route(client, route, services[route.service], rep == 0, args, seeds, log)
                     results[(route.key, rep)] = out
-                    best = f"{search.best_rps * args.batch:.0f} samples/s" if search.best_rps else "none"
+                    best = f"{out['best_rps'] * args.batch:.0f} samples/s" if out["best_rps"] else "none"
                     log(f"run {rep + 1}/{args.repeats} {route.key}: sustained {best}")
         finally:
             for svc_name in services:
@@ -449,13 +453,14 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
             f"{fmt(ratios, 2)} |")
     for svc, edge in edge_rows.items():
         if edge:
-            lines.append(f"| `{edge['path_id']}` (edge-early baseline of highest reward, model only: needs {edge.get('mirrored_params')} "
-                         f"of {svc}'s parameters mirrored on the host; not servable) | – | – | – | "
+            lines.append(f"| `{edge['path_id']}` (edge-early baseline of highest reward, model only: needs "
+                         f"{edge.get('mirrored_params')} of {svc}'s parameters mirrored on the host; not servable) "
+                         "| – | – | – | "
                          f"{(edge.get('test_acc') or math.nan) * 100:.1f}% (test, model) | – | "
                          f"{edge.get('th_total') or math.nan:.0f} | {edge.get('th_ratio') or math.nan:.2f} | – |")
     for svc, r in raw.items():
-        lines.append(f"| `{svc}` raw torch (its blocks composed, one process, 1 thread, batch {batch}, no HTTP) | – | "
-                     f"{fmt(r['samples_per_s'])} | – | {r['accuracy'] * 100:.1f}% | – | – | – | – |")
+        lines.append(f"| `{svc}` raw torch (its blocks composed, one process, 1 thread, batch {batch}, no HTTP) "
+                     f"| – | {fmt(r['samples_per_s'])} | – | {r['accuracy'] * 100:.1f}% | – | – | – | – |")
     lines += ["", "## Closed loop: N clients back to back", "",
               "| path | clients | samples/s | p50 ms | p99 ms | failed | accuracy served | measured × local "
               "| generator CPU s |",

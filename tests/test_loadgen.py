@@ -150,7 +150,8 @@ def test_rate_search_finds_the_capacity_of_a_server_limited_to_k_per_second():
             seeds = iter(range(100))
             return await loadgen.rate_search(
                 lambda rate: loadgen.open_loop(c, post, rate, 0.6, drain_s=2, seed=next(seeds)),
-                lambda step: loadgen.step_check(step, p99_ms=300, min_achieved=0.85), start=20, factor=2, resolution=0.1)
+                lambda step: loadgen.step_check(step, p99_ms=300, min_achieved=0.85),
+                start=20, factor=2, resolution=0.1)
 
     res = asyncio.run(main())
     assert res.best_rps is not None and res.first_fail_rps > res.best_rps
