@@ -290,6 +290,8 @@ def step_check(step: Step, *, p99_ms: float, min_achieved: float = 0.95) -> str 
     arrivals)."""
     if step.failures:
         return f"{step.failed} failed, {step.dropped} dropped"
+    if not step.ok:
+        return "no answer in the window (nothing to judge)"
     if step.keeps_up is not None and step.keeps_up < min_achieved:   # None: under 3 answers, nothing to judge
         return f"answers at {step.keeps_up:.0%} of the arrival rate (< {min_achieved:.0%})"
     if step.p99_ms is None or step.p99_ms > p99_ms:
