@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import signal
 import statistics
 import sys
@@ -393,7 +394,7 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
     if args.label:
         lines += [f"**{args.label}**", ""]
     lines += [
-        f"- Command: `{' '.join(['python', 'bench/serving_bench.py', *sys.argv[1:]])}`",
+        f"- Command: `{shlex.join(['python', 'bench/serving_bench.py', *sys.argv[1:]])}`",
         f"- Machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, torch {torch.__version__}; date {started}; the whole run took "
         f"{wall_s / 60:.1f} min.",
