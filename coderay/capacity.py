@@ -395,7 +395,7 @@ def join(node: str, share: float, *, pid: int | None = None, session: str | None
         reason = f"{det.kind} refused at {cpu_group}: {e.strerror or e}"
         _warn_once(reason)
         return JoinResult(node, share, f"{NONE}: {reason}", pid, session)
-    log.info("pid %d (%d threads) joined node %s: %.3f CPU (%d/%d us, %s)", pid, total, node,
+    log.debug("pid %d (%d threads) joined node %s: %.3f CPU (%d/%d us, %s)", pid, total, node,
              quota / period_us, quota, period_us, det.kind)
     return JoinResult(node, share, det.kind, pid, session, str(cpu_group), quota, period_us, inside, total)
 

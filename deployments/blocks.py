@@ -95,8 +95,8 @@ class BlockGroup:
         self.stats = {"calls": 0, "batches": 0, "samples": 0, "own_samples": 0, "guest_samples": 0,
                       "max_batch_samples": 0, "max_guest_samples_in_batch": 0, "mixed_range_batches": 0,
                       "compute_s": 0.0}
-        log.info("block group %s: %d blocks on %s, %d torch thread(s), B=%d, s=%d", service, self.n_blocks,
-                 self.node, self.threads, self.capacity, self.quota)
+        log.info("block group %s: %d blocks on %s (CPU: %s, share %s), %d torch thread(s), B=%d, s=%d", service,
+                 self.n_blocks, self.node, self.cap.mechanism, self.cap.share, self.threads, self.capacity, self.quota)
 
     async def run(self, a: Activation, first: int, last: int = TO_END, guest: bool = False,
                   send: str | None = None) -> Activation:
