@@ -491,18 +491,12 @@ _NAME_HINT = "`coderay blocks --list` lists the torchvision names; a user model 
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx tracer that keeps torchvision.ops modules whole and wraps math/torchvision.ops functions,
-    as torchvision's feature extraction does, so detection-style ops inside classifiers trace."""
+    """torch.fx tracer that wraps math and torchvision.ops functions (as torchvision's feature extraction
+    does), so e.g. ``stochastic_depth`` is one node. Modules are traced through down to torch.nn layers,
+    so a cut can fall inside torchvision's composite blocks (``Conv2dNormActivation``, ...)."""
 
     def __init__(self) -> None:
         super().__init__(autowrap_modules=(math, torchvision.ops))
-        self._leaves = tuple(
-            obj for _, obj in inspect.getmembers(torchvision.ops)
-            if inspect.isclass(obj) and issubclass(obj, nn.Module)
-        )
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self._leaves) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _symbolic_trace(module: nn.Module, arch: str) -> torch.fx.Graph:
