@@ -678,8 +678,10 @@ def _import_builder(name: str) -> Callable[..., nn.Module]:
     return fn
 
 
-def _build_module(fn: Callable[..., nn.Module], name: str, num_classes: int, kwargs: dict) -> nn.Module:
-    """Call a builder with ``num_classes`` where it takes one; TypeError naming the model on bad options."""
+def _build_module(fn: Callable[..., nn.Module], name: str, num_classes: int, kwargs: dict,
+                  input_shape: tuple[int, int, int]) -> nn.Module:
+    """Call a builder with ``num_classes`` where it takes one; TypeError naming the model on bad options,
+    ValueError when it refuses them (e.g. ViT: an image size that is not a multiple of the patch size)."""
     params = inspect.signature(fn).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     call = dict(kwargs)
@@ -689,6 +691,9 @@ def _build_module(fn: Callable[..., nn.Module], name: str, num_classes: int, kwa
         module = fn(**call)
     except TypeError as err:
         raise TypeError(f"{name}: builder rejected options {sorted(kwargs)}: {err}") from err
+    except (AssertionError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} cannot take input_shape {input_shape} with options {call}: the builder "
+                         f"refused ({type(err).__name__}: {err}). Try another input size or options.") from err
     if not isinstance(module, nn.Module):
         raise TypeError(f"{name}: the builder must return an nn.Module, got {type(module).__name__}")
     return module
@@ -793,10 +798,10 @@ def _traced_model(name: str, *, num_classes: int, input_shape: tuple[int, int, i
         raise TypeError(f"{name}: small_input must be true, false or null (auto), got {small_input!r}")
     if name in _torchvision_names():
         fn = torchvision.models.get_model_builder(name)
-        module = _build_module(fn, name, num_classes, _torchvision_kwargs(name, input_shape, kwargs))
+        module = _build_module(fn, name, num_classes, _torchvision_kwargs(name, input_shape, kwargs), input_shape)
         small = _is_small(input_shape, small_input)
     else:
-        module = _build_module(_import_builder(name), name, num_classes, kwargs)
+        module = _build_module(_import_builder(name), name, num_classes, kwargs, input_shape)
         small = bool(small_input)  # a user's own model is adapted for small inputs only on request
     adapt_input(module, input_shape, small=small, arch=name)
     return trace_model(module, arch=name, input_shape=input_shape, num_classes=num_classes)
