@@ -190,6 +190,7 @@ def get_model(
         )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    weights = _resolve_weights(name, weights)
     if name not in _REGISTRY:
         model = _traced_model(name, num_classes=num_classes, input_shape=_check_input_shape(input_shape),
                               kwargs=dict(kwargs))
@@ -205,6 +206,25 @@ def get_model(
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def _resolve_weights(name: str, weights: str | os.PathLike[str] | None) -> str | os.PathLike[str] | None:
+    """A torchvision weights name ('IMAGENET1K_V1', 'DEFAULT') becomes its file in torch's hub cache when that
+    file is on disk, else None (logged: coderay never downloads); anything else is a path, kept as given."""
+    if not isinstance(weights, str) or Path(weights).expanduser().is_file() or name not in _torchvision_names():
+        return weights
+    try:
+        enum = torchvision.models.get_model_weights(name)
+        entry = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    except (KeyError, ValueError):
+        return weights  # not a weights name: load_weights reports the missing file
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(entry.url).name
+    if path.is_file():
+        logger.info("%s: using torchvision weights %s from %s", name, entry, path)
+        return path
+    logger.warning("%s: torchvision weights %s are not on disk (%s) and coderay never downloads: starting from "
+                   "a fresh init. Put the file there to use them.", name, entry, path)
+    return None
 
 
 def load_weights(model: StagedModel, path: str | os.PathLike[str]) -> None:
