@@ -102,13 +102,13 @@ class StagedModel(nn.Sequential):
                 elif cut in self.blocked_cuts or cut.replace(".", "_") in self.blocked_cuts:
                     crossing = self.blocked_cuts.get(cut) or self.blocked_cuts[cut.replace(".", "_")]
                     why = (f"is not a valid cut: {len(crossing)} values cross it ({', '.join(crossing[:6])}"
-                           f"{', ...' if len(crossing) > 6 else ''}), e.g. a residual or a branch, and a cut "
+                           f"{', ...' if len(crossing) > 6 else ''}; a residual or a branch) where a cut "
                            "passes exactly one tensor")
                 else:
                     why = "is not a stage"
                 shown = valid if len(valid) <= 60 else [*valid[:30], "...", *valid[-10:]]
                 raise ValueError(
-                    f"cut {cut!r} {why} of {self.arch}; valid cut points are {shown} "
+                    f"cut {cut!r} of {self.arch} {why}; valid cut points are {shown} "
                     f"(run `coderay blocks {self.arch} --cuts` to list them all, with shapes and costs)"
                 )
             indices.append(names.index(cut))

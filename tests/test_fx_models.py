@@ -113,7 +113,7 @@ def test_cuts_only_where_one_tensor_crosses():
     model = shared("torchvision.models:resnet18")
     names = model.stage_names
     assert "layer1_0_relu_1" in names and "layer1_0_conv1" not in names  # inside a residual block: not a cut
-    with pytest.raises(ValueError, match=r"'layer1_0_conv1' is not a valid cut: 2 values cross it \(.*maxpool"):
+    with pytest.raises(ValueError, match=r"'layer1_0_conv1' of .* is not a valid cut: 2 values cross it \(.*maxpool"):
         split_model(model, cuts=["layer1_0_conv1"])
     with pytest.raises(ValueError, match=r"valid cut points are \[.*'layer2_0_relu_1'.*--cuts"):
         split_model(model, cuts=["nonsense"])
@@ -221,3 +221,22 @@ def test_cli_blocks_json_and_cuts(capsys):
     assert main(["blocks", "--list"]) == 0
     assert "vgg11" in capsys.readouterr().out
     assert main(["blocks", "vgg99"]) == 2 and "unknown model" in capsys.readouterr().err
+
+
+def test_torchvision_weights_by_name_come_from_the_hub_cache_only(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="coderay.models"):
+        fresh = get_model("squeezenet1_1", num_classes=10, weights="IMAGENET1K_V1")  # not on disk: fresh init
+    assert "never downloads" in caplog.text and str(tmp_path) in caplog.text
+    torch.manual_seed(5)
+    tv = torchvision.models.squeezenet1_1(num_classes=1000)
+    url = torchvision.models.get_model_weights("squeezenet1_1").IMAGENET1K_V1.url
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(tv.state_dict(), tmp_path / "checkpoints" / url.rsplit("/", 1)[-1])
+    loaded = get_model("squeezenet1_1", num_classes=10, weights="DEFAULT")
+    deep = dict(loaded.named_parameters())
+    key = next(k for k in deep if k.endswith("features.3.expand3x3.weight"))
+    assert torch.equal(deep[key], tv.features[3].expand3x3.weight)
+    assert not torch.equal(dict(fresh.named_parameters())[key], deep[key])
+    with pytest.raises(FileNotFoundError, match="cannot download"):
+        get_model("squeezenet1_1", num_classes=10, weights="NOT_A_WEIGHTS_NAME")
