@@ -114,13 +114,22 @@ class Link(nn.Module):
             self.proj = nn.Linear(features, dst[0])
         self.act = nn.ReLU() if relu else nn.Identity()
 
+    def _upsamples(self, x: torch.Tensor) -> bool:
+        """conv/tokens → conv onto a larger map: project at the source size, then resize the (fewer) output
+        channels. Bilinear weights sum to one, so this is the same function as resize-then-project in eval
+        mode (norm and projection are per-pixel affine), at a fraction of the cost."""
+        if self._to != "conv" or self._from == "flat":
+            return False
+        h, w = _as_grid(x[:1], self._from).shape[-2:]
+        return h * w < self.dst[1] * self.dst[2]
+
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """Source activations spatially matched to the target, channels first."""
+        """Source activations spatially matched to the target (kept at source size when upsampling), channels first."""
         if self._from == "flat":
             return x                                                    # (B, F)
         grid = _as_grid(x, self._from)                                  # (B, C, h, w)
         if self._to == "conv":
-            return _resize(grid, self.dst[1:])                          # (B, C, H_dst, W_dst)
+            return grid if self._upsamples(x) else _resize(grid, self.dst[1:])  # (B, C, H_dst, W_dst) or (B, C, h, w)
         if self._to == "flat":
             return F.adaptive_avg_pool2d(grid, self.grid).flatten(1)    # (B, C·g·g)
         (h, w), cls = _patch_grid(self.dst[0])
@@ -131,6 +140,8 @@ class Link(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.proj(self.norm(self._features(x)))
+        if self._upsamples(x):
+            y = _resize(y, self.dst[1:])                                # (B, C_dst, H_dst, W_dst)
         if self._to == "tokens":
             y = y.transpose(1, 2)                                       # (B, T_dst, D_dst)
         return self.act(y)
@@ -146,6 +157,9 @@ class Link(nn.Module):
         Returns the relative residual ‖link(src) − dst‖ / ‖dst‖ of the fit.
         """
         feats = self._features(src)
+        target = dst
+        if self._upsamples(src):  # fit at the source size, against the target averaged down to it
+            target = _resize(dst, tuple(feats.shape[-2:]))
         dims = {4: (0, 2, 3), 3: (0, 2), 2: (0,)}[feats.dim()]
         mean, var = feats.mean(dims), feats.var(dims, unbiased=False)
         self.norm.running_mean.copy_(mean)
@@ -154,11 +168,11 @@ class Link(nn.Module):
         self.norm.bias.zero_()
         z = (feats - _bcast(mean, feats)) / torch.sqrt(_bcast(var, feats) + self.norm.eps)
         if z.dim() == 4:                                                 # rows are pixels: (B·H·W, C)
-            x_rows, y_rows = z.permute(0, 2, 3, 1).flatten(0, 2), dst.permute(0, 2, 3, 1).flatten(0, 2)
+            x_rows, y_rows = z.permute(0, 2, 3, 1).flatten(0, 2), target.permute(0, 2, 3, 1).flatten(0, 2)
         elif z.dim() == 3:                                               # rows are tokens: (B·T, C)
-            x_rows, y_rows = z.transpose(1, 2).flatten(0, 1), dst.flatten(0, 1)
+            x_rows, y_rows = z.transpose(1, 2).flatten(0, 1), target.flatten(0, 1)
         else:
-            x_rows, y_rows = z, dst
+            x_rows, y_rows = z, target
         if len(x_rows) > _MAX_ROWS:
             keep = torch.randperm(len(x_rows), generator=torch.Generator().manual_seed(0))[:_MAX_ROWS]
             x_rows, y_rows = x_rows[keep], y_rows[keep]

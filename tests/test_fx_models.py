@@ -143,7 +143,7 @@ def test_token_boundaries_get_links():
     assert (16, 16) in tokens and (17, 16) in tokens  # 4x4 patches, then with the class token; dim 16
     convs = [(32, 7, 7), (8, 14, 14)]
     x = batch((17, 16), 64)
-    for src, dst in [((17, 16), (17, 16)), ((17, 16), (8, 14, 14)), ((17, 16), (5,)), ((32, 7, 7), (17, 16)),
+    for src, dst in [((17, 16), (17, 16)), ((17, 16), (8, 4, 4)), ((17, 16), (5,)), ((32, 7, 7), (17, 16)),
                      ((17, 16), (50, 24))]:
         link = Link(src, dst, relu=False)
         inp = batch(src, 64) if src != (17, 16) else x
@@ -151,6 +151,8 @@ def test_token_boundaries_get_links():
             target = Link(src, dst, relu=False).eval()(inp)
         assert link.init_lstsq(inp, target, ridge=1e-8) < 1e-3, link.kind
         assert tuple(link.eval()(inp).shape[1:]) == dst
+    up = Link((17, 16), (8, 14, 14), relu=True)  # onto a larger map: fitted at 4x4, resized after projecting
+    assert up.init_lstsq(x, torch.rand(64, 8, 14, 14)) < 1.0 and tuple(up.eval()(x).shape[1:]) == (8, 14, 14)
     assert link_kind((17, 16), convs[0]) == "tokens→conv"
     with pytest.raises(ValueError, match="no link"):
         link_kind((16,), (17, 16))
