@@ -1,11 +1,29 @@
-"""A registry of architectures, each built as a *staged* model.
+"""Architectures as *staged* models: hand-staged builders, any torchvision classifier, any user model.
 
 A staged model is an ``nn.Sequential`` of named stages whose forward is exactly the composition of its
-stages, so a stage name is a valid cut point and blocks (``coderay.blocks``) are slices of it. The
-torchvision architectures are re-wrapped from the very module objects of a torchvision model, so the
-staged forward reproduces torchvision's forward bit for bit (eval mode) for the same weights.
-"""
+stages, so a stage name is a valid cut point and blocks (``coderay.blocks``) are slices of it. Three sources:
 
+* Registered builders (``register_model``): ``small_cnn`` and the hand-staged ``alexnet``, ``mobilenet_v2``,
+  ``resnet18``, re-wrapped from the very module objects of a torchvision model, so the staged forward
+  reproduces torchvision's bit for bit (eval mode); their default cuts per N are kept.
+* Any torchvision classification model by name (``list_torchvision_models()``), and any
+  ``'package.module:function'`` returning an ``nn.Module``: traced with torch.fx (``trace_model``) into stages
+  that end at every graph node where exactly one tensor crosses (residual-safe); N blocks are balanced by MACs.
+
+Small inputs (``adapt_input``, before tracing):
+
+* channels, any model: the first convolution takes the input's C channels (pretrained kernels are summed or
+  repeated into it by ``load_weights``);
+* resolution, torchvision models when min(H, W) < 64 (``small_input`` overrides; user models only with
+  ``small_input=True``): the earliest strided convolutions and pooling layers on the main chain (no parallel
+  branch beside them) lose their stride, convolutions keeping their kernels and pools becoming Identity,
+  until the remaining downsampling is at most 8x (28/32 px end as a 4x4 map); strides inside residual or
+  Inception blocks and a first patch-embedding conv (kernel = stride) are kept. ViT is built for the image
+  size (a multiple of its patch size). The hand-staged models keep their own per-family stems.
+
+``name in list_models()`` accepts every name ``get_model`` builds (``is_known_model``); iterating
+``list_models()`` lists the registered names only.
+"""
 from __future__ import annotations
 
 import functools
