@@ -144,7 +144,7 @@ def _balanced_cuts(costs: Sequence[int], n: int) -> list[int]:
         for j in range(k, m - (n - k) + 1):
             for i in range(k - 1, j):
                 cost = max(best[k - 1][i], prefix[j] - prefix[i])
-                if cost < best[k][j]:
+                if cost <= best[k][j]:  # ties: the later start, so zero-cost ops (ReLU, pool) end a block
                     best[k][j], arg[k][j] = cost, i
     starts, j = [], m
     for k in range(n, 0, -1):

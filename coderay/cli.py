@@ -26,10 +26,30 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 def cmd_blocks(args: argparse.Namespace) -> int:
     from coderay.blocks import format_block_table, profile_blocks, split_model
-    from coderay.models import get_model
+    from coderay.models import get_model, list_models, list_torchvision_models
 
-    model = get_model(args.arch, num_classes=args.classes, input_shape=args.input).eval()
-    blocks = split_model(model, blocks=args.blocks)
+    if args.list:
+        print("registered (hand-staged): " + " ".join(list_models()))
+        print("torchvision (traced with torch.fx): " + " ".join(list_torchvision_models()))
+        print("your own: package.module:function (returns an nn.Module; called with num_classes when it takes it)")
+        return 0
+    if args.arch is None:
+        print("coderay blocks: give an architecture name, or --list to see them", file=sys.stderr)
+        return 2
+    try:
+        model = get_model(args.arch, num_classes=args.classes, input_shape=args.input).eval()
+        if args.cuts:
+            names = model.stage_names
+            print(f"{args.arch}: {len(names) - 1} valid cut points at input {'x'.join(map(str, args.input))} "
+                  "(cut after the named node; MACs of the stage ending there)")
+            for name in names[:-1]:
+                shape = "x".join(map(str, model.stage_shapes[name]))
+                print(f"  {name:<40} {shape:<16} {model.stage_macs[name]:>14,}")
+            return 0
+        blocks = split_model(model, blocks=args.blocks)
+    except (ValueError, TypeError) as err:
+        print(f"coderay blocks: {err}", file=sys.stderr)
+        return 2
     infos = profile_blocks(blocks, args.input, batch_sizes=tuple(args.batch_sizes))
     if args.json:
         print(json.dumps({"arch": args.arch, "input": list(args.input), "blocks": [i.to_dict() for i in infos]},
@@ -184,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("blocks", help="split an architecture into frozen blocks and print each block's "
                                       "shapes, params, MACs and measured latency")
-    b.add_argument("arch", help="architecture name (see `coderay blocks --list`)")
+    b.add_argument("arch", nargs="?", help="a registered or torchvision architecture name (see --list), or "
+                                         "package.module:function returning an nn.Module")
+    b.add_argument("--list", action="store_true", help="list the architecture names and exit")
+    b.add_argument("--cuts", action="store_true", help="list the valid cut points (graph node names) and exit")
     b.add_argument("--blocks", type=int, default=None, metavar="N", help="number of blocks (default: one per stage)")
     b.add_argument("--input", type=_shape, default=(1, 28, 28), metavar="CxHxW", help="input shape (default 1x28x28)")
     b.add_argument("--classes", type=int, default=10, help="number of output classes (default 10)")

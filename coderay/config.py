@@ -232,12 +232,14 @@ def _unique(values: list[str], where: str, field: str) -> None:
 def _check_registries(cfg: CoderayConfig) -> None:
     """Names that only the registries know: checked here so the error still names the field."""
     from coderay.data import list_tasks
-    from coderay.models import list_models
+    from coderay.models import is_known_model, list_models
 
-    archs, tasks = list_models(), list_tasks()
+    tasks = list_tasks()
     for i, svc in enumerate(cfg.services):
-        if svc.arch not in archs:
-            raise ConfigError(f"services[{i}].arch: unknown architecture {svc.arch!r}; expected one of {archs}")
+        if not is_known_model(svc.arch):
+            raise ConfigError(f"services[{i}].arch: unknown architecture {svc.arch!r}; expected one of "
+                              f"{list_models()}, a torchvision classification model name, or "
+                              "'package.module:function' (see `coderay blocks --list`)")
         if svc.task not in tasks:
             raise ConfigError(f"services[{i}].task: unknown task {svc.task!r}; expected one of {tasks}")
 

@@ -1,34 +1,77 @@
 """Links: the small trainable adapters that join one block's output to another block's input.
 
-A link is shaped from block metadata, never guessed: conv→conv is resize + norm + 1×1 conv, conv→flat is a
-small pooled grid + norm + linear, flat→flat is norm + linear; each ends in a ReLU when the block it feeds
-expects post-activation (non-negative) input. flat→conv is not offered: no path needs to turn a vector back
-into a feature map, and such a link would be larger than the blocks it bridges.
+A link is shaped from the boundary metadata (the per-sample shapes that ``coderay.blocks.profile_blocks``
+records), never guessed. A boundary is one of three layouts:
+
+* ``conv``: a feature map ``(C, H, W)``;
+* ``tokens``: a sequence ``(T, D)`` as between transformer layers (ViT, with a class token first when T − 1
+  is a square; Swin-style maps are ``conv`` already);
+* ``flat``: a vector ``(F,)``.
+
+Every link is *spatial match → norm → projection of channels*, ending in a ReLU when the block it feeds
+expects non-negative input. The spatial match works on a grid: a feature map is one, a token sequence is
+laid out as its √T × √T patch grid (the class token dropped) or as a 1 × T row when T is not a square.
+
+* to ``conv`` (C', H', W'): the grid resized to H' × W' (average-pool down, bilinear up), 1×1 conv C → C';
+* to ``tokens`` (T', D'): the grid resized to the target's patch grid and flattened, the grid's mean
+  prepended as the class token when the target has one, per-token linear D → D';
+* to ``flat`` (F'): the grid average-pooled to 2 × 2 and flattened, linear C·4 → F'; flat → flat is linear.
+
+A flat vector has no grid, so flat → conv and flat → tokens are not offered: no path needs to turn a vector
+back into a feature map, and such a link would be larger than the blocks it bridges.
 
 Links start from a ridge least-squares fit on paired activations (what the receiving block would have
 seen), so a link is useful before its first gradient step: the search's cheap stage-1 predictor.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Link", "link_kind", "match_image", "save_links", "load_links"]
+__all__ = ["Link", "link_kind", "layout", "match_image", "save_links", "load_links"]
 
 Shape = tuple[int, ...]
 _MAX_ROWS = 200_000
+_LAYOUTS = {3: "conv", 2: "tokens", 1: "flat"}
+
+
+def layout(shape: Shape) -> str:
+    """'conv' for (C, H, W), 'tokens' for (T, D), 'flat' for (F,); ValueError for anything else."""
+    kind = _LAYOUTS.get(len(tuple(shape)))
+    if kind is None or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ValueError(f"no link layout for shape {tuple(shape)}: expected (C, H, W), (T, D) or (F,) of positive ints")
+    return kind
 
 
 def link_kind(src: Shape, dst: Shape) -> str:
-    """'conv→conv', 'conv→flat' or 'flat→flat'; ValueError for shapes no link joins."""
-    kinds = {(3, 3): "conv→conv", (3, 1): "conv→flat", (1, 1): "flat→flat"}
-    kind = kinds.get((len(src), len(dst)))
-    if kind is None:
-        raise ValueError(f"no link from shape {src} to {dst}: links join conv→conv, conv→flat or flat→flat")
-    return kind
+    """'conv→conv', 'conv→tokens', 'tokens→flat', ...: the layouts a link joins; ValueError for flat→conv/tokens."""
+    a, b = layout(src), layout(dst)
+    if a == "flat" and b != "flat":
+        raise ValueError(f"no link from shape {tuple(src)} to {tuple(dst)}: a flat vector has no grid to make a "
+                         f"{b} boundary from (links join conv/tokens → anything, flat → flat)")
+    return f"{a}→{b}"
+
+
+def _patch_grid(tokens: int) -> tuple[tuple[int, int], bool]:
+    """The (h, w) patch grid of a token sequence and whether a class token comes first."""
+    for cls in (False, True):
+        side = math.isqrt(tokens - cls)
+        if tokens - cls > 0 and side * side == tokens - cls:
+            return (side, side), cls
+    return (1, tokens), False
+
+
+def _as_grid(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """A conv map as is; a token batch (B, T, D) as its patch grid (B, D, h, w)."""
+    if kind == "conv":
+        return x
+    (h, w), cls = _patch_grid(x.shape[1])
+    patches = x[:, 1:] if cls else x                                      # (B, h·w, D)
+    return patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)  # (B, D, h, w)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -59,27 +102,53 @@ class Link(nn.Module):
         self.src, self.dst, self.kind = tuple(src), tuple(dst), link_kind(src, dst)
         self.capacity = capacity if len(dst) == 3 else "1x1"     # wider links only where a feature map is made
         self.refine = _refinement(self.capacity, dst[0]) if self.capacity != "1x1" else None
-        if self.kind == "conv→conv":
-            self.norm = nn.BatchNorm2d(src[0])
-            self.proj = nn.Conv2d(src[0], dst[0], kernel_size=1)
+        self._from, self._to = self.kind.split("→")
+        channels = src[0] if self._from != "tokens" else src[1]
+        if self._to == "conv":
+            self.norm = nn.BatchNorm2d(channels)
+            self.proj = nn.Conv2d(channels, dst[0], kernel_size=1)
+        elif self._to == "tokens":
+            self.norm = nn.BatchNorm1d(channels)
+            self.proj = nn.Conv1d(channels, dst[1], kernel_size=1)  # per-token linear
         else:
-            self.grid = grid if self.kind == "conv→flat" else 1
-            features = src[0] * self.grid**2
+            self.grid = grid if self._from != "flat" else 1
+            features = channels * self.grid**2
             self.norm = nn.BatchNorm1d(features)
             self.proj = nn.Linear(features, dst[0])
         self.act = nn.ReLU() if relu else nn.Identity()
 
+    def _upsamples(self, x: torch.Tensor) -> bool:
+        """conv/tokens → conv onto a larger map: project at the source size, then resize the (fewer) output
+        channels. Bilinear weights sum to one, so this is the same function as resize-then-project in eval
+        mode (norm and projection are per-pixel affine), at a fraction of the cost."""
+        if self._to != "conv" or self._from == "flat":
+            return False
+        h, w = _as_grid(x[:1], self._from).shape[-2:]
+        return h * w < self.dst[1] * self.dst[2]
+
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "conv→conv":
-            return _resize(x, self.dst[1:])                              # (B, C_src, H_dst, W_dst)
-        if self.kind == "conv→flat":
-            return F.adaptive_avg_pool2d(x, self.grid).flatten(1)       # (B, C_src·g·g)
-        return x
+        """Source activations spatially matched to the target (kept at source size when upsampling), channels first."""
+        if self._from == "flat":
+            return x                                                    # (B, F)
+        grid = _as_grid(x, self._from)                                  # (B, C, h, w)
+        if self._to == "conv":
+            return grid if self._upsamples(x) else _resize(grid, self.dst[1:])  # (B, C, H_dst, W_dst) or (B, C, h, w)
+        if self._to == "flat":
+            return F.adaptive_avg_pool2d(grid, self.grid).flatten(1)    # (B, C·g·g)
+        (h, w), cls = _patch_grid(self.dst[0])
+        seq = _resize(grid, (h, w)).flatten(2)                          # (B, C, h·w)
+        if cls:
+            seq = torch.cat([seq.mean(2, keepdim=True), seq], 2)        # (B, C, 1 + h·w): the class token
+        return seq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.proj(self.norm(self._features(x)))
+        if self._upsamples(x):
+            y = _resize(y, self.dst[1:])                                # (B, C_dst, H_dst, W_dst)
         if self.refine is not None:
-            y = y + self.refine(y)
+            y = y + self.refine(y)                                      # conv targets only
+        if self._to == "tokens":
+            y = y.transpose(1, 2)                                       # (B, T_dst, D_dst)
         return self.act(y)
 
     @property
@@ -93,7 +162,10 @@ class Link(nn.Module):
         Returns the relative residual ‖link(src) − dst‖ / ‖dst‖ of the fit.
         """
         feats = self._features(src)
-        dims = (0, 2, 3) if feats.dim() == 4 else (0,)
+        target = dst
+        if self._upsamples(src):  # fit at the source size, against the target averaged down to it
+            target = _resize(dst, tuple(feats.shape[-2:]))
+        dims = {4: (0, 2, 3), 3: (0, 2), 2: (0,)}[feats.dim()]
         mean, var = feats.mean(dims), feats.var(dims, unbiased=False)
         self.norm.running_mean.copy_(mean)
         self.norm.running_var.copy_(var)
@@ -101,9 +173,11 @@ class Link(nn.Module):
         self.norm.bias.zero_()
         z = (feats - _bcast(mean, feats)) / torch.sqrt(_bcast(var, feats) + self.norm.eps)
         if z.dim() == 4:                                                 # rows are pixels: (B·H·W, C)
-            x_rows, y_rows = z.permute(0, 2, 3, 1).flatten(0, 2), dst.permute(0, 2, 3, 1).flatten(0, 2)
+            x_rows, y_rows = z.permute(0, 2, 3, 1).flatten(0, 2), target.permute(0, 2, 3, 1).flatten(0, 2)
+        elif z.dim() == 3:                                               # rows are tokens: (B·T, C)
+            x_rows, y_rows = z.transpose(1, 2).flatten(0, 1), target.flatten(0, 1)
         else:
-            x_rows, y_rows = z, dst
+            x_rows, y_rows = z, target
         if len(x_rows) > _MAX_ROWS:
             keep = torch.randperm(len(x_rows), generator=torch.Generator().manual_seed(0))[:_MAX_ROWS]
             x_rows, y_rows = x_rows[keep], y_rows[keep]
@@ -138,7 +212,7 @@ def _refinement(capacity: str, channels: int) -> nn.Module:
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, 1, 1) if like.dim() == 4 else v.view(1, -1)
+    return v.view(1, -1, *([1] * (like.dim() - 2)))
 
 
 def save_links(module: nn.Module, directory: Path) -> Path:

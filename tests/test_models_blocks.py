@@ -216,7 +216,7 @@ def test_registry_errors():
     with pytest.raises(ValueError, match="already registered"):
         register_model("small_cnn")
     with pytest.raises(ValueError, match="resnet18"):
-        get_model("vgg16", num_classes=10)
+        get_model("vgg99", num_classes=10)
     with pytest.raises(TypeError, match="widht"):
         get_model("small_cnn", num_classes=10, widht=(8, 8, 8, 8))
     with pytest.raises(ValueError, match="num_classes"):
