@@ -38,7 +38,10 @@ class LocalCluster:
         import ray
         from ray.cluster_utils import Cluster
 
+        from coderay import capacity
+
         ray_env()
+        self.session = capacity.new_session()   # this cluster's CPU-cap groups (its workers inherit the name)
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20, "include_dashboard": False,
             "resources": {"head": 1}})
@@ -74,8 +77,11 @@ class LocalCluster:
     def shutdown(self) -> None:
         import ray
 
+        from coderay import capacity
+
         ray.shutdown()
         self.cluster.shutdown()
+        capacity.cleanup(self.session)           # the node groups of exited workers
 
 
 def start_local_cluster(cfg: CoderayConfig, **kwargs) -> LocalCluster:
