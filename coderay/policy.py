@@ -21,7 +21,8 @@ measurement, a candidate that moves would defeat the hysteresis) — gets
 candidate and left out). The reward F_k = ξ(A^av)·ζ(Th/Th_local-only) at share φ, on the row re-scored
 (`coderay.rows.score`) with measured costs: each node's profiled per-sample seconds times a slowdown
 (EWMA of compute seconds ÷ what the profiles predict for the samples it ran, learnt only while the node is
-busy, so that small batches at light load do not pass for a slow node). At share φ:
+busy, so that small batches at light load do not pass for a slow node; an idle node's slowdown decays back to
+1, the profile). At share φ:
     μ_k = Th(φ) = min(1 / ((1−φ)·c_local + φ·c_ht), g_H / φ),  A^av = (1−φ)·A_local + φ·A_path
 which at φ = Th^h/Th is exactly the row's Th (coderay.throughput). The smallest J wins, with hysteresis: the
 current choice stays unless the best improves J by at least `hysteresis`·|J_current| and the current one has
@@ -119,8 +120,10 @@ class Policy:
     """Drift-plus-penalty over the servable rows of each service; state that survives a restart in `to_dict`."""
 
     def __init__(self, spec: ControllerSpec, reward_spec: RewardSpec, network: NetworkSpec, rows: Sequence[Row],
-                 services: Mapping[str, str], initial: Mapping[str, Mapping] | None = None):
-        """services: {service: its node}; initial: {service: {"path", "coop_fraction"}} in force now."""
+                 services: Mapping[str, str], initial: Mapping[str, Mapping] | None = None,
+                 now: float | None = None):
+        """services: {service: its node}; initial: {service: {"path", "coop_fraction"}} in force since `now`
+        (None: since ever, so the first decision may switch at once)."""
         self.spec, self.reward_spec, self.network = spec, reward_spec, network
         self.services = dict(services)
         self.rows = {r.path_id: r for r in rows if r.is_path}
@@ -130,7 +133,7 @@ class Policy:
         self.own_rate: dict[str, float] = {}        # node -> its own services' samples/s (EWMA)
         self.arrivals: dict[str, float] = {}        # service -> samples/s (EWMA)
         self.current: dict[str, tuple[str, float]] = {}
-        self.since: dict[str, float] = {}           # service -> when its current choice started
+        self.since: dict[str, float] = {} if now is None else dict.fromkeys(self.services, now)
         for svc in self.services:
             r = (initial or {}).get(svc) or {"path": f"{svc}:local", "coop_fraction": 0.0}
             self.current[svc] = (r["path"], float(r.get("coop_fraction") or 0.0))
@@ -184,6 +187,8 @@ class Policy:
             if expected > 0 and load.own_samples + load.guest_samples >= MIN_SAMPLES and busy >= BUSY:
                 lo, hi = SLOWDOWN_RANGE
                 self.slowdown[node] = _ewma(self.slowdown.get(node), min(hi, max(lo, load.compute_s / expected)), w)
+            elif node in self.slowdown:     # idle: back toward the profile, which stands at light load
+                self.slowdown[node] = _ewma(self.slowdown[node], 1.0, w)
 
     def measured_row(self, row: Row) -> Row:
         """The row with each node's measured slowdown applied to its profiled costs, re-scored."""

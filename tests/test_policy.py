@@ -147,6 +147,9 @@ def test_measured_costs_rescore_the_rows():
     assert p.slowdown["edge-b"] == pytest.approx(3.0)
     assert after[COOP].th_host < before[COOP].th_host and after[COOP].reward < before[COOP].reward
     assert after[COOP]["slowdown_host"] == pytest.approx(3.0)
+    for t in range(1, 20):   # idle afterwards: the profile stands again
+        p.step(Measurements(t=t, dt=1, arrivals={}, nodes={"edge-b": NodeLoad(own_samples=5, compute_s=0.02)}))
+    assert p.slowdown["edge-b"] == pytest.approx(1.0, abs=0.01)
     # light load teaches nothing (small batches would pass for a slow node)
     q = policy([local_row(), coop_row()])
     q.step(Measurements(t=0, dt=1, arrivals={}, nodes={"edge-b": NodeLoad(own_samples=20, compute_s=0.2)}))
