@@ -163,7 +163,8 @@ class Controller:
         return {n.name: n.name in offered for n in self.cfg.nodes}
 
     def _block_stats(self, alive: dict[str, bool]) -> dict[str, dict]:
-        """{service: its block group's stats} for services on live nodes whose info() answers in time."""
+        """{service: its block group's stats (+ its node's cgroup CPU seconds and share, where capped)} for
+        services on live nodes whose info() answers in time."""
         from ray import serve
 
         pending = {}
@@ -180,7 +181,10 @@ class Controller:
         out, deadline = {}, time.monotonic() + INFO_TIMEOUT_S
         for svc, response in pending.items():
             try:
-                out[svc] = response.result(timeout_s=max(0.05, deadline - time.monotonic()))["stats"]
+                info = response.result(timeout_s=max(0.05, deadline - time.monotonic()))
+                cap = info.get("capacity") or {}
+                out[svc] = dict(info["stats"]) | ({"cpu_s": cap["cpu_s"], "cpu_share": cap["share"]}
+                                                  if cap.get("cpu_s") is not None and cap.get("share") else {})
             except Exception as e:  # noqa: BLE001
                 log.debug("controller: blocks-%s info failed: %s", svc, e)
                 try:
@@ -201,6 +205,8 @@ class Controller:
             node = nodes[self.services[svc]]
             for k in ("own_samples", "guest_samples", "compute_s"):
                 node[k] += _delta(stats.get(k, 0.0), prev.get(k, 0.0))
+            if "cpu_s" in stats and "cpu_s" in prev:   # one cgroup per node: counted once per node
+                node["cpu_busy"] = min(1.5, _delta(stats["cpu_s"], prev["cpu_s"]) / dt / stats["cpu_share"])
             self._prev_blocks[svc] = stats
         with self.lock:
             ingress = {rid: dict(v) for rid, v in self.ingress.items()}
@@ -236,6 +242,7 @@ class Controller:
                 for d in changed:
                     log.info("controller: %s -> %s at %.2f (%s)", d.service, d.path, d.share, d.reason)
             self.live_rows = self.policy.live_rows()
+            self._record_metrics(decisions)
             self.nodes_alive = alive
             self.ticks += 1
             self.last_tick = now
@@ -247,6 +254,40 @@ class Controller:
                                                      for rid, v in fresh.items()}}
             self._save()
         return decisions
+
+    def _record_metrics(self, decisions: Sequence[Decision]) -> None:
+        """Prometheus gauges through `ray.util.metrics` (exported by the node's metrics agent): per service its
+        share, reward, arrivals and backlog; per path its live reward; per host its guest queue."""
+        try:
+            if not hasattr(self, "_metrics"):
+                from ray.util.metrics import Counter, Gauge
+
+                self._metrics = {
+                    "share": Gauge("coderay_controller_coop_share", "cooperative share chosen",
+                                   tag_keys=("service", "path")),
+                    "reward": Gauge("coderay_controller_reward", "live reward of a path (re-scored from measured "
+                                    "costs)", tag_keys=("service", "path")),
+                    "arrivals": Gauge("coderay_controller_arrivals", "samples/s a service's clients sent",
+                                      tag_keys=("service",)),
+                    "queue": Gauge("coderay_controller_queue", "virtual queue (samples): Q_l of a service, Q_h "
+                                   "of a host", tag_keys=("kind", "name")),
+                    "switches": Counter("coderay_controller_switches", "route switches", tag_keys=("service",)),
+                }
+            m = self._metrics
+            for d in decisions:
+                m["share"].set(d.share, tags={"service": d.service, "path": d.path})
+                m["arrivals"].set(self.policy.arrivals.get(d.service, 0.0), tags={"service": d.service})
+                if d.switched:
+                    m["switches"].inc(1, tags={"service": d.service})
+            for r in self.live_rows:
+                if servable(r) and r.reward is not None:
+                    m["reward"].set(r.reward, tags={"service": r.local, "path": r.path_id})
+            for name, q in self.policy.q_local.items():
+                m["queue"].set(q, tags={"kind": "local", "name": name})
+            for name, q in self.policy.q_host.items():
+                m["queue"].set(q, tags={"kind": "host", "name": name})
+        except Exception as e:  # noqa: BLE001 — no metrics (outside Ray, exporter down): decisions go on
+            log.debug("controller metrics: %s", e)
 
     # ------------------------------------------------------------------ what `coderay status` shows
 

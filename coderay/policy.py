@@ -9,9 +9,10 @@ Virtual queues (samples), updated every interval of `dt` seconds with the choice
 - Q_H per host service H, guest work beyond what its grant and its own load allow:
   Q_H ← max(0, Q_H + (Σ_l φ_l·a_l − g_H)·dt), summed over the services l whose path runs through H at share φ_l,
   g_H = min(Th^h of the re-scored row (the grant: s slots of each batch of B, the network),
-            (1 − u_H) / c_guest),
-  where u_H = (the host node's own samples/s) × (its own per-sample seconds) is the CPU fraction its own
-  clients take, and c_guest the path's per-sample seconds on the host.
+            (1 − headroom − u_H) / c_guest),            headroom 0.1: a host never runs flat out for guests
+  where u_H is the fraction of the host node's time its own clients take (its CPU quota used — the cgroup's CPU
+  seconds per second over its share on capped nodes, its block groups' compute seconds per second elsewhere —
+  in proportion of own samples; EWMA), and c_guest the path's per-sample seconds on the host.
 
 Each interval, for each service l, every candidate k = (row, φ) — local-only (φ = 0); every servable skip or
 cooperative row at φ ∈ {step, 2·step, ..., 1} (a fixed grid: the model share Th^h/Th moves with every
@@ -44,6 +45,7 @@ __all__ = ["NodeLoad", "Measurements", "Candidate", "Decision", "Policy", "serva
 BUSY = 0.3            # a node learns its slowdown only in intervals where it computed at least this fraction
 MIN_SAMPLES = 16      # ... and ran at least this many samples
 SLOWDOWN_RANGE = (0.2, 50.0)
+HEADROOM = 0.1        # a host admits guests only up to (1 − HEADROOM) of its time, its own load first
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class NodeLoad:
     own_samples: float = 0.0        # samples of the node's own services
     guest_samples: float = 0.0      # samples of other services' paths through it
     compute_s: float = 0.0          # seconds spent computing them
+    cpu_busy: float | None = None   # fraction of the node's CPU quota used (capped nodes: its cgroup's CPU seconds)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ class Policy:
         self.q_host: dict[str, float] = {}
         self.slowdown: dict[str, float] = {}        # node -> measured / profiled per-sample seconds
         self.own_rate: dict[str, float] = {}        # node -> its own services' samples/s (EWMA)
+        self.own_busy: dict[str, float] = {}        # node -> fraction of its time its own services take (EWMA)
         self.arrivals: dict[str, float] = {}        # service -> samples/s (EWMA)
         self.current: dict[str, tuple[str, float]] = {}
         self.since: dict[str, float] = {} if now is None else dict.fromkeys(self.services, now)
@@ -143,11 +147,11 @@ class Policy:
 
     def state(self) -> dict:
         return {"q_local": self.q_local, "q_host": self.q_host, "slowdown": self.slowdown,
-                "own_rate": self.own_rate, "arrivals": self.arrivals,
+                "own_rate": self.own_rate, "own_busy": self.own_busy, "arrivals": self.arrivals,
                 "current": {s: list(c) for s, c in self.current.items()}, "since": self.since}
 
     def restore(self, state: Mapping) -> None:
-        for key in ("q_local", "q_host", "slowdown", "own_rate", "arrivals", "since"):
+        for key in ("q_local", "q_host", "slowdown", "own_rate", "own_busy", "arrivals", "since"):
             getattr(self, key).update(state.get(key) or {})
         for svc, (path, share) in (state.get("current") or {}).items():
             if svc in self.services and (path in self.rows or path == f"{svc}:local"):
@@ -181,6 +185,10 @@ class Policy:
             if not load.alive:
                 continue
             self.own_rate[node] = _ewma(self.own_rate.get(node), load.own_samples / max(m.dt, 1e-9), w)
+            ran = load.own_samples + load.guest_samples
+            busy = load.cpu_busy if load.cpu_busy is not None else load.compute_s / max(m.dt, 1e-9)
+            own_busy = busy * load.own_samples / ran if ran > 0 else 0.0
+            self.own_busy[node] = _ewma(self.own_busy.get(node), own_busy, w)
             own_c, guest_c = self._profile_cost(node, guest=False), self._profile_cost(node, guest=True)
             expected = load.own_samples * (own_c or 0.0) + load.guest_samples * (guest_c or own_c or 0.0)
             busy = load.compute_s / max(m.dt, 1e-9)
@@ -208,14 +216,15 @@ class Policy:
     # ------------------------------------------------------------------ candidates
 
     def _own_util(self, node: str) -> float:
-        c = self._profile_cost(node, guest=False)
-        return self.own_rate.get(node, 0.0) * (c or 0.0) * self.slowdown.get(node, 1.0)
+        """u_H: the fraction of the node's time its own services took (measured: compute seconds of its block
+        groups per second, in proportion of own samples)."""
+        return self.own_busy.get(node, 0.0)
 
     def guest_rate(self, live: Row) -> float:
         """g_H: guest samples/s the host admits on this (re-scored) path: its grant, less its own load."""
         if live.kind != "coop" or live.costs is None:
             return 0.0
-        left = max(0.0, 1.0 - self._own_util(live.host_node))
+        left = max(0.0, 1.0 - HEADROOM - self._own_util(live.host_node))
         by_load = left / live.costs.host_part if live.costs.host_part > 0 else math.inf
         return max(0.0, min(live.th_host or 0.0, by_load))
 

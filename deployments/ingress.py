@@ -345,9 +345,54 @@ class Ingress:
             self._controller_actor = None   # look it up again next time (it may have been replaced)
             raise
 
+    def _metrics_init(self) -> None:
+        """Prometheus metrics through Ray (`ray.serve.metrics` adds deployment/replica/application tags),
+        exported by every node's metrics agent; updated from the stats once a second, off the request path."""
+        from ray.serve import metrics
+
+        tags = ("service", "path")
+        self._metrics = {
+            "requests": metrics.Counter("coderay_requests", description="requests answered, by service and path",
+                                        tag_keys=tags),
+            "samples": metrics.Counter("coderay_samples", description="samples answered, by service",
+                                       tag_keys=("service",)),
+            "fallbacks": metrics.Counter("coderay_fallbacks", description="requests answered on the local-only "
+                                         "path after their path failed", tag_keys=("service",)),
+            "latency": metrics.Histogram("coderay_latency_ms", description="request latency in the ingress (ms)",
+                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
+                                         tag_keys=("service",)),
+            "share": metrics.Gauge("coderay_coop_share", description="cooperative share of the active route",
+                                   tag_keys=tags),
+        }
+        self._metrics_prev: dict = {}
+
+    def _record_metrics(self) -> None:
+        if getattr(self, "_metrics", None) is None:
+            self._metrics_init()
+        m, prev = self._metrics, self._metrics_prev
+        for svc, st in self.stats.items():
+            p = prev.setdefault(svc, {"samples": 0, "fallbacks": 0, "requests": 0, "by_path": {}})
+            for key in ("samples", "fallbacks"):
+                if st[key] > p[key]:
+                    m[key].inc(st[key] - p[key], tags={"service": svc})
+            for path, n in st["by_path"].items():
+                if n > p["by_path"].get(path, 0):
+                    m["requests"].inc(n - p["by_path"].get(path, 0), tags={"service": svc, "path": path})
+            new = min(st["requests"] - p["requests"], len(self._latencies[svc]))
+            for ms in list(self._latencies[svc])[len(self._latencies[svc]) - new:] if new > 0 else []:
+                m["latency"].observe(ms, tags={"service": svc})
+            route = self.router.routes[svc]
+            m["share"].set(route.coop_fraction, tags={"service": svc, "path": route.path.id})
+            prev[svc] = {"samples": st["samples"], "fallbacks": st["fallbacks"], "requests": st["requests"],
+                         "by_path": dict(st["by_path"])}
+
     async def _controller_loop(self) -> None:
         while True:
             delay = ctl.POLL_S
+            try:
+                self._record_metrics()
+            except Exception as e:  # noqa: BLE001 — metrics never stop the sync
+                log.debug("metrics: %s", e)
             try:
                 got = await self._controller_call("sync", self.replica_id, self.controller_stats(),
                                                   timeout_s=max(2.0, 2 * ctl.POLL_S))

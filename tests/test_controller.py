@@ -29,8 +29,14 @@ def ctl(trained_cfg, searched_table):
     serving = trained_cfg.serving.model_copy(update={"request_timeout_s": 8.0, "ingress_replicas": 2,
                                                      "fallback_cooldown_s": 10.0})
     emulation = trained_cfg.emulation.model_copy(update={"cpu_caps": True})
-    controller = trained_cfg.controller.model_copy(update={"interval_s": 1.0, "min_dwell_s": 2.0})
-    cfg = trained_cfg.model_copy(update={"serving": serving, "emulation": emulation, "controller": controller})
+    # a small hysteresis: the tiny services gain little from cooperating (a share's reward differs by a few %)
+    controller = trained_cfg.controller.model_copy(update={"interval_s": 1.0, "min_dwell_s": 2.0,
+                                                           "hysteresis": 0.02})
+    # accuracy weighs less than in the search (α 1, not 8), so that cooperating pays at idle whatever the tiny
+    # search measured (the table's best may be local-only: profiles vary); the controller re-scores every row
+    reward = trained_cfg.reward.model_copy(update={"alpha": 1.0})
+    cfg = trained_cfg.model_copy(update={"serving": serving, "emulation": emulation, "controller": controller,
+                                         "reward": reward})
     if ray.is_initialized():
         ray.shutdown()
     cluster = LocalCluster(cfg)
@@ -129,7 +135,7 @@ def test_the_controller_switches_a_route_by_itself_when_the_host_is_flooded(ctl)
         futures = [pool.submit(flood, i) for i in range(4)]
         try:
             low, secs = wait_for("the guest share dropping", lambda: (r := digits_route())["coop_fraction"]
-                                 < before["coop_fraction"] and r, 60, every=1.0)
+                                 <= before["coop_fraction"] / 2 and r, 60, every=1.0)
         finally:
             done.set()
             for f in futures:
@@ -235,6 +241,24 @@ def test_the_state_file_exists_and_reloads(ctl):
     again = Controller(ctl.cfg.portable(), ctl.table.rows, run=False)
     assert again.reloaded and again.policy.routes == doc["routes"]
     assert [d.to_dict() for d in again.switches][-1]["t"] == doc["switches"][-1]["t"]
+
+
+def test_coderay_status_prints_the_live_table(ctl):
+    import subprocess
+    import sys
+
+    address = ctl.cluster.cluster.address
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "coderay.cli", "status", "--address", address], capture_output=True,
+                         text=True, timeout=120)
+    secs = time.perf_counter() - start
+    print(f"\n`coderay status --address {address}` in {secs:.1f} s:\n{out.stdout}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "controller coderay-controller" in out.stdout and "last switches:" in out.stdout
+    assert "digits" in out.stdout and "ingress replicas syncing: 2" in out.stdout
+    js = subprocess.run([sys.executable, "-m", "coderay.cli", "status", "--address", address, "--json"],
+                        capture_output=True, text=True, timeout=120)
+    assert js.returncode == 0 and json.loads(js.stdout)["routes"]["digits"]["path"].startswith("digits:")
 
 
 def test_a_lost_host_node_answers_guests_locally_and_the_controller_sets_share_zero(ctl):
