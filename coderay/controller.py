@@ -33,7 +33,7 @@ from pathlib import Path
 from coderay.config import CoderayConfig
 from coderay.policy import Decision, Measurements, NodeLoad, Policy, servable
 from coderay.routing import initial_routes
-from coderay.rows import Row, row_from_dict
+from coderay.rows import Row, row_from_dict, score
 
 __all__ = ["NAME", "NAMESPACE", "APP_NAME", "POLL_S", "Controller", "actor_options", "start_controller",
            "get_controller", "stop_controller", "state_path", "table_key"]
@@ -300,6 +300,8 @@ class Controller:
                 if not servable(r):
                     continue
                 base = next((b for b in self.base_rows if b.path_id == r.path_id), None)
+                if base is not None:   # the profiles alone, under the same reward shape
+                    base = score(base, self.cfg.reward, self.cfg.network)
                 table.append({"service": r.local, "path": r.path_id, "kind": r.kind,
                               "active": routes.get(r.local, {}).get("path") == r.path_id,
                               "share": routes.get(r.local, {}).get("coop_fraction")
