@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,8 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:       # this checkout's coderay, whatever the venv installed
+    sys.path.insert(0, str(ROOT))
 PHASES = ("steady", "host busy", "host lost", "host back")
 
 
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flood", type=int, default=6, help="closed-loop clients flooding the host in phase 2")
     p.add_argument("--flood-batch", type=int, default=64, help="samples per flooding request")
     p.add_argument("--interval", type=float, default=1.0, help="controller interval (s)")
+    p.add_argument("--alpha", type=float, default=None, help="reward α for the controller (default: the config's)")
     p.add_argument("--cpu-caps", action="store_true", help="real CPU caps per node even if the config has them off")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "controller")
     args = p.parse_args(argv)
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cfg.model_copy(update={
         "controller": cfg.controller.model_copy(update={"interval_s": args.interval, "min_dwell_s": 3 * args.interval}),
         "serving": cfg.serving.model_copy(update={"fallback_cooldown_s": 5.0}),
+        "reward": cfg.reward.model_copy(update={"alpha": cfg.reward.alpha if args.alpha is None else args.alpha}),
         "emulation": cfg.emulation.model_copy(update={"cpu_caps": cfg.emulation.cpu_caps or args.cpu_caps})})
     shape = get_task(cfg.service(svc).task, data_root=cfg.data_root, seed=cfg.seed).input_shape
     host_shape = get_task(cfg.service(host).task, data_root=cfg.data_root, seed=cfg.seed).input_shape
