@@ -76,13 +76,14 @@ class Load:
         while not self.stop.is_set():
             t += rng.exponential(1 / self.rate)
             delay = t - time.time()
-            if delay > 0:
-                time.sleep(delay)
+            if delay > 0 and self.stop.wait(delay):
+                break
             self.sent += 1
             self.pool.submit(self._one, t)
 
-    def finish(self) -> None:
+    def finish(self, runner: threading.Thread) -> None:
         self.stop.set()
+        runner.join()
         self.pool.shutdown(wait=True)
 
 
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                     pass
                 stop_sampling.wait(max(0.0, 1.0 - (time.time() - t)))
 
-        threading.Thread(target=load.run, daemon=True).start()
+        runner = threading.Thread(target=load.run, daemon=True)
+        runner.start()
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         marks["steady"] = time.time()
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         del ray_node
         time.sleep(args.phase_s * 1.5)
         marks["end"] = time.time()
-        load.finish()
+        load.finish(runner)
         stop_sampling.set()
         sampler.join()
         status = ray.get(get_controller().status.remote(decisions=40), timeout=30)
