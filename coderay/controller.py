@@ -45,6 +45,8 @@ APP_NAME = "coderay"            # the Serve application (deployments.app.APP_NAM
 HEAD_RESOURCE = "head"          # coderay.cluster.LocalCluster's head node (deployments.placement.HEAD_RESOURCE)
 POLL_S = 1.0                    # how often each ingress replica syncs with the controller
 INFO_TIMEOUT_S = 2.0            # a block group's info() that takes longer is skipped this interval
+UNREACHABLE_AFTER = 2           # ... and a node all of whose block groups missed this many intervals in a row is
+                                # treated as gone before Ray's health checks declare it dead (~15-30 s)
 KEEP_DECISIONS = 400            # decisions kept (and persisted); switches are kept apart, as many
 
 
@@ -81,6 +83,7 @@ class Controller:
         self._prev_ingress: dict[str, dict] = {}    # replica id -> the cumulative figures at the last tick
         self._prev_blocks: dict[str, dict] = {}     # service -> its block group's stats at the last tick
         self._handles: dict = {}
+        self._misses: dict[str, int] = {}           # service -> info() calls missed in a row
         self.reloaded = self._load()
         if _reconstructed():
             self.restarts += 1
@@ -180,11 +183,13 @@ class Controller:
                 log.debug("controller: blocks-%s unreachable: %s", svc, e)
         out, deadline = {}, time.monotonic() + INFO_TIMEOUT_S
         for svc, response in pending.items():
+            self._misses[svc] = self._misses.get(svc, 0) + 1
             try:
                 info = response.result(timeout_s=max(0.05, deadline - time.monotonic()))
                 cap = info.get("capacity") or {}
                 out[svc] = dict(info["stats"]) | ({"cpu_s": cap["cpu_s"], "cpu_share": cap["share"]}
                                                   if cap.get("cpu_s") is not None and cap.get("share") else {})
+                self._misses[svc] = 0
             except Exception as e:  # noqa: BLE001
                 log.debug("controller: blocks-%s info failed: %s", svc, e)
                 try:
@@ -199,6 +204,10 @@ class Controller:
         dt = max(1e-3, now - self.last_tick) if self.last_tick is not None else self.cfg.controller.interval_s
         alive = self._alive()
         blocks = self._block_stats(alive)
+        for node in alive:   # alive for Ray, but none of its block groups has answered for a while
+            mine = [svc for svc, n in self.services.items() if n == node]
+            if alive[node] and mine and all(self._misses.get(svc, 0) >= UNREACHABLE_AFTER for svc in mine):
+                alive[node] = False
         nodes: dict[str, dict] = {n: {"own_samples": 0.0, "guest_samples": 0.0, "compute_s": 0.0} for n in alive}
         for svc, stats in blocks.items():
             prev = self._prev_blocks.get(svc, stats)

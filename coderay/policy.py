@@ -273,7 +273,7 @@ class Policy:
             if r.local != svc or r.kind == "local" or not servable(r):
                 continue
             if r.kind == "coop" and not m.nodes.get(r.host_node, NodeLoad()).alive:
-                excluded[r.path_id] = f"host node {r.host_node} gone"
+                excluded[r.path_id] = f"host node {r.host_node} gone or unreachable"
                 continue
             if r.path_id in m.failing:
                 excluded[r.path_id] = "failing at the ingress"

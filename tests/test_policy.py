@@ -129,7 +129,7 @@ def test_a_host_whose_node_is_gone_gets_share_zero_at_once():
     d = digits_of(p.step(meas(1.0, alive=False)))
     assert d.switched and (d.path, d.share) == ("digits:local", 0.0)
     assert d.reason.startswith("forced") and "edge-b gone" in d.reason
-    assert d.figures["excluded"] == {COOP: "host node edge-b gone"}
+    assert d.figures["excluded"] == {COOP: "host node edge-b gone or unreachable"}
     # while it stays gone: still local
     assert all(digits_of(ds).path == "digits:local" for ds in run(p, [2, 3, 4], alive=False))
     # a path the ingress reports failing is also left at once
