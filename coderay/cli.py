@@ -125,7 +125,8 @@ def serve_until_stopped(cfg, args: argparse.Namespace) -> int:
     from deployments.app import start_serving
     from deployments.schemas import BODY_DTYPE
 
-    served = start_serving(cfg, config_path=Path(args.config).resolve(), address=args.address, port=args.port)
+    served = start_serving(cfg, config_path=Path(args.config).resolve(), address=args.address, port=args.port,
+                           controller=False if getattr(args, "no_controller", False) else None)
     url, svc = served.url, cfg.services[0]
     shape = (1, *_input_shape(cfg, svc.name))
     print(f"coderay is serving {len(cfg.services)} service(s) at {url}")
@@ -136,6 +137,9 @@ def serve_until_stopped(cfg, args: argparse.Namespace) -> int:
     print(f"  pin a path: curl -X PUT {url}/v1/services/{svc.name}/route -H 'Content-Type: application/json' "
           f"-d '{{\"path\": \"{svc.name}:local\"}}'   (release: curl -X DELETE {url}/v1/services/{svc.name}/route)")
     print(f"  Serve config: {served.serve_config}")
+    if cfg.controller.enabled and not getattr(args, "no_controller", False):
+        print(f"  controller: coderay status{'' if args.address is None else ' --address ' + args.address}   "
+              f"(or curl {url}/v1/controller)")
     if args.no_block:
         return 0
     print("serving until Ctrl-C (or SIGTERM)", flush=True)
@@ -185,6 +189,77 @@ def cmd_up(args: argparse.Namespace) -> int:
     return serve_until_stopped(cfg, args)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """The controller's live table: active paths, shares, queues, the last decisions with their reasons."""
+    import ray
+
+    from coderay.cluster import ray_env
+    from coderay.controller import NAMESPACE, get_controller
+
+    ray_env()
+    try:
+        ray.init(address=args.address or "auto", namespace=NAMESPACE, ignore_reinit_error=True,
+                 log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError) as e:
+        print(f"error: no Ray cluster at {args.address or 'auto'} ({e}); start one with `coderay up`",
+              file=sys.stderr)
+        return 2
+    try:
+        try:
+            actor = get_controller()
+        except ValueError:
+            print("error: no controller runs on this cluster (`coderay up`/`serve` start it unless "
+                  "--no-controller)", file=sys.stderr)
+            return 2
+        st = ray.get(actor.status.remote(decisions=args.decisions), timeout=30)
+    finally:
+        ray.shutdown()
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+        return 0
+    print_status(st)
+    return 0
+
+
+def print_status(st: dict) -> None:
+    import time
+
+    c = st["controller"]
+    conf = c["config"]
+    print(f"controller {c['name']} (pid {c['pid']}): {c['ticks']} intervals of {conf['interval_s']:g} s, "
+          f"V={conf['V']:g}, hysteresis {conf['hysteresis']:g}, min dwell {conf['min_dwell_s']:g} s; "
+          f"restarts {c['restarts']}; last interval {c['last_tick_age_s']} s ago")
+    print(f"state: {c['state_file']}")
+    alive = st.get("nodes_alive") or {}
+    print("nodes: " + ", ".join(f"{n} {'up' if a else 'DOWN'}" for n, a in alive.items()))
+    print(f"\n{'service':<10} {'path':<28} {'share':>6} {'arrivals/s':>10} {'Q_l':>8}  reason of the last decision")
+    for svc, s in st["services"].items():
+        last = s.get("last_decision") or {}
+        print(f"{svc:<10} {s['path']:<28} {s['coop_fraction']:>6.2f} {s['arrivals']:>10.1f} {s['Q_l']:>8.1f}  "
+              f"{last.get('reason', '-')}")
+    if st["queues"]["host"]:
+        print("host queues Q_h: " + ", ".join(f"{h} {q:.1f}" for h, q in st["queues"]["host"].items()))
+    print(f"\n{'path':<28} {'kind':<5} {'active':<6} {'reward':>7} {'profiled':>8} {'Th/s':>8} {'slowdown':>12}")
+    for r in st["table"]:
+        slow = "/".join(f"{v:.2f}" for v in (r.get("slowdown_local"), r.get("slowdown_host")) if v is not None)
+        print(f"{r['path']:<28} {r['kind']:<5} {('yes ' + format(r['share'], '.2f')) if r['active'] else '':<6} "
+              f"{_fmt(r['reward'], 7, 3)} {_fmt(r['reward_profiled'], 8, 3)} {_fmt(r['th_total'], 8, 0)} {slow:>12}")
+    print("\nlast switches:")
+    for d in st["switches"][-8:] or []:
+        when = time.strftime("%H:%M:%S", time.localtime(d["t"]))
+        print(f"  {when} {d['service']}: {d['previous_path']} @{d['previous_share']:g} -> {d['path']} "
+              f"@{d['share']:g}  {d['reason']}")
+    if not st["switches"]:
+        print("  (none yet)")
+    ingress = st.get("ingress_replicas") or {}
+    print(f"ingress replicas syncing: {len([r for r in ingress.values() if r['age_s'] < 5])} "
+          "(" + ", ".join(f"{k} {v['age_s']:.1f}s ago" for k, v in ingress.items()) + ")")
+
+
+def _fmt(v, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
+
+
 def _workdir(args: argparse.Namespace) -> dict:
     return {"workdir": str(args.workdir)} if getattr(args, "workdir", None) else {}
 
@@ -195,6 +270,8 @@ def _deploy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's serving.port)")
     p.add_argument("--no-block", action="store_true", help="return after deploying instead of serving until Ctrl-C")
     p.add_argument("--workdir", type=Path, help="override the config's workdir")
+    p.add_argument("--no-controller", action="store_true", help="serve without the controller (routes change only "
+                                                                "by PUT /route or a config deploy)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,6 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="deploy every service's best path on Ray Serve and answer HTTP requests")
     _deploy_args(v)
     v.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("status", help="the controller's live table: active paths, shares and its last decisions "
+                                       "with reasons")
+    st.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path,
+                    help="config YAML (default: the demo; accepted for symmetry, the cluster's controller answers)")
+    st.add_argument("--address", default=None, help="Ray cluster (default: auto, the one running here)")
+    st.add_argument("--json", action="store_true", help="print the controller's status as JSON")
+    st.add_argument("--decisions", type=int, default=12, help="how many recent decisions to show (default 12)")
+    st.set_defaults(func=cmd_status)
     return p
 
 

@@ -19,7 +19,7 @@ from coderay.errors import ConfigError, UnknownServiceError
 
 __all__ = [
     "ConfigError", "NodeSpec", "NetworkSpec", "TrainSpec", "ServiceSpec", "SearchSpec", "RewardSpec",
-    "ServingSpec", "EmulationSpec", "LinkVariant", "CoderayConfig", "load_config", "DEFAULT_CONFIG",
+    "ServingSpec", "EmulationSpec", "ControllerSpec", "LinkVariant", "CoderayConfig", "load_config", "DEFAULT_CONFIG",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -147,6 +147,7 @@ class ServingSpec(_Strict):
     max_ongoing_requests: int = Field(1024, ge=1)  # requests the ingress holds at once; more wait in Serve's proxy
     fallback_cooldown_s: float | None = Field(None, ge=0)  # a failed path is skipped this long; None: max(10, 3 × timeout)
     emulate_network: bool = True                # add RTT + bytes/bandwidth per cross-node hop
+    ingress_replicas: int = Field(1, ge=1)      # HTTP ingress replicas (each polls the controller for routes)
 
 
 class EmulationSpec(_Strict):
@@ -157,6 +158,21 @@ class EmulationSpec(_Strict):
     cpu_caps: bool = True                       # real CPU quotas per node on a local cluster; off with --address
     reserve_cpus: float = Field(0.5, ge=0)      # this machine's CPUs left to Serve's proxy, the ingress, the driver
                                                 # and a load generator, so that the emulated nodes are the bottleneck
+
+
+class ControllerSpec(_Strict):
+    """The controller (coderay.controller, policy in coderay.policy): every `interval_s` it measures serving,
+    re-scores the reward table and chooses each service's path and cooperative share by drift-plus-penalty."""
+    enabled: bool = True                        # `coderay up` / `serve` start it (`--no-controller` overrides)
+    interval_s: float = Field(2.0, gt=0)        # seconds between two measurements and decisions
+    V: float = Field(50.0, ge=0)                # weight of the reward against the virtual queues' drift: larger
+                                                # favours reward, smaller favours draining backlogs
+    hysteresis: float = Field(0.1, ge=0)        # a new (path, share) must improve the objective by this fraction
+                                                # of its magnitude to replace the current one
+    min_dwell_s: float = Field(6.0, ge=0)       # ... and the current one must have held this long (a lost host
+                                                # or a failing path switches at once)
+    share_step: float = Field(0.1, gt=0, le=1)  # cooperative shares tried: 0, step, 2·step, ..., 1
+    smoothing: float = Field(0.3, gt=0, le=1)   # weight of the newest measurement in the moving averages
 
 
 class CoderayConfig(_Strict):
@@ -171,6 +187,7 @@ class CoderayConfig(_Strict):
     reward: RewardSpec = RewardSpec()
     serving: ServingSpec = ServingSpec()
     emulation: EmulationSpec = EmulationSpec()
+    controller: ControllerSpec = ControllerSpec()
 
     @model_validator(mode="after")
     def _cross_check(self) -> CoderayConfig:

@@ -63,9 +63,11 @@ def build_app(cfg: CoderayConfig, table: RewardTable) -> Application:
     links = {owner: LinkSet.options(name=f"links-{owner}", ray_actor_options=link_options(cfg, owner),
                                     **opts).bind(cfg, owner, owned)
              for owner, owned in sorted(files.items())}
-    # One ingress replica: PUT /route changes the replica it reaches; a config deploy reaches every replica.
+    # One ingress replica by default: PUT /route changes the replica it reaches; a config deploy reaches every
+    # replica, and so do the controller's routes (each replica polls it: coderay.controller).
     # No routes in its user_config: routes given there are pins (an operator's), and none is set yet.
-    return Ingress.options(name=INGRESS, num_replicas=1, max_ongoing_requests=cfg.serving.max_ongoing_requests,
+    return Ingress.options(name=INGRESS, num_replicas=cfg.serving.ingress_replicas,
+                           max_ongoing_requests=cfg.serving.max_ongoing_requests,
                            ray_actor_options=ingress_options(),
                            user_config={"routes": {}}).bind(cfg, rows, blocks, links)
 
@@ -173,15 +175,19 @@ class Served:
     cluster: LocalCluster | None
 
     def shutdown(self) -> None:
+        from coderay.controller import stop_controller
+
+        stop_controller()
         serve.shutdown()
         if self.cluster is not None:
             self.cluster.shutdown()
 
 
 def start_serving(cfg: CoderayConfig, *, config_path: str | Path, address: str | None = None,
-                  port: int | None = None) -> Served:
-    """Connect (or start a local cluster), load the search's table, deploy, and write the Serve config under
-    the workdir. Fails before starting anything when the services are untrained or the search never ran."""
+                  port: int | None = None, controller: bool | None = None) -> Served:
+    """Connect (or start a local cluster), load the search's table, deploy, start the controller (unless
+    `controller` is False, or None and the config's `controller.enabled` is off), and write the Serve config
+    under the workdir. Fails before starting anything when the services are untrained or the search never ran."""
     if address:
         cfg = cfg.on_real_cluster()                      # real nodes: no CPU caps, no emulated delays
     for spec in cfg.services:
@@ -190,6 +196,10 @@ def start_serving(cfg: CoderayConfig, *, config_path: str | Path, address: str |
     cluster = connect(cfg, address)
     try:
         url = deploy(cfg, table, port=port)
+        if cfg.controller.enabled if controller is None else controller:
+            from coderay.controller import start_controller
+
+            start_controller(cfg, table.rows)
         actual = int(url.rsplit(":", 1)[1])
         out = write_serve_config(cfg, config_path, cfg.root / "serve-config.yaml", port=actual)
     except BaseException:

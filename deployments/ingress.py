@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from coderay import controller as ctl
 from coderay.config import CoderayConfig
 from coderay.data import get_task
 from coderay.errors import CoderayError
@@ -110,6 +111,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _json_safe(value: Any) -> Any:
+    """Nested dicts/lists with non-finite floats as null and anything else JSON lacks as a string."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return _clean(value)
+    return str(value)
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -129,6 +143,7 @@ class Ingress:
         self.config_errors: dict[str, str] = {}  # the last reconfigure's rejected entries
         cooldown = cfg.serving.fallback_cooldown_s
         self.cooldown_s = max(10.0, 3 * cfg.serving.request_timeout_s) if cooldown is None else cooldown
+        self._controller_init()
 
     # ------------------------------------------------------------------ routing (config deploys, controller)
 
@@ -248,6 +263,7 @@ class Ingress:
         stats["samples"] += len(x01)
         stats["fallbacks"] += fallback
         stats["by_path"][spec.id] = stats["by_path"].get(spec.id, 0) + 1
+        self._latencies[svc].append(latency_ms)
         probs = torch.softmax(out.x.float(), dim=1)
         top_p, top_i = probs.topk(k, dim=1)
         names = task.class_names
@@ -272,6 +288,163 @@ class Ingress:
         return {"replicas": [i if isinstance(i, dict) else {"error": repr(i)} for i in infos],
                 "ingress": {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()},
                 "routes": self.router.snapshot(), "config_errors": self.config_errors}
+
+    # ------------------------------------------------------------------ the controller (coderay.controller)
+    # Each replica pulls: every POLL_S seconds one call hands the controller this replica's figures and brings
+    # back the routes it chose, applied as coderay's own choice (pins stay). Nothing on the request path waits
+    # on it; while the controller is down the replica keeps its last routes.
+
+    def _controller_init(self) -> None:
+        import collections
+        import uuid
+
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 — outside Serve (tests)
+            self.replica_id = uuid.uuid4().hex[:8]
+        self._latencies = {s.name: collections.deque(maxlen=512) for s in self.cfg.services}
+        self.controller_sync = {"ok": 0, "failed": 0, "last_ok": None, "last_error": None, "version": None}
+        self._controller_task = None
+        self._controller_actor = None
+        self._ensure_controller_sync()
+
+    def _ensure_controller_sync(self) -> None:
+        if self._controller_task is not None and not self._controller_task.done():
+            return
+        try:
+            self._controller_task = asyncio.get_running_loop().create_task(self._controller_loop())
+        except RuntimeError:   # no loop yet: the next health check starts it
+            self._controller_task = None
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: also (re)starts the controller sync if it is not running."""
+        self._ensure_controller_sync()
+
+    def controller_stats(self) -> dict:
+        """This replica's cumulative figures per service, as the controller reads them."""
+        out = {}
+        for svc, st in self.stats.items():
+            lat = sorted(self._latencies[svc])
+            pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 3)) if lat else (lambda q: None)
+            out[svc] = {"requests": st["requests"], "samples": st["samples"], "fallbacks": st["fallbacks"],
+                        "by_path": dict(st["by_path"]), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+                        "suspended_paths": self._suspended_paths(svc)}
+        return {"replica_id": self.replica_id, "services": out, "pinned": sorted(self.router.pinned),
+                "routes": self.router.snapshot()}
+
+    async def _controller_call(self, method: str, *args, timeout_s: float) -> Any:
+        import ray
+
+        loop = asyncio.get_running_loop()
+        if self._controller_actor is None:
+            self._controller_actor = await loop.run_in_executor(None, ctl.get_controller)
+        try:
+            ref = getattr(self._controller_actor, method).remote(*args)
+            return await asyncio.wait_for(ref, timeout_s)
+        except (asyncio.TimeoutError, ray.exceptions.RayActorError):
+            self._controller_actor = None   # look it up again next time (it may have been replaced)
+            raise
+
+    def _metrics_init(self) -> None:
+        """Prometheus metrics through Ray (`ray.serve.metrics` adds deployment/replica/application tags),
+        exported by every node's metrics agent; updated from the stats once a second, off the request path."""
+        from ray.serve import metrics
+
+        tags = ("service", "path")
+        self._metrics = {
+            "requests": metrics.Counter("coderay_requests", description="requests answered, by service and path",
+                                        tag_keys=tags),
+            "samples": metrics.Counter("coderay_samples", description="samples answered, by service",
+                                       tag_keys=("service",)),
+            "fallbacks": metrics.Counter("coderay_fallbacks", description="requests answered on the local-only "
+                                         "path after their path failed", tag_keys=("service",)),
+            "latency": metrics.Histogram("coderay_latency_ms", description="request latency in the ingress (ms)",
+                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
+                                         tag_keys=("service",)),
+            "share": metrics.Gauge("coderay_coop_share", description="cooperative share of the active route",
+                                   tag_keys=tags),
+        }
+        self._metrics_prev: dict = {}
+
+    def _record_metrics(self) -> None:
+        if getattr(self, "_metrics", None) is None:
+            self._metrics_init()
+        m, prev = self._metrics, self._metrics_prev
+        for svc, st in self.stats.items():
+            p = prev.setdefault(svc, {"samples": 0, "fallbacks": 0, "requests": 0, "by_path": {}})
+            for key in ("samples", "fallbacks"):
+                if st[key] > p[key]:
+                    m[key].inc(st[key] - p[key], tags={"service": svc})
+            for path, n in st["by_path"].items():
+                if n > p["by_path"].get(path, 0):
+                    m["requests"].inc(n - p["by_path"].get(path, 0), tags={"service": svc, "path": path})
+            new = min(st["requests"] - p["requests"], len(self._latencies[svc]))
+            for ms in list(self._latencies[svc])[len(self._latencies[svc]) - new:] if new > 0 else []:
+                m["latency"].observe(ms, tags={"service": svc})
+            route = self.router.routes[svc]
+            m["share"].set(route.coop_fraction, tags={"service": svc, "path": route.path.id})
+            prev[svc] = {"samples": st["samples"], "fallbacks": st["fallbacks"], "requests": st["requests"],
+                         "by_path": dict(st["by_path"])}
+
+    async def _controller_loop(self) -> None:
+        while True:
+            delay = ctl.POLL_S
+            try:
+                self._record_metrics()
+            except Exception as e:  # noqa: BLE001 — metrics never stop the sync
+                log.debug("metrics: %s", e)
+            try:
+                got = await self._controller_call("sync", self.replica_id, self.controller_stats(),
+                                                  timeout_s=max(2.0, 2 * ctl.POLL_S))
+                self._apply_auto(got["routes"])
+                self.controller_sync.update(ok=self.controller_sync["ok"] + 1, last_ok=time.time(),
+                                            version=got.get("version"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 — no controller (yet), or it is restarting: keep the routes
+                self.controller_sync.update(failed=self.controller_sync["failed"] + 1,
+                                            last_error=f"{type(e).__name__}: {e}"[:300])
+                delay = 5 * ctl.POLL_S if isinstance(e, ValueError) else ctl.POLL_S
+            await asyncio.sleep(delay)
+
+    async def set_auto_routes(self, routes: dict) -> dict:
+        """The controller's routes as coderay's own choice, service by service (an invalid entry leaves its
+        service's route as it was and is reported); pinned services keep their pins. Async: on the event loop
+        that serves requests, like every route change."""
+        return self._apply_auto(routes)
+
+    def _apply_auto(self, routes: dict) -> dict:
+        applied, rejected = {}, {}
+        for svc, route in (routes or {}).items():
+            current = self.router.auto.get(svc)
+            if current is not None and current.to_dict() == {"path": route.get("path"),
+                                                             "coop_fraction": route.get("coop_fraction")}:
+                continue
+            try:
+                self.router.set_auto({svc: route})
+                applied[svc] = route
+            except CoderayError as e:
+                rejected[svc] = e.reason
+        if applied:
+            log.info("controller routes applied: %s", applied)
+        for svc, reason in rejected.items():
+            log.warning("controller route for %s rejected: %s", svc, reason)
+        return {"applied": applied, "rejected": rejected, "routes": self.router.snapshot()}
+
+    @api.get("/v1/controller", responses={503: {"model": ErrorBody}},
+             summary="the controller's live table: routes, shares, queues and its last decisions with reasons")
+    async def controller(self) -> JSONResponse:
+        try:
+            status = await self._controller_call("status", timeout_s=5.0)
+        except Exception as e:  # noqa: BLE001
+            reason = "no controller is running (started by `coderay up`/`serve` unless --no-controller)" \
+                if isinstance(e, ValueError) else f"the controller did not answer ({type(e).__name__})"
+            return JSONResponse({"error": reason, "ingress": {"replica_id": self.replica_id,
+                                                              "routes": self.router.snapshot(),
+                                                              "sync": self.controller_sync}}, status_code=503)
+        status["ingress"] = {"replica_id": self.replica_id, "routes": self.router.snapshot(),
+                             "pinned": sorted(self.router.pinned), "sync": self.controller_sync}
+        return JSONResponse(_json_safe(status))
 
     # ------------------------------------------------------------------ running a path
 

@@ -1,0 +1,419 @@
+"""The controller: a named, detached Ray actor that keeps the live reward table and chooses every service's route.
+
+Every `controller.interval_s` it measures serving — each block group's `info()` (own and guest samples, compute
+seconds; through `serve.get_deployment_handle(..., "coderay")`), what every ingress replica reported (requests,
+samples, fallbacks, latency p50/p99, per-path counts, paths it skips after a failure), which nodes Ray reports
+alive — turns the deltas into one `coderay.policy.Measurements`, runs the drift-plus-penalty policy, and keeps
+the outcome: each service's route (path, cooperative share), the reward table re-scored from measured costs, and
+a decision log with reasons. All of it is written to `<workdir>/controller/state.json` after every interval
+(atomically) and read back in `__init__`, so a restarted actor (`max_restarts=-1`) comes back with its table,
+queues and log.
+
+How routes reach every ingress replica: each replica *pulls*. Its background task calls `sync(replica_id,
+stats)` every `POLL_S` seconds: one call hands the controller that replica's figures and returns the current
+routes, which the replica applies with `Router.set_auto` (pins untouched). Pushing would need the controller to
+reach each replica, but a Serve handle routes each call to *one* replica of its choosing, so a broadcast would
+be repeated calls until every replica id had answered, never sure of new or restarted replicas; with polling a
+replica that starts (or restarts) asks within a second, a replica that is gone simply stops asking, the
+controller learns the set of replicas from who calls, and nothing on the request path ever waits on the
+controller: if it is down, the poll times out in the background and the replica keeps its last routes (and its
+per-request fallback).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+from coderay.config import CoderayConfig
+from coderay.policy import Decision, Measurements, NodeLoad, Policy, servable
+from coderay.routing import initial_routes
+from coderay.rows import Row, row_from_dict, score
+
+__all__ = ["NAME", "NAMESPACE", "APP_NAME", "POLL_S", "Controller", "actor_options", "start_controller",
+           "get_controller", "stop_controller", "state_path", "table_key"]
+
+log = logging.getLogger(__name__)
+NAME = "coderay-controller"
+NAMESPACE = "coderay"
+APP_NAME = "coderay"            # the Serve application (deployments.app.APP_NAME)
+HEAD_RESOURCE = "head"          # coderay.cluster.LocalCluster's head node (deployments.placement.HEAD_RESOURCE)
+POLL_S = 1.0                    # how often each ingress replica syncs with the controller
+INFO_TIMEOUT_S = 2.0            # a block group's info() that takes longer is skipped this interval
+UNREACHABLE_AFTER = 2           # ... and a node all of whose block groups missed this many intervals in a row is
+                                # treated as gone before Ray's health checks declare it dead (~15-30 s)
+KEEP_DECISIONS = 400            # decisions kept (and persisted); switches are kept apart, as many
+
+
+def state_path(cfg: CoderayConfig) -> Path:
+    return cfg.root / "controller" / "state.json"
+
+
+def table_key(cfg: CoderayConfig, rows: Sequence[Row]) -> str:
+    """Identity of the reward table a state file belongs to (paths, links, profiled costs)."""
+    return cfg.fingerprint(sorted((r.path_id, r.links_file, r.costs) for r in rows if r.is_path))
+
+
+class Controller:
+    """The actor's class (`start_controller` wraps it with `ray.remote`); usable in-process for tests."""
+
+    def __init__(self, cfg: CoderayConfig, rows: Sequence[Row], *, run: bool = True):
+        self.cfg = cfg
+        self.base_rows = [r for r in rows if r.is_path]
+        self.services = {s.name: s.node for s in cfg.services}
+        self.lock = threading.RLock()
+        self.policy = Policy(cfg.controller, cfg.reward, cfg.network, self.base_rows, self.services,
+                             initial_routes(cfg, self.base_rows), now=time.time())
+        self.key = table_key(cfg, self.base_rows)
+        self.path = state_path(cfg)
+        self.decisions: deque[Decision] = deque(maxlen=KEEP_DECISIONS)
+        self.switches: deque[Decision] = deque(maxlen=KEEP_DECISIONS)
+        self.live_rows: list[Row] = self.policy.live_rows()
+        self.version, self.ticks, self.restarts = 1, 0, 0
+        self.started_at = time.time()
+        self.last_tick: float | None = None
+        self.last_measurements: dict = {}
+        self.nodes_alive: dict[str, bool] = {}
+        self.ingress: dict[str, dict] = {}          # replica id -> {"seen": t, "stats": cumulative figures}
+        self._prev_ingress: dict[str, dict] = {}    # replica id -> the cumulative figures at the last tick
+        self._prev_blocks: dict[str, dict] = {}     # service -> its block group's stats at the last tick
+        self._handles: dict = {}
+        self._misses: dict[str, int] = {}           # service -> info() calls missed in a row
+        self.reloaded = self._load()
+        if _reconstructed():
+            self.restarts += 1
+        self._stop = threading.Event()
+        if run:          # the actor (run=False: an in-process reader, which must not write the state file)
+            self._save()
+            threading.Thread(target=self._loop, name="coderay-controller", daemon=True).start()
+        log.info("controller: %d services, %d rows, interval %.1f s, state %s (%s)", len(self.services),
+                 len(self.base_rows), cfg.controller.interval_s, self.path,
+                 "reloaded" if self.reloaded else "fresh")
+
+    # ------------------------------------------------------------------ persistence
+
+    def _load(self) -> bool:
+        try:
+            doc = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        if doc.get("table_key") != self.key:
+            log.info("controller: %s belongs to another reward table; starting fresh", self.path)
+            return False
+        self.policy.restore(doc.get("policy") or {})
+        self.live_rows = [row_from_dict(r) for r in doc.get("rows") or []] or self.live_rows
+        self.decisions.extend(Decision.from_dict(d) for d in doc.get("decisions") or [])
+        self.switches.extend(Decision.from_dict(d) for d in doc.get("switches") or [])
+        self.version = int(doc.get("version", 0)) + 1
+        self.restarts = int(doc.get("restarts", 0))
+        self.ticks = int(doc.get("ticks", 0))
+        return True
+
+    def _save(self) -> None:
+        doc = {"table_key": self.key, "saved_at": time.time(), "version": self.version, "ticks": self.ticks,
+               "restarts": self.restarts, "routes": self.policy.routes, "policy": self.policy.state(),
+               "rows": [r.to_dict() for r in self.live_rows],
+               "decisions": [d.to_dict() for d in self.decisions], "switches": [d.to_dict() for d in self.switches],
+               "measurements": self.last_measurements}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(doc, default=str))
+        os.replace(tmp, self.path)
+
+    # ------------------------------------------------------------------ what ingress replicas call
+
+    def sync(self, replica_id: str, stats: dict | None = None) -> dict:
+        """An ingress replica's poll: its cumulative figures in, the current routes out."""
+        with self.lock:
+            self.ingress[replica_id] = {"seen": time.time(), "stats": stats or {}}
+            return {"routes": self.policy.routes, "version": self.version}
+
+    def routes(self) -> dict:
+        with self.lock:
+            return {"routes": self.policy.routes, "version": self.version}
+
+    def ping(self) -> dict:
+        return {"pid": os.getpid(), "restarts": self.restarts, "ticks": self.ticks}
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        interval = self.cfg.controller.interval_s
+        next_at = time.monotonic() + interval
+        while not self._stop.is_set():
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+            next_at = time.monotonic() + interval
+            try:
+                self.tick()
+            except Exception:   # noqa: BLE001 — one bad interval must not end the loop
+                log.exception("controller: interval failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _alive(self) -> dict[str, bool]:
+        import ray
+
+        offered = set()
+        for n in ray.nodes():
+            if n.get("Alive"):
+                offered |= set(n.get("Resources", {}))
+        return {n.name: n.name in offered for n in self.cfg.nodes}
+
+    def _block_stats(self, alive: dict[str, bool]) -> dict[str, dict]:
+        """{service: its block group's stats (+ its node's cgroup CPU seconds and share, where capped)} for
+        services on live nodes whose info() answers in time."""
+        from ray import serve
+
+        pending = {}
+        for svc, node in self.services.items():
+            if not alive.get(node, True):
+                continue
+            try:
+                if svc not in self._handles:
+                    self._handles[svc] = serve.get_deployment_handle(f"blocks-{svc}", APP_NAME).options(
+                        method_name="info")
+                pending[svc] = self._handles[svc].remote()
+            except Exception as e:  # noqa: BLE001 — not deployed (yet), Serve down
+                log.debug("controller: blocks-%s unreachable: %s", svc, e)
+        out, deadline = {}, time.monotonic() + INFO_TIMEOUT_S
+        for svc, response in pending.items():
+            self._misses[svc] = self._misses.get(svc, 0) + 1
+            try:
+                info = response.result(timeout_s=max(0.05, deadline - time.monotonic()))
+                cap = info.get("capacity") or {}
+                out[svc] = dict(info["stats"]) | ({"cpu_s": cap["cpu_s"], "cpu_share": cap["share"]}
+                                                  if cap.get("cpu_s") is not None and cap.get("share") else {})
+                self._misses[svc] = 0
+            except Exception as e:  # noqa: BLE001
+                log.debug("controller: blocks-%s info failed: %s", svc, e)
+                try:
+                    response.cancel()
+                except Exception:  # noqa: BLE001
+                    pass
+        return out
+
+    def tick(self) -> list[Decision]:
+        """One interval: measure, decide, persist. Returns the decisions."""
+        now = time.time()
+        dt = max(1e-3, now - self.last_tick) if self.last_tick is not None else self.cfg.controller.interval_s
+        alive = self._alive()
+        blocks = self._block_stats(alive)
+        for node in alive:   # alive for Ray, but none of its block groups has answered for a while
+            mine = [svc for svc, n in self.services.items() if n == node]
+            if alive[node] and mine and all(self._misses.get(svc, 0) >= UNREACHABLE_AFTER for svc in mine):
+                alive[node] = False
+        nodes: dict[str, dict] = {n: {"own_samples": 0.0, "guest_samples": 0.0, "compute_s": 0.0} for n in alive}
+        for svc, stats in blocks.items():
+            prev = self._prev_blocks.get(svc, stats)
+            node = nodes[self.services[svc]]
+            for k in ("own_samples", "guest_samples", "compute_s"):
+                node[k] += _delta(stats.get(k, 0.0), prev.get(k, 0.0))
+            if "cpu_s" in stats and "cpu_s" in prev:   # one cgroup per node: counted once per node
+                node["cpu_busy"] = min(1.5, _delta(stats["cpu_s"], prev["cpu_s"]) / dt / stats["cpu_share"])
+            self._prev_blocks[svc] = stats
+        with self.lock:
+            ingress = {rid: dict(v) for rid, v in self.ingress.items()}
+        fresh = {rid: v for rid, v in ingress.items() if now - v["seen"] <= max(5.0, 3 * POLL_S)}
+        arrivals = dict.fromkeys(self.services, 0.0)
+        served: dict[str, dict] = {svc: {"requests": 0, "samples": 0, "fallbacks": 0, "by_path": {}}
+                                   for svc in self.services}
+        failing: set[str] = set()
+        for rid, v in fresh.items():
+            prev = self._prev_ingress.get(rid, v["stats"])
+            for svc, s in (v["stats"].get("services") or {}).items():
+                if svc not in served:
+                    continue
+                p = (prev.get("services") or {}).get(svc, s)
+                for k in ("requests", "samples", "fallbacks"):
+                    served[svc][k] += _delta(s.get(k, 0), p.get(k, 0))
+                for path, n in (s.get("by_path") or {}).items():
+                    served[svc]["by_path"][path] = served[svc]["by_path"].get(path, 0) + _delta(
+                        n, (p.get("by_path") or {}).get(path, 0))
+                failing |= set(s.get("suspended_paths") or {})
+            self._prev_ingress[rid] = v["stats"]
+        for svc in self.services:
+            arrivals[svc] = served[svc]["samples"] / dt
+        m = Measurements(t=now, dt=dt, arrivals=arrivals, failing=frozenset(failing),
+                         nodes={n: NodeLoad(alive=alive[n], **nodes[n]) for n in alive})
+        with self.lock:
+            decisions = self.policy.step(m)
+            self.decisions.extend(decisions)
+            changed = [d for d in decisions if d.switched]
+            self.switches.extend(changed)
+            if changed:
+                self.version += 1
+                for d in changed:
+                    log.info("controller: %s -> %s at %.2f (%s)", d.service, d.path, d.share, d.reason)
+            self.live_rows = self.policy.live_rows()
+            self._record_metrics(decisions)
+            self.nodes_alive = alive
+            self.ticks += 1
+            self.last_tick = now
+            self.last_measurements = {"t": now, "dt": round(dt, 3), "arrivals": arrivals, "failing": sorted(failing),
+                                      "nodes": {n: {"alive": alive[n], **nodes[n]} for n in alive},
+                                      "served": served, "ingress_replicas": sorted(fresh),
+                                      "latency_ms": {rid: {svc: {k: s.get(k) for k in ("p50_ms", "p99_ms")}
+                                                           for svc, s in (v["stats"].get("services") or {}).items()}
+                                                     for rid, v in fresh.items()}}
+            self._save()
+        return decisions
+
+    def _record_metrics(self, decisions: Sequence[Decision]) -> None:
+        """Prometheus gauges through `ray.util.metrics` (exported by the node's metrics agent): per service its
+        share, reward, arrivals and backlog; per path its live reward; per host its guest queue."""
+        try:
+            if not hasattr(self, "_metrics"):
+                from ray.util.metrics import Counter, Gauge
+
+                self._metrics = {
+                    "share": Gauge("coderay_controller_coop_share", "cooperative share chosen",
+                                   tag_keys=("service", "path")),
+                    "reward": Gauge("coderay_controller_reward", "live reward of a path (re-scored from measured "
+                                    "costs)", tag_keys=("service", "path")),
+                    "arrivals": Gauge("coderay_controller_arrivals", "samples/s a service's clients sent",
+                                      tag_keys=("service",)),
+                    "queue": Gauge("coderay_controller_queue", "virtual queue (samples): Q_l of a service, Q_h "
+                                   "of a host", tag_keys=("kind", "name")),
+                    "switches": Counter("coderay_controller_switches", "route switches", tag_keys=("service",)),
+                }
+            m = self._metrics
+            for d in decisions:
+                m["share"].set(d.share, tags={"service": d.service, "path": d.path})
+                m["arrivals"].set(self.policy.arrivals.get(d.service, 0.0), tags={"service": d.service})
+                if d.switched:
+                    m["switches"].inc(1, tags={"service": d.service})
+            for r in self.live_rows:
+                if servable(r) and r.reward is not None:
+                    m["reward"].set(r.reward, tags={"service": r.local, "path": r.path_id})
+            for name, q in self.policy.q_local.items():
+                m["queue"].set(q, tags={"kind": "local", "name": name})
+            for name, q in self.policy.q_host.items():
+                m["queue"].set(q, tags={"kind": "host", "name": name})
+        except Exception as e:  # noqa: BLE001 — no metrics (outside Ray, exporter down): decisions go on
+            log.debug("controller metrics: %s", e)
+
+    # ------------------------------------------------------------------ what `coderay status` shows
+
+    def status(self, *, decisions: int = 12) -> dict:
+        with self.lock:
+            routes = self.policy.routes
+            now = time.time()
+            table = []
+            for r in sorted(self.live_rows, key=lambda r: (r.local, -(r.reward or 0.0))):
+                if not servable(r):
+                    continue
+                base = next((b for b in self.base_rows if b.path_id == r.path_id), None)
+                if base is not None:   # the profiles alone, under the same reward shape
+                    base = score(base, self.cfg.reward, self.cfg.network)
+                table.append({"service": r.local, "path": r.path_id, "kind": r.kind,
+                              "active": routes.get(r.local, {}).get("path") == r.path_id,
+                              "share": routes.get(r.local, {}).get("coop_fraction")
+                              if routes.get(r.local, {}).get("path") == r.path_id else None,
+                              "reward": _num(r.reward), "reward_profiled": _num(base.reward if base else None),
+                              "th_total": _num(r.th_total), "th_host": _num(r.th_host), "acc_val": _num(r.val_acc),
+                              "slowdown_local": r.get("slowdown_local"), "slowdown_host": r.get("slowdown_host")})
+            services = {}
+            for svc in self.services:
+                last = self.policy.last.get(svc) or next((d for d in reversed(self.decisions) if d.service == svc), None)
+                services[svc] = routes[svc] | {
+                    "arrivals": round(self.policy.arrivals.get(svc, 0.0), 3),
+                    "Q_l": round(self.policy.q_local.get(svc, 0.0), 3),
+                    "since": self.policy.since.get(svc),
+                    "last_decision": last.to_dict() if last else None}
+            return {
+                "controller": {"name": NAME, "namespace": NAMESPACE, "pid": os.getpid(), "restarts": self.restarts,
+                               "reloaded": self.reloaded, "ticks": self.ticks, "version": self.version,
+                               "started_at": self.started_at, "last_tick_age_s":
+                                   None if self.last_tick is None else round(now - self.last_tick, 2),
+                               "state_file": str(self.path), "config": self.cfg.controller.model_dump()},
+                "routes": routes, "services": services,
+                "queues": {"local": dict(self.policy.q_local), "host": dict(self.policy.q_host)},
+                "slowdown": dict(self.policy.slowdown), "nodes_alive": dict(self.nodes_alive),
+                "ingress_replicas": {rid: {"age_s": round(now - v["seen"], 2), "pinned": v["stats"].get("pinned"),
+                                           "routes": v["stats"].get("routes")} for rid, v in self.ingress.items()},
+                "table": table,
+                "switches": [d.to_dict() for d in list(self.switches)[-decisions:]],
+                "decisions": [d.to_dict() for d in list(self.decisions)[-decisions:]],
+                "measurements": self.last_measurements,
+            }
+
+
+def _delta(cur: float, prev: float) -> float:
+    """A counter's increase; a counter that went down (its replica restarted) counts from zero."""
+    return cur - prev if cur >= prev else cur
+
+
+def _num(v):
+    import math
+
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+
+def _reconstructed() -> bool:
+    try:
+        import ray
+
+        return bool(ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 — not in an actor
+        return False
+
+
+# ---------------------------------------------------------------------- the actor
+
+
+def actor_options() -> dict:
+    """Named and detached (it outlives the driver that started it), restarted forever (max_restarts=-1; tasks
+    retried across restarts), no CPU reserved, on the head node where there is one (not on an edge node that
+    may be lost). Threaded: the loop, ingress polls and status calls run concurrently."""
+    import ray
+
+    opts = {"name": NAME, "namespace": NAMESPACE, "lifetime": "detached", "max_restarts": -1,
+            "max_task_retries": -1, "max_concurrency": 16, "num_cpus": 0}
+    if any(n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {}) for n in ray.nodes()):
+        opts["resources"] = {HEAD_RESOURCE: 0.01}
+    return opts
+
+
+def get_controller():
+    """The running controller's actor handle; ValueError when there is none."""
+    import ray
+
+    return ray.get_actor(NAME, namespace=NAMESPACE)
+
+
+def stop_controller() -> bool:
+    """Kill the controller for good (no restart); False when none ran."""
+    import ray
+
+    try:
+        actor = get_controller()
+    except ValueError:
+        return False
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:     # the name is freed asynchronously
+        try:
+            get_controller()
+        except ValueError:
+            return True
+        time.sleep(0.1)
+    return True
+
+
+def start_controller(cfg: CoderayConfig, rows: Sequence[Row], *, timeout_s: float = 60.0):
+    """(Re)start the controller for `cfg` and `rows` on the connected cluster; returns its actor handle once it
+    answers. A controller already running (an earlier deploy) is replaced; its state file is reused when it
+    belongs to the same reward table."""
+    import ray
+
+    stop_controller()
+    actor = ray.remote(Controller).options(**actor_options()).remote(cfg.portable(), list(rows))
+    ray.get(actor.ping.remote(), timeout=timeout_s)
+    log.info("controller %s started (namespace %s)", NAME, NAMESPACE)
+    return actor

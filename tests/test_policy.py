@@ -1,0 +1,170 @@
+"""The controller's drift-plus-penalty policy on synthetic measurements (no Ray, no torch)."""
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from coderay.config import ControllerSpec, NetworkSpec, RewardSpec
+from coderay.policy import Decision, Measurements, NodeLoad, Policy
+from coderay.rows import Row, score
+from coderay.throughput import PathCosts
+
+NET = NetworkSpec(bandwidth_mbps=1000, rtt_ms=1)
+REWARD = RewardSpec(alpha=8, beta=1)
+SPEC = ControllerSpec(interval_s=1.0, V=50, min_dwell_s=3.0, share_step=0.1)   # hysteresis, smoothing: defaults
+SERVICES = {"digits": "edge-a", "mnist": "edge-b"}
+# digits: 10 ms a sample locally; through mnist's blocks its node does 2 ms; mnist: 4 ms its own, 3 ms a guest
+COSTS = PathCosts(local_full=0.01, local_part=0.002, host_full=0.004, host_part=0.003, batch=16, guest_quota=8,
+                  bytes_out=1568, bytes_back=2048)
+COOP = "digits:mnist:0:1:3:4"
+COOP2 = "digits:mnist:0:1:2:4"
+
+
+def local_row() -> Row:
+    return score(Row(path_id="digits:local", local="digits", kind="local", local_node="edge-a", acc_local_val=0.99,
+                     val_acc=0.99, trained=True, costs=PathCosts(local_full=0.01, local_part=0.01)), REWARD, NET)
+
+
+def coop_row(path_id: str = COOP, val_acc: float = 0.975, host_part: float = 0.003) -> Row:
+    spec = path_id.split(":")
+    return score(Row(path_id=path_id, local="digits", kind="coop", host="mnist", lout=0, hin=1, hout=int(spec[4]),
+                     lin=4, local_node="edge-a", host_node="edge-b", acc_local_val=0.99, val_acc=val_acc,
+                     trained=True, links_file=f"/links/{path_id}.pt",
+                     costs=dataclasses.replace(COSTS, host_part=host_part)), REWARD, NET)
+
+
+def policy(rows, spec=SPEC, initial=None) -> Policy:
+    return Policy(spec, REWARD, NET, rows, SERVICES, initial)
+
+
+def meas(t, *, digits=100.0, mnist=10.0, alive=True, dt=1.0, failing=()):
+    """One interval: `digits` and `mnist` clients' samples/s; mnist's node runs its own at the profiled cost."""
+    own = mnist * dt
+    return Measurements(t=t, dt=dt, arrivals={"digits": digits, "mnist": mnist},
+                        nodes={"edge-a": NodeLoad(own_samples=digits * dt, compute_s=digits * dt * 0.01),
+                               "edge-b": NodeLoad(alive=alive, own_samples=own, compute_s=own * COSTS.host_full)},
+                        failing=frozenset(failing))
+
+
+def run(p, ts, **kw):
+    return [p.step(meas(t, **kw)) for t in ts]
+
+
+def digits_of(decisions):
+    return next(d for d in decisions if d.service == "digits")
+
+
+def test_idle_choice_cooperates_and_every_decision_has_its_figures():
+    p = policy([local_row(), coop_row()])
+    d = digits_of(p.step(meas(0.0)))
+    assert d.path == COOP and 0 < d.share <= 1 and d.switched and d.reason.startswith("switch")
+    f = d.figures
+    assert {"arrivals", "Q_l", "Q_h", "own_util", "slowdown", "chosen", "best", "current", "excluded"} <= set(f)
+    assert f["chosen"]["path"] == COOP and f["chosen"]["reward"] > 0
+    # JSON-ready and back
+    assert Decision.from_dict(json.loads(json.dumps(d.to_dict()))) == d
+
+
+def test_a_flooded_host_loses_its_guests_and_gets_them_back_after_the_flood():
+    p = policy([local_row(), coop_row()])
+    run(p, [0, 1, 2, 3])
+    assert p.current["digits"][0] == COOP
+    share0 = p.current["digits"][1]
+    # mnist's own clients send 300 samples/s: at 4 ms each that is more than its node has (u = 1.2)
+    flood = [digits_of(p.step(meas(t, mnist=300.0))) for t in range(4, 30)]
+    drop = next(d for d in flood if d.switched)
+    print(f"\nflood from t=4: share {share0} -> {drop.share} at t={drop.t} ({drop.reason})")
+    assert drop.t - 4 <= SPEC.min_dwell_s + 3 and drop.share < share0
+    assert p.current["digits"][1] < share0 / 2 or p.current["digits"][0] == "digits:local"
+    assert flood[-1].figures["own_util"]["edge-b"] > 1.0 and flood[-1].share < share0 / 2
+    # after the flood: cooperation resumes
+    after = [digits_of(p.step(meas(t, mnist=10.0))) for t in range(30, 60)]
+    back = next(d for d in after if d.switched and d.path == COOP and d.share >= share0 / 2)
+    print(f"flood over at t=30: back to {back.path} at {back.share} at t={back.t}")
+    assert back.t - 30 <= 20
+
+
+def test_guest_work_stays_within_what_the_host_admits_and_the_queues_stay_bounded():
+    """mnist's own clients take 60% of its node: it admits (1 − 0.1 − 0.6) / 3 ms = 100 guest samples/s. digits'
+    120 samples/s need cooperation (local-only answers 100), at a share whose guest work fits: both virtual
+    queues stay bounded."""
+    p = policy([local_row(), coop_row()])
+    ds = [digits_of(p.step(meas(t, digits=120.0, mnist=150.0))) for t in range(0, 60)]
+    last = ds[-1]
+    g, offered = last.figures["chosen"]["guest_rate"], last.share * 120.0
+    print(f"\nshare {last.share}: offered {offered:.0f} guest samples/s, admitted {g:.0f}; Q_l {last.figures['Q_l']}, "
+          f"Q_h {last.figures['Q_h']}")
+    assert last.path == COOP and offered <= g * 1.05 and last.figures["chosen"]["service_rate"] >= 120
+    assert max(d.figures["Q_h"]["mnist"] for d in ds[30:]) < 200 and max(d.figures["Q_l"] for d in ds[30:]) < 200
+
+
+def test_no_flapping_between_two_near_equal_paths():
+    p = policy([local_row(), coop_row(COOP, 0.975), coop_row(COOP2, 0.9749, host_part=0.00301)])
+    rng = random.Random(0)
+    switches = []
+    for t in range(200):   # measurements with ±20% noise on every figure
+        m = meas(t, digits=100 * rng.uniform(0.8, 1.2), mnist=10 * rng.uniform(0.8, 1.2))
+        m = dataclasses.replace(m, nodes={n: dataclasses.replace(v, compute_s=v.compute_s * rng.uniform(0.8, 1.2))
+                                          for n, v in m.nodes.items()})
+        switches += [d for d in p.step(m) if d.switched and d.service == "digits"]
+    print(f"\n{len(switches)} switch(es) in 200 noisy intervals: {[(d.t, d.path, d.share) for d in switches]}")
+    assert len(switches) <= 2
+
+
+def test_dwell_time_holds_a_fresh_choice():
+    spec = SPEC.model_copy(update={"min_dwell_s": 10.0, "hysteresis": 0.0})
+    p = policy([local_row(), coop_row()], spec)
+    p.step(meas(0.0))
+    d = digits_of(p.step(meas(1.0, mnist=2000.0)))   # a flood: the best choice changes at once
+    assert not d.switched and "min_dwell_s" in d.reason
+
+
+def test_a_host_whose_node_is_gone_gets_share_zero_at_once():
+    p = policy([local_row(), coop_row()], SPEC.model_copy(update={"min_dwell_s": 1000.0}))
+    p.step(meas(0.0))
+    assert p.current["digits"][0] == COOP
+    d = digits_of(p.step(meas(1.0, alive=False)))
+    assert d.switched and (d.path, d.share) == ("digits:local", 0.0)
+    assert d.reason.startswith("forced") and "edge-b gone" in d.reason
+    assert d.figures["excluded"] == {COOP: "host node edge-b gone or unreachable"}
+    # while it stays gone: still local
+    assert all(digits_of(ds).path == "digits:local" for ds in run(p, [2, 3, 4], alive=False))
+    # a path the ingress reports failing is also left at once
+    q = policy([local_row(), coop_row()], SPEC.model_copy(update={"min_dwell_s": 1000.0}))
+    q.step(meas(0.0))
+    assert digits_of(q.step(meas(1.0, failing=[COOP]))).path == "digits:local"
+
+
+def test_measured_costs_rescore_the_rows():
+    p = policy([local_row(), coop_row()])
+    slow_host = Measurements(t=0, dt=1, arrivals={"digits": 0, "mnist": 200},
+                             nodes={"edge-b": NodeLoad(own_samples=200, compute_s=200 * COSTS.host_full * 3)})
+    before = {r.path_id: r for r in p.live_rows()}
+    p.step(slow_host)
+    after = {r.path_id: r for r in p.live_rows()}
+    assert p.slowdown["edge-b"] == pytest.approx(3.0)
+    assert after[COOP].th_host < before[COOP].th_host and after[COOP].reward < before[COOP].reward
+    assert after[COOP]["slowdown_host"] == pytest.approx(3.0)
+    for t in range(1, 20):   # idle afterwards: the profile stands again
+        p.step(Measurements(t=t, dt=1, arrivals={}, nodes={"edge-b": NodeLoad(own_samples=5, compute_s=0.02)}))
+    assert p.slowdown["edge-b"] == pytest.approx(1.0, abs=0.01)
+    # light load teaches nothing (small batches would pass for a slow node)
+    q = policy([local_row(), coop_row()])
+    q.step(Measurements(t=0, dt=1, arrivals={}, nodes={"edge-b": NodeLoad(own_samples=20, compute_s=0.2)}))
+    assert "edge-b" not in q.slowdown
+
+
+def test_state_round_trips():
+    p = policy([local_row(), coop_row()])
+    run(p, range(10), mnist=300.0)
+    q = policy([local_row(), coop_row()])
+    q.restore(json.loads(json.dumps(p.state())))
+    assert q.state() == json.loads(json.dumps(p.state())) and q.routes == p.routes
+
+
+def test_policy_needs_no_ray_nor_torch():
+    code = "import sys, coderay.policy; assert not {'torch', 'ray'} & set(sys.modules), 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
