@@ -79,17 +79,31 @@ def _children(node: str, share: float, n: int, threads: int = 0) -> list[dict]:
     return out
 
 
+def _measured(node: str, share: float, n: int, threads: int = 0, attempts: int = 3) -> tuple[str, list[dict]]:
+    """Children of one node measured until they got their share within ±20% (at most `attempts` times, each
+    in a group of its own). A quota is a ceiling: no attempt may exceed it, but a machine busy with other work
+    can leave a group below it, which only a quieter attempt tells apart from a cap that is too tight."""
+    for i in range(attempts):
+        name = f"{node}-{i}"
+        rs = _children(name, share, n, threads)
+        got = sum(r["cpu"] / r["wall"] for r in rs)
+        assert got <= share * 1.2, f"attempt {i}: {got:.3f} CPU used above a {share} CPU quota"
+        if share * 0.8 <= got:
+            break
+    return name, rs
+
+
 def test_busy_multithreaded_process_gets_its_share(session):
     det = _skip_unless_caps()
     share = 0.25
-    (r,) = _children("edge-small", share, 1, threads=2)  # main thread + 2 spinning threads, 3 x uncapped
+    node, (r,) = _measured("edge-small", share, 1, threads=2)  # main thread + 2 spinning threads, 3 x uncapped
     got = r["cpu"] / r["wall"]
     print(f"{det.kind}: share {share} asked, {got:.3f} got (1 process, {r['join']['threads_total']} threads)")
     assert r["join"]["mechanism"] == det.kind and r["join"]["capped"]
     assert r["join"]["threads"] == r["join"]["threads_total"] >= 3  # threads running before join moved too
     assert r["again"]["group"] == r["join"]["group"]
     assert share * 0.8 <= got <= share * 1.2
-    used = capacity.usage("edge-small")
+    used = capacity.usage(node)
     assert used.mechanism == det.kind and used.share == pytest.approx(share)
     assert used.nr_throttled > 0
     if used.cpu_s is not None:  # v1 without cpuacct cannot say
@@ -99,12 +113,12 @@ def test_busy_multithreaded_process_gets_its_share(session):
 def test_processes_of_one_node_share_its_quota(session):
     det = _skip_unless_caps()
     share = 0.3
-    rs = _children("edge-pair", share, 2)
+    node, rs = _measured("edge-pair", share, 2)
     got = [r["cpu"] / r["wall"] for r in rs]
     print(f"{det.kind}: node share {share} asked, {sum(got):.3f} got by 2 processes together ({got})")
     assert rs[0]["join"]["group"] == rs[1]["join"]["group"]
     assert share * 0.8 <= sum(got) <= share * 1.2
-    used = capacity.usage("edge-pair")
+    used = capacity.usage(node)
     if used.cpu_s is not None:
         assert used.cpu_s == pytest.approx(sum(r["cpu_since_join"] for r in rs), rel=0.1, abs=0.05)
 
