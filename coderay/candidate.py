@@ -8,10 +8,11 @@ Both return a typed `Row` (`coderay.rows`), built by `path_row` and scored by `c
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,20 +205,29 @@ def predict_path(ctx: SearchContext, spec: PathSpec) -> Row:
     return path_row(ctx, spec, path_costs(ctx, module), link_params=_link_params(module), pred_acc=pred_acc)
 
 
-def _feature_matching(ctx: SearchContext, module: PathModule, weight: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The distillation term of a path's training: the link that brings a sample back should produce what the
-    local model's own blocks 1..lin−1 produce for the same input (relative squared error, times `weight`)."""
+@contextlib.contextmanager
+def _feature_matching(ctx: SearchContext, module: PathModule, weight: float
+                      ) -> Iterator[Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The distillation term of a path's training, while it trains (None for weight 0): the link that brings a
+    sample back should produce what the local model's own blocks 1..lin−1 produce for the same input (relative
+    squared error, times `weight`). The link's output is caught by a forward hook, removed afterwards."""
+    if not weight:
+        yield None
+        return
     spec = module.spec
     link = module.links["skip" if spec.kind == "skip" else "out"]
     teacher = torch.nn.Sequential(*ctx.services[spec.local].blocks[:spec.lin - 1])
     seen = {}
-    link.register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out))
+    hook = link.register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out))
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target = teacher(x)
         return weight * (seen["out"] - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-8)
-    return loss
+    try:
+        yield loss
+    finally:
+        hook.remove()
 
 
 def train_path(ctx: SearchContext, spec: PathSpec, *, epochs: int | None = None, progress: bool = True,
@@ -240,11 +250,12 @@ def train_path(ctx: SearchContext, spec: PathSpec, *, epochs: int | None = None,
         if trained:
             torch.manual_seed(ctx.cfg.seed)
             shift = i * epochs
-            fit(module, module.link_parameters(), local.task.train, local.task.val, epochs=epochs, lr=s.link_lr,
-                batch_size=s.link_batch_size, seed=ctx.cfg.seed, desc=f"{spec.id} [{variant.name}]",
-                progress=progress, on_epoch=None if on_epoch is None else
-                (lambda e, loss, acc, shift=shift: on_epoch(e + shift, loss, acc)),
-                aux_loss=_feature_matching(ctx, module, variant.distill) if variant.distill else None)
+            with _feature_matching(ctx, module, variant.distill) as aux_loss:
+                fit(module, module.link_parameters(), local.task.train, local.task.val, epochs=epochs,
+                    lr=s.link_lr, batch_size=s.link_batch_size, seed=ctx.cfg.seed,
+                    desc=f"{spec.id} [{variant.name}]", progress=progress, aux_loss=aux_loss,
+                    on_epoch=None if on_epoch is None else
+                    (lambda e, loss, acc, shift=shift: on_epoch(e + shift, loss, acc)))
         val_acc = evaluate(module, local.task.val)
         if best is None or val_acc > best[0]:
             best = (val_acc, module, variant)

@@ -9,6 +9,7 @@ ran a Tune trial, where ASHA stopped it) live in `extra` and read the same way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
@@ -76,18 +77,20 @@ class Row(Mapping):
     _hidden: ClassVar[frozenset] = frozenset({"extra"})
 
     # ---- read access as a mapping
-    def _names(self) -> list[str]:
-        return [f.name for f in fields(self) if f.name not in self._hidden]
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return _column_names(cls)
 
     def __getitem__(self, key: str) -> Any:
         if key in self.extra:
             return self.extra[key]
-        if key in self._hidden or not any(f.name == key for f in fields(self)):
+        if key not in self._names():
             raise KeyError(key)
         return getattr(self, key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names() + [k for k in self.extra if k not in self._names()])
+        names = self._names()
+        return iter(names + tuple(k for k in self.extra if k not in names))
 
     def __len__(self) -> int:
         return len(list(iter(self)))
@@ -128,6 +131,12 @@ class BaselineRow(Row):
     lout+1..`exit_after` mirrored on the host, answering from an exit head there. Never served."""
 
     exit_after: int | None = None
+
+
+@functools.cache
+def _column_names(cls: type) -> tuple[str, ...]:
+    """A row class's readable names (its fields but `extra`), computed once per class."""
+    return tuple(f.name for f in fields(cls) if f.name not in cls._hidden)
 
 
 def score(row: Row, reward_spec: RewardSpec, network: NetworkSpec) -> Row:
