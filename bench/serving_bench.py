@@ -260,6 +260,10 @@ async def measure(url: str, routes: list[Route], services: dict[str, Service], a
                     best = f"{out['best_rps'] * args.batch:.0f} samples/s" if out["best_rps"] else "none"
                     log(f"run {rep + 1}/{args.repeats} {route.key}: sustained {best}")
         finally:
+            try:
+                facts["replicas_after"] = await call_json(client, "GET", "/v1/debug/replicas")
+            except Exception as e:  # noqa: BLE001
+                facts["replicas_after"] = {"error": repr(e)}
             for svc_name in services:
                 try:
                     await call_json(client, "DELETE", f"/v1/services/{svc_name}/route")
@@ -385,6 +389,34 @@ def replica_lines(replicas: dict | None) -> list[str]:
     return out
 
 
+def call_cost_lines(before: dict | None, after: dict | None, configured_ms: float) -> list[str]:
+    """What a replica call costs beyond the model, measured over the whole benchmark: each block group's CPU
+    seconds (its node's group, idle time included) minus the model's own CPU (`compute_cpu_s`), per call."""
+    if not before or not after or "replicas" not in before or "replicas" not in after:
+        return ["- Replica call costs: not read."]
+    old = {r.get("deployment"): r for r in before["replicas"] if "error" not in r}
+    out = [f"Replica calls over the whole benchmark (the model charges `serving.call_overhead_ms` = "
+           f"{configured_ms:g} CPU ms per call; the measured figure includes the replica's idle CPU):", "",
+           "| replica | calls | samples/call | model CPU ms/sample | other CPU ms/call |", "|---|---:|---:|---:|---:|"]
+    for r in after["replicas"]:
+        prev = old.get(r.get("deployment"))
+        if "error" in r or prev is None or not isinstance(r.get("capacity"), dict):
+            continue
+        d = {k: r["stats"].get(k, 0) - prev["stats"].get(k, 0) for k in ("calls", "samples", "compute_cpu_s")}
+        cpu = (r["capacity"].get("cpu_s") or 0) - (prev["capacity"].get("cpu_s") or 0)
+        if d["calls"] <= 0 or not cpu:
+            continue
+        out.append(f"| `{r['deployment']}` | {d['calls']} | {d['samples'] / d['calls']:.1f} | "
+                   f"{1e3 * d['compute_cpu_s'] / max(d['samples'], 1):.2f} | "
+                   f"{1e3 * (cpu - d['compute_cpu_s']) / d['calls']:.1f} |")
+    merged = (after.get("ingress") or {}).get("merged") or {}
+    if merged:
+        out += ["", "Requests merged per chain in the ingress: " + "; ".join(
+            f"`{p}` {m['requests'] / max(m['chains'], 1):.2f} (max {m['max_requests_in_chain']})"
+            for p, m in merged.items())]
+    return out
+
+
 def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, started, wall_s, mode) -> str:
     runs, batch, reps = measured["runs"], args.batch, args.repeats
     all_steps = [s for out in runs.values() for s in out["search"] + out["closed"]]
@@ -487,6 +519,8 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
     lines += ["", f"Plot: `{args.plot.name}` (achieved vs offered samples/s and p99 vs offered, one line per path).",
               "", "## Replicas", ""]
     lines += replica_lines(measured.get("replicas"))
+    lines += [""] + call_cost_lines(measured.get("replicas"), measured.get("replicas_after"),
+                                    cfg.serving.call_overhead_ms)
     lines += ["", "Routes released at the end (`DELETE /v1/services/{svc}/route`): "
               f"{', '.join(measured.get('routes_released') or []) or 'none'}."]
     return "\n".join(lines) + "\n"

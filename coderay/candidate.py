@@ -20,10 +20,10 @@ import torch
 from torch.utils.data import Subset
 
 from coderay.config import CoderayConfig, LinkVariant
-from coderay.emulation import speed_divisor, sustained_seconds, timing_as
+from coderay.emulation import node_rate, speed_divisor, sustained_seconds, timing_as
 from coderay.links import Link, match_image, save_links
 from coderay.paths import PathModule, PathSpec, enumerate_paths, path_budget
-from coderay.plan import TO_END, crossings
+from coderay.plan import TO_END, crossings, stages
 from coderay.rows import Row, score
 from coderay.services import ServiceModel, load_services
 from coderay.throughput import BYTES_PER_VALUE, PathCosts
@@ -136,22 +136,33 @@ def _link_seconds(cfg: CoderayConfig, link: Link, batch: int, node: str) -> floa
         torch.set_num_threads(threads)
 
 
+def call_seconds(cfg: CoderayConfig, node: str, service: str) -> float:
+    """Per-sample seconds on `node` of one replica call's fixed cost (`serving.call_overhead_ms` of CPU) in a
+    chain of `service`'s requests: under load they merge into chains of its B samples."""
+    chain = min(cfg.service(service).batch_size, cfg.serving.max_batch_size)
+    return cfg.serving.call_overhead_ms / 1e3 / node_rate(cfg, node) / chain
+
+
 def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
     """The throughput model's inputs for a path, read off its plan: each hop's per-sample seconds on the
-    node that runs it (blocks from profiles, links timed at that node's batch) and the bytes of every
-    activation that crosses between the local and the host node."""
+    node that runs it (blocks from profiles, links timed at that node's batch), one replica call's fixed cost
+    per stage (`plan.stages`: the hops of one node are one call), and the bytes of every activation that
+    crosses between the local and the host node."""
     spec = module.spec
     local = ctx.services[spec.local]
-    full = local.block_seconds(1, len(local.blocks))
+    cfg = ctx.cfg
+    full = local.block_seconds(1, len(local.blocks)) + call_seconds(cfg, local.node.name, spec.local)
     if spec.kind == "local":
         return PathCosts(local_full=full, local_part=full)
     seconds = {spec.local: 0.0, spec.host: 0.0}
+    for run in stages(module.hops):          # one call per stage, its cost shared by the chain's samples
+        seconds[run[0].service] += call_seconds(cfg, ctx.services[run[0].service].node.name, spec.local)
     shapes = [local.boundaries[0]]                      # the activation leaving each hop
     for hop in module.hops:
         svc = ctx.services[hop.service]
         if hop.kind == "links":
             link = module.links[hop.link]
-            seconds[hop.service] += _link_seconds(ctx.cfg, link, svc.spec.batch_size, svc.node.name)
+            seconds[hop.service] += _link_seconds(cfg, link, svc.spec.batch_size, svc.node.name)
             shapes.append(link.dst)
         else:
             last = len(svc.blocks) if hop.last == TO_END else hop.last
@@ -164,8 +175,8 @@ def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
         return PathCosts(local_full=full, local_part=seconds[spec.local])
     host = ctx.services[spec.host]
     return PathCosts(local_full=full, local_part=seconds[spec.local],
-                     host_full=host.block_seconds(1, len(host.blocks)), host_part=seconds[spec.host],
-                     batch=host.spec.batch_size, guest_quota=host.spec.guest_quota,
+                     host_full=host.block_seconds(1, len(host.blocks)) + call_seconds(cfg, host.node.name, spec.host),
+                     host_part=seconds[spec.host], batch=host.spec.batch_size, guest_quota=host.spec.guest_quota,
                      bytes_out=nbytes["out"], bytes_back=nbytes["back"])
 
 

@@ -148,6 +148,13 @@ class ServingSpec(_Strict):
     fallback_cooldown_s: float | None = Field(None, ge=0)  # a failed path is skipped this long; None: max(10, 3 × timeout)
     emulate_network: bool = True                # add RTT + bytes/bandwidth per cross-node hop
     ingress_replicas: int = Field(1, ge=1)      # HTTP ingress replicas (each polls the controller for routes)
+    merge_requests: bool = True                 # concurrent requests on one path share one chain of replica calls
+                                                # (up to the local service's B samples): one call's cost, many answers
+    call_overhead_ms: float = Field(12.0, ge=0)  # CPU ms a replica call costs beyond its model (Serve's request
+                                                # handling, (de)serialisation); the throughput model charges it per
+                                                # stage of a chain of B samples. bench/serving_bench.py measures it
+    access_log: bool = False                    # Serve's per-request log lines in the proxy and every replica (each
+                                                # a formatted, flushed line per request and per replica call)
 
 
 class EmulationSpec(_Strict):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:   # paths.py runs plans, so it imports this module, not the other way round
     from coderay.paths import PathSpec
 
-__all__ = ["TO_END", "LINK_OUT_PLACES", "Hop", "plan_hops", "link_owner", "link_services", "crossings"]
+__all__ = ["TO_END", "LINK_OUT_PLACES", "Hop", "plan_hops", "stages", "link_owner", "link_services", "crossings"]
 
 TO_END = -1  # `last` of a hop that runs a service's blocks to its last one
 LINK_OUT_PLACES = ("host", "local")
@@ -29,7 +29,7 @@ class Hop:
     """One step of a path: a service's blocks first..last, or one of the path's links on a service's node."""
 
     kind: str                   # 'blocks' or 'links'
-    service: str                # whose node runs it (blocks-<service> / links-<service> in serving)
+    service: str                # whose node runs it (in serving: the replica blocks-<service>)
     first: int = 0
     last: int = 0               # TO_END: to the service's last block
     guest: bool = False         # the samples belong to another service (counted against its guest quota)
@@ -57,6 +57,18 @@ def plan_hops(spec: PathSpec, *, link_out: str = "host") -> list[Hop]:
     return [*head, Hop("links", owner, path_id=spec.id, link="in"),
             Hop("blocks", spec.host, spec.hin, spec.hout, guest=True),
             Hop("links", out_on, path_id=spec.id, link="out"), *tail]
+
+
+def stages(hops: list[Hop]) -> list[tuple[Hop, ...]]:
+    """The hops grouped into runs of one service's: serving makes one replica call per run (the service's block
+    group holds its links too), so a request pays the per-call cost once per node it visits, not once per hop."""
+    out: list[list[Hop]] = []
+    for hop in hops:
+        if out and out[-1][-1].service == hop.service:
+            out[-1].append(hop)
+        else:
+            out.append([hop])
+    return [tuple(run) for run in out]
 
 
 def link_services(spec: PathSpec, *, link_out: str = "host") -> list[str]:

@@ -80,7 +80,7 @@ class InProcess:
 def search_dir(cfg: CoderayConfig, *, exhaustive: bool) -> Path:
     """Results keyed by everything that changes them: the services, the search settings, the mode."""
     key = cfg.fingerprint(cfg.services, cfg.search, cfg.reward, cfg.nodes, cfg.network, cfg.emulation, cfg.seed,
-                          exhaustive)
+                          exhaustive, cfg.serving.call_overhead_ms, cfg.serving.max_batch_size)
     return cfg.root / "search" / f"{'exhaustive' if exhaustive else 'staged'}-{key}"
 
 

@@ -8,7 +8,8 @@ Per second of steady state (each node a server; pipelined, so stages overlap):
 - the local node spends c_ht (its head and tail) on every offloaded sample and serves its own requests
   end to end (c_local) with the time left: Th^l = (1 − Th^h · c_ht) / c_local.
 A skip path runs every request of the service on the local node at its (cheaper) cost.
-Times are this machine's profiles divided by each node's `speed`: emulated heterogeneity, reported as such.
+Times are this machine's profiles (under each node's CPU quota, or divided by its `speed` where emulation is
+arithmetic) plus each replica call's fixed cost shared by the B samples of a chain: what serving pays.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Build, deploy and describe the coderay Serve application.
 
 One application, `coderay`, at route prefix `/`:
-- `blocks-<svc>`: every service's frozen blocks on its node (a `BlockGroup`, pinned, batched);
-- `links-<svc>`: the trained links whose paths run on `<svc>`'s node (a `LinkSet`; only where a path has links);
+- `blocks-<svc>`: every service's frozen blocks on its node (a `BlockGroup`, pinned, batched), with the trained
+  links that run on that node, so each stage of a path (its hops on one node) is one call;
 - `Ingress`: FastAPI over HTTP, with the routing map as its `user_config`.
 Every candidate path's blocks stay deployed (they are the services' block groups), so switching a path is a
 flip of the ingress's routing map: `PUT /v1/services/{svc}/route`, or a config deploy that changes the
@@ -30,8 +30,7 @@ from coderay.train import load_service
 
 from deployments.blocks import BlockGroup
 from deployments.ingress import Ingress
-from deployments.links import LinkSet
-from deployments.placement import block_options, check_placement, cpu_shares, ingress_options, link_options
+from deployments.placement import block_options, check_placement, cpu_shares, ingress_options, serve_logging
 
 __all__ = ["APP_NAME", "INGRESS", "build_app", "app_builder", "deploy", "base_url", "write_serve_config",
            "Served", "start_serving", "served_table", "free_port"]
@@ -56,20 +55,18 @@ def build_app(cfg: CoderayConfig, table: RewardTable) -> Application:
     # at least two batches of one-sample calls in flight per replica, so a batch can fill while one runs
     opts = {"num_replicas": 1,
             "max_ongoing_requests": 2 * max(min(s.batch_size, cfg.serving.max_batch_size) for s in cfg.services),
-            "graceful_shutdown_timeout_s": min(20.0, max(2.0, cfg.serving.request_timeout_s))}
+            "graceful_shutdown_timeout_s": min(20.0, max(2.0, cfg.serving.request_timeout_s)),
+            "logging_config": serve_logging(cfg)}
     blocks = {s.name: BlockGroup.options(name=f"blocks-{s.name}", ray_actor_options=block_options(cfg, s.name),
-                                         **opts).bind(cfg, s.name, shares[s.name])
+                                         **opts).bind(cfg, s.name, shares[s.name], files.get(s.name, {}))
               for s in cfg.services}
-    links = {owner: LinkSet.options(name=f"links-{owner}", ray_actor_options=link_options(cfg, owner),
-                                    **opts).bind(cfg, owner, owned)
-             for owner, owned in sorted(files.items())}
     # One ingress replica by default: PUT /route changes the replica it reaches; a config deploy reaches every
     # replica, and so do the controller's routes (each replica polls it: coderay.controller).
     # No routes in its user_config: routes given there are pins (an operator's), and none is set yet.
     return Ingress.options(name=INGRESS, num_replicas=cfg.serving.ingress_replicas,
                            max_ongoing_requests=cfg.serving.max_ongoing_requests,
-                           ray_actor_options=ingress_options(),
-                           user_config={"routes": {}}).bind(cfg, rows, blocks, links)
+                           ray_actor_options=ingress_options(), logging_config=serve_logging(cfg),
+                           user_config={"routes": {}}).bind(cfg, rows, blocks)
 
 
 def served_table(cfg: CoderayConfig) -> RewardTable:
@@ -108,7 +105,8 @@ def _start_serve(cfg: CoderayConfig, port: int | None) -> int:
     port = cfg.serving.port if port is None else port
     if port == 0:
         port = free_port(cfg.serving.host if cfg.serving.host != "0.0.0.0" else "127.0.0.1")
-    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.serving.host, "port": port})
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.serving.host, "port": port},
+                logging_config=serve_logging(cfg))
     actual = _get_global_client().http_config.port
     if actual != port:
         log.warning("Serve already runs with HTTP on port %d; %d is ignored", actual, port)

@@ -1,8 +1,11 @@
-"""The block-group deployment: one service's frozen blocks on its node, dynamically batched.
+"""The block-group deployment: one service's frozen blocks on its node, dynamically batched, and the trained
+links that run on that node.
 
-Weights are loaded inside the replica, on its node (`load_service` + `split_service`), never shipped from the
-driver. A call runs blocks `first..last` of the group; one batch may mix calls for different ranges (grouped by
-range, one forward per group). Batches are counted in samples (the service's `batch_size`, B); guest samples
+Weights are loaded inside the replica, on its node (`load_service` + `split_service`; links from the reward
+table's `links_file`s), never shipped from the driver. A call runs one stage of a path's plan: the consecutive
+hops on this service's node (`coderay.plan.stages`), e.g. link_in → blocks hin..hout → link_out on a host, so a
+request pays one call per node it visits. Block ranges are batched across calls; one batch may mix calls for
+different ranges (grouped by range, one forward per group). Batches are counted in samples (the service's `batch_size`, B); guest samples
 (another service's path passing through) take at most `guest_quota` (s) of each batch: a guest chunk that does
 not fit is put back in the queue for a later batch by Serve's batcher, never dropped.
 """
@@ -17,14 +20,14 @@ import torch
 from ray import serve
 
 from coderay.config import CoderayConfig
+from coderay.emulation import work_as
+from coderay.links import load_links
+from coderay.paths import to_wire
+from coderay.plan import TO_END, Hop
 from coderay.services import split_service
 from coderay.train import load_service
 
-from coderay.emulation import work_as
-
 from deployments.placement import capacity_info, replica_location, torch_threads
-from coderay.paths import to_wire
-from coderay.plan import TO_END
 
 from deployments.routing import Activation, hop_delay_s
 
@@ -76,11 +79,24 @@ def run_grouped(blocks: list[torch.nn.Module], chunks: list[Chunk]) -> list[torc
     return out  # type: ignore[return-value]
 
 
+def load_path_links(files: dict[str, str]) -> dict[str, torch.nn.ModuleDict]:
+    """{path id: its links} from {path id: links file}, checking each file holds the path it is listed for."""
+    out = {}
+    for path_id, file in files.items():
+        stored_id, links = load_links(file)
+        if stored_id != path_id:
+            raise ValueError(f"{file} holds the links of {stored_id!r}, not {path_id!r}: the reward table and the "
+                             "links directory disagree; rerun the search")
+        out[path_id] = links
+    return out
+
+
 @serve.deployment
 class BlockGroup:
-    """Blocks 1..N of one service, frozen, on the service's node."""
+    """Blocks 1..N of one service, frozen, on the service's node, with the links of the paths in `link_files`
+    ({path id: links file}) that run there."""
 
-    def __init__(self, cfg: CoderayConfig, service: str, cpus: float):
+    def __init__(self, cfg: CoderayConfig, service: str, cpus: float, link_files: dict[str, str] | None = None):
         self.cfg, self.service = cfg, service
         spec = cfg.service(service)
         self.node, self.quota = spec.node, spec.guest_quota
@@ -90,37 +106,62 @@ class BlockGroup:
         trained = load_service(cfg, service)
         self.blocks = split_service(spec, trained.model)
         self.n_blocks = len(self.blocks)
+        self.links = load_path_links(link_files or {})
         self._run_batch.set_max_batch_size(self.capacity)
         self._run_batch.set_batch_wait_timeout_s(cfg.serving.batch_wait_timeout_s)
         self.stats = {"calls": 0, "batches": 0, "samples": 0, "own_samples": 0, "guest_samples": 0,
                       "max_batch_samples": 0, "max_guest_samples_in_batch": 0, "mixed_range_batches": 0,
-                      "compute_s": 0.0}
-        log.info("block group %s: %d blocks on %s (CPU: %s, share %s), %d torch thread(s), B=%d, s=%d", service,
-                 self.n_blocks, self.node, self.cap.mechanism, self.cap.share, self.threads, self.capacity, self.quota)
+                      "compute_s": 0.0, "compute_cpu_s": 0.0, "link_calls": 0}
+        log.info("block group %s: %d blocks on %s (CPU: %s, share %s), %d torch thread(s), B=%d, s=%d, links of %s",
+                 service, self.n_blocks, self.node, self.cap.mechanism, self.cap.share, self.threads, self.capacity,
+                 self.quota, sorted(self.links) or "no path")
 
-    async def run(self, a: Activation, first: int, last: int = TO_END, guest: bool = False,
-                  send: str | None = None) -> Activation:
-        """Blocks first..last (TO_END: to N) on `a`; a guest's samples count against the quota. `send`: the
-        wire encoding of the output when the next hop is on another node."""
-        last = self.n_blocks if last == TO_END else last
-        if not 1 <= first <= last <= self.n_blocks:
-            raise ValueError(f"{self.service}: block range {first}..{last} outside 1..{self.n_blocks}")
-        if guest and self.quota < 1:
-            raise ValueError(f"{self.service} admits no guest samples (guest_quota 0)")
+    async def run(self, a: Activation, hops: tuple[Hop, ...], send: str | None = None) -> Activation:
+        """One stage of a path on `a`: its hops in order, each this service's blocks or one of a path's links.
+        A guest's samples count against the quota. `send`: the wire encoding of the output when the next stage
+        is on another node."""
+        steps = [self._check(h) for h in hops]
         self.stats["calls"] += 1
         delay = hop_delay_s(self.cfg, a.node, self.node, a.x.nbytes)
         if delay:
             await asyncio.sleep(delay)
-        size = self.quota if guest else self.capacity
         x = a.x.float()                               # a no-op unless it crossed the wire as float16/bfloat16
-        chunks = [Chunk(part, first, last, guest, self.quota, self.capacity) for part in x.split(size)]
-        parts = await asyncio.gather(*(self._run_batch(c) for c in chunks))
-        y = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return a.moved(to_wire(y, send) if send else y, self.node, delay_s=delay, crossed=a.node != self.node)
+        for hop, step in zip(hops, steps):
+            if hop.kind == "links":
+                self.stats["link_calls"] += 1
+                cpu = time.thread_time()
+                with torch.inference_mode():
+                    x = step(x)
+                self.stats["compute_cpu_s"] += time.thread_time() - cpu
+                continue
+            first, last = step
+            size = self.quota if hop.guest else self.capacity
+            chunks = [Chunk(part, first, last, hop.guest, self.quota, self.capacity) for part in x.split(size)]
+            parts = await asyncio.gather(*(self._run_batch(c) for c in chunks))
+            x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return a.moved(to_wire(x, send) if send else x, self.node, delay_s=delay, crossed=a.node != self.node)
+
+    def _check(self, hop: Hop):
+        """The link module of a links hop, or the (first, last) block range of a blocks hop; ValueError naming
+        what this group lacks otherwise."""
+        if hop.service != self.service:
+            raise ValueError(f"blocks-{self.service} was sent a hop of {hop.service!r}")
+        if hop.kind == "links":
+            try:
+                return self.links[hop.path_id][hop.link]
+            except KeyError:
+                raise ValueError(f"blocks-{self.service} has no {hop.link!r} link for {hop.path_id!r}; it holds "
+                                 f"the links of {sorted(self.links)}") from None
+        last = self.n_blocks if hop.last == TO_END else hop.last
+        if not 1 <= hop.first <= last <= self.n_blocks:
+            raise ValueError(f"{self.service}: block range {hop.first}..{last} outside 1..{self.n_blocks}")
+        if hop.guest and self.quota < 1:
+            raise ValueError(f"{self.service} admits no guest samples (guest_quota 0)")
+        return hop.first, last
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=batch_samples)
     async def _run_batch(self, chunks: list[Chunk]) -> list[torch.Tensor]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         out = run_grouped(self.blocks, chunks)
         s = self.stats
         guests = sum(len(c) for c in chunks if c.guest)
@@ -132,11 +173,13 @@ class BlockGroup:
         s["max_batch_samples"] = max(s["max_batch_samples"], total)
         s["max_guest_samples_in_batch"] = max(s["max_guest_samples_in_batch"], guests)
         s["mixed_range_batches"] += len({(c.first, c.last) for c in chunks}) > 1
-        s["compute_s"] += time.perf_counter() - start
+        s["compute_s"] += time.perf_counter() - start           # wall: stretched by the node's quota
+        s["compute_cpu_s"] += time.thread_time() - cpu          # the model's own CPU (the rest is per-call cost)
         return out
 
     def info(self) -> dict:
         """Where this replica runs (checked from inside it), its batching figures and its settings."""
         return {"deployment": f"blocks-{self.service}", "service": self.service, **replica_location(self.node),
                 "torch_threads": torch.get_num_threads(), "blocks": self.n_blocks, "batch_size": self.capacity,
-                "guest_quota": self.quota, "capacity": capacity_info(self.cfg, self.cap), "stats": dict(self.stats)}
+                "guest_quota": self.quota, "paths": sorted(self.links), "capacity": capacity_info(self.cfg, self.cap),
+                "stats": dict(self.stats)}

@@ -1,8 +1,9 @@
 """The HTTP ingress: decodes a request, picks the service's path, chains the replicas, answers.
 
-The ingress holds one handle per block group and per link set. A path runs as a chain of `.remote()` calls in
-which each call receives the previous call's `DeploymentResponse` as a top-level argument, so activations go
-from replica to replica (through Ray's object store) and only the final logits come back here. Every chain is
+The ingress holds one handle per block group. A path runs as a chain of `.remote()` calls, one per stage (its
+hops on one node, `coderay.plan.stages`), in which each call receives the previous call's `DeploymentResponse` as
+a top-level argument, so activations go from replica to replica (through Ray's object store) and only the final
+logits come back here. Concurrent requests on one path share a chain (`deployments.merging.Merger`). Every chain is
 bounded by `serving.request_timeout_s`; a cooperative path that fails (timeout, a dead replica, a lost node) is
 answered on the local-only path with `"fallback": true`, and is then skipped (answered locally at once, still
 marked as a fallback) for a cool-down (`serving.fallback_cooldown_s`, default `3 × request_timeout_s`, at least
@@ -31,10 +32,11 @@ from coderay.config import CoderayConfig
 from coderay.data import get_task
 from coderay.errors import CoderayError
 from coderay.paths import PathSpec, to_wire
-from coderay.plan import crossings, plan_hops
+from coderay.plan import crossings, plan_hops, stages
 from coderay.routing import Router
 from coderay.rows import Row
 
+from deployments.merging import Merger
 from deployments.routing import Activation
 from deployments.schemas import (
     BINARY_TYPES, ApiError, ErrorBody, InferResponse, RouteInfo, RouteRequest, ServiceInfo, check_top_k,
@@ -129,14 +131,14 @@ def _json_safe(value: Any) -> Any:
 class Ingress:
     """HTTP front of every service; owns the routing state (active path, cooperative share)."""
 
-    def __init__(self, cfg: CoderayConfig, rows: list[Row], blocks: dict, links: dict):
+    def __init__(self, cfg: CoderayConfig, rows: list[Row], blocks: dict):
         self.cfg = cfg
         self.rows = rows
         self.router = Router(cfg, rows)
         self.tasks = {s.name: get_task(s.task, data_root=cfg.data_root, seed=cfg.seed) for s in cfg.services}
         self.blocks = {name: h.options(method_name="run") for name, h in blocks.items()}
-        self.links = {name: h.options(method_name="run") for name, h in links.items()}
-        self._info_handles = [h.options(method_name="info") for h in (*blocks.values(), *links.values())]
+        self._info_handles = [h.options(method_name="info") for h in blocks.values()]
+        self.mergers: dict[str, Merger] = {}
         self.stats = {s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "by_path": {}} for s in cfg.services}
         self.suspended: dict[str, float] = {}   # path id -> time.monotonic() until which it is skipped
         self._plans: dict[str, tuple] = {}
@@ -286,7 +288,8 @@ class Ingress:
         import ray
 
         return {"replicas": [i if isinstance(i, dict) else {"error": repr(i)} for i in infos],
-                "ingress": {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()},
+                "ingress": {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                            "merged": {p: dict(m.stats) for p, m in self.mergers.items()}},
                 "routes": self.router.snapshot(), "config_errors": self.config_errors}
 
     # ------------------------------------------------------------------ the controller (coderay.controller)
@@ -453,7 +456,7 @@ class Ingress:
         spec = self.router.choose(svc)
         if spec.kind == "local" or self.suspended.get(spec.id, 0.0) <= time.monotonic():
             try:
-                out = await self.run_path(svc, spec, x)
+                out = await self.run_merged(svc, spec, x)
                 self.suspended.pop(spec.id, None)
                 return spec, False, out
             except Exception as exc:  # noqa: BLE001 — any failure of a cooperative path falls back
@@ -464,31 +467,42 @@ class Ingress:
                             "%.0f s", svc, spec.id, type(exc).__name__, exc, self.cooldown_s)
         local = PathSpec.local_only(svc)
         try:
-            return local, True, await self.run_path(svc, local, x)
+            return local, True, await self.run_merged(svc, local, x)
         except Exception as exc:  # noqa: BLE001
             raise self._unavailable(svc, local, exc) from None
 
-    def plan(self, spec: PathSpec) -> tuple[list, str | None, list[str | None]]:
-        """(hops, wire encoding of the input, wire encoding of each hop's output): the path's plan with its
-        placement from the reward table; `None` where the next hop runs on the same node. Cached per path."""
+    def plan(self, spec: PathSpec) -> tuple[list[tuple], str | None, list[str | None]]:
+        """(stages, wire encoding of the input, wire encoding of each stage's output): the path's plan with its
+        placement from the reward table, its hops grouped into one call per node visited; `None` where the next
+        stage runs on the same node. Cached per path."""
         if spec.id not in self._plans:
             row = self.router.rows.get(spec.id)
             link_out, encoding = (row.link_out_on or "host", row.encoding) if row is not None else ("host", "float32")
             hops = plan_hops(spec, link_out=link_out)
             cross = {i for i, _, _ in crossings(spec, link_out=link_out)}
-            sends = [encoding if i + 1 in cross else None for i in range(len(hops))]
-            self._plans[spec.id] = (hops, encoding if 0 in cross else None, sends)
+            runs = stages(hops)
+            ends = [sum(map(len, runs[:k + 1])) for k in range(len(runs))]   # hop index after each stage
+            sends = [encoding if end in cross else None for end in ends]
+            self._plans[spec.id] = (runs, encoding if 0 in cross else None, sends)
         return self._plans[spec.id]
 
+    async def run_merged(self, svc: str, spec: PathSpec, x: torch.Tensor) -> Activation:
+        """`x` on the path, in one chain with the path's other concurrent requests (`serving.merge_requests`)."""
+        if not self.cfg.serving.merge_requests:
+            return await self.run_path(svc, spec, x)
+        merger = self.mergers.get(spec.id)
+        if merger is None:
+            b = min(self.cfg.service(svc).batch_size, self.cfg.serving.max_batch_size)
+            merger = self.mergers[spec.id] = Merger(lambda batch: self.run_path(svc, spec, batch), max_samples=b,
+                                                    depth=len(self.plan(spec)[0]) + 1)
+        return await merger.submit(x)
+
     async def run_path(self, svc: str, spec: PathSpec, x: torch.Tensor) -> Activation:
-        """Chain the path's replica calls, each taking the previous response; await only the last one."""
-        hops, first_send, sends = self.plan(spec)
+        """Chain the path's replica calls, one per stage, each taking the previous response; await the last."""
+        runs, first_send, sends = self.plan(spec)
         response: Any = Activation(to_wire(x, first_send) if first_send else x, self.cfg.service(svc).node)
-        for hop, send in zip(hops, sends):
-            if hop.kind == "blocks":
-                response = self.blocks[hop.service].remote(response, hop.first, hop.last, hop.guest, send)
-            else:
-                response = self.links[hop.service].remote(response, hop.path_id, hop.link, send)
+        for run, send in zip(runs, sends):
+            response = self.blocks[run[0].service].remote(response, run, send)
         try:
             return await asyncio.wait_for(_resolve(response), self.cfg.serving.request_timeout_s)
         except BaseException:

@@ -11,7 +11,7 @@ import os
 from coderay.cluster import check_nodes, pin
 from coderay.config import CoderayConfig
 
-__all__ = ["HEAD_RESOURCE", "cpu_shares", "block_options", "link_options", "ingress_options", "check_placement",
+__all__ = ["HEAD_RESOURCE", "cpu_shares", "block_options", "serve_logging", "ingress_options", "check_placement",
            "torch_threads", "replica_location", "capacity_info"]
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,9 @@ def block_options(cfg: CoderayConfig, service: str) -> dict:
     return pin(cfg.service(service).node, cpu_shares(cfg)[service])
 
 
-def link_options(cfg: CoderayConfig, service: str) -> dict:
-    """Links are small: pinned to the owner's node, no CPU reserved (they share the block group's)."""
-    return pin(cfg.service(service).node, 0.0)
+def serve_logging(cfg: CoderayConfig) -> dict:
+    """Serve's `logging_config` for the proxy and every deployment: access logs only when asked for."""
+    return {"enable_access_log": cfg.serving.access_log}
 
 
 def ingress_options() -> dict:

@@ -31,6 +31,10 @@ class Activation:
         return replace(self, x=x, node=node, hops=self.hops + int(crossed), delay_ms=self.delay_ms + delay_s * 1e3,
                        wire_bytes=self.wire_bytes + (self.x.nbytes if crossed else 0))
 
+    def part(self, x: torch.Tensor, n: int, total: int) -> Activation:
+        """Rows `x` of this batch (`n` of its `total` samples), with their share of the bytes on the wire."""
+        return replace(self, x=x, wire_bytes=self.wire_bytes * n // total)
+
 
 def hop_delay_s(cfg: CoderayConfig, src: str, dst: str, nbytes: int) -> float:
     """Emulated one-way delay of `nbytes` from node `src` to `dst`: RTT/2 + bytes / bandwidth (0 on one node)."""

@@ -114,6 +114,7 @@ def test_the_controller_switches_a_route_by_itself_when_the_host_is_flooded(ctl)
     from ray import serve
 
     from deployments.app import APP_NAME
+    from coderay.plan import TO_END, Hop
     from deployments.routing import Activation
 
     def digits_route():
@@ -128,7 +129,7 @@ def test_the_controller_switches_a_route_by_itself_when_the_host_is_flooded(ctl)
 
     def flood(_):
         while not done.is_set():
-            handle.remote(x, 1, -1).result(timeout_s=60)
+            handle.remote(x, (Hop("blocks", "mnist", 1, TO_END),)).result(timeout_s=60)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(4) as pool:

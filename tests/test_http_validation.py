@@ -13,9 +13,10 @@ from PIL import Image
 from coderay.config import CoderayConfig
 from coderay.errors import CoderayError
 from coderay.paths import PathSpec
-from coderay.plan import TO_END, Hop, plan_hops
+from coderay.plan import TO_END, Hop, plan_hops, stages
 from coderay.routing import Router, initial_routes, link_files
 from deployments.blocks import Chunk, batch_samples, run_grouped
+from deployments.merging import Merger
 from deployments.placement import cpu_shares
 from deployments.routing import Activation, hop_delay_s
 from deployments.schemas import (
@@ -171,6 +172,46 @@ def test_plans_chain_blocks_and_links_on_the_right_services():
         Hop("blocks", "digits", 4, TO_END)]
     skip = PathSpec.parse("digits:skip:0:3")
     assert [h.kind for h in plan_hops(skip)] == ["links", "blocks"] and plan_hops(skip)[0].service == "digits"
+
+
+def test_stages_make_one_call_per_node_visited():
+    coop = PathSpec.parse("digits:mnist:2:1:3:4")
+    runs = stages(plan_hops(coop))
+    assert [[h.service for h in run] for run in runs] == [["digits"], ["mnist"] * 3, ["digits"]]
+    assert [h.kind for h in runs[1]] == ["links", "blocks", "links"]
+    local_out = stages(plan_hops(coop, link_out="local"))
+    assert [[h.kind for h in run] for run in local_out] == [["blocks"], ["links", "blocks"], ["links", "blocks"]]
+    assert stages(plan_hops(PathSpec.parse("digits:skip:0:3"))) == [tuple(plan_hops(PathSpec.parse("digits:skip:0:3")))]
+
+
+def test_merger_sends_concurrent_requests_as_one_chain_and_splits_the_answer():
+    """Requests that arrive while `depth` chains are in flight leave together (up to max_samples); each gets
+    its own rows and its share of the wire bytes; a failed chain fails each of its requests."""
+    import asyncio
+
+    sent: list[int] = []
+
+    async def run(x: torch.Tensor) -> Activation:
+        sent.append(len(x))
+        await asyncio.sleep(0.05)
+        if (x < 0).any():
+            raise RuntimeError("replica lost")
+        return Activation(x * 2, "edge-a", hops=2, wire_bytes=10 * len(x))
+
+    async def main():
+        m = Merger(run, max_samples=8, depth=1)
+        xs = [torch.full((n, 1), float(i)) for i, n in enumerate([2, 3, 3, 4, 1])]
+        outs = await asyncio.gather(*(m.submit(x) for x in xs))
+        bad = await asyncio.gather(m.submit(torch.ones(2, 1)), m.submit(-torch.ones(1, 1)), m.submit(torch.ones(1, 1)),
+                                   return_exceptions=True)
+        return xs, outs, bad, m.stats
+
+    xs, outs, bad, stats = asyncio.run(main())
+    assert sent[:3] == [2, 6, 5]            # the first alone; then as many as fit 8 samples; then the rest
+    for x, out in zip(xs, outs):
+        assert torch.equal(out.x, x * 2) and out.wire_bytes == 10 * len(x) and out.hops == 2
+    assert sent[3:] == [2, 2] and isinstance(bad[0], Activation)   # a failed chain fails its requests only
+    assert all(isinstance(b, RuntimeError) for b in bad[1:]) and stats["max_requests_in_chain"] == 2
 
 
 def test_link_files_group_by_the_node_that_runs_them():

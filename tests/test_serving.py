@@ -80,14 +80,14 @@ def test_replicas_run_on_their_pinned_nodes(served):
     replicas = {r["deployment"]: r for r in info["replicas"]}
     from coderay.routing import link_files
 
-    links = {f"links-{owner}" for owner in link_files(served.table.rows)}
-    assert "links-mnist" in links and set(replicas) == {"blocks-digits", "blocks-mnist"} | links, info
+    assert set(replicas) == {"blocks-digits", "blocks-mnist"}, info   # links run in their node's block group
     for r in replicas.values():
         assert r["on_pinned_node"], r
         assert r["node_id"] == served.cluster.nodes[r["node"]].node_id, r   # asked inside the replica
         assert r["node"] == served.cfg.service(r["service"]).node
     assert replicas["blocks-digits"]["torch_threads"] == 1 and replicas["blocks-digits"]["blocks"] == 5
-    assert served.coop in replicas["links-mnist"]["paths"]
+    assert served.coop in replicas["blocks-mnist"]["paths"]
+    assert set(replicas["blocks-mnist"]["paths"]) == set(link_files(served.table.rows)["mnist"])
 
 
 def test_listing_health_and_docs(served):
@@ -407,6 +407,7 @@ def test_capped_replicas_get_their_nodes_share(served):
 
     from coderay.emulation import node_capacity
     from deployments.app import APP_NAME
+    from coderay.plan import TO_END, Hop
     from deployments.routing import Activation
 
     cap = node_capacity(served.cfg)["edge-a"]
@@ -424,7 +425,7 @@ def test_capped_replicas_get_their_nodes_share(served):
 
     def keep_busy(_):
         while not done.is_set():
-            handle.remote(x, 1, -1).result(timeout_s=60)
+            handle.remote(x, (Hop("blocks", "digits", 1, TO_END),)).result(timeout_s=60)
 
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(keep_busy, i) for i in range(4)]
