@@ -547,6 +547,8 @@ def parse_args(argv):
     p.add_argument("--warmup-s", type=float, default=3.0,
                    help="closed-loop warm-up (2 clients) per path and run, 3× in the first run (default 3)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="per request, and the drain after a step")
+    p.add_argument("--front", choices=("proxy", "direct"), default="proxy",
+                   help="HTTP through Serve's proxy (default) or the ingress replica's own port (throughput-optimized)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.md")
     p.add_argument("--plot", type=Path, help="default: OUT with .png")
     p.add_argument("--json", type=Path, help="also write every step's figures as JSON here")
@@ -604,7 +606,9 @@ def main(argv: list[str] | None = None) -> int:
         names = args.service or table.locals
         rows_by_svc = {s: [r.to_dict() for r in table.rows if r.local == s] for s in names}
         mode = ("started by the bench: local Ray cluster (head 1 CPU for the proxy and ingress + one Ray node per "
-                "configured node), `deployments.app.deploy` on a free port")
+                "configured node), `deployments.app.deploy` on a free port; HTTP through "
+                + ("Serve's proxy" if args.front == "proxy" else "the ingress replica's own port (direct ingress)")
+                + f"; Serve throughput-optimized: {cfg.serving.throughput_optimized}")
 
     routes, best_rows, edge_rows = [], {}, {}
     for s in names:
@@ -638,6 +642,15 @@ def main(argv: list[str] | None = None) -> int:
             log("deploying")
             url = deploy(cfg, table, port=free_port())
             log(f"served at {url}")
+            if args.front == "direct":
+                from deployments.app import direct_url
+
+                direct = direct_url(url)
+                if direct is None:
+                    raise SystemExit("--front direct: the ingress has no direct HTTP port (serving.throughput_optimized "
+                                     "off, or this Ray lacks Serve's direct ingress)")
+                url = direct
+                log(f"measuring through the ingress replica's own HTTP port: {url}")
         measured = asyncio.run(until_signal(measure(url, routes, pools, args, log)))
         sigterm_as_ctrl_c()
     except (KeyboardInterrupt, asyncio.CancelledError):

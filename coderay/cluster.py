@@ -11,7 +11,7 @@ import os
 
 from coderay.config import CoderayConfig
 
-__all__ = ["ray_env", "start_local_cluster", "connect", "check_nodes", "pin", "LocalCluster"]
+__all__ = ["ray_env", "serve_env", "start_local_cluster", "connect", "check_nodes", "pin", "LocalCluster"]
 
 log = logging.getLogger(__name__)
 PIN = 0.01  # the share of a node's resource one replica or trial asks for
@@ -21,6 +21,17 @@ def ray_env() -> None:
     """Environment every coderay Ray process needs here (no usage stats, no token auth)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def serve_env(cfg: CoderayConfig) -> dict[str, str]:
+    """Environment of Ray Serve's processes. `serving.throughput_optimized`: Ray Serve's throughput-optimized mode
+    (Ray ≥ 2.56; its constants are read when each process imports Serve, so it is set before the nodes start,
+    and on a real cluster in `ray start`'s environment: cluster.yaml does). A replica call then costs a fraction
+    of the CPU (no cross-thread hand-off, gRPC between deployments), and each ingress replica also answers HTTP
+    on a port of its own, without the proxy's hop. Its drain period on shutdown is cut from 30 s to 2 s."""
+    if not cfg.serving.throughput_optimized:
+        return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 def pin(node: str, cpus: float = 0.0) -> dict:
@@ -41,6 +52,7 @@ class LocalCluster:
         from coderay import capacity
 
         ray_env()
+        os.environ.update(serve_env(cfg))       # inherited by every node's processes
         self.session = capacity.new_session()   # this cluster's CPU-cap groups (its workers inherit the name)
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20, "include_dashboard": False,

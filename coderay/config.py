@@ -153,6 +153,9 @@ class ServingSpec(_Strict):
     call_overhead_ms: float = Field(12.0, ge=0)  # CPU ms a replica call costs beyond its model (Serve's request
                                                 # handling, (de)serialisation); the throughput model charges it per
                                                 # stage of a chain of B samples. bench/serving_bench.py measures it
+    throughput_optimized: bool = True           # Ray Serve's throughput-optimized mode on the local cluster: gRPC
+                                                # between proxy and replicas, user code on the replica's own event
+                                                # loop, a direct HTTP port on each ingress replica (GET /healthz)
     access_log: bool = False                    # Serve's per-request log lines in the proxy and every replica (each
                                                 # a formatted, flushed line per request and per replica call)
 

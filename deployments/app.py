@@ -33,7 +33,7 @@ from deployments.ingress import Ingress
 from deployments.placement import block_options, check_placement, cpu_shares, ingress_options, serve_logging
 
 __all__ = ["APP_NAME", "INGRESS", "build_app", "app_builder", "deploy", "base_url", "write_serve_config",
-           "Served", "start_serving", "served_table", "free_port"]
+           "Served", "start_serving", "direct_url", "served_table", "free_port"]
 
 log = logging.getLogger(__name__)
 APP_NAME = "coderay"
@@ -166,11 +166,13 @@ def write_serve_config(cfg: CoderayConfig, config_path: str | Path, out_path: st
 
 @dataclass
 class Served:
-    """A running deployment: where it answers, the Serve config written for it, the local cluster (if any)."""
+    """A running deployment: where it answers, the Serve config written for it, the local cluster (if any), and
+    the ingress replica's own HTTP port where Serve runs throughput-optimized (no proxy hop; None otherwise)."""
 
     url: str
     serve_config: Path
     cluster: LocalCluster | None
+    direct_url: str | None = None
 
     def shutdown(self) -> None:
         from coderay.controller import stop_controller
@@ -204,4 +206,19 @@ def start_serving(cfg: CoderayConfig, *, config_path: str | Path, address: str |
         if cluster is not None:
             cluster.shutdown()
         raise
-    return Served(url, out, cluster)
+    return Served(url, out, cluster, direct_url(url) if cfg.serving.throughput_optimized else None)
+
+
+def direct_url(url: str, *, wait_s: float = 10.0) -> str | None:
+    """The ingress replica's direct HTTP address, as its /healthz reports it (Serve's direct ingress), or None."""
+    import httpx
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            port = httpx.get(f"{url}/healthz", timeout=5).json().get("direct_http_port")
+        except (httpx.HTTPError, ValueError):
+            port = None
+        if port or time.monotonic() > deadline:
+            return f"{url.rsplit(':', 1)[0]}:{port}" if port else None
+        time.sleep(0.5)

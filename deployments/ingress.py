@@ -37,6 +37,7 @@ from coderay.routing import Router
 from coderay.rows import Row
 
 from deployments.merging import Merger
+from deployments.placement import direct_http_port
 from deployments.routing import Activation
 from deployments.schemas import (
     BINARY_TYPES, ApiError, ErrorBody, InferResponse, RouteInfo, RouteRequest, ServiceInfo, check_top_k,
@@ -139,6 +140,7 @@ class Ingress:
         self.blocks = {name: h.options(method_name="run") for name, h in blocks.items()}
         self._info_handles = [h.options(method_name="info") for h in blocks.values()]
         self.mergers: dict[str, Merger] = {}
+        self._direct_port: int | None = None
         self.stats = {s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "by_path": {}} for s in cfg.services}
         self.suspended: dict[str, float] = {}   # path id -> time.monotonic() until which it is skipped
         self._plans: dict[str, tuple] = {}
@@ -181,7 +183,12 @@ class Ingress:
 
     @api.get("/healthz", summary="liveness")
     async def healthz(self) -> dict:
-        return {"status": "ok", "services": self.router.services, "config_errors": self.config_errors}
+        """`direct_http_port`: where this ingress replica also answers HTTP itself, without the proxy (Serve's
+        throughput-optimized mode, `serving.throughput_optimized`), or null."""
+        if self._direct_port is None:
+            self._direct_port = direct_http_port()    # kept once found (the server may start after the replica)
+        return {"status": "ok", "services": self.router.services, "config_errors": self.config_errors,
+                "direct_http_port": self._direct_port}
 
     @api.get("/v1/services", response_model=list[ServiceInfo], summary="every service and its active route")
     async def services(self) -> list[dict]:

@@ -11,7 +11,7 @@ import os
 from coderay.cluster import check_nodes, pin
 from coderay.config import CoderayConfig
 
-__all__ = ["HEAD_RESOURCE", "cpu_shares", "block_options", "serve_logging", "ingress_options", "check_placement",
+__all__ = ["HEAD_RESOURCE", "direct_http_port", "cpu_shares", "block_options", "serve_logging", "ingress_options", "check_placement",
            "torch_threads", "replica_location", "capacity_info"]
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,35 @@ def cpu_shares(cfg: CoderayConfig) -> dict[str, float]:
 def block_options(cfg: CoderayConfig, service: str) -> dict:
     """`ray_actor_options` of a service's block group: its node's resource and its CPU share."""
     return pin(cfg.service(service).node, cpu_shares(cfg)[service])
+
+
+def direct_http_port() -> int | None:
+    """The HTTP port this process (an ingress replica in Serve's throughput-optimized mode) listens on itself,
+    from /proc (Serve does not expose it to the replica); None where there is none or /proc cannot say."""
+    import os
+
+    from ray.serve._private import constants
+
+    if not constants.RAY_SERVE_ENABLE_DIRECT_INGRESS:
+        return None
+    low, high = constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
+    mine = set()
+    for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+        try:
+            mine.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:                     # closed since the listing
+            continue
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    cols = line.split()
+                    port = int(cols[1].rsplit(":", 1)[1], 16)
+                    if cols[3] == "0A" and low <= port <= high and f"socket:[{cols[9]}]" in mine:   # 0A: LISTEN
+                        return port
+    except OSError:
+        return None
+    return None
 
 
 def serve_logging(cfg: CoderayConfig) -> dict:

@@ -110,6 +110,22 @@ def test_listing_health_and_docs(served):
     assert {"/v1/services", "/v1/services/{svc}/paths", "/v1/services/{svc}/route", "/healthz"} <= set(spec["paths"])
 
 
+def test_the_ingress_answers_on_its_own_port_as_through_the_proxy(served):
+    """Serve's throughput-optimized mode (`serving.throughput_optimized`, on by default): the ingress replica
+    also serves the API on a port of its own; same answers, same errors, no proxy hop."""
+    from deployments.app import direct_url
+
+    url = direct_url(served.url)
+    assert url is not None and url != served.url
+    x = np.random.default_rng(0).random((6, 1, 28, 28), dtype=np.float32)
+    with httpx.Client(base_url=url, timeout=60) as direct:
+        via_proxy, via_port = post_binary(served.client, "mnist", x), post_binary(direct, "mnist", x)
+        assert via_proxy.status_code == via_port.status_code == 200, (via_proxy.text, via_port.text)
+        assert via_proxy.json()["predictions"] == via_port.json()["predictions"]
+        bad = direct.post("/v1/services/nope/infer", json={"inputs": [[0.0]]})
+        assert bad.status_code == 404 and "unknown service" in bad.json()["error"]
+
+
 def test_held_out_predictions_match_the_in_process_path(served, search_ctx):
     from coderay.paths import PathModule, PathSpec
     from coderay.links import load_links
