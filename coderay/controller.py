@@ -374,7 +374,10 @@ def actor_options() -> dict:
     import ray
 
     opts = {"name": NAME, "namespace": NAMESPACE, "lifetime": "detached", "max_restarts": -1,
-            "max_task_retries": -1, "max_concurrency": 16, "num_cpus": 0}
+            "max_task_retries": -1, "max_concurrency": 16, "num_cpus": 0,
+            # its Serve handles are awaited from plain threads: their router needs a loop of its own, which
+            # Serve's throughput-optimized mode (serving.throughput_optimized) otherwise leaves to the caller
+            "runtime_env": {"env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}}}
     if any(n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {}) for n in ray.nodes()):
         opts["resources"] = {HEAD_RESOURCE: 0.01}
     return opts

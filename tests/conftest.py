@@ -43,7 +43,9 @@ search:
   predict_samples: 256
   link_epochs: 1
 reward: {{alpha: 8, beta: 1}}
-serving: {{port: 0, max_batch_size: 16, request_timeout_s: 20}}
+# call_overhead_ms 0: the tiny models run in microseconds, and a replica call's 12 ms would make every path a tie
+# (the controller tests need cooperation to pay at idle); test_core checks the model's charge of it
+serving: {{port: 0, max_batch_size: 16, request_timeout_s: 20, call_overhead_ms: 0}}
 emulation: {{cpu_caps: false}}   # the search and Tune tests run uncapped (faster); serving tests turn caps on
 """
 

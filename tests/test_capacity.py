@@ -107,7 +107,7 @@ def test_busy_multithreaded_process_gets_its_share(session):
     assert used.mechanism == det.kind and used.share == pytest.approx(share)
     assert used.nr_throttled > 0
     if used.cpu_s is not None:  # v1 without cpuacct cannot say; the group also counts the child's exit
-        assert used.cpu_s == pytest.approx(r["cpu_since_join"], rel=0.1, abs=0.15)
+        assert used.cpu_s == pytest.approx(r["cpu_since_join"], rel=0.1, abs=0.3)
 
 
 def test_processes_of_one_node_share_its_quota(session):

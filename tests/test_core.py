@@ -164,6 +164,30 @@ def test_predicted_path_is_better_than_chance_and_has_throughput(search_ctx):
         "digits", {n: s.boundaries for n, s in search_ctx.services.items()}, lout=[0], hin=[1]))
 
 
+def test_the_model_charges_one_replica_call_per_stage_per_chain(search_ctx):
+    """A path's hops on one node are one replica call (plan.stages); its fixed CPU cost, divided by the node's
+    rate and shared by a chain of B samples, is added to each node's per-sample seconds."""
+    import dataclasses
+
+    from coderay.candidate import call_seconds, path_costs
+    from coderay.emulation import node_rate
+
+    spec = PathSpec("digits", lout=0, lin=4, host="mnist", hin=1, hout=3)
+    module, _ = build_path(search_ctx, spec)
+    cfg0 = search_ctx.cfg
+    cfg12 = cfg0.model_copy(update={"serving": cfg0.serving.model_copy(update={"call_overhead_ms": 12.0})})
+    free = path_costs(dataclasses.replace(search_ctx, cfg=cfg0.model_copy(update={"serving": cfg0.serving.model_copy(
+        update={"call_overhead_ms": 0.0})})), module)
+    paid = path_costs(dataclasses.replace(search_ctx, cfg=cfg12), module)
+    local, host = cfg12.service("digits").node, cfg12.service("mnist").node
+    b = min(cfg12.service("digits").batch_size, cfg12.serving.max_batch_size)
+    one_call = call_seconds(cfg12, local, "digits")
+    assert one_call == pytest.approx(0.012 / node_rate(cfg12, local) / b)
+    assert paid.local_full - free.local_full == pytest.approx(one_call)       # local-only: one call
+    assert paid.local_part - free.local_part == pytest.approx(one_call)       # lout = 0: only the tail stage
+    assert paid.host_full - free.host_full == pytest.approx(call_seconds(cfg12, host, "mnist"))
+
+
 def test_staged_search_table(searched_table, search_ctx):
     table = searched_table
     rows = table.for_service("digits")
