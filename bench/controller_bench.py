@@ -255,8 +255,16 @@ def plot(recs: list[dict], samples: list[dict], marks: dict, path: Path, svc: st
     axes[1].plot(secs, p99, lw=1, color="tab:red")
     axes[1].set_ylabel("p99 latency (ms, 2 s windows)")
     axes[1].set_yscale("log")
-    axes[2].step([s["t"] - t0 for s in samples], [s["share"] for s in samples], where="post", color="tab:green")
-    axes[2].set_ylabel(f"share through {host}")
+    ts = [s["t"] - t0 for s in samples]
+    from coderay.paths import PathSpec
+
+    via = [(lambda p: p.host if p.kind == "coop" else None)(PathSpec.parse(s["path"])) for s in samples]
+    axes[2].step(ts, [s["share"] for s in samples], where="post", color="lightgrey", lw=1)
+    for k, h in enumerate(sorted({v for v in via if v}, key=lambda v: v != host)):
+        axes[2].step(ts, [s["share"] if v == h else np.nan for s, v in zip(samples, via)], where="post", lw=2,
+                     color=f"C{k + 2}", label=f"through {h}" + (" (the host flooded, then lost)" if h == host else ""))
+    axes[2].set_ylabel("cooperative share")
+    axes[2].legend(loc="lower left", fontsize=8)
     axes[2].set_ylim(-0.05, 1.05)
     axes[2].set_xlabel("seconds")
     bounds = [marks[p] - t0 for p in PHASES] + [end - t0]
