@@ -290,6 +290,9 @@ class Policy:
             row = live.get(path)
             cur = self._evaluate(svc, row, share if row is not None else 0.0)
             a = self.arrivals.get(svc, 0.0)
+            if cur.service_rate <= 0:     # no row gives this service a rate (not searched): no backlog to track
+                self.q_local[svc] = 0.0
+                continue
             self.q_local[svc] = max(0.0, self.q_local.get(svc, 0.0) + (a - cur.service_rate) * dt)
             if row is not None and row.kind == "coop":
                 offered[row.host] = offered.get(row.host, 0.0) + share * a

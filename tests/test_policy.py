@@ -101,6 +101,14 @@ def test_guest_work_stays_within_what_the_host_admits_and_the_queues_stay_bounde
     assert max(d.figures["Q_h"]["mnist"] for d in ds[30:]) < 200 and max(d.figures["Q_l"] for d in ds[30:]) < 200
 
 
+def test_a_service_the_table_has_no_rows_for_keeps_no_backlog():
+    """mnist is not a searched service here (no mnist rows): it has no modelled rate, so its own clients must
+    not pile up a virtual backlog that never drains (it did: Q_l grew by its arrivals every interval)."""
+    p = policy([local_row(), coop_row()])
+    run(p, range(1, 30), mnist=500.0)
+    assert p.q_local.get("mnist", 0.0) == 0.0 and p.q_local["digits"] >= 0.0
+
+
 def test_no_flapping_between_two_near_equal_paths():
     p = policy([local_row(), coop_row(COOP, 0.975), coop_row(COOP2, 0.9749, host_part=0.00301)])
     rng = random.Random(0)
