@@ -176,3 +176,19 @@ def test_state_round_trips():
 def test_policy_needs_no_ray_nor_torch():
     code = "import sys, coderay.policy; assert not {'torch', 'ray'} & set(sys.modules), 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_grafana_dashboard_queries_exactly_the_metrics_coderay_exports():
+    """deployments/grafana_dashboard.json: every metric it queries is one coderay registers (Ray adds `ray_`,
+    counters end in `_total`, histograms are read through `_bucket`), and every registered metric is shown."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    source = (root / "deployments" / "ingress.py").read_text() + (root / "coderay" / "controller.py").read_text()
+    kinds = {name: kind for kind, name in re.findall(r"(Counter|Gauge|Histogram)\(\"(coderay_\w+)\"", source)}
+    assert len(kinds) == 10, kinds
+    dash = json.loads((root / "deployments" / "grafana_dashboard.json").read_text())
+    queried = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"\bray_(coderay_\w+)", t["expr"])}
+    suffix = {"Counter": "_total", "Histogram": "_bucket", "Gauge": ""}
+    assert queried == {name + suffix[kind] for name, kind in kinds.items()}
