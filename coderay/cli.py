@@ -242,6 +242,11 @@ def print_status(st: dict) -> None:
               f"{last.get('reason', '-')}")
     if st["queues"]["host"]:
         print("host queues Q_h: " + ", ".join(f"{h} {q:.1f}" for h, q in st["queues"]["host"].items()))
+    hops = {svc: q for svc, q in (st.get("hops") or {}).items() if q}
+    if hops:
+        print("block groups (calls in flight; p50 / p99 ms of their last calls): " + ", ".join(
+            f"{svc} {q.get('in_flight', 0)}; {_fmt(q.get('p50_ms'), 0, 1)} / {_fmt(q.get('p99_ms'), 0, 1)}"
+            for svc, q in hops.items()))
     print(f"\n{'path':<28} {'kind':<5} {'active':<6} {'reward':>7} {'profiled':>8} {'Th/s':>8} {'slowdown':>12}")
     for r in st["table"]:
         slow = "/".join(f"{v:.2f}" for v in (r.get("slowdown_local"), r.get("slowdown_host")) if v is not None)

@@ -82,6 +82,7 @@ class Controller:
         self.ingress: dict[str, dict] = {}          # replica id -> {"seen": t, "stats": cumulative figures}
         self._prev_ingress: dict[str, dict] = {}    # replica id -> the cumulative figures at the last tick
         self._prev_blocks: dict[str, dict] = {}     # service -> its block group's stats at the last tick
+        self.hops: dict[str, dict] = {}             # service -> its block group's queue: in flight, p50/p99 ms
         self._handles: dict = {}
         self._misses: dict[str, int] = {}           # service -> info() calls missed in a row
         self.reloaded = self._load()
@@ -189,6 +190,7 @@ class Controller:
                 cap = info.get("capacity") or {}
                 out[svc] = dict(info["stats"]) | ({"cpu_s": cap["cpu_s"], "cpu_share": cap["share"]}
                                                   if cap.get("cpu_s") is not None and cap.get("share") else {})
+                self.hops[svc] = info.get("queue") or {}       # calls in flight, recent p50/p99 (for status)
                 self._misses[svc] = 0
             except Exception as e:  # noqa: BLE001
                 log.debug("controller: blocks-%s info failed: %s", svc, e)
@@ -335,6 +337,7 @@ class Controller:
                 "routes": routes, "services": services,
                 "queues": {"local": dict(self.policy.q_local), "host": dict(self.policy.q_host)},
                 "slowdown": dict(self.policy.slowdown), "nodes_alive": dict(self.nodes_alive),
+                "hops": {svc: dict(q) for svc, q in self.hops.items()},
                 "ingress_replicas": {rid: {"age_s": round(now - v["seen"], 2), "pinned": v["stats"].get("pinned"),
                                            "routes": v["stats"].get("routes")} for rid, v in self.ingress.items()},
                 "table": table,

@@ -5,13 +5,14 @@ Weights are loaded inside the replica, on its node (`load_service` + `split_serv
 table's `links_file`s), never shipped from the driver. A call runs one stage of a path's plan: the consecutive
 hops on this service's node (`coderay.plan.stages`), e.g. link_in → blocks hin..hout → link_out on a host, so a
 request pays one call per node it visits. Block ranges are batched across calls; one batch may mix calls for
-different ranges (grouped by range, one forward per group). Batches are counted in samples (the service's `batch_size`, B); guest samples
-(another service's path passing through) take at most `guest_quota` (s) of each batch: a guest chunk that does
+different ranges (grouped by range, one forward per group). Batches are counted in samples (the service's
+`batch_size`, B); guest samples (another service's path passing through) take at most `guest_quota` (s) of each batch: a guest chunk that does
 not fit is put back in the queue for a later batch by Serve's batcher, never dropped.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from deployments.placement import capacity_info, replica_location, torch_threads
 
 from deployments.routing import Activation, hop_delay_s
 
-__all__ = ["BlockGroup", "Chunk", "batch_samples", "run_grouped"]
+__all__ = ["BlockGroup", "Chunk", "batch_samples", "latency_summary", "run_grouped"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,13 @@ def run_grouped(blocks: list[torch.nn.Module], chunks: list[Chunk]) -> list[torc
     return out  # type: ignore[return-value]
 
 
+def latency_summary(latencies_ms) -> dict:
+    """p50 / p99 (ms) of the recent calls (None without any): nearest rank."""
+    lat = sorted(latencies_ms)
+    pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 2)) if lat else (lambda q: None)
+    return {"p50_ms": pick(0.5), "p99_ms": pick(0.99), "calls": len(lat)}
+
+
 def load_path_links(files: dict[str, str]) -> dict[str, torch.nn.ModuleDict]:
     """{path id: its links} from {path id: links file}, checking each file holds the path it is listed for."""
     out = {}
@@ -107,6 +115,8 @@ class BlockGroup:
         self.blocks = split_service(spec, trained.model)
         self.n_blocks = len(self.blocks)
         self.links = load_path_links(link_files or {})
+        self.in_flight = 0                            # calls received and not yet answered: this hop's queue
+        self.latencies_ms: collections.deque[float] = collections.deque(maxlen=512)   # recent calls, wait included
         self._run_batch.set_max_batch_size(self.capacity)
         self._run_batch.set_batch_wait_timeout_s(cfg.serving.batch_wait_timeout_s)
         self.stats = {"calls": 0, "batches": 0, "samples": 0, "own_samples": 0, "guest_samples": 0,
@@ -122,6 +132,15 @@ class BlockGroup:
         is on another node."""
         steps = [self._check(h) for h in hops]
         self.stats["calls"] += 1
+        self.in_flight += 1
+        start = time.perf_counter()
+        try:
+            return await self._run_stage(a, hops, steps, send)
+        finally:
+            self.in_flight -= 1
+            self.latencies_ms.append((time.perf_counter() - start) * 1e3)
+
+    async def _run_stage(self, a: Activation, hops: tuple[Hop, ...], steps: list, send: str | None) -> Activation:
         delay = hop_delay_s(self.cfg, a.node, self.node, a.x.nbytes)
         if delay:
             await asyncio.sleep(delay)
@@ -182,4 +201,4 @@ class BlockGroup:
         return {"deployment": f"blocks-{self.service}", "service": self.service, **replica_location(self.node),
                 "torch_threads": torch.get_num_threads(), "blocks": self.n_blocks, "batch_size": self.capacity,
                 "guest_quota": self.quota, "paths": sorted(self.links), "capacity": capacity_info(self.cfg, self.cap),
-                "stats": dict(self.stats)}
+                "stats": dict(self.stats), "queue": {"in_flight": self.in_flight, **latency_summary(self.latencies_ms)}}

@@ -171,7 +171,10 @@ def test_a_pinned_route_is_left_alone_until_delete(ctl):
     paths = [post(c, "digits").json()["path"] for _ in range(12)]
     time.sleep(3 * ctl.cfg.controller.interval_s)
     paths += [post(c, "digits").json()["path"] for _ in range(12)]
-    assert status(ctl)["controller"]["ticks"] > ticks       # the controller kept deciding meanwhile
+    st = status(ctl)
+    assert st["controller"]["ticks"] > ticks       # the controller kept deciding meanwhile
+    hop = st["hops"]["digits"]                      # digits' block group: its queue and its recent calls
+    assert hop["calls"] > 0 and hop["in_flight"] >= 0 and 0 < hop["p50_ms"] <= hop["p99_ms"], hop
     print(f"\npinned {pin} on both replicas in {secs:.1f} s; answered on {set(paths)}")
     assert set(paths) == {pin}
     _, secs = wait_for("the pin released on both replicas", lambda: on_every_replica(False), 60, every=1.0)

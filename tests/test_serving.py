@@ -87,6 +87,7 @@ def test_replicas_run_on_their_pinned_nodes(served):
         assert r["node"] == served.cfg.service(r["service"]).node
     assert replicas["blocks-digits"]["torch_threads"] == 1 and replicas["blocks-digits"]["blocks"] == 5
     assert served.coop in replicas["blocks-mnist"]["paths"]
+    assert set(replicas["blocks-digits"]["queue"]) == {"in_flight", "p50_ms", "p99_ms", "calls"}
     assert set(replicas["blocks-mnist"]["paths"]) == set(link_files(served.table.rows)["mnist"])
 
 
