@@ -81,9 +81,10 @@ def run_grouped(blocks: list[torch.nn.Module], chunks: list[Chunk]) -> list[torc
 
 
 def latency_summary(latencies_ms) -> dict:
-    """p50 / p99 (ms) of the recent calls (None without any): nearest rank."""
+    """p50 / p99 (ms, nearest rank; None without any) of recent latencies, and how many there are: a block
+    group's calls here, a service's requests in the ingress."""
     lat = sorted(latencies_ms)
-    pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 2)) if lat else (lambda q: None)
+    pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 3)) if lat else (lambda q: None)
     return {"p50_ms": pick(0.5), "p99_ms": pick(0.99), "calls": len(lat)}
 
 

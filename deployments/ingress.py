@@ -36,6 +36,7 @@ from coderay.plan import crossings, plan_hops, stages
 from coderay.routing import Router
 from coderay.rows import Row
 
+from deployments.blocks import latency_summary
 from deployments.merging import Merger
 from deployments.placement import direct_http_port
 from deployments.routing import Activation
@@ -334,10 +335,9 @@ class Ingress:
         """This replica's cumulative figures per service, as the controller reads them."""
         out = {}
         for svc, st in self.stats.items():
-            lat = sorted(self._latencies[svc])
-            pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 3)) if lat else (lambda q: None)
+            lat = latency_summary(self._latencies[svc])
             out[svc] = {"requests": st["requests"], "samples": st["samples"], "fallbacks": st["fallbacks"],
-                        "by_path": dict(st["by_path"]), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+                        "by_path": dict(st["by_path"]), "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
                         "suspended_paths": self._suspended_paths(svc)}
         return {"replica_id": self.replica_id, "services": out, "pinned": sorted(self.router.pinned),
                 "routes": self.router.snapshot()}
