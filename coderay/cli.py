@@ -242,6 +242,11 @@ def print_status(st: dict) -> None:
               f"{last.get('reason', '-')}")
     if st["queues"]["host"]:
         print("host queues Q_h: " + ", ".join(f"{h} {q:.1f}" for h, q in st["queues"]["host"].items()))
+    hosts = st.get("hosts") or {}
+    if hosts:
+        print("host nodes (their own clients' share of the CPU, mean latency): " + ", ".join(
+            f"{n} {h['own_util']:.2f}, {h['own_latency_ms']:.0f} ms{' WAITING: no guests' if h['waiting'] else ''}"
+            for n, h in hosts.items()))
     hops = {svc: q for svc, q in (st.get("hops") or {}).items() if q}
     if hops:
         print("block groups (calls in flight; p50 / p99 ms of their last calls): " + ", ".join(

@@ -183,6 +183,8 @@ class ControllerSpec(_Strict):
                                                 # or a failing path switches at once)
     share_step: float = Field(0.1, gt=0, le=1)  # cooperative shares tried: 0, step, 2·step, ..., 1
     smoothing: float = Field(0.3, gt=0, le=1)   # weight of the newest measurement in the moving averages
+    host_latency_ms: float = Field(500.0, gt=0)  # a host whose own clients' requests take longer than this on
+                                                # average admits no guests until they no longer do
 
 
 class CoderayConfig(_Strict):

@@ -223,8 +223,8 @@ class Controller:
             ingress = {rid: dict(v) for rid, v in self.ingress.items()}
         fresh = {rid: v for rid, v in ingress.items() if now - v["seen"] <= max(5.0, 3 * POLL_S)}
         arrivals = dict.fromkeys(self.services, 0.0)
-        served: dict[str, dict] = {svc: {"requests": 0, "samples": 0, "fallbacks": 0, "by_path": {}}
-                                   for svc in self.services}
+        served: dict[str, dict] = {svc: {"requests": 0, "samples": 0, "fallbacks": 0, "latency_s": 0.0,
+                                         "by_path": {}} for svc in self.services}
         failing: set[str] = set()
         for rid, v in fresh.items():
             prev = self._prev_ingress.get(rid, v["stats"])
@@ -232,7 +232,7 @@ class Controller:
                 if svc not in served:
                     continue
                 p = (prev.get("services") or {}).get(svc, s)
-                for k in ("requests", "samples", "fallbacks"):
+                for k in ("requests", "samples", "fallbacks", "latency_s"):
                     served[svc][k] += _delta(s.get(k, 0), p.get(k, 0))
                 for path, n in (s.get("by_path") or {}).items():
                     served[svc]["by_path"][path] = served[svc]["by_path"].get(path, 0) + _delta(
@@ -241,6 +241,10 @@ class Controller:
             self._prev_ingress[rid] = v["stats"]
         for svc in self.services:
             arrivals[svc] = served[svc]["samples"] / dt
+        for name, node in nodes.items():   # how long its own clients waited, on average, this interval
+            own = [served[svc] for svc, n in self.services.items() if n == name and served[svc]["requests"]]
+            if own:
+                node["own_latency_ms"] = 1e3 * sum(s["latency_s"] for s in own) / sum(s["requests"] for s in own)
         m = Measurements(t=now, dt=dt, arrivals=arrivals, failing=frozenset(failing),
                          nodes={n: NodeLoad(alive=alive[n], **nodes[n]) for n in alive})
         with self.lock:
@@ -337,6 +341,10 @@ class Controller:
                 "routes": routes, "services": services,
                 "queues": {"local": dict(self.policy.q_local), "host": dict(self.policy.q_host)},
                 "slowdown": dict(self.policy.slowdown), "nodes_alive": dict(self.nodes_alive),
+                "hosts": {n: {"own_util": round(self.policy.own_busy.get(n, 0.0), 4),
+                              "own_latency_ms": round(self.policy.own_latency.get(n, 0.0), 1),
+                              "waiting": self.policy.waiting(n)}
+                          for n in sorted({r.host_node for r in self.base_rows if r.host_node})},
                 "hops": {svc: dict(q) for svc, q in self.hops.items()},
                 "ingress_replicas": {rid: {"age_s": round(now - v["seen"], 2), "pinned": v["stats"].get("pinned"),
                                            "routes": v["stats"].get("routes")} for rid, v in self.ingress.items()},

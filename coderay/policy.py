@@ -12,7 +12,10 @@ Virtual queues (samples), updated every interval of `dt` seconds with the choice
             (1 − headroom − u_H) / c_guest),            headroom 0.1: a host never runs flat out for guests
   where u_H is the fraction of the host node's time its own clients take (its CPU quota used — the cgroup's CPU
   seconds per second over its share on capped nodes, its block groups' compute seconds per second elsewhere —
-  in proportion of own samples; EWMA), and c_guest the path's per-sample seconds on the host.
+  in proportion of own samples; EWMA), and c_guest the path's per-sample seconds on the host. A host whose own
+  clients wait — the mean latency of its own services' requests over an interval (EWMA) above
+  `host_latency_ms` — counts as fully taken by them (u_H = 1, so g_H = 0) until they no longer wait: CPU alone
+  misses this, as guests holding their s slots of every batch keep the host's own share below its demand.
 
 Each interval, for each service l, every candidate k = (row, φ) — local-only (φ = 0); every servable skip or
 cooperative row at φ ∈ {step, 2·step, ..., 1} (a fixed grid: the model share Th^h/Th moves with every
@@ -56,6 +59,7 @@ class NodeLoad:
     guest_samples: float = 0.0      # samples of other services' paths through it
     compute_s: float = 0.0          # seconds spent computing them
     cpu_busy: float | None = None   # fraction of the node's CPU quota used (capped nodes: its cgroup's CPU seconds)
+    own_latency_ms: float | None = None   # mean latency of its own services' requests answered (None: none)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class Policy:
         self.slowdown: dict[str, float] = {}        # node -> measured / profiled per-sample seconds
         self.own_rate: dict[str, float] = {}        # node -> its own services' samples/s (EWMA)
         self.own_busy: dict[str, float] = {}        # node -> fraction of its time its own services take (EWMA)
+        self.own_latency: dict[str, float] = {}     # node -> mean latency (ms) of its own clients' requests (EWMA)
         self.arrivals: dict[str, float] = {}        # service -> samples/s (EWMA)
         self.current: dict[str, tuple[str, float]] = {}
         self.since: dict[str, float] = {} if now is None else dict.fromkeys(self.services, now)
@@ -147,11 +152,11 @@ class Policy:
 
     def state(self) -> dict:
         return {"q_local": self.q_local, "q_host": self.q_host, "slowdown": self.slowdown,
-                "own_rate": self.own_rate, "own_busy": self.own_busy, "arrivals": self.arrivals,
-                "current": {s: list(c) for s, c in self.current.items()}, "since": self.since}
+                "own_rate": self.own_rate, "own_busy": self.own_busy, "own_latency": self.own_latency,
+                "arrivals": self.arrivals, "current": {s: list(c) for s, c in self.current.items()}, "since": self.since}
 
     def restore(self, state: Mapping) -> None:
-        for key in ("q_local", "q_host", "slowdown", "own_rate", "own_busy", "arrivals", "since"):
+        for key in ("q_local", "q_host", "slowdown", "own_rate", "own_busy", "own_latency", "arrivals", "since"):
             getattr(self, key).update(state.get(key) or {})
         for svc, (path, share) in (state.get("current") or {}).items():
             if svc in self.services and (path in self.rows or path == f"{svc}:local"):
@@ -189,6 +194,7 @@ class Policy:
             busy = load.cpu_busy if load.cpu_busy is not None else load.compute_s / max(m.dt, 1e-9)
             own_busy = busy * load.own_samples / ran if ran > 0 else 0.0
             self.own_busy[node] = _ewma(self.own_busy.get(node), own_busy, w)
+            self.own_latency[node] = _ewma(self.own_latency.get(node), load.own_latency_ms or 0.0, w)
             own_c, guest_c = self._profile_cost(node, guest=False), self._profile_cost(node, guest=True)
             expected = load.own_samples * (own_c or 0.0) + load.guest_samples * (guest_c or own_c or 0.0)
             busy = load.compute_s / max(m.dt, 1e-9)
@@ -215,10 +221,14 @@ class Policy:
 
     # ------------------------------------------------------------------ candidates
 
+    def waiting(self, node: str) -> bool:
+        """Whether the node's own clients wait longer than `host_latency_ms` (mean over recent intervals)."""
+        return self.own_latency.get(node, 0.0) > self.spec.host_latency_ms
+
     def _own_util(self, node: str) -> float:
         """u_H: the fraction of the node's time its own services took (measured: compute seconds of its block
-        groups per second, in proportion of own samples)."""
-        return self.own_busy.get(node, 0.0)
+        groups per second, in proportion of own samples); all of it while its own clients wait."""
+        return 1.0 if self.waiting(node) else self.own_busy.get(node, 0.0)
 
     def guest_rate(self, live: Row) -> float:
         """g_H: guest samples/s the host admits on this (re-scored) path: its grant, less its own load."""
@@ -345,11 +355,12 @@ class Policy:
         elif svc not in self.since:
             self.since[svc] = m.t
         hosts = {c.host for c in cands if c.host}
+        host_nodes = sorted({r.host_node for r in self.rows.values() if r.local == svc and r.host_node})
         figures = {
             "arrivals": round(self.arrivals.get(svc, 0.0), 3), "Q_l": round(self.q_local.get(svc, 0.0), 3),
             "Q_h": {h: round(self.q_host.get(h, 0.0), 3) for h in sorted(hosts | set(excluded_hosts(self.rows, excluded)))},
-            "own_util": {n: round(self._own_util(n), 4) for n in sorted({self.rows[p].host_node for p in self.rows
-                                                                       if self.rows[p].local == svc and self.rows[p].host_node})},
+            "own_util": {n: round(self._own_util(n), 4) for n in host_nodes},
+            "own_latency_ms": {n: round(self.own_latency.get(n, 0.0), 1) for n in host_nodes},
             "slowdown": {n: round(v, 4) for n, v in sorted(self.slowdown.items())},
             "chosen": choice.to_dict(), "best": best.to_dict(), "current": cur.to_dict() if cur else None,
             "excluded": excluded, "candidates": len(cands),

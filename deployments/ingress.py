@@ -142,7 +142,8 @@ class Ingress:
         self._info_handles = [h.options(method_name="info") for h in blocks.values()]
         self.mergers: dict[str, Merger] = {}
         self._direct_port: int | None = None
-        self.stats = {s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "by_path": {}} for s in cfg.services}
+        self.stats = {s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "latency_s": 0.0, "by_path": {}}
+                      for s in cfg.services}
         self.suspended: dict[str, float] = {}   # path id -> time.monotonic() until which it is skipped
         self._plans: dict[str, tuple] = {}
         self.config_errors: dict[str, str] = {}  # the last reconfigure's rejected entries
@@ -272,6 +273,7 @@ class Ingress:
         stats["requests"] += 1
         stats["samples"] += len(x01)
         stats["fallbacks"] += fallback
+        stats["latency_s"] += latency_ms / 1e3
         stats["by_path"][spec.id] = stats["by_path"].get(spec.id, 0) + 1
         self._latencies[svc].append(latency_ms)
         probs = torch.softmax(out.x.float(), dim=1)
@@ -337,8 +339,8 @@ class Ingress:
         for svc, st in self.stats.items():
             lat = latency_summary(self._latencies[svc])
             out[svc] = {"requests": st["requests"], "samples": st["samples"], "fallbacks": st["fallbacks"],
-                        "by_path": dict(st["by_path"]), "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
-                        "suspended_paths": self._suspended_paths(svc)}
+                        "latency_s": st["latency_s"], "by_path": dict(st["by_path"]), "p50_ms": lat["p50_ms"],
+                        "p99_ms": lat["p99_ms"], "suspended_paths": self._suspended_paths(svc)}
         return {"replica_id": self.replica_id, "services": out, "pinned": sorted(self.router.pinned),
                 "routes": self.router.snapshot()}
 

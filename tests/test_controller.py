@@ -99,6 +99,20 @@ def test_routes_reach_every_ingress_replica_and_status_is_served(ctl):
     assert doc["decisions"] and all(d["reason"] and "figures" in d for d in doc["decisions"])
     assert {r["service"] for r in doc["table"]} == {"digits"} and any(r["active"] for r in doc["table"])
     assert doc["ingress"]["sync"]["ok"] > 0
+    # the host's own clients: the controller learns how long they wait, as the ingress measured it
+    node = ctl.cfg.service("mnist").node
+    sent = []
+    until = time.perf_counter() + 3 * ctl.cfg.controller.interval_s
+    while time.perf_counter() < until:
+        t0 = time.perf_counter()
+        assert post(ctl.client, "mnist").status_code == 200
+        sent.append((time.perf_counter() - t0) * 1e3)
+    seen, secs = wait_for("the host's own latency measured",
+                          lambda: (s := status(ctl))["hosts"][node]["own_latency_ms"] > 0 and s, 30)
+    measured = seen["hosts"][node]["own_latency_ms"]      # a moving average over the intervals
+    print(f"{len(sent)} mnist requests, {np.mean(sent):.1f} ms each at the client; the controller measured "
+          f"{measured:.1f} ms in the ingress; hosts: {seen['hosts']}")
+    assert 0 < measured <= max(sent) and node in seen["hosts"] and not seen["hosts"][node]["waiting"]
 
 
 def _all_on_routes(ctl):

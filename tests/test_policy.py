@@ -87,6 +87,31 @@ def test_a_flooded_host_loses_its_guests_and_gets_them_back_after_the_flood():
     assert back.t - 30 <= 20
 
 
+def test_a_host_whose_own_clients_wait_sheds_its_guests_though_its_cpu_is_not_full():
+    """What the demo's HTTP flood showed: guests holding their slots of every batch keep the host's own share of
+    its CPU at ~60%, under the 90% that admits guests, while its own clients wait seconds. Their mean latency
+    above `host_latency_ms` takes the guests off; once they no longer wait the guests come back."""
+    def waiting(t, latency_ms):
+        m = meas(t, mnist=150.0)      # 60% of edge-b for its own clients
+        nodes = dict(m.nodes) | {"edge-b": dataclasses.replace(m.nodes["edge-b"], own_latency_ms=latency_ms)}
+        return dataclasses.replace(m, nodes=nodes)
+
+    p = policy([local_row(), coop_row()])
+    [p.step(waiting(t, 40.0)) for t in range(0, 10)]
+    assert p.current["digits"][0] == COOP and not p.waiting("edge-b")
+    share0 = p.current["digits"][1]
+    flood = [digits_of(p.step(waiting(t, 2500.0))) for t in range(10, 40)]
+    drop = next(d for d in flood if d.switched)
+    print(f"\nown clients wait from t=10: share {share0} -> {drop.share} ({drop.path}) at t={drop.t}")
+    assert p.waiting("edge-b") and flood[-1].figures["own_util"]["edge-b"] == 1.0
+    assert flood[-1].figures["own_latency_ms"]["edge-b"] > SPEC.host_latency_ms
+    assert drop.t - 10 <= SPEC.min_dwell_s + 3 and p.current["digits"][0] == "digits:local"
+    after = [digits_of(p.step(waiting(t, 40.0))) for t in range(40, 100)]
+    back = next(d for d in after if d.switched and d.path == COOP)
+    print(f"they no longer wait from t=40: back to {back.path} at {back.share} at t={back.t}")
+    assert not p.waiting("edge-b") and back.t - 40 <= 30
+
+
 def test_guest_work_stays_within_what_the_host_admits_and_the_queues_stay_bounded():
     """mnist's own clients take 60% of its node: it admits (1 − 0.1 − 0.6) / 3 ms = 100 guest samples/s. digits'
     120 samples/s need cooperation (local-only answers 100), at a share whose guest work fits: both virtual
