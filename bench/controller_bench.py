@@ -7,14 +7,17 @@ phases of `--phase-s` seconds each:
 
 1. steady: only that load;
 2. host busy: the host service's own clients flood it (`--flood` closed-loop clients of `--flood-batch` samples);
-3. host lost: the host's node removed (a crash: `remove_node(allow_graceful=False)`);
-4. host back: a node offering the same resource joins again; Serve places the host's replicas there.
+3. host calm (`--calm-s`): the flood is over;
+4. host lost: the host's node removed (a crash: `remove_node(allow_graceful=False)`);
+5. host back: a node offering the same resource joins again; Serve places the host's replicas there.
 
-Every second it records answered samples/s, p99 latency and the controller's route (path, share). Writes
-`bench/results/controller.png` (samples/s, p99, share over time, phases shaded) and `controller.json`, and
-prints requests sent vs answered.
+Every second it records answered samples/s, p99 latency and the controller's route (path, share), and from
+them how long the controller took to react in each phase. `--repeats` runs the whole sequence again on a fresh
+cluster and controller (each starts from the table, not from the last run's state). Writes `controller.md` (a
+table per run, medians with min–max), `controller.json` and `controller.png` (the last run: samples/s, p99,
+share over time, phases shaded) under bench/results, and prints requests sent vs answered.
 
-    .venv/bin/python bench/controller_bench.py [CONFIG] [--rate 20] [--phase-s 30] [--batch 4]
+    .venv/bin/python bench/controller_bench.py [CONFIG] [--rate 20] [--phase-s 30] [--batch 4] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:       # this checkout's coderay, whatever the venv installed
     sys.path.insert(0, str(ROOT))
-PHASES = ("steady", "host busy", "host lost", "host back")
+PHASES = ("steady", "host busy", "host calm", "host lost", "host back")
 
 
 class Load:
@@ -101,45 +104,43 @@ def flood(url: str, svc: str, shape: tuple, batch: int, stop: threading.Event) -
     return n
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("config", nargs="?", default=ROOT / "configs" / "demo.yaml", type=Path)
-    p.add_argument("--rate", type=float, default=20.0, help="requests/s offered to the local service")
-    p.add_argument("--batch", type=int, default=4, help="samples per request")
-    p.add_argument("--phase-s", type=float, default=30.0, help="seconds per phase")
-    p.add_argument("--flood", type=int, default=6, help="closed-loop clients flooding the host in phase 2")
-    p.add_argument("--flood-batch", type=int, default=64, help="samples per flooding request")
-    p.add_argument("--interval", type=float, default=1.0, help="controller interval (s)")
-    p.add_argument("--alpha", type=float, default=None, help="reward α for the controller (default: the config's)")
-    p.add_argument("--cpu-caps", action="store_true", help="real CPU caps per node even if the config has them off")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "controller")
-    args = p.parse_args(argv)
+def via_host(sample: dict, host: str) -> float:
+    """The share of the local service's samples that goes through `host` on a recorded route."""
+    from coderay.paths import PathSpec
 
+    spec = PathSpec.parse(sample["path"])
+    return sample["share"] if spec.kind == "coop" and spec.host == host else 0.0
+
+
+def reactions(samples: list[dict], marks: dict, host: str) -> dict:
+    """Seconds the controller took: the share through the flooded host below its steady value, back to at least
+    half of it after the flood, 0 after the host is lost, above 0 once it rejoined (None: not within the phase)."""
+    def first(after: float, until: float, cond) -> float | None:
+        t = next((s["t"] for s in samples if after <= s["t"] < until and cond(via_host(s, host))), None)
+        return None if t is None else round(t - after, 1)
+
+    steady = [via_host(s, host) for s in samples if marks["steady"] + 0.5 * (marks["host busy"] - marks["steady"])
+              <= s["t"] < marks["host busy"]]
+    s0 = float(np.median(steady)) if steady else 0.0
+    return {"steady_share": s0,
+            "busy_drop_s": first(marks["host busy"], marks["host calm"], lambda v: v < s0 - 1e-9) if s0 else None,
+            "busy_min_share": min((via_host(s, host) for s in samples
+                                   if marks["host busy"] <= s["t"] < marks["host calm"]), default=None),
+            "calm_back_s": first(marks["host calm"], marks["host lost"], lambda v: v >= s0 / 2) if s0 else None,
+            "lost_zero_s": first(marks["host lost"], marks["host back"], lambda v: v == 0.0),
+            "back_coop_s": first(marks["host back"], marks["end"], lambda v: v > 0.0)}
+
+
+def one_run(args, cfg, table, svc: str, host: str, shape: tuple, host_shape: tuple) -> dict:
+    """The five phases on a fresh cluster, deployment and controller (which starts from the table)."""
     import ray
     from ray import serve
 
     from coderay.cluster import LocalCluster
-    from coderay.config import load_config
-    from coderay.controller import get_controller, start_controller
-    from coderay.data import get_task
-    from deployments.app import deploy, free_port, served_table
+    from coderay.controller import get_controller, start_controller, stop_controller
+    from deployments.app import deploy, free_port
 
-    cfg = load_config(args.config)
-    table = served_table(cfg)
-    coop = [r for r in table.rows if r.kind == "coop" and r.links_file]
-    if not coop:
-        raise SystemExit("the reward table has no trained cooperative path: run `coderay search` first")
-    best = max(coop, key=lambda r: r.reward or 0.0)
-    svc, host = best.local, best.host
     host_node = cfg.service(host).node
-    cfg = cfg.model_copy(update={
-        "controller": cfg.controller.model_copy(update={"interval_s": args.interval, "min_dwell_s": 3 * args.interval}),
-        "serving": cfg.serving.model_copy(update={"fallback_cooldown_s": 5.0}),
-        "reward": cfg.reward.model_copy(update={"alpha": cfg.reward.alpha if args.alpha is None else args.alpha}),
-        "emulation": cfg.emulation.model_copy(update={"cpu_caps": cfg.emulation.cpu_caps or args.cpu_caps})})
-    shape = get_task(cfg.service(svc).task, data_root=cfg.data_root, seed=cfg.seed).input_shape
-    host_shape = get_task(cfg.service(host).task, data_root=cfg.data_root, seed=cfg.seed).input_shape
-
     cluster = LocalCluster(cfg)
     samples: list[dict] = []
     marks: dict[str, float] = {}
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             stop_flood.set()
             flooded = sum(f.result() for f in floods)
         print(f"host busy: {flooded} flooding requests to {host}", flush=True)
+        marks["host calm"] = time.time()
+        time.sleep(args.calm_s)
 
         marks["host lost"] = time.time()
         ray_node = cluster.nodes[host_node]
@@ -197,8 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         status = ray.get(get_controller().status.remote(decisions=40), timeout=30)
     finally:
         try:
-            from coderay.controller import stop_controller
-
             stop_controller()
             serve.shutdown()
         finally:
@@ -217,18 +218,98 @@ def main(argv: list[str] | None = None) -> int:
                          "coop_answers": sum(1 for r in rs if r.get("path") and r["path"] != f"{svc}:local"),
                          "p50_ms": lat[len(lat) // 2] if lat else None,
                          "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None}
+    return {"sent": load.sent, "recorded": len(recs), "answered": answered, "flooding_requests": flooded,
+            "phases": per_phase, "reactions": reactions(samples, marks, host), "switches": status["switches"],
+            "hosts_at_end": status.get("hosts"),
+            "shares": [{"t": s["t"] - t0, "share": s["share"], "path": s["path"]} for s in samples],
+            "marks": {k: v - t0 for k, v in marks.items()}, "_recs": recs, "_samples": samples, "_marks": marks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", nargs="?", default=ROOT / "configs" / "demo.yaml", type=Path)
+    p.add_argument("--rate", type=float, default=20.0, help="requests/s offered to the local service")
+    p.add_argument("--batch", type=int, default=4, help="samples per request")
+    p.add_argument("--phase-s", type=float, default=30.0, help="seconds per phase")
+    p.add_argument("--calm-s", type=float, default=60.0, help="seconds between the flood's end and the host's loss")
+    p.add_argument("--flood", type=int, default=6, help="closed-loop clients flooding the host in phase 2")
+    p.add_argument("--flood-batch", type=int, default=64, help="samples per flooding request")
+    p.add_argument("--interval", type=float, default=1.0, help="controller interval (s)")
+    p.add_argument("--alpha", type=float, default=None, help="reward α for the controller (default: the config's)")
+    p.add_argument("--cpu-caps", action="store_true", help="real CPU caps per node even if the config has them off")
+    p.add_argument("--repeats", type=int, default=1, help="independent runs (fresh cluster and controller each)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "controller")
+    args = p.parse_args(argv)
+
+    from coderay.config import load_config
+    from coderay.data import get_task
+    from deployments.app import served_table
+
+    cfg = load_config(args.config)
+    table = served_table(cfg)
+    coop = [r for r in table.rows if r.kind == "coop" and r.links_file]
+    if not coop:
+        raise SystemExit("the reward table has no trained cooperative path: run `coderay search` first")
+    best = max(coop, key=lambda r: r.reward or 0.0)
+    svc, host = best.local, best.host
+    cfg = cfg.model_copy(update={
+        "controller": cfg.controller.model_copy(update={"interval_s": args.interval, "min_dwell_s": 3 * args.interval}),
+        "serving": cfg.serving.model_copy(update={"fallback_cooldown_s": 5.0}),
+        "reward": cfg.reward.model_copy(update={"alpha": cfg.reward.alpha if args.alpha is None else args.alpha}),
+        "emulation": cfg.emulation.model_copy(update={"cpu_caps": cfg.emulation.cpu_caps or args.cpu_caps})})
+    shape = get_task(cfg.service(svc).task, data_root=cfg.data_root, seed=cfg.seed).input_shape
+    host_shape = get_task(cfg.service(host).task, data_root=cfg.data_root, seed=cfg.seed).input_shape
+
+    runs = []
+    for k in range(args.repeats):
+        print(f"run {k + 1}/{args.repeats}", flush=True)
+        runs.append(one_run(args, cfg, table, svc, host, shape, host_shape))
+        r = runs[-1]
+        print(f"run {k + 1}: requests sent {r['sent']}, answered {r['answered']}; reactions {r['reactions']}",
+              flush=True)
+        for ph, v in r["phases"].items():
+            print(f"  {ph:<10} {v}")
     summary = {"config": str(args.config), "service": svc, "host": host, "rate": args.rate, "batch": args.batch,
-               "phase_s": args.phase_s, "sent": load.sent, "recorded": len(recs), "answered": answered,
-               "phases": per_phase, "switches": status["switches"],
-               "shares": [{"t": s["t"] - t0, "share": s["share"], "path": s["path"]} for s in samples]}
+               "phase_s": args.phase_s, "calm_s": args.calm_s, "flood": [args.flood, args.flood_batch],
+               "host_latency_ms": cfg.controller.host_latency_ms,
+               "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
-    plot(recs, samples, marks, args.out.with_suffix(".png"), svc, host)
-    print(f"requests sent {load.sent}, answered {answered} ({len(recs) - answered} not)")
-    for ph, v in per_phase.items():
-        print(f"  {ph:<10} {v}")
-    print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.json')}")
-    return 0 if answered == load.sent else 1
+    args.out.with_suffix(".md").write_text(report(summary))
+    last = runs[-1]
+    plot(last["_recs"], last["_samples"], last["_marks"], args.out.with_suffix(".png"), svc, host)
+    print(report(summary))
+    print(f"wrote {args.out.with_suffix('.png')}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
+    return 0 if all(r["answered"] == r["sent"] for r in runs) else 1
+
+
+def report(summary: dict) -> str:
+    """The runs as a markdown table, with the median (min–max) of each reaction time."""
+    keys = [("busy_drop_s", "flood → guests off the host (s)"), ("calm_back_s", "flood over → back (s)"),
+            ("lost_zero_s", "host lost → share 0 (s)"), ("back_coop_s", "host back → cooperating (s)")]
+    runs = summary["runs"]
+    lines = [f"# Controller benchmark: {summary['config']}",
+             "",
+             f"{summary['service']} under open-loop Poisson load ({summary['rate']:g} requests/s of "
+             f"{summary['batch']} samples); host {summary['host']} flooded by {summary['flood'][0]} closed-loop "
+             f"clients of {summary['flood'][1]} samples for {summary['phase_s']:g} s, then calm "
+             f"{summary['calm_s']:g} s, lost {summary['phase_s']:g} s, back. host_latency_ms "
+             f"{summary['host_latency_ms']:g}. {len(runs)} run(s), each on a fresh cluster and controller.",
+             "",
+             "| run | sent | answered | steady share | " + " | ".join(k[1] for k in keys) + " | busy p99 ms |",
+             "|---" * (5 + len(keys)) + "|"]
+    fmt = (lambda v: "not within the phase" if v is None else f"{v:g}")
+    for i, r in enumerate(runs, 1):
+        x = r["reactions"]
+        lines.append(f"| {i} | {r['sent']} | {r['answered']} | {x['steady_share']:g} | "
+                     + " | ".join(fmt(x[k]) for k, _ in keys) + f" | {r['phases']['host busy']['p99_ms']:.0f} |")
+    med = []
+    for k, _ in keys:
+        vals = [r["reactions"][k] for r in runs if r["reactions"][k] is not None]
+        med.append(f"{np.median(vals):g} ({min(vals):g}–{max(vals):g}), {len(vals)}/{len(runs)}" if vals else "–")
+    lines.append(f"| median (min–max), runs within | {sum(r['sent'] for r in runs)} | "
+                 f"{sum(r['answered'] for r in runs)} | | " + " | ".join(med) + " | |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(recs: list[dict], samples: list[dict], marks: dict, path: Path, svc: str, host: str) -> None:
@@ -274,7 +355,7 @@ def plot(recs: list[dict], samples: list[dict], marks: dict, path: Path, svc: st
         ax.grid(alpha=0.3)
     for i, ph in enumerate(PHASES):
         axes[0].text(bounds[i] + 0.5, axes[0].get_ylim()[1] * 0.92, ph, fontsize=8)
-    fig.suptitle("coderay controller: steady → host busy → host lost → host back (open-loop load)")
+    fig.suptitle("coderay controller: steady → host busy → host calm → host lost → host back (open-loop load)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -44,7 +44,7 @@ NAMESPACE = "coderay"
 APP_NAME = "coderay"            # the Serve application (deployments.app.APP_NAME)
 HEAD_RESOURCE = "head"          # coderay.cluster.LocalCluster's head node (deployments.placement.HEAD_RESOURCE)
 POLL_S = 1.0                    # how often each ingress replica syncs with the controller
-INFO_TIMEOUT_S = 2.0            # a block group's info() that takes longer is skipped this interval
+INFO_TIMEOUT_S = 1.5            # a block group's info() that takes longer is skipped this interval
 UNREACHABLE_AFTER = 2           # ... and a node all of whose block groups missed this many intervals in a row is
                                 # treated as gone before Ray's health checks declare it dead (~15-30 s)
 KEEP_DECISIONS = 400            # decisions kept (and persisted); switches are kept apart, as many
@@ -420,13 +420,17 @@ def stop_controller() -> bool:
     return True
 
 
-def start_controller(cfg: CoderayConfig, rows: Sequence[Row], *, timeout_s: float = 60.0):
+def start_controller(cfg: CoderayConfig, rows: Sequence[Row], *, resume: bool = False, timeout_s: float = 60.0):
     """(Re)start the controller for `cfg` and `rows` on the connected cluster; returns its actor handle once it
-    answers. A controller already running (an earlier deploy) is replaced; its state file is reused when it
-    belongs to the same reward table."""
+    answers. A controller already running (an earlier deploy) is replaced. A new deployment starts from the
+    table, its queues empty and its log new (the earlier state is kept as state.prev.json) unless `resume`;
+    Ray's own restarts of this actor always resume from the state file."""
     import ray
 
     stop_controller()
+    path = state_path(cfg)
+    if not resume and path.exists():
+        os.replace(path, path.with_name("state.prev.json"))
     actor = ray.remote(Controller).options(**actor_options()).remote(cfg.portable(), list(rows))
     ray.get(actor.ping.remote(), timeout=timeout_s)
     log.info("controller %s started (namespace %s)", NAME, NAMESPACE)
