@@ -132,7 +132,8 @@ class Controller:
         """An ingress replica's poll: its cumulative figures in, the current routes out."""
         with self.lock:
             self.ingress[replica_id] = {"seen": time.time(), "stats": stats or {}}
-            return {"routes": self.policy.routes, "version": self.version}
+            return {"routes": self.policy.routes, "version": self.version,
+                    "gone": sorted(n for n, alive in self.nodes_alive.items() if not alive)}
 
     def routes(self) -> dict:
         with self.lock:

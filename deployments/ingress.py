@@ -104,6 +104,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+class HostGone(RuntimeError):
+    """A path's call through a node that the controller reports gone."""
+
+
 async def _resolve(response: Any) -> Any:
     return await response
 
@@ -145,6 +149,8 @@ class Ingress:
         self.stats = {s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "latency_s": 0.0, "by_path": {}}
                       for s in cfg.services}
         self.suspended: dict[str, float] = {}   # path id -> time.monotonic() until which it is skipped
+        self.gone: set[str] = set()             # nodes the controller reports gone: their guests' calls fail fast
+        self._gone_watch: dict[str, asyncio.Future] = {}   # node -> resolved when it is reported gone
         self._plans: dict[str, tuple] = {}
         self.config_errors: dict[str, str] = {}  # the last reconfigure's rejected entries
         cooldown = cfg.serving.fallback_cooldown_s
@@ -409,6 +415,7 @@ class Ingress:
                 got = await self._controller_call("sync", self.replica_id, self.controller_stats(),
                                                   timeout_s=max(2.0, 2 * ctl.POLL_S))
                 self._apply_auto(got["routes"])
+                self._apply_gone(set(got.get("gone") or ()))
                 self.controller_sync.update(ok=self.controller_sync["ok"] + 1, last_ok=time.time(),
                                             version=got.get("version"))
             except asyncio.CancelledError:
@@ -507,16 +514,43 @@ class Ingress:
         return await merger.submit(x)
 
     async def run_path(self, svc: str, spec: PathSpec, x: torch.Tensor) -> Activation:
-        """Chain the path's replica calls, one per stage, each taking the previous response; await the last."""
+        """Chain the path's replica calls, one per stage, each taking the previous response; await the last.
+        A call through another service's node ends as soon as the controller reports that node gone (a crashed
+        node's calls would otherwise hang until the timeout), so its requests fall back at once."""
         runs, first_send, sends = self.plan(spec)
-        response: Any = Activation(to_wire(x, first_send) if first_send else x, self.cfg.service(svc).node)
+        home = self.cfg.service(svc).node
+        away = {self.cfg.service(run[0].service).node for run in runs} - {home}
+        if away & self.gone:
+            raise HostGone(f"{spec.id}: node {sorted(away & self.gone)[0]} is gone (the controller says so)")
+        response: Any = Activation(to_wire(x, first_send) if first_send else x, home)
         for run, send in zip(runs, sends):
             response = self.blocks[run[0].service].remote(response, run, send)
+        call = asyncio.ensure_future(_resolve(response))
+        watch = [self._gone_watch.setdefault(n, asyncio.get_running_loop().create_future()) for n in away]
         try:
-            return await asyncio.wait_for(_resolve(response), self.cfg.serving.request_timeout_s)
+            done, _ = await asyncio.wait([call, *watch], timeout=self.cfg.serving.request_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             response.cancel()
+            call.cancel()
             raise
+        if call in done:
+            return call.result()
+        response.cancel()
+        call.cancel()
+        lost = [w.result() for w in watch if w in done]
+        if lost:
+            raise HostGone(f"{spec.id}: node {lost[0]} gone while the call was in flight (the controller says so)")
+        raise asyncio.TimeoutError(f"no answer within {self.cfg.serving.request_timeout_s:g} s")
+
+    def _apply_gone(self, gone: set[str]) -> None:
+        """The controller's view of lost nodes: calls in flight through a newly lost one end now."""
+        for node in gone - self.gone:
+            watch = self._gone_watch.pop(node, None)
+            if watch is not None and not watch.done():
+                watch.set_result(node)
+            log.warning("node %s reported gone by the controller: guests' calls through it fall back", node)
+        self.gone = gone
 
     def _unavailable(self, svc: str, spec: PathSpec, exc: BaseException) -> ApiError:
         if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
