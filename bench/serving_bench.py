@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -417,7 +418,8 @@ def call_cost_lines(before: dict | None, after: dict | None, configured_ms: floa
     return out
 
 
-def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, started, wall_s, mode) -> str:
+def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, started, wall_s, mode,
+           now=None, factors=None) -> str:
     runs, batch, reps = measured["runs"], args.batch, args.repeats
     all_steps = [s for out in runs.values() for s in out["search"] + out["closed"]]
     loads = [s["load1"] for s in all_steps]
@@ -510,6 +512,35 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
                          f"{fmt([c['p50_ms'] for c in cs])} | {fmt([c['p99_ms'] for c in cs])} | "
                          f"{fmt([c['failed'] for c in cs])} | {fmt([c['accuracy'] for c in cs], 1, 100)}% | "
                          f"{fmt(ratios, 2)} | {fmt([c['cpu_s'] for c in cs], 2)} |")
+    if now:
+        j = len(args.clients) - 1
+        lines += ["", f"## Model vs measured at saturation ({args.clients[j]} clients)", "",
+                  "The model twice: from the search's cached profiles, and re-scored with the blocks timed again "
+                  "right before the server started (time now ÷ cached, per node: "
+                  + ", ".join(f"{n} {f:.2f}" for n, f in (factors or {}).items())
+                  + "), the same machine the measurement saw. Error: model ÷ measured − 1.", "",
+                  "| path | measured samples/s | model (cached) | error | model (re-profiled) | error | measured × "
+                  "local | model × local (re-profiled) | error |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for route in routes:
+            local_key = f"{route.service}:local"
+            got = [runs[(route.key, rep)]["closed"][j]["achieved_sps"] for rep in range(reps)
+                   if (route.key, rep) in runs]
+            ratios = [runs[(route.key, rep)]["closed"][j]["achieved_sps"]
+                      / runs[(local_key, rep)]["closed"][j]["achieved_sps"]
+                      for rep in range(reps) if (route.key, rep) in runs and (local_key, rep) in runs
+                      and runs[(local_key, rep)]["closed"][j]["achieved_sps"]]
+            cached, fresh = route.row.get("th_total"), now.get(route.key, {}).get("th_total")
+            fresh_ratio = now.get(route.key, {}).get("th_ratio")
+            model_split = (route.row.get("th_host") or 0.0) / cached if route.row.get("kind") == "coop" and cached \
+                else route.coop_fraction
+            note = (f" (the model's Th is at its split {model_split:.2f})"
+                    if abs(model_split - route.coop_fraction) > 0.01 else "")
+            med = statistics.median(got) if got else None
+            rmed = statistics.median(ratios) if ratios else None
+            err = (lambda m: f"{m / med - 1:+.0%}" if m and med else "–")
+            lines.append(f"| `{route.key}`{note} | {fmt(got)} | {cached or math.nan:.0f} | {err(cached)} | "
+                         f"{fresh or math.nan:.0f} | {err(fresh)} | {fmt(ratios, 2)} | {fresh_ratio or math.nan:.2f} | "
+                         + (f"{fresh_ratio / rmed - 1:+.0%}" if fresh_ratio and rmed else "–") + " |")
     lines += ["", "## Open-loop steps (every offered rate the searches ran)", "",
               "Geometric rates recur in every run; bisection rates usually appear once. Arriving: the Poisson "
               "arrivals actually drawn in the window; achieved: good answers / (window start to last answer); "
@@ -558,6 +589,44 @@ def parse_args(argv):
     if args.repeats < 1 or args.batch < 1 or args.step_s <= 0:
         p.error("--repeats, --batch and --step-s must be positive")
     return args
+
+
+def reprofile(cfg, services: list[str], repeats: int = 3) -> dict[str, float]:
+    """{node: its blocks' time now ÷ their cached profile}: the services' blocks timed again, as the search profiled
+    them (under the node's CPU cap, sustained, batch B), right before the server starts. This machine's speed
+    drifts by 10-20% over an hour (a VM's neighbours); the model re-scored with these factors describes the
+    machine the bench measures, so the model-vs-measured comparison is made in the same run."""
+    from coderay.emulation import sustained_seconds, timing_as
+    from coderay.services import load_services
+
+    factors = {}
+    for name, svc in load_services(cfg, services, train_missing=False, progress=False).items():
+        b = svc.spec.batch_size
+        cached = sum(i.latency_ms[b] if b in i.latency_ms else i.latency_ms[str(b)] for i in svc.infos)
+        runs = []
+        with timing_as(cfg, svc.spec.node), torch.inference_mode():
+            for _ in range(repeats):
+                x, total = torch.randn(b, *svc.task.input_shape), 0.0
+                for block in svc.blocks:
+                    total += 1e3 * sustained_seconds(lambda: block(x))
+                    x = block(x)
+                runs.append(total)
+        factors[svc.spec.node] = statistics.median(runs) / cached
+    return factors
+
+
+def rescored(row: dict, factors: dict[str, float], cfg) -> dict:
+    """The row's modelled figures with each node's costs scaled by its factor (coderay.rows.score)."""
+    from coderay.rows import row_from_dict, score
+
+    r = row_from_dict(row)
+    if r.costs is None:
+        return {}
+    fl, fh = factors.get(r.local_node, 1.0), factors.get(r.host_node, 1.0)
+    c = r.costs
+    costs = dataclasses.replace(c, local_full=c.local_full * fl, local_part=c.local_part * fl,
+                                host_full=c.host_full * fh, host_part=c.host_part * fh)
+    return score(dataclasses.replace(r, costs=costs), cfg.reward, cfg.network).to_dict()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -627,6 +696,19 @@ def main(argv: list[str] | None = None) -> int:
     raw = {s: raw_torch(cfg, s, args.batch, min(args.step_s, 5.0), args.repeats) for s in names}
     for s, r in raw.items():
         log(f"  raw torch {s}: {fmt(r['samples_per_s'])} samples/s, accuracy {r['accuracy']:.4f}")
+    now: dict[str, dict] = {}
+    factors: dict[str, float] = {}
+    if not args.url:
+        hosts = {r["host"] for r in best_rows.values() if r and r.get("host")}
+        factors = reprofile(cfg, sorted(set(names) | hosts))
+        for route in routes:
+            now[route.key] = rescored(route.row, factors, cfg)
+        for route in routes:
+            local = now.get(f"{route.service}:local") or {}
+            if now[route.key].get("th_total") and local.get("th_total"):
+                now[route.key]["th_ratio"] = now[route.key]["th_total"] / local["th_total"]
+        log("blocks re-profiled now (time now ÷ cached profile, per node): "
+            + ", ".join(f"{n} {f:.2f}" for n, f in factors.items()))
     pools = {s: Service(s, Pool.from_task(get_task(cfg.service(s).task, data_root=cfg.data_root, seed=cfg.seed),
                                           args.batch, seed=cfg.seed)) for s in names}
 
@@ -668,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, started,
-                               wall_s, mode))
+                               wall_s, mode, now, factors))
     plot(routes, measured["runs"], args.repeats, args.batch, args.p99_ms, args.plot)
     if args.json:
         args.json.write_text(json.dumps({"runs": {f"{k[0]} | run {k[1]}": v for k, v in measured["runs"].items()},
