@@ -218,8 +218,12 @@ def one_run(args, cfg, table, svc: str, host: str, shape: tuple, host_shape: tup
                          "coop_answers": sum(1 for r in rs if r.get("path") and r["path"] != f"{svc}:local"),
                          "p50_ms": lat[len(lat) // 2] if lat else None,
                          "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None}
+    react = reactions(samples, marks, host)
+    left = next((d["t"] for d in status["switches"] if d["service"] == svc and d["t"] >= marks["host lost"]
+                 and via_host({"path": d["path"], "share": d["share"]}, host) == 0.0), None)
+    react["lost_zero_by_log_s"] = None if left is None else round(left - marks["host lost"], 2)   # exact
     return {"sent": load.sent, "recorded": len(recs), "answered": answered, "flooding_requests": flooded,
-            "phases": per_phase, "reactions": reactions(samples, marks, host), "switches": status["switches"],
+            "t0": t0, "phases": per_phase, "reactions": react, "switches": status["switches"],
             "hosts_at_end": status.get("hosts"),
             "shares": [{"t": s["t"] - t0, "share": s["share"], "path": s["path"]} for s in samples],
             "marks": {k: v - t0 for k, v in marks.items()}, "_recs": recs, "_samples": samples, "_marks": marks}
@@ -286,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 def report(summary: dict) -> str:
     """The runs as a markdown table, with the median (min–max) of each reaction time."""
     keys = [("busy_drop_s", "flood → guests off the host (s)"), ("calm_back_s", "flood over → back (s)"),
-            ("lost_zero_s", "host lost → share 0 (s)"), ("back_coop_s", "host back → cooperating (s)")]
+            ("lost_zero_s", "host lost → share 0 (s)"), ("lost_zero_by_log_s", "… by the switch log (s)"),
+            ("back_coop_s", "host back → cooperating (s)")]
     runs = summary["runs"]
     lines = [f"# Controller benchmark: {summary['config']}",
              "",
@@ -296,19 +301,21 @@ def report(summary: dict) -> str:
              f"{summary['calm_s']:g} s, lost {summary['phase_s']:g} s, back. host_latency_ms "
              f"{summary['host_latency_ms']:g}. {len(runs)} run(s), each on a fresh cluster and controller.",
              "",
-             "| run | sent | answered | steady share | " + " | ".join(k[1] for k in keys) + " | busy p99 ms |",
-             "|---" * (5 + len(keys)) + "|"]
+             "| run | sent | answered | steady share | " + " | ".join(k[1] for k in keys) + " | busy p99 ms "
+             "| lost p99 ms |",
+             "|---" * (6 + len(keys)) + "|"]
     fmt = (lambda v: "not within the phase" if v is None else f"{v:g}")
     for i, r in enumerate(runs, 1):
         x = r["reactions"]
         lines.append(f"| {i} | {r['sent']} | {r['answered']} | {x['steady_share']:g} | "
-                     + " | ".join(fmt(x[k]) for k, _ in keys) + f" | {r['phases']['host busy']['p99_ms']:.0f} |")
+                     + " | ".join(fmt(x[k]) if k in x else "–" for k, _ in keys)
+                     + f" | {r['phases']['host busy']['p99_ms']:.0f} | {r['phases']['host lost']['p99_ms']:.0f} |")
     med = []
     for k, _ in keys:
-        vals = [r["reactions"][k] for r in runs if r["reactions"][k] is not None]
+        vals = [r["reactions"][k] for r in runs if r["reactions"].get(k) is not None]
         med.append(f"{np.median(vals):g} ({min(vals):g}–{max(vals):g}), {len(vals)}/{len(runs)}" if vals else "–")
     lines.append(f"| median (min–max), runs within | {sum(r['sent'] for r in runs)} | "
-                 f"{sum(r['answered'] for r in runs)} | | " + " | ".join(med) + " | |")
+                 f"{sum(r['answered'] for r in runs)} | | " + " | ".join(med) + " | | |")
     return "\n".join(lines) + "\n"
 
 
