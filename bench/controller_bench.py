@@ -113,8 +113,9 @@ def via_host(sample: dict, host: str) -> float:
 
 
 def reactions(samples: list[dict], marks: dict, host: str) -> dict:
-    """Seconds the controller took: the share through the flooded host below its steady value, back to at least
-    half of it after the flood, 0 after the host is lost, above 0 once it rejoined (None: not within the phase)."""
+    """Seconds the controller took: the share through the flooded host down to half its steady value or less,
+    back to at least half of it after the flood, 0 after the host is lost, above 0 once it rejoined (None: not
+    within the phase)."""
     def first(after: float, until: float, cond) -> float | None:
         t = next((s["t"] for s in samples if after <= s["t"] < until and cond(via_host(s, host))), None)
         return None if t is None else round(t - after, 1)
@@ -123,7 +124,7 @@ def reactions(samples: list[dict], marks: dict, host: str) -> dict:
               <= s["t"] < marks["host busy"]]
     s0 = float(np.median(steady)) if steady else 0.0
     return {"steady_share": s0,
-            "busy_drop_s": first(marks["host busy"], marks["host calm"], lambda v: v < s0 - 1e-9) if s0 else None,
+            "busy_drop_s": first(marks["host busy"], marks["host calm"], lambda v: v <= s0 / 2) if s0 else None,
             "busy_min_share": min((via_host(s, host) for s in samples
                                    if marks["host busy"] <= s["t"] < marks["host calm"]), default=None),
             "calm_back_s": first(marks["host calm"], marks["host lost"], lambda v: v >= s0 / 2) if s0 else None,
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(summary: dict) -> str:
     """The runs as a markdown table, with the median (min–max) of each reaction time."""
-    keys = [("busy_drop_s", "flood → guests off the host (s)"), ("calm_back_s", "flood over → back (s)"),
+    keys = [("busy_drop_s", "flood → share through the host halved (s)"), ("calm_back_s", "flood over → back (s)"),
             ("lost_zero_s", "host lost → share 0 (s)"), ("lost_zero_by_log_s", "… by the switch log (s)"),
             ("back_coop_s", "host back → cooperating (s)")]
     runs = summary["runs"]
