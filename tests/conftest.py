@@ -87,3 +87,40 @@ def searched_table(trained_cfg):
     from coderay.search import run_search
 
     return run_search(trained_cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def keep_busy():
+    """`with keep_busy(service, node, samples):` keeps the service's block group computing whole batches (four
+    callers sending `samples` inputs to all its blocks back to back, straight to its Serve handle, so HTTP is
+    not the limit) until the block exits, then waits for the callers."""
+    import contextlib
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    @contextlib.contextmanager
+    def busy(service: str, node: str, samples: int, callers: int = 4):
+        from ray import serve
+
+        from coderay.plan import TO_END, Hop
+        from deployments.app import APP_NAME
+        from deployments.routing import Activation
+
+        handle = serve.get_deployment_handle(f"blocks-{service}", APP_NAME).options(method_name="run")
+        x = Activation(torch.rand(samples, 1, 28, 28), node)
+        done = threading.Event()
+
+        def call(_):
+            while not done.is_set():
+                handle.remote(x, (Hop("blocks", service, 1, TO_END),)).result(timeout_s=60)
+
+        with ThreadPoolExecutor(callers) as pool:
+            futures = [pool.submit(call, i) for i in range(callers)]
+            try:
+                yield
+            finally:
+                done.set()
+                for f in futures:
+                    f.result()
+
+    return busy

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module")
@@ -124,39 +123,18 @@ def _all_on_routes(ctl):
         r["routes"] == s["routes"] for r in live.values()) else None
 
 
-def test_the_controller_switches_a_route_by_itself_when_the_host_is_flooded(ctl):
+def test_the_controller_switches_a_route_by_itself_when_the_host_is_flooded(ctl, keep_busy):
     """mnist's block group kept busy with its own samples: the controller sees mnist's node taken by its own
     load and lowers digits' guest share (or leaves the host); once the flood stops, the share comes back."""
-    from ray import serve
-
-    from deployments.app import APP_NAME
-    from coderay.plan import TO_END, Hop
-    from deployments.routing import Activation
-
     def digits_route():
         return status(ctl)["routes"]["digits"]
 
     before, secs = wait_for("an idle cooperative choice", lambda: (r := digits_route())["path"] != "digits:local"
                             and r["coop_fraction"] > 0 and r, 60)
     print(f"\nidle: digits on {before['path']} at {before['coop_fraction']} ({secs:.1f} s)")
-    handle = serve.get_deployment_handle("blocks-mnist", APP_NAME).options(method_name="run")
-    x = Activation(torch.rand(128, 1, 28, 28), "edge-b")
-    done = threading.Event()
-
-    def flood(_):
-        while not done.is_set():
-            handle.remote(x, (Hop("blocks", "mnist", 1, TO_END),)).result(timeout_s=60)
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(flood, i) for i in range(4)]
-        try:
-            low, secs = wait_for("the guest share dropping", lambda: (r := digits_route())["coop_fraction"]
-                                 <= before["coop_fraction"] / 2 and r, 60, every=1.0)
-        finally:
-            done.set()
-            for f in futures:
-                f.result()
+    with keep_busy("mnist", "edge-b", 128):
+        low, secs = wait_for("the guest share dropping", lambda: (r := digits_route())["coop_fraction"]
+                             <= before["coop_fraction"] / 2 and r, 60, every=1.0)
     st = status(ctl)
     why = next(d for d in reversed(st["switches"]) if d["service"] == "digits")
     print(f"flooded: share {before['coop_fraction']} -> {low['coop_fraction']} on {low['path']} after {secs:.1f} s "
@@ -218,7 +196,6 @@ def test_a_killed_controller_comes_back_with_its_table_and_log(ctl):
 
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(clients) for _ in range(2)]
-        start = time.perf_counter()
         ray.kill(get_controller(), no_restart=False)
         after, secs = wait_for("the controller back", lambda: _restarted(before), 90)
         done.set()

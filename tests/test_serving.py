@@ -417,15 +417,10 @@ def test_deploy_to_a_missing_node_fails_fast(served):
     assert served.client.get("/healthz").status_code == 200   # the running app is untouched
 
 
-def test_capped_replicas_get_their_nodes_share(served):
+def test_capped_replicas_get_their_nodes_share(served, keep_busy):
     """Kept busy (calls straight to its handle, so HTTP is not the limit), the local node's block group uses
     its node's CPU quota: CPU seconds of the node's group over wall time within ±20% of the share."""
-    from ray import serve
-
     from coderay.emulation import node_capacity
-    from deployments.app import APP_NAME
-    from coderay.plan import TO_END, Hop
-    from deployments.routing import Activation
 
     cap = node_capacity(served.cfg)["edge-a"]
     if not cap.capped:
@@ -436,25 +431,13 @@ def test_capped_replicas_get_their_nodes_share(served):
         blocks = next(r for r in info["replicas"] if r["deployment"] == "blocks-digits")
         return blocks["capacity"]["cpu_s"], blocks["capacity"]
 
-    handle = serve.get_deployment_handle("blocks-digits", APP_NAME).options(method_name="run")
-    x = Activation(torch.rand(256, 1, 28, 28), "edge-a")
-    done = threading.Event()
-
-    def keep_busy(_):
-        while not done.is_set():
-            handle.remote(x, (Hop("blocks", "digits", 1, TO_END),)).result(timeout_s=60)
-
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(keep_busy, i) for i in range(4)]
+    with keep_busy("digits", "edge-a", 256):
         time.sleep(1.5)                                   # warm: the replica's queue is full
         cpu0, info = digits_cpu()
         t0 = time.perf_counter()
         time.sleep(4.0)
         cpu1, _ = digits_cpu()
         wall = time.perf_counter() - t0
-        done.set()
-        for f in futures:
-            f.result()
     used = (cpu1 - cpu0) / wall
     print(f"\nedge-a: {used:.3f} CPU used of a {cap.share:.3f} CPU quota ({info['mechanism']})")
     assert info["mechanism"] == cap.mechanism and info["share"] == pytest.approx(cap.share)
