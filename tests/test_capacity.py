@@ -87,7 +87,8 @@ def _measured(node: str, share: float, n: int, threads: int = 0, attempts: int =
         name = f"{node}-{i}"
         rs = _children(name, share, n, threads)
         got = sum(r["cpu"] / r["wall"] for r in rs)
-        assert got <= share * 1.2, f"attempt {i}: {got:.3f} CPU used above a {share} CPU quota"
+        assert got <= share * 1.2, f"attempt {i}: {got:.3f} CPU used above a {share} CPU quota; joins: " + \
+            "; ".join(json.dumps(r["join"]) for r in rs)
         if share * 0.8 <= got:
             break
     return name, rs
