@@ -596,21 +596,13 @@ def reprofile(cfg, services: list[str], repeats: int = 3) -> dict[str, float]:
     them (under the node's CPU cap, sustained, batch B), right before the server starts. This machine's speed
     drifts by 10-20% over an hour (a VM's neighbours); the model re-scored with these factors describes the
     machine the bench measures, so the model-vs-measured comparison is made in the same run."""
-    from coderay.emulation import sustained_seconds, timing_as
-    from coderay.services import load_services
+    from coderay.services import load_services, sustained_block_ms
 
     factors = {}
-    for name, svc in load_services(cfg, services, train_missing=False, progress=False).items():
+    for svc in load_services(cfg, services, train_missing=False, progress=False).values():
         b = svc.spec.batch_size
         cached = sum(i.latency_ms[b] if b in i.latency_ms else i.latency_ms[str(b)] for i in svc.infos)
-        runs = []
-        with timing_as(cfg, svc.spec.node), torch.inference_mode():
-            for _ in range(repeats):
-                x, total = torch.randn(b, *svc.task.input_shape), 0.0
-                for block in svc.blocks:
-                    total += 1e3 * sustained_seconds(lambda: block(x))
-                    x = block(x)
-                runs.append(total)
+        runs = [sum(sustained_block_ms(cfg, svc.spec, svc.blocks, svc.task.input_shape)) for _ in range(repeats)]
         factors[svc.spec.node] = statistics.median(runs) / cached
     return factors
 

@@ -280,15 +280,17 @@ def _set_quota(det: Detection, group: Path, share: float, period_us: int) -> int
     quota = max(MIN_QUOTA_US, round(share * period_us))
     if det.kind == V1:
         period_file, quota_file = group / "cpu.cfs_period_us", group / "cpu.cfs_quota_us"
-        want = (str(quota), str(period_us))
+        def kept() -> bool:
+            return (quota_file.read_text().strip(), period_file.read_text().strip()) == (str(quota), str(period_us))
+
         for _ in range(5):   # processes of one node may join at once: each checks what the other left
-            if (quota_file.read_text().strip(), period_file.read_text().strip()) == want:
+            if kept():
                 return quota  # set (by us or a concurrent joiner): no momentary lift of the cap
             # the kernel checks quota/period against the parent on each write: lift the quota first
             quota_file.write_text("-1")
             period_file.write_text(str(period_us))
             quota_file.write_text(str(quota))
-        if (quota_file.read_text().strip(), period_file.read_text().strip()) == want:
+        if kept():
             return quota
         raise OSError(f"{quota_file} does not keep {quota} us per {period_us} us")
     (group / "cpu.max").write_text(f"{quota} {period_us}")

@@ -15,7 +15,7 @@ from coderay.emulation import node_capacity, speed_divisor, sustained_seconds, t
 from coderay.models import StagedModel
 from coderay.train import load_service, service_dir, train_service
 
-__all__ = ["ServiceModel", "load_services", "split_service"]
+__all__ = ["ServiceModel", "load_services", "split_service", "sustained_block_ms"]
 
 Shape = tuple[int, ...]
 log = logging.getLogger(__name__)
@@ -70,20 +70,31 @@ def _profile(cfg: CoderayConfig, spec: ServiceSpec, blocks: Sequence[Block], inp
         infos = profile_blocks(blocks, input_shape, batch_sizes=tuple(sorted({1, b})))
     else:
         infos = profile_blocks(blocks, input_shape, measure_latency=False)
-        with timing_as(cfg, spec.node), torch.inference_mode():
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(0))
-                for block, info in zip(blocks, infos):
-                    info.latency_ms = {b: 1e3 * sustained_seconds(lambda: block(x))}
-                    x = block(x)
-            finally:
-                torch.set_num_threads(threads)
+        for info, ms in zip(infos, sustained_block_ms(cfg, spec, blocks, input_shape)):
+            info.latency_ms = {b: ms}
         log.info("%s: blocks profiled under %s at %.3f CPU (node %s)", spec.name, cap.mechanism, cap.share,
                  spec.node)
     path.write_text(json.dumps([i.to_dict() for i in infos], indent=2))
     return infos
+
+
+def sustained_block_ms(cfg: CoderayConfig, spec: ServiceSpec, blocks: Sequence[Block], input_shape: Shape
+                       ) -> list[float]:
+    """Milliseconds per batch of B for each block, timed back to back over many quota periods inside the
+    service's node's CPU group, one torch thread, each block on the previous one's output."""
+    b = spec.batch_size
+    out = []
+    with timing_as(cfg, spec.node), torch.inference_mode():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            x = torch.randn(b, *input_shape, generator=torch.Generator().manual_seed(0))
+            for block in blocks:
+                out.append(1e3 * sustained_seconds(lambda: block(x)))
+                x = block(x)
+        finally:
+            torch.set_num_threads(threads)
+    return out
 
 
 def load_services(cfg: CoderayConfig, names: Sequence[str] | None = None, *, train_missing: bool = True,

@@ -6,8 +6,9 @@ table's `links_file`s), never shipped from the driver. A call runs one stage of 
 hops on this service's node (`coderay.plan.stages`), e.g. link_in → blocks hin..hout → link_out on a host, so a
 request pays one call per node it visits. Block ranges are batched across calls; one batch may mix calls for
 different ranges (grouped by range, one forward per group). Batches are counted in samples (the service's
-`batch_size`, B); guest samples (another service's path passing through) take at most `guest_quota` (s) of each batch: a guest chunk that does
-not fit is put back in the queue for a later batch by Serve's batcher, never dropped.
+`batch_size`, B); guest samples (another service's path passing through) take at most `guest_quota` (s) of each
+batch: a guest chunk that does not fit is put back in the queue for a later batch by Serve's batcher, never
+dropped.
 """
 from __future__ import annotations
 

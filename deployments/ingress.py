@@ -526,22 +526,27 @@ class Ingress:
         for run, send in zip(runs, sends):
             response = self.blocks[run[0].service].remote(response, run, send)
         call = asyncio.ensure_future(_resolve(response))
-        watch = [self._gone_watch.setdefault(n, asyncio.get_running_loop().create_future()) for n in away]
+        watch = [self._gone_future(n) for n in away]
         try:
             done, _ = await asyncio.wait([call, *watch], timeout=self.cfg.serving.request_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            response.cancel()
-            call.cancel()
-            raise
-        if call in done:
-            return call.result()
-        response.cancel()
-        call.cancel()
+            if call in done:
+                return call.result()
+        finally:
+            if not call.done():       # timed out, node gone, or this request cancelled: stop the chain
+                response.cancel()
+                call.cancel()
         lost = [w.result() for w in watch if w in done]
         if lost:
             raise HostGone(f"{spec.id}: node {lost[0]} gone while the call was in flight (the controller says so)")
         raise asyncio.TimeoutError(f"no answer within {self.cfg.serving.request_timeout_s:g} s")
+
+    def _gone_future(self, node: str) -> asyncio.Future:
+        """Resolved (with the node's name) when the controller reports `node` gone; one per node, shared."""
+        future = self._gone_watch.get(node)
+        if future is None:
+            future = self._gone_watch[node] = asyncio.get_running_loop().create_future()
+        return future
 
     def _apply_gone(self, gone: set[str]) -> None:
         """The controller's view of lost nodes: calls in flight through a newly lost one end now."""
