@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,8 +201,9 @@ def choose_routes(svc: str, rows: list[dict]) -> tuple[list[Route], dict | None,
 
 
 async def measure_route(client: loadgen.HttpClient, route: Route, svc: Service, first_run: bool, args, seeds,
-                        log) -> dict:
-    """One run of one path: pin it, warm up, the open-loop rate search, then the closed-loop clients."""
+                        log, raw_now: Callable[[str], float] | None = None) -> dict:
+    """One run of one path: pin it, warm up, the open-loop rate search, then the closed-loop clients, each
+    between two timings of raw torch (`raw_now(service)`, samples/s, the server idle) when given."""
     body = {"path": route.path_id}
     if route.path_id != f"{route.service}:local":
         body["coop_fraction"] = route.coop_fraction
@@ -233,16 +235,20 @@ async def measure_route(client: loadgen.HttpClient, route: Route, svc: Service, 
     out = {"search": records, "best_rps": search.best_rps, "first_fail_rps": search.first_fail_rps, "closed": []}
     for n in args.clients:
         svc.tally = Tally()
+        raw_before = raw_now(route.service) if raw_now else None
         step = await loadgen.closed_loop(client, svc.send, n, args.step_s)
         c = step_record(step, svc.tally, args.batch)
+        if raw_now:   # the raw-torch rate of the same minutes: this machine's speed drifts by ±20% within minutes
+            c["raw_sps"] = (raw_before + raw_now(route.service)) / 2
         out["closed"].append(c)
         log(f"  closed  {route.key:<32} {n:>3} clients  {c['achieved_sps']:7.1f} samples/s  "
             f"p50 {c['p50_ms'] or math.nan:6.0f}  p99 {c['p99_ms'] or math.nan:6.0f} ms  "
-            f"failed {c['failed']}  cpu {c['cpu_s']:.2f} s")
+            f"failed {c['failed']}  cpu {c['cpu_s']:.2f} s  raw torch {c.get('raw_sps') or math.nan:.0f}")
     return out
 
 
-async def measure(url: str, routes: list[Route], services: dict[str, Service], args, log) -> dict:
+async def measure(url: str, routes: list[Route], services: dict[str, Service], args, log,
+                  raw_now: Callable[[str], float] | None = None) -> dict:
     """Every run: {"runs": {(route key, repeat): measure_route's dict}, "replicas": ..., "routes_released": ...};
     the paths interleaved within each run, every pinned route released at the end (also when cancelled)."""
     results: dict = {}
@@ -256,7 +262,8 @@ async def measure(url: str, routes: list[Route], services: dict[str, Service], a
         try:
             for rep in range(args.repeats):
                 for route in routes:
-                    out = await measure_route(client, route, services[route.service], rep == 0, args, seeds, log)
+                    out = await measure_route(client, route, services[route.service], rep == 0, args, seeds, log,
+                                              raw_now)
                     results[(route.key, rep)] = out
                     best = f"{out['best_rps'] * args.batch:.0f} samples/s" if out["best_rps"] else "none"
                     log(f"run {rep + 1}/{args.repeats} {route.key}: sustained {best}")
@@ -497,9 +504,11 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
         lines.append(f"| `{svc}` raw torch (its blocks composed, one process, 1 thread, batch {batch}, no HTTP) "
                      f"| – | {fmt(r['samples_per_s'])} | – | {r['accuracy'] * 100:.1f}% | – | – | – | – |")
     lines += ["", "## Closed loop: N clients back to back", "",
+              "× raw torch: per run, samples/s over raw torch's (the same model, one process, one thread, batch "
+              f"{batch}) timed right before and after the step, the server idle.", "",
               "| path | clients | samples/s | p50 ms | p99 ms | failed | accuracy served | measured × local "
-              "| generator CPU s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| raw torch samples/s | × raw torch | generator CPU s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for route in routes:
         local_key = f"{route.service}:local"
         for j, n in enumerate(args.clients):
@@ -511,7 +520,9 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
             lines.append(f"| `{route.key}` | {n} | {fmt([c['achieved_sps'] for c in cs])} | "
                          f"{fmt([c['p50_ms'] for c in cs])} | {fmt([c['p99_ms'] for c in cs])} | "
                          f"{fmt([c['failed'] for c in cs])} | {fmt([c['accuracy'] for c in cs], 1, 100)}% | "
-                         f"{fmt(ratios, 2)} | {fmt([c['cpu_s'] for c in cs], 2)} |")
+                         f"{fmt(ratios, 2)} | {fmt([c.get('raw_sps') for c in cs])} | "
+                         f"{fmt([c['achieved_sps'] / c['raw_sps'] if c.get('raw_sps') else None for c in cs], 2)} | "
+                         f"{fmt([c['cpu_s'] for c in cs], 2)} |")
     if now:
         j = len(args.clients) - 1
         lines += ["", f"## Model vs measured at saturation ({args.clients[j]} clients)", "",
@@ -579,7 +590,8 @@ def parse_args(argv):
                    help="closed-loop warm-up (2 clients) per path and run, 3× in the first run (default 3)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="per request, and the drain after a step")
     p.add_argument("--front", choices=("proxy", "direct"), default="proxy",
-                   help="HTTP through Serve's proxy (default) or the ingress replica's own port (throughput-optimized)")
+                   help="HTTP through the serving port (default: Ray's HAProxy ingress, or Serve's proxy with "
+                        "serving.haproxy off) or the ingress replica's own port (throughput-optimized)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.md")
     p.add_argument("--plot", type=Path, help="default: OUT with .png")
     p.add_argument("--json", type=Path, help="also write every step's figures as JSON here")
@@ -668,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         rows_by_svc = {s: [r.to_dict() for r in table.rows if r.local == s] for s in names}
         mode = ("started by the bench: local Ray cluster (head 1 CPU for the proxy and ingress + one Ray node per "
                 "configured node), `deployments.app.deploy` on a free port; HTTP through "
-                + ("Serve's proxy" if args.front == "proxy" else "the ingress replica's own port (direct ingress)")
+                + (("Ray's HAProxy ingress (`serving.haproxy`)" if cfg.serving.haproxy and cfg.serving.throughput_optimized
+                    else "Serve's proxy") if args.front == "proxy" else "the ingress replica's own port (direct ingress)")
                 + f"; Serve throughput-optimized: {cfg.serving.throughput_optimized}")
 
     routes, best_rows, edge_rows = [], {}, {}
@@ -725,7 +738,10 @@ def main(argv: list[str] | None = None) -> int:
                                      "off, or this Ray lacks Serve's direct ingress)")
                 url = direct
                 log(f"measuring through the ingress replica's own HTTP port: {url}")
-        measured = asyncio.run(until_signal(measure(url, routes, pools, args, log)))
+        def raw_now(svc: str) -> float:
+            return raw_torch(cfg, svc, args.batch, 2.0, 1)["samples_per_s"][0]
+
+        measured = asyncio.run(until_signal(measure(url, routes, pools, args, log, raw_now)))
         sigterm_as_ctrl_c()
     except (KeyboardInterrupt, asyncio.CancelledError):
         log("interrupted: shutting down")

@@ -132,8 +132,9 @@ def serve_until_stopped(cfg, args: argparse.Namespace) -> int:
     print(f"coderay is serving {len(cfg.services)} service(s) at {url}")
     print(f"  API docs:   {url}/docs")
     if served.direct_url:
-        print(f"  direct:     {served.direct_url}   (the same API from the ingress replica itself, without Serve's "
-              "proxy hop: Serve's throughput-optimized mode)")
+        front = "Ray's HAProxy ingress" if cfg.serving.haproxy else "Serve's proxy"
+        print(f"  direct:     {served.direct_url}   (the same API from the ingress replica itself, the port {front} "
+              "forwards to: Serve's throughput-optimized mode)")
     print(f"  services:   curl {url}/v1/services")
     print(f"  infer:      head -c {BODY_DTYPE.itemsize * math.prod(shape)} /dev/zero | curl -s -X POST {url}/v1/services/{svc.name}/infer "
           f"-H 'Content-Type: application/octet-stream' -H 'X-Shape: {','.join(map(str, shape))}' --data-binary @-")

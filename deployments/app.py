@@ -98,7 +98,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _start_serve(cfg: CoderayConfig, port: int | None) -> int:
-    """Start Serve's HTTP proxy (on the head node) at `port` (None: the config's; 0: a free one). When Serve already
+    """Start Serve's HTTP front (on the head node: Ray's HAProxy ingress where `serving.haproxy` put it in the
+    cluster's environment, else Serve's proxy) at `port` (None: the config's; 0: a free one). When Serve already
     runs, its port stays and is returned."""
     from ray.serve.context import _get_global_client
 

@@ -111,13 +111,34 @@ def test_listing_health_and_docs(served):
     assert {"/v1/services", "/v1/services/{svc}/paths", "/v1/services/{svc}/route", "/healthz"} <= set(spec["paths"])
 
 
+def listener(port: int) -> str:
+    """The command name of the process listening on TCP `port` here, from /proc ('' if none is found)."""
+    import os
+
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).readlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:     # 0A: LISTEN
+                sockets.add(f"socket:[{cols[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if sockets & {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}:
+                return open(f"/proc/{pid}/comm").read().strip()
+        except OSError:              # gone, or not ours to read
+            continue
+    return ""
+
+
 def test_the_ingress_answers_on_its_own_port_as_through_the_proxy(served):
     """Serve's throughput-optimized mode (`serving.throughput_optimized`, on by default): the ingress replica
-    also serves the API on a port of its own; same answers, same errors, no proxy hop."""
+    also serves the API on a port of its own; same answers, same errors, no proxy hop. The serving port itself
+    is Ray's HAProxy ingress (`serving.haproxy`), which forwards to that port."""
     from deployments.app import direct_url
 
     url = direct_url(served.url)
     assert url is not None and url != served.url
+    assert "haproxy" in listener(int(served.url.rsplit(":", 1)[1]))
     x = np.random.default_rng(0).random((6, 1, 28, 28), dtype=np.float32)
     with httpx.Client(base_url=url, timeout=60) as direct:
         via_proxy, via_port = post_binary(served.client, "mnist", x), post_binary(direct, "mnist", x)
