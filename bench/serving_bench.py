@@ -505,7 +505,8 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
                      f"| – | {fmt(r['samples_per_s'])} | – | {r['accuracy'] * 100:.1f}% | – | – | – | – |")
     lines += ["", "## Closed loop: N clients back to back", "",
               "× raw torch: per run, samples/s over raw torch's (the same model, one process, one thread, batch "
-              f"{batch}) timed right before and after the step, the server idle.", "",
+              f"{batch}) timed right before and after the step, the server idle: serving's overhead where emulation "
+              "is off; under CPU caps the served model runs on a fraction of a CPU and raw torch on a whole one.", "",
               "| path | clients | samples/s | p50 ms | p99 ms | failed | accuracy served | measured × local "
               "| raw torch samples/s | × raw torch | generator CPU s |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
