@@ -294,28 +294,37 @@ async def until_signal(coro):
             loop.remove_signal_handler(sig)
 
 
-def raw_torch(cfg, svc: str, batch: int, seconds: float, repeats: int) -> dict:
-    """The local model's blocks composed, in this process, one torch thread, at `batch`: samples/s and the
-    accuracy over the test split."""
-    from coderay.services import split_service
-    from coderay.train import load_service
+class RawTorch:
+    """The local model's blocks composed, in this process, one torch thread, at `batch`: built once, timed as
+    often as asked (before the server starts, and around every closed-loop step)."""
 
-    trained = load_service(cfg, svc)
-    model = torch.nn.Sequential(*split_service(trained.spec, trained.model)).eval()
-    x = torch.stack([trained.task.test[i][0] for i in range(len(trained.task.test))])
-    y = torch.tensor([int(trained.task.test[i][1]) for i in range(len(trained.task.test))])
-    batches = [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)] or [x[:batch]]
-    rates = []
-    with torch.inference_mode():
-        correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
-                      for i in range(0, len(x), batch))
-        for _ in range(repeats):
+    def __init__(self, cfg, svc: str, batch: int):
+        from coderay.services import split_service
+        from coderay.train import load_service
+
+        trained = load_service(cfg, svc)
+        self.model = torch.nn.Sequential(*split_service(trained.spec, trained.model)).eval()
+        self.batch = batch
+        self.x = torch.stack([trained.task.test[i][0] for i in range(len(trained.task.test))])
+        self.y = torch.tensor([int(trained.task.test[i][1]) for i in range(len(trained.task.test))])
+        self.batches = [self.x[i:i + batch] for i in range(0, len(self.x) - batch + 1, batch)] or [self.x[:batch]]
+
+    def accuracy(self) -> float:
+        """Over the whole test split."""
+        b = self.batch
+        with torch.inference_mode():
+            correct = sum(int((self.model(self.x[i:i + b]).argmax(1) == self.y[i:i + b]).sum())
+                          for i in range(0, len(self.x), b))
+        return correct / len(self.x)
+
+    def rate(self, seconds: float) -> float:
+        """Samples/s over `seconds` of back-to-back batches."""
+        with torch.inference_mode():
             n, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds:
-                model(batches[n % len(batches)])
+                self.model(self.batches[n % len(self.batches)])
                 n += 1
-            rates.append(n * batch / (time.perf_counter() - start))
-    return {"samples_per_s": rates, "accuracy": correct / len(x)}
+        return n * self.batch / (time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -425,6 +434,13 @@ def call_cost_lines(before: dict | None, after: dict | None, configured_ms: floa
     return out
 
 
+def closed_ratios(runs: dict, key: str, local_key: str, j: int, reps: int) -> list[float]:
+    """Per run, closed-loop step `j` of path `key` over local-only's same step in that run."""
+    return [runs[(key, rep)]["closed"][j]["achieved_sps"] / runs[(local_key, rep)]["closed"][j]["achieved_sps"]
+            for rep in range(reps) if (key, rep) in runs and (local_key, rep) in runs
+            and runs[(local_key, rep)]["closed"][j]["achieved_sps"]]
+
+
 def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, started, wall_s, mode,
            now=None, factors=None) -> str:
     runs, batch, reps = measured["runs"], args.batch, args.repeats
@@ -514,10 +530,7 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
         local_key = f"{route.service}:local"
         for j, n in enumerate(args.clients):
             cs = [runs[(route.key, rep)]["closed"][j] for rep in range(reps) if (route.key, rep) in runs]
-            ratios = [runs[(route.key, rep)]["closed"][j]["achieved_sps"]
-                      / runs[(local_key, rep)]["closed"][j]["achieved_sps"]
-                      for rep in range(reps) if (route.key, rep) in runs and (local_key, rep) in runs
-                      and runs[(local_key, rep)]["closed"][j]["achieved_sps"]]
+            ratios = closed_ratios(runs, route.key, local_key, j, reps)
             lines.append(f"| `{route.key}` | {n} | {fmt([c['achieved_sps'] for c in cs])} | "
                          f"{fmt([c['p50_ms'] for c in cs])} | {fmt([c['p99_ms'] for c in cs])} | "
                          f"{fmt([c['failed'] for c in cs])} | {fmt([c['accuracy'] for c in cs], 1, 100)}% | "
@@ -537,10 +550,7 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
             local_key = f"{route.service}:local"
             got = [runs[(route.key, rep)]["closed"][j]["achieved_sps"] for rep in range(reps)
                    if (route.key, rep) in runs]
-            ratios = [runs[(route.key, rep)]["closed"][j]["achieved_sps"]
-                      / runs[(local_key, rep)]["closed"][j]["achieved_sps"]
-                      for rep in range(reps) if (route.key, rep) in runs and (local_key, rep) in runs
-                      and runs[(local_key, rep)]["closed"][j]["achieved_sps"]]
+            ratios = closed_ratios(runs, route.key, local_key, j, reps)
             cached, fresh = route.row.get("th_total"), now.get(route.key, {}).get("th_total")
             fresh_ratio = now.get(route.key, {}).get("th_ratio")
             model_split = (route.row.get("th_host") or 0.0) / cached if route.row.get("kind") == "coop" and cached \
@@ -699,7 +709,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{edge.get('mirrored_params')}: not servable")
 
     log("raw torch rows (before any server load)")
-    raw = {s: raw_torch(cfg, s, args.batch, min(args.step_s, 5.0), args.repeats) for s in names}
+    raw_models = {s: RawTorch(cfg, s, args.batch) for s in names}
+    raw = {s: {"accuracy": m.accuracy(),     # first: it also warms the model up before the timing
+               "samples_per_s": [m.rate(min(args.step_s, 5.0)) for _ in range(args.repeats)]}
+           for s, m in raw_models.items()}
     for s, r in raw.items():
         log(f"  raw torch {s}: {fmt(r['samples_per_s'])} samples/s, accuracy {r['accuracy']:.4f}")
     now: dict[str, dict] = {}
@@ -739,10 +752,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "off, or this Ray lacks Serve's direct ingress)")
                 url = direct
                 log(f"measuring through the ingress replica's own HTTP port: {url}")
-        def raw_now(svc: str) -> float:
-            return raw_torch(cfg, svc, args.batch, 2.0, 1)["samples_per_s"][0]
-
-        measured = asyncio.run(until_signal(measure(url, routes, pools, args, log, raw_now)))
+        measured = asyncio.run(until_signal(measure(url, routes, pools, args, log,
+                                                    lambda svc: raw_models[svc].rate(2.0))))
         sigterm_as_ctrl_c()
     except (KeyboardInterrupt, asyncio.CancelledError):
         log("interrupted: shutting down")

@@ -11,8 +11,8 @@ import os
 from coderay.cluster import check_nodes, pin
 from coderay.config import CoderayConfig
 
-__all__ = ["HEAD_RESOURCE", "direct_http_port", "cpu_shares", "block_options", "serve_logging", "ingress_options", "check_placement",
-           "torch_threads", "replica_location", "capacity_info"]
+__all__ = ["HEAD_RESOURCE", "direct_http_port", "listening_sockets", "open_files", "cpu_shares", "block_options",
+           "serve_logging", "ingress_options", "check_placement", "torch_threads", "replica_location", "capacity_info"]
 
 log = logging.getLogger(__name__)
 HEAD_RESOURCE = "head"   # coderay.cluster.LocalCluster gives its head node this resource
@@ -37,33 +37,47 @@ def block_options(cfg: CoderayConfig, service: str) -> dict:
     return pin(cfg.service(service).node, cpu_shares(cfg)[service])
 
 
-def direct_http_port() -> int | None:
-    """The HTTP port this process (an ingress replica in Serve's throughput-optimized mode) listens on itself,
-    from /proc (Serve does not expose it to the replica); None where there is none or /proc cannot say."""
-    import os
-
-    from ray.serve._private import constants
-
-    if not constants.RAY_SERVE_ENABLE_DIRECT_INGRESS:
-        return None
-    low, high = constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
-    mine = set()
-    for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
-        try:
-            mine.add(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:                     # closed since the listing
-            continue
+def listening_sockets() -> dict[str, int]:
+    """{'socket:[inode]': port} of every listening TCP socket on this machine, from /proc/net ({} where it cannot
+    be read): what a process's /proc/PID/fd links name."""
+    out = {}
     try:
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             with open(table) as f:
                 for line in f.readlines()[1:]:
                     cols = line.split()
-                    port = int(cols[1].rsplit(":", 1)[1], 16)
-                    if cols[3] == "0A" and low <= port <= high and f"socket:[{cols[9]}]" in mine:   # 0A: LISTEN
-                        return port
+                    if cols[3] == "0A":                                              # 0A: LISTEN
+                        out[f"socket:[{cols[9]}]"] = int(cols[1].rsplit(":", 1)[1], 16)
     except OSError:
+        return {}
+    return out
+
+
+def open_files(pid: int | str = "self") -> set[str]:
+    """What process `pid`'s file descriptors point at (sockets as 'socket:[inode]'); empty where not readable."""
+    out = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:                     # closed since the listing
+            continue
+    return out
+
+
+def direct_http_port() -> int | None:
+    """The HTTP port this process (an ingress replica in Serve's throughput-optimized mode) listens on itself,
+    from /proc (Serve does not expose it to the replica); None where there is none or /proc cannot say."""
+    from ray.serve._private import constants
+
+    if not constants.RAY_SERVE_ENABLE_DIRECT_INGRESS:
         return None
-    return None
+    low, high = constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
+    mine = open_files()
+    return next((port for sock, port in listening_sockets().items() if low <= port <= high and sock in mine), None)
 
 
 def serve_logging(cfg: CoderayConfig) -> dict:

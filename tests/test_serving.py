@@ -115,18 +115,15 @@ def listener(port: int) -> str:
     """The command name of the process listening on TCP `port` here, from /proc ('' if none is found)."""
     import os
 
-    sockets = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in open(table).readlines()[1:]:
-            cols = line.split()
-            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:     # 0A: LISTEN
-                sockets.add(f"socket:[{cols[9]}]")
+    from deployments.placement import listening_sockets, open_files
+
+    sockets = {sock for sock, p in listening_sockets().items() if p == port}
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if sockets & {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}:
+        if sockets & open_files(pid):
+            try:
                 return open(f"/proc/{pid}/comm").read().strip()
-        except OSError:              # gone, or not ours to read
-            continue
+            except OSError:          # gone since
+                continue
     return ""
 
 
