@@ -390,10 +390,11 @@ def plot(routes: list[Route], runs: dict, repeats: int, batch: int, p99_ms: floa
 def replica_lines(replicas: dict | None) -> list[str]:
     if not replicas or "replicas" not in replicas:
         return [f"- Replicas: not read ({(replicas or {}).get('error', 'no answer')})."]
-    out = ["| replica | node | on its pinned node | torch threads | capacity (CPU cap) |", "|---|---|---|---:|---|"]
+    out = ["| replica | node | on its pinned node | torch threads | capacity (CPU cap) | cores |",
+           "|---|---|---|---:|---|---|"]
     for r in replicas["replicas"]:
         if "error" in r:
-            out.append(f"| ? | ? | ? | ? | error: {r['error'][:80]} |")
+            out.append(f"| ? | ? | ? | ? | error: {r['error'][:80]} | ? |")
             continue
         cap = r.get("capacity")
         if isinstance(cap, dict):
@@ -402,13 +403,20 @@ def replica_lines(replicas: dict | None) -> list[str]:
         else:
             cap_s = "not reported (no `capacity` field)" if cap is None else f"unexpected: {cap!r}"
         out.append(f"| `{r.get('deployment')}` | {r.get('node')} | {r.get('on_pinned_node')} | "
-                   f"{r.get('torch_threads', '–')} | {cap_s} |")
+                   f"{r.get('torch_threads', '–')} | {cap_s} | {_cores(r.get('cores'))} |")
+    ingress = replicas.get("ingress") or {}
+    out.append(f"| ingress | head | – | – | – | {_cores(ingress.get('cores'))} |")
     return out
+
+
+def _cores(cores) -> str:
+    return ",".join(map(str, cores)) if cores else "–"
 
 
 def call_cost_lines(before: dict | None, after: dict | None, configured_ms: float) -> list[str]:
     """What a replica call costs beyond the model, measured over the whole benchmark: each block group's CPU
-    seconds (its node's group, idle time included) minus the model's own CPU (`compute_cpu_s`), per call."""
+    seconds (its node's group where capped, else its process; idle time included) minus the model's own CPU
+    (`compute_cpu_s`), per call."""
     if not before or not after or "replicas" not in before or "replicas" not in after:
         return ["- Replica call costs: not read."]
     old = {r.get("deployment"): r for r in before["replicas"] if "error" not in r}
@@ -417,10 +425,10 @@ def call_cost_lines(before: dict | None, after: dict | None, configured_ms: floa
            "| replica | calls | samples/call | model CPU ms/sample | other CPU ms/call |", "|---|---:|---:|---:|---:|"]
     for r in after["replicas"]:
         prev = old.get(r.get("deployment"))
-        if "error" in r or prev is None or not isinstance(r.get("capacity"), dict):
+        if "error" in r or prev is None:
             continue
         d = {k: r["stats"].get(k, 0) - prev["stats"].get(k, 0) for k in ("calls", "samples", "compute_cpu_s")}
-        cpu = (r["capacity"].get("cpu_s") or 0) - (prev["capacity"].get("cpu_s") or 0)
+        cpu = _replica_cpu_s(r) - _replica_cpu_s(prev)
         if d["calls"] <= 0 or not cpu:
             continue
         out.append(f"| `{r['deployment']}` | {d['calls']} | {d['samples'] / d['calls']:.1f} | "
@@ -432,6 +440,11 @@ def call_cost_lines(before: dict | None, after: dict | None, configured_ms: floa
             f"`{p}` {m['requests'] / max(m['chains'], 1):.2f} (max {m['max_requests_in_chain']})"
             for p, m in merged.items())]
     return out
+
+
+def _replica_cpu_s(info: dict) -> float:
+    cap = info.get("capacity") if isinstance(info.get("capacity"), dict) else {}
+    return cap.get("cpu_s") or info.get("process_cpu_s") or 0.0
 
 
 def closed_ratios(runs: dict, key: str, local_key: str, j: int, reps: int) -> list[float]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from coderay.config import DEFAULT_CONFIG, load_config
+from coderay.emulation import HEAD, core_plan
 from coderay.errors import CoderayError
 
 __all__ = ["main"]
@@ -141,6 +142,11 @@ def serve_until_stopped(cfg, args: argparse.Namespace) -> int:
     print(f"  pin a path: curl -X PUT {url}/v1/services/{svc.name}/route -H 'Content-Type: application/json' "
           f"-d '{{\"path\": \"{svc.name}:local\"}}'   (release: curl -X DELETE {url}/v1/services/{svc.name}/route)")
     print(f"  Serve config: {served.serve_config}")
+    plan = core_plan(cfg) if args.address is None else {}
+    if plan:
+        nodes = sorted({c for n, cores in plan.items() if n != HEAD for c in cores})
+        print(f"  cores:      Ray's own processes, the proxy and the ingress on {_cores(plan[HEAD])}, the nodes' work "
+              f"on {_cores(nodes)} (emulation.pin_cores)")
     if cfg.controller.enabled and not getattr(args, "no_controller", False):
         print(f"  controller: coderay status{'' if args.address is None else ' --address ' + args.address}   "
               f"(or curl {url}/v1/controller)")
@@ -161,6 +167,10 @@ def serve_until_stopped(cfg, args: argparse.Namespace) -> int:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _cores(cores) -> str:
+    return ("core " if len(cores) == 1 else "cores ") + ",".join(map(str, cores))
 
 
 def _input_shape(cfg, service: str) -> tuple[int, ...]:

@@ -54,19 +54,21 @@ class LocalCluster:
         from ray.cluster_utils import Cluster
 
         from coderay import capacity
+        from coderay.emulation import pinned_head
 
         ray_env()
         os.environ.update(serve_env(cfg))       # inherited by every node's processes
         self.session = capacity.new_session()   # this cluster's CPU-cap groups (its workers inherit the name)
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20, "include_dashboard": False,
-            "resources": {"head": 1}})
-        self.nodes = {}
-        for cpus, names in layout or [(n.cpus, [n.name]) for n in cfg.nodes]:
-            store = max(cfg.node(n).object_store_mb for n in names)
-            ray_node = self.cluster.add_node(num_cpus=cpus, resources=dict.fromkeys(names, 1),
-                                             object_store_memory=store * 2**20)
-            self.nodes |= dict.fromkeys(names, ray_node)
+        with pinned_head(cfg) as self.head_cores:   # Ray's processes start on the head's cores (pin_cores)
+            self.cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20, "include_dashboard": False,
+                "resources": {"head": 1}})
+            self.nodes = {}
+            for cpus, names in layout or [(n.cpus, [n.name]) for n in cfg.nodes]:
+                store = max(cfg.node(n).object_store_mb for n in names)
+                ray_node = self.cluster.add_node(num_cpus=cpus, resources=dict.fromkeys(names, 1),
+                                                 object_store_memory=store * 2**20)
+                self.nodes |= dict.fromkeys(names, ray_node)
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, namespace="coderay", ignore_reinit_error=True,
                  log_to_driver=False)

@@ -9,6 +9,10 @@
   profiling blocks for the throughput model): joined inside, back where it was after.
 - `speed_divisor(cfg, node)`: what profiled seconds are divided by: 1 when the node is really capped (its
   quota already makes it slower or faster), its `speed` when emulation is arithmetic only.
+- `core_plan(cfg)` (`emulation.pin_cores`, without caps): which of this machine's cores Ray's own processes
+  and each node's work are pinned to (CPU affinity), so that the proxy, the ingress and Ray's daemons do not
+  preempt a node's replica; `pinned_head(cfg)` starts a local cluster's processes on the head's cores, and
+  `work_as` / `timing_as` move a node's process (or the profiling) onto the node's.
 
 Timings under a CFS quota must span many quota periods (a 2 ms block can run unthrottled inside one 20 ms
 period); `sustained_seconds` measures that way.
@@ -18,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -26,7 +32,7 @@ from coderay import capacity
 from coderay.config import CoderayConfig
 
 __all__ = ["NodeCapacity", "node_capacity", "work_as", "timing_as", "speed_divisor", "node_rate",
-           "sustained_seconds", "describe"]
+           "sustained_seconds", "describe", "core_plan", "pinned_head", "cores_of"]
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +89,75 @@ def node_rate(cfg: CoderayConfig, node: str) -> float:
     return cap.share if cap.capped else cfg.node(node).speed
 
 
+HEAD = "head"                   # core_plan's key for Ray's own processes, the proxy, the ingress and the driver
+
+
+def _machine_cores() -> list[int]:
+    """This machine's cores, the same in every process (a pinned process's own mask is not: ask init's)."""
+    try:
+        return sorted(os.sched_getaffinity(1))
+    except OSError:
+        return list(range(os.cpu_count() or 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _core_plan(key: str, cfg_json: str) -> dict[str, tuple[int, ...]]:
+    cfg = CoderayConfig.model_validate_json(cfg_json)
+    if not cfg.emulation.pin_cores:
+        return {}
+    cores = _machine_cores()
+    head = max(1, math.ceil(cfg.emulation.reserve_cpus))
+    if len(cores) <= head:
+        log.warning("emulation.pin_cores: this machine has %d core(s), none left after the %d kept for Ray's own "
+                    "processes (reserve_cpus %s): nothing is pinned", len(cores), head, cfg.emulation.reserve_cpus)
+        return {}
+    return {HEAD: tuple(cores[:head])} | {n.name: tuple(cores[head:]) for n in cfg.nodes}
+
+
+def core_plan(cfg: CoderayConfig) -> dict[str, tuple[int, ...]]:
+    """{"head" or node: the cores its processes are pinned to}; empty when `emulation.pin_cores` is off or
+    this machine has too few cores (warned once)."""
+    return _core_plan(cfg.fingerprint(cfg.nodes, cfg.emulation), cfg.model_dump_json())
+
+
+def cores_of(pid: int | str = "self") -> list[int]:
+    """The cores a process may run on (its main thread's affinity), for reports and checks."""
+    return sorted(os.sched_getaffinity(0 if pid == "self" else int(pid)))
+
+
+def _pin(cores) -> set[int]:
+    """Pin every thread of this process to `cores` (threads started later inherit it); the previous mask."""
+    before = os.sched_getaffinity(0)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), set(cores))
+        except OSError:             # a thread that has just exited
+            pass
+    return before
+
+
+@contextlib.contextmanager
+def pinned_head(cfg: CoderayConfig) -> Iterator[tuple[int, ...] | None]:
+    """This process on the head's cores while the body starts Ray's processes (they inherit the mask), then
+    back: a local cluster's daemons, proxy and ingress stay off the nodes' cores."""
+    cores = core_plan(cfg).get(HEAD)
+    before = _pin(cores) if cores else None
+    try:
+        yield cores
+    finally:
+        if before is not None:
+            _pin(before)
+
+
 _CURRENT: dict[str, str | None] = {"node": None}    # the node this process works as (None: none)
 
 
 def work_as(cfg: CoderayConfig, node: str) -> NodeCapacity:
-    """Move this whole process into `node`'s CPU group (no-op when uncapped); for processes of one node."""
+    """Move this whole process into `node`'s CPU group (no-op when uncapped), or onto its cores where they are
+    pinned; for processes of one node."""
+    cores = core_plan(cfg).get(node)
+    if cores:
+        _pin(cores)
     cap = node_capacity(cfg)[node]
     if cap.capped and _CURRENT["node"] != node:
         done = capacity.join(node, cap.share)
@@ -101,10 +171,13 @@ def work_as(cfg: CoderayConfig, node: str) -> NodeCapacity:
 def timing_as(cfg: CoderayConfig, node: str) -> Iterator[NodeCapacity]:
     """Run the body as `node` (inside its CPU group), then return to where this process was."""
     before = _CURRENT["node"]
+    mask = os.sched_getaffinity(0)
     cap = work_as(cfg, node)
     try:
         yield cap
     finally:
+        if core_plan(cfg):
+            _pin(mask)
         if cap.capped and before != node:
             if before is None:
                 capacity.leave()

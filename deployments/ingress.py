@@ -304,7 +304,8 @@ class Ingress:
         import ray
 
         return {"replicas": [i if isinstance(i, dict) else {"error": repr(i)} for i in infos],
-                "ingress": {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "ingress": {"pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)),
+                            "node_id": ray.get_runtime_context().get_node_id(),
                             "merged": {p: dict(m.stats) for p, m in self.mergers.items()}},
                 "routes": self.router.snapshot(), "config_errors": self.config_errors}
 

@@ -137,10 +137,11 @@ def capacity_info(cfg: CoderayConfig, cap) -> dict:
 
 
 def replica_location(node: str) -> dict:
-    """Inside a replica: the node it runs on and whether that node offers the resource it pinned."""
+    """Inside a replica: the node it runs on, whether that node offers the resource it pinned, and the cores
+    it may run on (`emulation.pin_cores`)."""
     import ray
 
     here = ray.get_runtime_context().get_node_id()
     expected = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and node in n.get("Resources", {}))
     return {"node": node, "node_id": here, "expected_node_ids": expected, "on_pinned_node": here in expected,
-            "pid": os.getpid()}
+            "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0))}
