@@ -236,8 +236,10 @@ async def measure_route(client: loadgen.HttpClient, route: Route, svc: Service, 
     for n in args.clients:
         svc.tally = Tally()
         raw_before = raw_now(route.service) if raw_now else None
+        replicas_before = await replicas_or_none(client)
         step = await loadgen.closed_loop(client, svc.send, n, args.step_s)
         c = step_record(step, svc.tally, args.batch)
+        c["replicas"] = replica_costs(replicas_before, await replicas_or_none(client), step.wall_s)
         if raw_now:   # the raw-torch rate of the same minutes: this machine's speed drifts by ±20% within minutes
             c["raw_sps"] = (raw_before + raw_now(route.service)) / 2
         out["closed"].append(c)
@@ -245,6 +247,53 @@ async def measure_route(client: loadgen.HttpClient, route: Route, svc: Service, 
             f"p50 {c['p50_ms'] or math.nan:6.0f}  p99 {c['p99_ms'] or math.nan:6.0f} ms  "
             f"failed {c['failed']}  cpu {c['cpu_s']:.2f} s  raw torch {c.get('raw_sps') or math.nan:.0f}")
     return out
+
+
+async def replicas_or_none(client: loadgen.HttpClient) -> dict | None:
+    try:
+        return await call_json(client, "GET", "/v1/debug/replicas")
+    except Exception:  # noqa: BLE001 — a step without replica figures is still a step
+        return None
+
+
+def replica_costs(before: dict | None, after: dict | None, wall_s: float) -> dict[str, dict]:
+    """Per block group over one step: CPU used per second (its node's group where capped, else its process),
+    calls, samples per call, the model's CPU per sample and everything else's CPU per call."""
+    if not before or not after or "replicas" not in before or "replicas" not in after:
+        return {}
+    old = {r.get("deployment"): r for r in before["replicas"] if "error" not in r}
+    out = {}
+    for r in after["replicas"]:
+        prev = old.get(r.get("deployment"))
+        if "error" in r or prev is None:
+            continue
+        d = {k: r["stats"].get(k, 0) - prev["stats"].get(k, 0) for k in ("calls", "samples", "compute_cpu_s")}
+        cpu = _replica_cpu_s(r) - _replica_cpu_s(prev)
+        if d["calls"] > 0:
+            out[r["deployment"]] = {"cpu_per_s": cpu / wall_s, "calls": d["calls"],
+                                    "samples_per_call": d["samples"] / d["calls"],
+                                    "model_ms_per_sample": 1e3 * d["compute_cpu_s"] / max(d["samples"], 1),
+                                    "other_ms_per_call": 1e3 * (cpu - d["compute_cpu_s"]) / d["calls"]}
+    return out
+
+
+def saturation_cost_lines(routes: list[Route], runs: dict, reps: int, clients: list[int]) -> list[str]:
+    """Each path's block groups in its closed-loop steps at the most clients: what a sample costs where it runs."""
+    j = clients.index(max(clients))
+    lines = [f"Per path, each block group over the closed-loop steps at {clients[j]} clients (medians of the runs; CPU "
+             "per second against the node's share shows which node bound the path):", "",
+             "| path | replica | CPU used / s | samples/call | model CPU ms/sample | other CPU ms/call |",
+             "|---|---|---:|---:|---:|---:|"]
+    for route in routes:
+        costs = [runs[(route.key, rep)]["closed"][j].get("replicas") or {} for rep in range(reps)
+                 if (route.key, rep) in runs]
+        for dep in sorted({d for c in costs for d in c}):
+            got = [c[dep] for c in costs if dep in c]
+            lines.append(f"| `{route.key}` | `{dep}` | {fmt([g['cpu_per_s'] for g in got], 2)} | "
+                         f"{fmt([g['samples_per_call'] for g in got], 1)} | "
+                         f"{fmt([g['model_ms_per_sample'] for g in got], 2)} | "
+                         f"{fmt([g['other_ms_per_call'] for g in got], 1)} |")
+    return lines
 
 
 async def measure(url: str, routes: list[Route], services: dict[str, Service], args, log,
@@ -419,21 +468,12 @@ def call_cost_lines(before: dict | None, after: dict | None, configured_ms: floa
     (`compute_cpu_s`), per call."""
     if not before or not after or "replicas" not in before or "replicas" not in after:
         return ["- Replica call costs: not read."]
-    old = {r.get("deployment"): r for r in before["replicas"] if "error" not in r}
     out = [f"Replica calls over the whole benchmark (the model charges `serving.call_overhead_ms` = "
            f"{configured_ms:g} CPU ms per call; the measured figure includes the replica's idle CPU):", "",
            "| replica | calls | samples/call | model CPU ms/sample | other CPU ms/call |", "|---|---:|---:|---:|---:|"]
-    for r in after["replicas"]:
-        prev = old.get(r.get("deployment"))
-        if "error" in r or prev is None:
-            continue
-        d = {k: r["stats"].get(k, 0) - prev["stats"].get(k, 0) for k in ("calls", "samples", "compute_cpu_s")}
-        cpu = _replica_cpu_s(r) - _replica_cpu_s(prev)
-        if d["calls"] <= 0 or not cpu:
-            continue
-        out.append(f"| `{r['deployment']}` | {d['calls']} | {d['samples'] / d['calls']:.1f} | "
-                   f"{1e3 * d['compute_cpu_s'] / max(d['samples'], 1):.2f} | "
-                   f"{1e3 * (cpu - d['compute_cpu_s']) / d['calls']:.1f} |")
+    for dep, c in replica_costs(before, after, 1.0).items():
+        out.append(f"| `{dep}` | {c['calls']} | {c['samples_per_call']:.1f} | {c['model_ms_per_sample']:.2f} | "
+                   f"{c['other_ms_per_call']:.1f} |")
     merged = (after.get("ingress") or {}).get("merged") or {}
     if merged:
         out += ["", "Requests merged per chain in the ingress: " + "; ".join(
@@ -585,6 +625,7 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
     lines += ["", f"Plot: `{args.plot.name}` (achieved vs offered samples/s and p99 vs offered, one line per path).",
               "", "## Replicas", ""]
     lines += replica_lines(measured.get("replicas"))
+    lines += [""] + saturation_cost_lines(routes, runs, reps, args.clients)
     lines += [""] + call_cost_lines(measured.get("replicas"), measured.get("replicas_after"),
                                     cfg.serving.call_overhead_ms)
     lines += ["", "Routes released at the end (`DELETE /v1/services/{svc}/route`): "
