@@ -59,7 +59,7 @@ class LocalCluster:
         ray_env()
         os.environ.update(serve_env(cfg))       # inherited by every node's processes
         self.session = capacity.new_session()   # this cluster's CPU-cap groups (its workers inherit the name)
-        with pinned_head(cfg) as self.head_cores:   # Ray's processes start on the head's cores (pin_cores)
+        with pinned_head(cfg):                  # Ray's processes start on the head's cores (pin_cores)
             self.cluster = Cluster(initialize_head=True, head_node_args={
                 "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20, "include_dashboard": False,
                 "resources": {"head": 1}})

@@ -89,7 +89,7 @@ def node_rate(cfg: CoderayConfig, node: str) -> float:
     return cap.share if cap.capped else cfg.node(node).speed
 
 
-HEAD = "head"                   # core_plan's key for Ray's own processes, the proxy, the ingress and the driver
+HEAD = "head"                   # core_plan's key for Ray's own processes, the proxy and the ingress
 
 
 def _machine_cores() -> list[int]:
