@@ -137,13 +137,13 @@ def _pin(cores) -> set[int]:
 
 
 @contextlib.contextmanager
-def pinned_head(cfg: CoderayConfig) -> Iterator[tuple[int, ...] | None]:
+def pinned_head(cfg: CoderayConfig) -> Iterator[None]:
     """This process on the head's cores while the body starts Ray's processes (they inherit the mask), then
     back: a local cluster's daemons, proxy and ingress stay off the nodes' cores."""
     cores = core_plan(cfg).get(HEAD)
     before = _pin(cores) if cores else None
     try:
-        yield cores
+        yield
     finally:
         if before is not None:
             _pin(before)

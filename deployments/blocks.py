@@ -203,4 +203,5 @@ class BlockGroup:
         return {"deployment": f"blocks-{self.service}", "service": self.service, **replica_location(self.node),
                 "torch_threads": torch.get_num_threads(), "blocks": self.n_blocks, "batch_size": self.capacity,
                 "guest_quota": self.quota, "paths": sorted(self.links), "capacity": capacity_info(self.cfg, self.cap),
-                "stats": dict(self.stats), "process_cpu_s": time.process_time(), "queue": {"in_flight": self.in_flight, **latency_summary(self.latencies_ms)}}
+                "stats": dict(self.stats), "process_cpu_s": time.process_time(),
+                "queue": {"in_flight": self.in_flight, **latency_summary(self.latencies_ms)}}

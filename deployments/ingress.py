@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from coderay import controller as ctl
 from coderay.config import CoderayConfig
 from coderay.data import get_task
+from coderay.emulation import cores_of
 from coderay.errors import CoderayError
 from coderay.paths import PathSpec, to_wire
 from coderay.plan import crossings, plan_hops, stages
@@ -304,7 +305,7 @@ class Ingress:
         import ray
 
         return {"replicas": [i if isinstance(i, dict) else {"error": repr(i)} for i in infos],
-                "ingress": {"pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)),
+                "ingress": {"pid": os.getpid(), "cores": cores_of(),
                             "node_id": ray.get_runtime_context().get_node_id(),
                             "merged": {p: dict(m.stats) for p, m in self.mergers.items()}},
                 "routes": self.router.snapshot(), "config_errors": self.config_errors}

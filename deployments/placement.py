@@ -10,6 +10,7 @@ import os
 
 from coderay.cluster import check_nodes, pin
 from coderay.config import CoderayConfig
+from coderay.emulation import cores_of
 
 __all__ = ["HEAD_RESOURCE", "direct_http_port", "listening_sockets", "open_files", "cpu_shares", "block_options",
            "serve_logging", "ingress_options", "check_placement", "torch_threads", "replica_location", "capacity_info"]
@@ -144,4 +145,4 @@ def replica_location(node: str) -> dict:
     here = ray.get_runtime_context().get_node_id()
     expected = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and node in n.get("Resources", {}))
     return {"node": node, "node_id": here, "expected_node_ids": expected, "on_pinned_node": here in expected,
-            "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0))}
+            "pid": os.getpid(), "cores": cores_of()}
