@@ -6,6 +6,7 @@ Ray would otherwise keep such a replica or trial pending forever.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -57,9 +58,9 @@ class LocalCluster:
         from coderay.emulation import pinned_head
 
         ray_env()
-        os.environ.update(serve_env(cfg))       # inherited by every node's processes
         self.session = capacity.new_session()   # this cluster's CPU-cap groups (its workers inherit the name)
-        with pinned_head(cfg):                  # Ray's processes start on the head's cores (pin_cores)
+        # Ray's processes start on the head's cores (pin_cores) and inherit Serve's environment; the driver not
+        with pinned_head(cfg), _environ(serve_env(cfg)):
             self.cluster = Cluster(initialize_head=True, head_node_args={
                 "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20, "include_dashboard": False,
                 "resources": {"head": 1}})
@@ -100,6 +101,22 @@ class LocalCluster:
         ray.shutdown()
         self.cluster.shutdown()
         capacity.cleanup(self.session)           # the node groups of exited workers
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    """`values` in this process's environment while the block runs, the old ones back after: a driver that
+    imports Serve later must not read the nodes' Serve mode (its sync handle calls fail in throughput mode)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def start_local_cluster(cfg: CoderayConfig, **kwargs) -> LocalCluster:
