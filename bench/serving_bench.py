@@ -345,14 +345,18 @@ async def until_signal(coro):
 
 class RawTorch:
     """The local model's blocks composed, in this process, one torch thread, at `batch`: built once, timed as
-    often as asked (before the server starts, and around every closed-loop step)."""
+    often as asked (before the server starts, and around every closed-loop step). Where the config pins cores
+    (`emulation.pin_cores`) it is timed on the service's node's cores, those its replica computes on: this
+    VM's cores differ in speed from minute to minute, so another core would compare two machines."""
 
     def __init__(self, cfg, svc: str, batch: int):
+        from coderay.emulation import core_plan
         from coderay.services import split_service
         from coderay.train import load_service
 
         trained = load_service(cfg, svc)
         self.model = torch.nn.Sequential(*split_service(trained.spec, trained.model)).eval()
+        self.cores = core_plan(cfg).get(trained.spec.node)
         self.batch = batch
         self.x = torch.stack([trained.task.test[i][0] for i in range(len(trained.task.test))])
         self.y = torch.tensor([int(trained.task.test[i][1]) for i in range(len(trained.task.test))])
@@ -367,13 +371,19 @@ class RawTorch:
         return correct / len(self.x)
 
     def rate(self, seconds: float) -> float:
-        """Samples/s over `seconds` of back-to-back batches."""
-        with torch.inference_mode():
-            n, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds:
-                self.model(self.batches[n % len(self.batches)])
-                n += 1
-        return n * self.batch / (time.perf_counter() - start)
+        """Samples/s over `seconds` of back-to-back batches (this thread on the node's cores, if pinned)."""
+        before = os.sched_getaffinity(0)
+        if self.cores:
+            os.sched_setaffinity(0, self.cores)
+        try:
+            with torch.inference_mode():
+                n, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds:
+                    self.model(self.batches[n % len(self.batches)])
+                    n += 1
+            return n * self.batch / (time.perf_counter() - start)
+        finally:
+            os.sched_setaffinity(0, before)
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -570,11 +580,13 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
                          f"{(edge.get('test_acc') or math.nan) * 100:.1f}% (test, model) | – | "
                          f"{edge.get('th_total') or math.nan:.0f} | {edge.get('th_ratio') or math.nan:.2f} | – |")
     for svc, r in raw.items():
-        lines.append(f"| `{svc}` raw torch (its blocks composed, one process, 1 thread, batch {batch}, no HTTP) "
+        where = f", on its node's cores {r['cores']}" if r.get("cores") else ""
+        lines.append(f"| `{svc}` raw torch (its blocks composed, one process, 1 thread, batch {batch}{where}, no HTTP) "
                      f"| – | {fmt(r['samples_per_s'])} | – | {r['accuracy'] * 100:.1f}% | – | – | – | – |")
     lines += ["", "## Closed loop: N clients back to back", "",
               "× raw torch: per run, samples/s over raw torch's (the same model, one process, one thread, batch "
-              f"{batch}) timed right before and after the step, the server idle: serving's overhead where emulation "
+              f"{batch}, on the node's cores where they are pinned) timed right before and after the step, the "
+              "server idle: serving's overhead where emulation "
               "is off; under CPU caps the served model runs on a fraction of a CPU and raw torch on a whole one.", "",
               "| path | clients | samples/s | p50 ms | p99 ms | failed | accuracy served | measured × local "
               "| raw torch samples/s | × raw torch | generator CPU s |",
@@ -765,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
     log("raw torch rows (before any server load)")
     raw_models = {s: RawTorch(cfg, s, args.batch) for s in names}
     raw = {s: {"accuracy": m.accuracy(),     # first: it also warms the model up before the timing
-               "samples_per_s": [m.rate(min(args.step_s, 5.0)) for _ in range(args.repeats)]}
+               "samples_per_s": [m.rate(min(args.step_s, 5.0)) for _ in range(args.repeats)],
+               "cores": list(m.cores or [])}
            for s, m in raw_models.items()}
     for s, r in raw.items():
         log(f"  raw torch {s}: {fmt(r['samples_per_s'])} samples/s, accuracy {r['accuracy']:.4f}")

@@ -214,6 +214,35 @@ def test_merger_sends_concurrent_requests_as_one_chain_and_splits_the_answer():
     assert all(isinstance(b, RuntimeError) for b in bad[1:]) and stats["max_requests_in_chain"] == 2
 
 
+def test_merger_sends_a_second_chain_only_when_full():
+    """With one chain in flight, waiting requests leave early only as a full chain (max_samples), so moderate
+    load does not split them into half-size calls; a partial remainder waits for the chain in flight."""
+    import asyncio
+
+    sent: list[tuple[int, int]] = []
+
+    async def run(x: torch.Tensor) -> Activation:
+        sent.append((len(x), m.in_flight))
+        await asyncio.sleep(0.05)
+        return Activation(x, "edge-a")
+
+    async def main():
+        first = asyncio.ensure_future(m.submit(torch.zeros(2, 1)))
+        await asyncio.sleep(0.01)                    # the first chain is in flight
+        rest = [asyncio.ensure_future(m.submit(torch.zeros(n, 1))) for n in (3, 3)]
+        await asyncio.sleep(0.01)
+        assert len(sent) == 1                        # 6 of 8 samples waiting: not sent beside the first
+        rest.append(asyncio.ensure_future(m.submit(torch.zeros(2, 1))))
+        await asyncio.sleep(0.01)
+        assert sent[1] == (8, 2)                     # full: it leaves while the first is still in flight
+        rest.append(asyncio.ensure_future(m.submit(torch.zeros(1, 1))))
+        await asyncio.gather(first, *rest)
+
+    m = Merger(run, max_samples=8, depth=2)
+    asyncio.run(main())
+    assert sent == [(2, 1), (8, 2), (1, 1)]          # the partial remainder left once no chain was in flight
+
+
 def test_link_files_group_by_the_node_that_runs_them():
     assert link_files(ROWS) == {"mnist": {BEST: "/x/best.pt", "digits:mnist:0:1:1:2": "/x/b.pt"},
                                 "digits": {"digits:skip:0:3": "/x/skip.pt"}}
