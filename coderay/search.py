@@ -26,6 +26,7 @@ from coderay.config import CoderayConfig
 from coderay.emulation import describe
 from coderay.paths import PathSpec
 from coderay.rows import Row
+from coderay.services import PROFILE_METHOD
 from coderay.table import RewardTable
 
 __all__ = ["Executor", "InProcess", "staged_search", "run_search", "search_dir", "stage2_selection",
@@ -80,7 +81,7 @@ class InProcess:
 def search_dir(cfg: CoderayConfig, *, exhaustive: bool) -> Path:
     """Results keyed by everything that changes them: the services, the search settings, the mode."""
     key = cfg.fingerprint(cfg.services, cfg.search, cfg.reward, cfg.nodes, cfg.network, cfg.emulation, cfg.seed,
-                          exhaustive, cfg.serving.call_overhead_ms, cfg.serving.max_batch_size)
+                          exhaustive, cfg.serving.call_overhead_ms, cfg.serving.max_batch_size, PROFILE_METHOD)
     return cfg.root / "search" / f"{'exhaustive' if exhaustive else 'staged'}-{key}"
 
 

@@ -229,3 +229,32 @@ def test_v2_layout_on_a_fake_tree(tmp_path, monkeypatch):
     (group / "cpu.stat").write_text("usage_usec 1500000\nnr_periods 10\nnr_throttled 4\nthrottled_usec 250000\n")
     used = capacity.usage("edge-v2")
     assert (used.cpu_s, used.nr_throttled, used.throttled_s, used.share) == (1.5, 4, 0.25, 0.3)
+
+
+def test_capped_profile_is_the_node_time_of_each_blocks_cpu(session):
+    """`sustained_block_ms` under a node's quota: each block's CPU time in the composed chain over the node's
+    share, i.e. what the block takes on that node (the throughput model's unit), one figure per block."""
+    _skip_unless_caps()
+    import torch
+
+    from coderay.config import load_config
+    from coderay.emulation import node_capacity
+    from coderay.services import sustained_block_ms
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    spec = cfg.service("digits")
+    share = node_capacity(cfg)[spec.node].share
+    blocks = [torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU()),
+              torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU())]
+    node_ms = sustained_block_ms(cfg, spec, blocks, (1, 28, 28), seconds=0.6)
+    xs = [torch.randn(spec.batch_size, 1, 28, 28) for _ in range(4)]
+    torch.set_num_threads(1)
+    with torch.inference_mode():             # the same chain, uncapped: its CPU time per pass
+        t, passes = time.thread_time(), 40
+        for i in range(passes):
+            x = xs[i % 4].clone()
+            for block in blocks:
+                x = block(x)
+        chain_cpu_ms = (time.thread_time() - t) / passes * 1e3
+    assert len(node_ms) == 2 and all(ms > 0 for ms in node_ms) and share < 1
+    assert 0.6 < sum(node_ms) * share / chain_cpu_ms < 1.6, (node_ms, chain_cpu_ms, share)
