@@ -12,7 +12,7 @@ import os
 
 from coderay.config import CoderayConfig
 
-__all__ = ["ray_env", "serve_env", "start_local_cluster", "connect", "check_nodes", "pin", "LocalCluster"]
+__all__ = ["ray_env", "serve_env", "environ", "start_local_cluster", "connect", "check_nodes", "pin", "LocalCluster"]
 
 log = logging.getLogger(__name__)
 PIN = 0.01  # the share of a node's resource one replica or trial asks for
@@ -60,7 +60,7 @@ class LocalCluster:
         ray_env()
         self.session = capacity.new_session()   # this cluster's CPU-cap groups (its workers inherit the name)
         # Ray's processes start on the head's cores (pin_cores) and inherit Serve's environment; the driver not
-        with pinned_head(cfg), _environ(serve_env(cfg)):
+        with pinned_head(cfg), environ(serve_env(cfg)):
             self.cluster = Cluster(initialize_head=True, head_node_args={
                 "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20, "include_dashboard": False,
                 "resources": {"head": 1}})
@@ -104,9 +104,9 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    """`values` in this process's environment while the block runs, the old ones back after: a driver that
-    imports Serve later must not read the nodes' Serve mode (its sync handle calls fail in throughput mode)."""
+def environ(values: dict[str, str]):
+    """`values` in this process's environment while the block runs, the old ones back after (e.g. a driver that
+    imports Serve later must not read the nodes' Serve mode: its sync handle calls fail in throughput mode)."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:

@@ -14,8 +14,9 @@
   preempt a node's replica; `pinned_head(cfg)` starts a local cluster's processes on the head's cores, and
   `work_as` / `timing_as` move a node's process (or the profiling) onto the node's.
 
-Timings under a CFS quota must span many quota periods (a 2 ms block can run unthrottled inside one 20 ms
-period); `sustained_seconds` measures that way.
+Wall-clock timings under a CFS quota must span many quota periods (a 2 ms block can run unthrottled inside
+one 20 ms period); `sustained_seconds` measures that way (links). Blocks are profiled by CPU time over the
+node's share instead (`coderay.services.sustained_block_ms`), which the periods do not quantise.
 """
 from __future__ import annotations
 

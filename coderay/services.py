@@ -12,7 +12,7 @@ import torch
 from coderay.blocks import Block, BlockInfo, profile_blocks, split_model
 from coderay.config import CoderayConfig, NodeSpec, ServiceSpec
 from coderay.data import TaskData
-from coderay.emulation import node_capacity, speed_divisor, sustained_seconds, timing_as
+from coderay.emulation import node_capacity, speed_divisor, timing_as
 from coderay.models import StagedModel
 from coderay.train import load_service, service_dir, train_service
 
@@ -59,9 +59,9 @@ def split_service(spec: ServiceSpec, model: StagedModel) -> list[Block]:
 
 
 def _profile(cfg: CoderayConfig, spec: ServiceSpec, blocks: Sequence[Block], input_shape: Shape) -> list[BlockInfo]:
-    """Block profiles, measured once per (service checkpoint, cuts, batch size, node capacity) and cached
-    beside the checkpoint. Under a CPU cap each block is timed inside its node's group, sustained over many
-    quota periods, so the throughput model describes the machine that serves."""
+    """Block profiles, measured once per (service checkpoint, cuts, batch size, node capacity, method) and
+    cached beside the checkpoint. Under a CPU cap the blocks are timed inside their node's group
+    (`sustained_block_ms`), so the throughput model describes the machine that serves."""
     cap = node_capacity(cfg)[spec.node]
     key = cfg.fingerprint(spec.blocks, spec.cuts, spec.batch_size, cap.share, cap.capped, PROFILE_METHOD)
     path = service_dir(cfg, spec) / f"profile-{key}.json"

@@ -17,7 +17,6 @@ measure every candidate.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from ray import tune
 from tqdm.auto import tqdm
 
 from coderay.candidate import SearchContext
+from coderay.cluster import environ
 from coderay.config import CoderayConfig
 from coderay.paths import PathSpec
 from coderay.plan import link_owner
@@ -356,42 +356,36 @@ def _run_stage(cfg: CoderayConfig, path: Path, trainable: Callable, space: list[
     log.debug("%s: stage begins", name)
     key = str(path)
     stage = _STAGES[key] = _Stage(name, progress, path=key, total=len(space))
-    saved = {k: os.environ.get(k) for k in _QUIET}
-    os.environ.update(_QUIET)
-    try:
-        fn = tune.with_resources(trainable, trial_resources)
-        if resume and tune.Tuner.can_restore(path):
-            stage.restored = True
-            tuner = tune.Tuner.restore(str(path), trainable=fn, resume_errored=True)
-        else:
-            if path.exists():
-                shutil.rmtree(path)
-            tuner = tune.Tuner(
-                fn, param_space={"cfg": cfg.model_dump(mode="json"), "cand": tune.grid_search(space)},
-                tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
-                                            trial_dirname_creator=_trial_dirname),
-                run_config=tune.RunConfig(
-                    name=path.name, storage_path=str(path.parent), verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-                    callbacks=[_Watch(key), CSVLoggerCallback(), JsonLoggerCallback()]))
-        began = time.perf_counter()
-        log.debug("%s: fit", name)
-        grid = tuner.fit()
-        log.debug("%s: fit returned", name)
-        stage.seconds = round(time.perf_counter() - began, 1)
-        for result in grid:
-            stage.results[_path_of(result)] = result
-        stage.total = len(grid)
-        if grid.num_terminated + grid.num_errors < len(grid):
-            raise RuntimeError(f"the {name} stage stopped with {len(grid) - grid.num_terminated - grid.num_errors} "
-                               f"of {len(grid)} trials unfinished; run the search again to resume it ({path})")
-        return stage
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
+    with environ(_QUIET):        # Tune reads them while it runs this stage
+        try:
+            fn = tune.with_resources(trainable, trial_resources)
+            if resume and tune.Tuner.can_restore(path):
+                stage.restored = True
+                tuner = tune.Tuner.restore(str(path), trainable=fn, resume_errored=True)
             else:
-                os.environ[k] = v
-        if stage.bar is not None:
-            stage.bar.close()
-        _STAGES.pop(key, None)
+                if path.exists():
+                    shutil.rmtree(path)
+                tuner = tune.Tuner(
+                    fn, param_space={"cfg": cfg.model_dump(mode="json"), "cand": tune.grid_search(space)},
+                    tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
+                                                trial_dirname_creator=_trial_dirname),
+                    run_config=tune.RunConfig(
+                        name=path.name, storage_path=str(path.parent), verbose=0,
+                        failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+                        callbacks=[_Watch(key), CSVLoggerCallback(), JsonLoggerCallback()]))
+            began = time.perf_counter()
+            log.debug("%s: fit", name)
+            grid = tuner.fit()
+            log.debug("%s: fit returned", name)
+            stage.seconds = round(time.perf_counter() - began, 1)
+            for result in grid:
+                stage.results[_path_of(result)] = result
+            stage.total = len(grid)
+            if grid.num_terminated + grid.num_errors < len(grid):
+                raise RuntimeError(f"the {name} stage stopped with {len(grid) - grid.num_terminated - grid.num_errors} "
+                                   f"of {len(grid)} trials unfinished; run the search again to resume it ({path})")
+            return stage
+        finally:
+            if stage.bar is not None:
+                stage.bar.close()
+            _STAGES.pop(key, None)
