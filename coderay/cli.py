@@ -62,17 +62,40 @@ def cmd_blocks(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from coderay.train import train_all
+    """Every service trains on its own node (a Ray task there, writing to that node's store); this process
+    gets metrics only."""
+    from coderay.cluster import connect
+    from coderay.provider import train_on_nodes
 
     cfg = load_config(args.config, **_workdir(args))
-    results = train_all(cfg, force=args.force)
-    print(f"{'service':<12} {'arch':<12} {'task':<18} {'val acc':>8} {'test acc':>9} {'seconds':>8}  cached")
-    for name, t in results.items():
-        m = t.metrics
-        print(f"{name:<12} {t.spec.arch:<12} {t.spec.task:<18} {m['val_acc']:>8.4f} {m['test_acc']:>9.4f} "
-              f"{m['train_seconds']:>8.1f}  {'yes' if m['from_cache'] else 'no'}")
-    print(f"checkpoints under {cfg.root / 'services'}")
+    if args.address:
+        cfg = cfg.on_real_cluster()
+    cluster = connect(cfg, args.address)
+    try:
+        print(f"training {len(cfg.services)} service(s), each on its own node", flush=True)
+        results = train_on_nodes(cfg, force=args.force, on_epoch=_print_epoch, on_done=lambda n, m: print(
+            f"  {n}: done on {m['node']} ({m['node_ip']}), test acc {m['test_acc']:.4f}", flush=True))
+    finally:
+        _disconnect(cluster)
+    print(f"{'service':<12} {'node':<12} {'task':<18} {'val acc':>8} {'test acc':>9} {'seconds':>8}  cached  store")
+    for name, m in results.items():
+        print(f"{name:<12} {m['node']:<12} {m['task']:<18} {m['val_acc']:>8.4f} {m['test_acc']:>9.4f} "
+              f"{m['train_seconds']:>8.1f}  {'yes' if m['from_cache'] else 'no ':<6}  {m['store']}")
     return 0
+
+
+def _print_epoch(e: dict) -> None:
+    print(f"  {e['service']}: epoch {e['epoch']}/{e['epochs']}, loss {e['loss']:.4f}, val acc {e['val_acc']:.4f}",
+          file=sys.stderr, flush=True)
+
+
+def _disconnect(cluster) -> None:
+    import ray
+
+    if cluster is not None:
+        cluster.shutdown()
+    else:
+        ray.shutdown()
 
 
 def print_search(table) -> None:
@@ -86,12 +109,11 @@ def print_search(table) -> None:
         print(table.format(local, limit=None if table.meta.get("mode") == "exhaustive" else 15))
         best, base = table.best(local), table.row(f"{local}:local")
         print(f"best path: {best.path_id}  ({best.kind})")
-        emulation = table.meta.get("emulation", {}).get("mechanism", "")
-        how = ("profiles taken under per-node CPU caps, " + emulation if emulation.startswith("cgroup")
-               else "profiles divided by node speeds")
+        how = table.meta.get("profiles", "profiles of unknown origin")
+        network = table.meta.get("network_source", "emulated (the config's)")
         print(f"  path accuracy {best.test_acc:.4f} (test), average accuracy A^av {best.acc_avg_test:.4f} vs "
               f"local-only {base.test_acc:.4f}; throughput {best.th_total:.0f}/s = {best.th_ratio:.2f}x "
-              f"local-only (modelled: {how}; emulated network)")
+              f"local-only (modelled: blocks {how}; network {network})")
         if best.kind == "coop":
             print(f"  served at a share of {model_share(best):.2f} of requests (the rest local-only), activations "
                   f"as {best.encoding}, link_out on the {best.link_out_on} node, links {best.link_variant}")
@@ -118,7 +140,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_until_stopped(cfg, args: argparse.Namespace) -> int:
+def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None) -> int:
     """Deploy, print how to reach it, and serve until Ctrl-C or SIGTERM (unless --no-block)."""
     import signal
     import time
@@ -127,7 +149,7 @@ def serve_until_stopped(cfg, args: argparse.Namespace) -> int:
     from deployments.schemas import BODY_DTYPE
 
     served = start_serving(cfg, config_path=Path(args.config).resolve(), address=args.address, port=args.port,
-                           controller=False if getattr(args, "no_controller", False) else None)
+                           controller=False if getattr(args, "no_controller", False) else None, cluster=cluster)
     url, svc = served.url, cfg.services[0]
     shape = (1, *_input_shape(cfg, svc.name))
     print(f"coderay is serving {len(cfg.services)} service(s) at {url}")
@@ -185,35 +207,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """The main job: train (or load cached), search (or load cached), serve on a local multi-node cluster."""
+    """The main job: each service trains (or loads) on its own node, the path search (cached), serving on the same
+    cluster: a local multi-node one, or `--address` (then the search runs on Tune, each model on its node)."""
     import time
 
-    from coderay.search import run_search
-    from coderay.train import train_all
+    from coderay.cluster import connect
+    from coderay.provider import train_on_nodes
 
     start = time.perf_counter()
     cfg = load_config(args.config, **_workdir(args))
-    print(f"[1/3] services of {cfg.name!r}: training or loading cached checkpoints", flush=True)
-    for name, t in train_all(cfg).items():
-        print(f"  {name}: {t.spec.arch} on {t.spec.task}, test acc {t.metrics['test_acc']:.4f}"
-              f"{' (cached)' if t.metrics['from_cache'] else ''}")
-    print(f"[2/3] path search (staged, in-process){' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
-    print_search(run_search(cfg))
-    print(f"[3/3] serving on a local Ray cluster{' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
-    return serve_until_stopped(cfg, args)
+    if args.address:
+        cfg = cfg.on_real_cluster()
+    cluster = connect(cfg, args.address)
+    try:
+        print(f"[1/3] services of {cfg.name!r}: each trains (or loads its cached checkpoint) on its own node",
+              flush=True)
+        for name, m in train_on_nodes(cfg, on_epoch=_print_epoch).items():
+            print(f"  {name}: {cfg.service(name).arch} on {m['task']} at {m['node']}, test acc {m['test_acc']:.4f}"
+                  f"{' (cached)' if m['from_cache'] else ''}")
+        engine = "in-process" if args.address is None else "Ray Tune"
+        print(f"[2/3] path search (staged, {engine}){' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
+        if args.address is None:
+            from coderay.search import run_search
+
+            print_search(run_search(cfg))
+        else:
+            from tuning.search import run_tune_search
+
+            print_search(run_tune_search(cfg, address=args.address))
+        where = "the local Ray cluster" if args.address is None else args.address
+        print(f"[3/3] serving on {where}{' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
+    except BaseException:
+        _disconnect(cluster)
+        raise
+    return serve_until_stopped(cfg, args, cluster=cluster)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """The controller's live table: active paths, shares, queues, the last decisions with their reasons."""
     import ray
 
-    from coderay.cluster import ray_env
+    from coderay.cluster import join
     from coderay.controller import NAMESPACE, get_controller
+    from coderay.errors import ClusterAuthError
 
-    ray_env()
     try:
-        ray.init(address=args.address or "auto", namespace=NAMESPACE, ignore_reinit_error=True,
-                 log_to_driver=False, logging_level=logging.WARNING)
+        join(args.address or "auto", namespace=NAMESPACE, logging_level=logging.WARNING)
+    except ClusterAuthError:
+        raise
     except (ConnectionError, RuntimeError) as e:
         print(f"error: no Ray cluster at {args.address or 'auto'} ({e}); start one with `coderay up`",
               file=sys.stderr)
@@ -321,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path, help="config YAML (default: the demo)")
     t.add_argument("--workdir", type=Path, help="override the config's workdir")
     t.add_argument("--force", action="store_true", help="retrain even when a cached checkpoint matches")
+    t.add_argument("--address", default=None, help="Ray cluster whose nodes train their own services, e.g. auto "
+                                                   "(default: a local one)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("search", help="find the best paths: predict every candidate, train the most promising "

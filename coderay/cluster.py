@@ -11,15 +11,18 @@ import logging
 import os
 
 from coderay.config import CoderayConfig
+from coderay.store import STORE_ENV, local_store
 
-__all__ = ["ray_env", "serve_env", "environ", "start_local_cluster", "connect", "check_nodes", "pin", "LocalCluster"]
+__all__ = ["ray_env", "serve_env", "environ", "start_local_cluster", "connect", "join", "check_nodes", "pin",
+           "LocalCluster"]
 
 log = logging.getLogger(__name__)
 PIN = 0.01  # the share of a node's resource one replica or trial asks for
 
 
 def ray_env() -> None:
-    """Environment every coderay Ray process needs here (no usage stats, no token auth)."""
+    """Environment of the local cluster's processes (no usage stats; no token auth on this machine's own
+    cluster unless the user set RAY_AUTH_MODE)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -66,9 +69,11 @@ class LocalCluster:
                 "resources": {"head": 1}})
             self.nodes = {}
             for cpus, names in layout or [(n.cpus, [n.name]) for n in cfg.nodes]:
-                store = max(cfg.node(n).object_store_mb for n in names)
+                objects = max(cfg.node(n).object_store_mb for n in names)
+                # each node its own coderay store, as `ray start` on a provider's server gives it
                 ray_node = self.cluster.add_node(num_cpus=cpus, resources=dict.fromkeys(names, 1),
-                                                 object_store_memory=store * 2**20)
+                                                 object_store_memory=objects * 2**20,
+                                                 env_vars={STORE_ENV: str(local_store(cfg, names[0]))})
                 self.nodes |= dict.fromkeys(names, ray_node)
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, namespace="coderay", ignore_reinit_error=True,
@@ -128,13 +133,28 @@ def connect(cfg: CoderayConfig, address: str | None) -> LocalCluster | None:
     import ray
 
     if address:
-        ray_env()
-        ray.init(address=address, namespace="coderay", ignore_reinit_error=True, log_to_driver=False)
+        join(address)
         local = None
     else:
         local = start_local_cluster(cfg)
     check_nodes(cfg)
     return local
+
+
+def join(address: str, *, namespace: str = "coderay", **kwargs) -> None:
+    """`ray.init` on a running cluster; a cluster that refuses this driver's token is a ClusterAuthError that
+    says what to set (Ray's own message names the token's places)."""
+    import ray
+
+    from coderay.errors import ClusterAuthError
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # the cluster decides on auth: RAY_AUTH_MODE is the user's
+    try:
+        ray.init(address=address, namespace=namespace, ignore_reinit_error=True, log_to_driver=False, **kwargs)
+    except ray.exceptions.AuthenticationError as e:
+        raise ClusterAuthError(f"the Ray cluster at {address} refused this driver: {e.message}. Set "
+                               "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the cluster's token file (made by "
+                               "`ray get-auth-token --generate`)") from None
 
 
 def check_nodes(cfg: CoderayConfig, nodes: list[str] | None = None) -> None:

@@ -172,6 +172,8 @@ class EmulationSpec(_Strict):
     cpu_caps: bool = True                       # real CPU quotas per node on a local cluster; off with --address
     reserve_cpus: float = Field(0.5, ge=0)      # this machine's CPUs left to Serve's proxy, the ingress, the driver
                                                 # and a load generator, so that the emulated nodes are the bottleneck
+    local: bool = True                          # the nodes are emulated on this machine (a real cluster: False, set
+                                                # by --address): node speeds divide nothing, stores are the nodes'
     pin_cores: bool = False                     # without CPU caps: Ray's own processes (proxy, ingress, controller,
                                                 # raylets) on the first ceil(reserve_cpus) cores, every node's work
                                                 # on the rest, so that neither preempts the other (local cluster)
@@ -256,7 +258,8 @@ class CoderayConfig(_Strict):
     def on_real_cluster(self) -> CoderayConfig:
         """This config for a real cluster: nothing emulated (no CPU caps, no pinned cores, no network delays)."""
         return self.model_copy(update={"emulation": self.emulation.model_copy(update={"cpu_caps": False,
-                                                                                      "pin_cores": False}),
+                                                                                      "pin_cores": False,
+                                                                                      "local": False}),
                                        "serving": self.serving.model_copy(update={"emulate_network": False})})
 
     def fingerprint(self, *parts: Any) -> str:

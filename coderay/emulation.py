@@ -81,13 +81,15 @@ def describe(cfg: CoderayConfig) -> dict:
 
 
 def speed_divisor(cfg: CoderayConfig, node: str) -> float:
-    return 1.0 if node_capacity(cfg)[node].capped else cfg.node(node).speed
+    """What a node's profiled seconds are divided by: 1 where they were timed on (or as) that node, i.e. under
+    its cap or on a real cluster (each node times its own blocks), else its configured speed."""
+    return 1.0 if node_capacity(cfg)[node].capped or not cfg.emulation.local else cfg.node(node).speed
 
 
 def node_rate(cfg: CoderayConfig, node: str) -> float:
     """How fast `node` computes, relatively: its CPU share when capped, else its configured speed."""
     cap = node_capacity(cfg)[node]
-    return cap.share if cap.capped else cfg.node(node).speed
+    return cap.share if cap.capped else speed_divisor(cfg, node)
 
 
 HEAD = "head"                   # core_plan's key for Ray's own processes, the proxy and the ingress

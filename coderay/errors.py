@@ -6,7 +6,7 @@ message says what is wrong and what to do about it.
 from __future__ import annotations
 
 __all__ = ["CoderayError", "ConfigError", "UnknownServiceError", "InvalidRouteError", "NotTrainedError",
-           "NotSearchedError"]
+           "NotSearchedError", "ClusterAuthError"]
 
 
 class CoderayError(Exception):
@@ -38,3 +38,8 @@ class NotTrainedError(CoderayError, FileNotFoundError):
 
 class NotSearchedError(CoderayError, FileNotFoundError):
     """No reward table for this config yet (serving never searches)."""
+
+
+class ClusterAuthError(CoderayError, ConnectionError):
+    """A Ray cluster that refused this driver: token authentication is on and this process has no (or the
+    wrong) token."""

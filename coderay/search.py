@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -25,8 +27,10 @@ from coderay.candidate import SearchContext, candidates, predict_path, train_pat
 from coderay.config import CoderayConfig
 from coderay.emulation import describe
 from coderay.paths import PathSpec
+from coderay.plan import link_owner, link_services
 from coderay.rows import Row
 from coderay.services import PROFILE_METHOD
+from coderay.store import node_store, relative
 from coderay.table import RewardTable
 
 __all__ = ["Executor", "InProcess", "staged_search", "run_search", "search_dir", "stage2_selection",
@@ -45,15 +49,17 @@ class Executor(Protocol):
 
     def measure(self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
                 ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
-        """Stage 2 for the chosen stage-1 rows (links saved under `links_dir`), and the baseline rows of each
-        local service in `baselines`."""
+        """Stage 2 for the chosen stage-1 rows (links saved under `links_dir`, relative to the store of each node
+        that runs them; rows name them so), and the baseline rows of each local service in `baselines`."""
 
     def meta(self) -> dict:
         """What this engine adds to the table's meta."""
 
 
 class InProcess:
-    """Every candidate in this process, one after another."""
+    """Every candidate in this process, one after another: a one-machine mode that reads every node's store
+    (the local cluster's layout); on a cluster of providers' servers the Tune executor keeps each model on its
+    node."""
 
     name = "in-process"
 
@@ -66,12 +72,24 @@ class InProcess:
 
     def measure(self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
                 ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
+        cfg = self.ctx.cfg
         measured = {}
         for row in chosen:
             if row.kind != "local":
                 log.info("stage 2 trains %s", row.path_id)
-            measured[row.path_id], _ = train_path(self.ctx, PathSpec.parse(row.path_id), progress=self.progress,
-                                                  links_dir=links_dir, predicted=row)
+            spec = PathSpec.parse(row.path_id)
+            owner = cfg.service(link_owner(spec)).node
+            done, _ = train_path(self.ctx, spec, progress=self.progress, links_dir=node_store(cfg, owner) / links_dir,
+                                 predicted=row)
+            if done.links_file:
+                name = relative(Path(done.links_file), cfg, owner)
+                for svc in link_services(spec, link_out=done.link_out_on or "host"):
+                    if cfg.service(svc).node != owner:
+                        dest = node_store(cfg, cfg.service(svc).node) / name
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(done.links_file, dest)
+                done = replace(done, links_file=name)
+            measured[row.path_id] = done
         return measured, {local: edge_early_rows(self.ctx, local) for local in baselines}
 
     def meta(self) -> dict:
@@ -80,7 +98,8 @@ class InProcess:
 
 def search_dir(cfg: CoderayConfig, *, exhaustive: bool) -> Path:
     """Results keyed by everything that changes them: the services, the search settings, the mode."""
-    key = cfg.fingerprint(cfg.services, cfg.search, cfg.reward, cfg.nodes, cfg.network, cfg.emulation, cfg.seed,
+    network = cfg.network if cfg.emulation.local else cfg.network.encoding   # a real cluster's is measured anew
+    key = cfg.fingerprint(cfg.services, cfg.search, cfg.reward, cfg.nodes, network, cfg.emulation, cfg.seed,
                           exhaustive, cfg.serving.call_overhead_ms, cfg.serving.max_batch_size, PROFILE_METHOD)
     return cfg.root / "search" / f"{'exhaustive' if exhaustive else 'staged'}-{key}"
 
@@ -116,14 +135,16 @@ def staged_search(ctx: SearchContext, executor: Executor, *, exhaustive: bool, o
         rows = [preds[spec.id] for spec in cands[local]]
         picked = set(stage2_selection(rows, cfg.search.top_k, exhaustive))
         chosen += [r for r in rows if r.path_id in picked or (r.kind == "local" and r.error is None)]
-    measured, baselines = executor.measure(chosen, locals_ if cfg.search.baselines else [], out / "links")
+    measured, baselines = executor.measure(chosen, locals_ if cfg.search.baselines else [], Path("links") / out.name)
     rows = []
     for local in locals_:
         rows += [measured.get(spec.id, preds[spec.id]) for spec in cands[local]]
         rows += baselines.get(local, [])
     meta = {"config": cfg.name, "mode": "exhaustive" if exhaustive else "staged", "engine": executor.name,
             "seconds": round(time.perf_counter() - start, 1), "emulation": describe(cfg),
-            "network": cfg.network.model_dump(mode="json"), **executor.meta()}
+            "profiles": _profiles_how(cfg), "network": cfg.network.model_dump(mode="json"),
+            "network_source": "emulated (the config's)" if cfg.emulation.local else "measured between the nodes",
+            **executor.meta()}
     table = finish_table(rows, meta)
     table.meta["dir"] = str(out)
     table.save(out)
@@ -131,6 +152,14 @@ def staged_search(ctx: SearchContext, executor: Executor, *, exhaustive: bool, o
     table.meta["from_cache"] = False
     log.info("reward table: %s (%d rows, %.0f s)", out / "table.json", len(rows), table.meta["seconds"])
     return table
+
+
+def _profiles_how(cfg: CoderayConfig) -> str:
+    if not cfg.emulation.local:
+        return "timed by each node on its own hardware"
+    mechanism = describe(cfg)["mechanism"]
+    return f"timed under per-node CPU caps ({mechanism})" if mechanism.startswith("cgroup") else \
+        "timed on this machine, divided by node speeds"
 
 
 def finish_table(rows: list[Row], meta: dict) -> RewardTable:

@@ -21,6 +21,7 @@ from coderay.config import CoderayConfig, ServiceSpec
 from coderay.data import TaskData, get_task
 from coderay.errors import NotTrainedError
 from coderay.models import StagedModel, get_model
+from coderay.store import node_store
 
 __all__ = ["TrainedService", "fit", "evaluate", "build_model", "service_dir", "train_service", "train_all",
            "load_service"]
@@ -98,9 +99,10 @@ def build_model(spec: ServiceSpec, task: TaskData) -> StagedModel:
 
 
 def service_dir(cfg: CoderayConfig, spec: ServiceSpec) -> Path:
-    """Where a service's checkpoint lives: keyed by everything that changes its weights."""
+    """Where a service's checkpoint lives: in its node's store (`coderay.store`), keyed by everything that
+    changes its weights."""
     key = cfg.fingerprint(spec.arch, spec.arch_kwargs, spec.task, spec.weights, spec.train, cfg.seed)
-    return cfg.root / "services" / f"{spec.name}-{key}"
+    return node_store(cfg, spec.node) / "services" / f"{spec.name}-{key}"
 
 
 def _load(cfg: CoderayConfig, spec: ServiceSpec, task: TaskData, out: Path) -> TrainedService | None:
@@ -115,8 +117,8 @@ def _load(cfg: CoderayConfig, spec: ServiceSpec, task: TaskData, out: Path) -> T
     return TrainedService(spec, task, model, metrics, ckpt)
 
 
-def train_service(cfg: CoderayConfig, spec: ServiceSpec, *, progress: bool = True, force: bool = False
-                  ) -> TrainedService:
+def train_service(cfg: CoderayConfig, spec: ServiceSpec, *, progress: bool = True, force: bool = False,
+                  on_epoch: Callable[[int, float, float], None] | None = None) -> TrainedService:
     """Train one service's model on its task, or load it when this exact configuration was trained before."""
     task = get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed)
     out = service_dir(cfg, spec)
@@ -128,7 +130,7 @@ def train_service(cfg: CoderayConfig, spec: ServiceSpec, *, progress: bool = Tru
     start = time.perf_counter()
     history = fit(model, model.parameters(), task.train, task.val, epochs=spec.train.epochs, lr=spec.train.lr,
                   batch_size=spec.train.batch_size, weight_decay=spec.train.weight_decay, seed=cfg.seed,
-                  desc=f"{spec.name} ({spec.arch} on {spec.task})", progress=progress)
+                  desc=f"{spec.name} ({spec.arch} on {spec.task})", progress=progress, on_epoch=on_epoch)
     metrics = {
         "service": spec.name, "arch": spec.arch, "task": spec.task,
         "val_acc": history[-1]["val_acc"], "test_acc": evaluate(model, task.test),
@@ -151,6 +153,6 @@ def load_service(cfg: CoderayConfig, name: str) -> TrainedService:
     out = service_dir(cfg, spec)
     loaded = _load(cfg, spec, get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed), out)
     if loaded is None:
-        raise NotTrainedError(f"service {name!r} is not trained yet (no checkpoint in {out}): run "
-                              f"`coderay train CONFIG` first")
+        raise NotTrainedError(f"service {name!r} is not trained yet: node {spec.node!r} has no checkpoint in its "
+                              f"store ({out}); run `coderay train CONFIG` (with `--address` on a cluster) first")
     return loaded

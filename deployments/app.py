@@ -26,14 +26,13 @@ from coderay.errors import NotSearchedError
 from coderay.routing import initial_routes, link_files
 from coderay.search import load_table
 from coderay.table import RewardTable
-from coderay.train import load_service
 
 from deployments.blocks import BlockGroup
 from deployments.ingress import Ingress
 from deployments.placement import block_options, check_placement, cpu_shares, ingress_options, serve_logging
 
-__all__ = ["APP_NAME", "INGRESS", "build_app", "app_builder", "deploy", "base_url", "write_serve_config",
-           "Served", "start_serving", "direct_url", "served_table", "free_port"]
+__all__ = ["APP_NAME", "INGRESS", "build_app", "app_builder", "deploy", "base_url", "serve_config_doc",
+           "write_serve_config", "Served", "start_serving", "direct_url", "served_table", "free_port"]
 
 log = logging.getLogger(__name__)
 APP_NAME = "coderay"
@@ -45,10 +44,7 @@ def build_app(cfg: CoderayConfig, table: RewardTable) -> Application:
     """The Serve application for `cfg` serving the paths of `table` (initial routes: each service's best path)."""
     cfg = cfg.portable()
     rows = table.rows
-    files = link_files(rows)
-    missing = [f for owned in files.values() for f in owned.values() if not Path(f).is_file()]
-    if missing:
-        raise ValueError(f"links files of the reward table are missing: {missing[:3]}; rerun `coderay search`")
+    files = link_files(rows)               # store-relative names: each block group reads its own node's store
     shares = cpu_shares(cfg)
     # max_ongoing_requests ≥ the batch (in samples, so in calls too); no request outlives request_timeout_s, so
     # a replica being replaced (or stuck on a lost node) need not be waited for longer than that.
@@ -79,7 +75,8 @@ def served_table(cfg: CoderayConfig) -> RewardTable:
 
 
 def app_builder(args: dict) -> Application:
-    """`import_path` target of the Serve config: args `{config: <path>, workdir: <path, optional>}`.
+    """`import_path` target of the Serve config: args `{config: <path>, workdir: <path, optional>,
+    real_cluster: <bool, optional: nothing emulated>}`.
 
     Checks the cluster's nodes first (a missing node fails the deploy with its name instead of leaving it
     pending), then loads the search's reward table (a config never searched fails with the command to run)."""
@@ -87,6 +84,8 @@ def app_builder(args: dict) -> Application:
         raise ValueError(f"app args must be {{'config': <path to the coderay YAML>}}, got {args!r}")
     overrides = {"workdir": str(args["workdir"])} if args.get("workdir") else {}
     cfg = load_config(args["config"], **overrides)
+    if args.get("real_cluster"):
+        cfg = cfg.on_real_cluster()
     check_placement(cfg)
     return build_app(cfg, served_table(cfg))
 
@@ -134,27 +133,41 @@ def deploy(cfg: CoderayConfig, table: RewardTable, *, port: int | None = None, b
     return url
 
 
-def write_serve_config(cfg: CoderayConfig, config_path: str | Path, out_path: str | Path, *,
-                       port: int | None = None) -> Path:
-    """A Serve config YAML for `serve deploy` (or Serve's REST API) describing this application.
+def serve_config_doc(cfg: CoderayConfig, config_path: str | Path, *, port: int | None = None,
+                     workdir: str | Path | None = None, working_dir: str | Path | None = None) -> dict:
+    """The Serve config (`serve deploy`'s schema, KubeRay's `serveConfigV2`) that describes this application.
 
-    Its Ingress `user_config.routes` is the routing map: edit a route and deploy the file again to switch it
-    in place (reconfigure, no restart). The builder loads `config_path` with `workdir` made absolute."""
+    `workdir` (the builder's) and `working_dir` (where coderay is importable) are paths as the cluster's nodes see
+    them, by default this machine's; a URI `working_dir` is kept as is. The Ingress's `user_config.routes` come
+    from the search's table under that workdir when one is there: edit a route and deploy the config again to
+    switch it in place (reconfigure, no restart)."""
+    if workdir is not None:
+        cfg = cfg.model_copy(update={"workdir": str(workdir)})
     cfg = cfg.portable()
     port = cfg.serving.port if port is None else port
+    code = str(working_dir or REPO_ROOT)
     table = load_table(cfg)
     app: dict = {
         "name": APP_NAME,
         "route_prefix": "/",
         "import_path": "deployments.app:app_builder",
-        "args": {"config": str(Path(config_path).resolve()), "workdir": cfg.workdir},
-        "runtime_env": {"working_dir": f"local://{REPO_ROOT}"},
+        "args": {"config": str(Path(config_path).resolve()), "workdir": cfg.workdir}
+        | ({} if cfg.emulation.local else {"real_cluster": True}),
+        "runtime_env": {"working_dir": code if "://" in code else f"local://{Path(code).absolute()}"},
     }
     if table is not None:
         app["deployments"] = [{"name": INGRESS, "user_config": {"routes": initial_routes(cfg, table.rows)}}]
-    doc = {"proxy_location": "HeadOnly",
-           "http_options": {"host": cfg.serving.host, "port": port or 8000},
-           "applications": [app]}
+    return {"proxy_location": "HeadOnly",
+            "http_options": {"host": cfg.serving.host, "port": port or 8000},
+            "applications": [app]}
+
+
+def write_serve_config(cfg: CoderayConfig, config_path: str | Path, out_path: str | Path, *,
+                       port: int | None = None) -> Path:
+    """`serve_config_doc` as a YAML file for `serve deploy` (or Serve's REST API), with how to use it.
+
+    The builder loads `config_path` with `workdir` made absolute."""
+    doc = serve_config_doc(cfg, config_path, port=port)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# Serve config for coderay config {cfg.name!r}, written by coderay.\n"
@@ -185,17 +198,21 @@ class Served:
 
 
 def start_serving(cfg: CoderayConfig, *, config_path: str | Path, address: str | None = None,
-                  port: int | None = None, controller: bool | None = None) -> Served:
-    """Connect (or start a local cluster), load the search's table, deploy, start the controller (unless
-    `controller` is False, or None and the config's `controller.enabled` is off), and write the Serve config
-    under the workdir. Fails before starting anything when the services are untrained or the search never ran."""
+                  port: int | None = None, controller: bool | None = None,
+                  cluster: LocalCluster | None = None) -> Served:
+    """Connect (or start a local cluster, or use `cluster`), check that every node's store holds its service
+    and the links it runs, deploy, start the controller (unless `controller` is False, or None and the config's
+    `controller.enabled` is off), and write the Serve config under the workdir. The driver reads the reward
+    table only; an untrained service or a missing links file fails with the node and the command to run."""
+    from coderay.provider import check_stores
+
     if address:
         cfg = cfg.on_real_cluster()                      # real nodes: no CPU caps, no emulated delays
-    for spec in cfg.services:
-        load_service(cfg, spec.name)                     # NotTrainedError with the command to run
     table = served_table(cfg)
-    cluster = connect(cfg, address)
+    if cluster is None:
+        cluster = connect(cfg, address)
     try:
+        check_stores(cfg, {svc: files.values() for svc, files in link_files(table.rows).items()})
         url = deploy(cfg, table, port=port)
         if cfg.controller.enabled if controller is None else controller:
             from coderay.controller import start_controller

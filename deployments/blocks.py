@@ -1,8 +1,8 @@
 """The block-group deployment: one service's frozen blocks on its node, dynamically batched, and the trained
 links that run on that node.
 
-Weights are loaded inside the replica, on its node (`load_service` + `split_service`; links from the reward
-table's `links_file`s), never shipped from the driver. A call runs one stage of a path's plan: the consecutive
+Weights are loaded inside the replica, from its node's store (`load_service` + `split_service`; links from the
+reward table's `links_file`s, store-relative), never shipped from the driver. A call runs one stage of a path's plan: the consecutive
 hops on this service's node (`coderay.plan.stages`), e.g. link_in → blocks hin..hout → link_out on a host, so a
 request pays one call per node it visits. Block ranges are batched across calls; one batch may mix calls for
 different ranges (grouped by range, one forward per group). Batches are counted in samples (the service's
@@ -27,6 +27,7 @@ from coderay.links import load_links
 from coderay.paths import to_wire
 from coderay.plan import TO_END, Hop
 from coderay.services import split_service
+from coderay.store import resolve
 from coderay.train import load_service
 
 from deployments.placement import capacity_info, replica_location, torch_threads
@@ -89,11 +90,12 @@ def latency_summary(latencies_ms) -> dict:
     return {"p50_ms": pick(0.5), "p99_ms": pick(0.99), "calls": len(lat)}
 
 
-def load_path_links(files: dict[str, str]) -> dict[str, torch.nn.ModuleDict]:
-    """{path id: its links} from {path id: links file}, checking each file holds the path it is listed for."""
+def load_path_links(cfg: CoderayConfig, node: str, files: dict[str, str]) -> dict[str, torch.nn.ModuleDict]:
+    """{path id: its links} from {path id: links file in `node`'s store}, checking each file holds the path it
+    is listed for."""
     out = {}
     for path_id, file in files.items():
-        stored_id, links = load_links(file)
+        stored_id, links = load_links(resolve(file, cfg, node))
         if stored_id != path_id:
             raise ValueError(f"{file} holds the links of {stored_id!r}, not {path_id!r}: the reward table and the "
                              "links directory disagree; rerun the search")
@@ -116,7 +118,7 @@ class BlockGroup:
         trained = load_service(cfg, service)
         self.blocks = split_service(spec, trained.model)
         self.n_blocks = len(self.blocks)
-        self.links = load_path_links(link_files or {})
+        self.links = load_path_links(cfg, self.node, link_files or {})
         self.in_flight = 0                            # calls received and not yet answered: this hop's queue
         self.latencies_ms: collections.deque[float] = collections.deque(maxlen=512)   # recent calls, wait included
         self._run_batch.set_max_batch_size(self.capacity)

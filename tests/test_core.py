@@ -16,6 +16,7 @@ from coderay.paths import PathModule, PathSpec, enumerate_paths, path_budget
 from coderay.reward import ACCURACY_FUNCTIONS, THROUGHPUT_FUNCTIONS, average_accuracy, reward
 from coderay.candidate import build_path, candidates, predict_path, train_path
 from coderay.links import load_links
+from coderay.store import node_store
 from coderay.search import spearman
 from coderay.throughput import PathCosts, path_throughput
 from coderay.train import evaluate
@@ -202,8 +203,8 @@ def test_staged_search_table(searched_table, search_ctx):
     assert json.loads((out / "table.json").read_text())["rows"][0]["path_id"]
     # the trained links on disk reproduce the measured accuracy exactly
     coop = max((r for r in trained if r["kind"] == "coop"), key=lambda r: r["reward"])
-    path_id, links = load_links(coop["links_file"])
-    spec = PathSpec.parse(path_id)
+    spec = PathSpec.parse(coop["path_id"])
+    path_id, links = load_links(node_store(search_ctx.cfg, coop["host_node"]) / coop["links_file"])
     assert path_id == coop["path_id"]
     local, host = search_ctx.services["digits"], search_ctx.services[spec.host]
     module = PathModule(spec, local.blocks, host.blocks, links).eval()

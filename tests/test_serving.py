@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 
+from coderay.store import node_store
+
 BATCH = 64
 
 
@@ -167,7 +169,7 @@ def test_held_out_predictions_match_the_in_process_path(served, search_ctx):
         spec = PathSpec.parse(path_id)
         if spec.kind == "coop":
             row = served.table.row(path_id)
-            _, links = load_links(row["links_file"])
+            _, links = load_links(node_store(search_ctx.cfg, row["host_node"]) / row["links_file"])
             module = PathModule(spec, local.blocks, search_ctx.services[spec.host].blocks, links,
                                 link_out=row.link_out_on, encoding=row.encoding).eval()
             assert hops == {2}                      # local node -> host node -> local node

@@ -8,6 +8,7 @@ import torch
 
 from coderay.links import load_links
 from coderay.search import search_dir
+from coderay.store import node_store
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -55,9 +56,10 @@ def test_split_learning_matches_local_blocks(trained_cfg, search_ctx, cluster):
     and the host's stand-in for the local service holds no weights."""
     from tuning.split import local_side, remote_service, stop_side
 
-    side = local_side(trained_cfg, "digits", create=True)
+    path = "digits:mnist:0:1:2:3"
+    side = local_side(trained_cfg, "digits", create=True, paths=[path])
     try:
-        svc = remote_service(trained_cfg, "digits", side)
+        svc = remote_service(trained_cfg, "digits", side, path)
         assert svc.model is None and len(svc.blocks) == len(search_ctx.services["digits"].blocks)
         (tail,) = svc.blocks[2:]
         assert sum(p.numel() for p in tail.parameters()) == 0
@@ -71,6 +73,16 @@ def test_split_learning_matches_local_blocks(trained_cfg, search_ctx, cluster):
         yl.backward(g)
         torch.testing.assert_close(xr.grad, xl.grad)
         assert svc.boundaries == search_ctx.services["digits"].boundaries
+        (wider,) = svc.blocks[1:]                                    # 2..5: not the path's tail (lin = 3)
+        with pytest.raises(Exception, match="not a range of"):
+            wider(torch.randn(2, *svc.boundaries[1]))
+        (head,) = svc.blocks[:2]                                     # 1..lin-1: the link's target, allowed
+        svc_input = torch.randn(2, *svc.boundaries[0])
+        torch.testing.assert_close(head(svc_input),
+                                   torch.nn.Sequential(*search_ctx.services["digits"].blocks[:2])(svc_input))
+        other = remote_service(trained_cfg, "digits", side, "digits:mnist:0:1:1:1")
+        with pytest.raises(Exception, match="not a candidate"):
+            other.blocks[:1][0](svc_input)
     finally:
         stop_side(trained_cfg, "digits")
 
@@ -87,9 +99,10 @@ def test_table_and_links_land_where_serving_loads_them(trained_cfg, searched_tab
         assert set(theirs) <= set(mine)
     trained = [r for r in table.rows if r["trained"] and r["kind"] in ("coop", "skip")]
     assert len(trained) == trained_cfg.search.top_k
-    for r in trained:
-        assert r["links_file"].startswith(str(out / "links"))
-        assert load_links(r["links_file"])[0] == r["path_id"]
+    for r in trained:   # in the store of the node that trained them, named relative to it
+        assert r["links_file"].startswith(f"links/{out.name}/")
+        owner = r["host_node"] or r["local_node"]
+        assert load_links(node_store(trained_cfg, owner) / r["links_file"])[0] == r["path_id"]
 
 
 def test_trials_run_on_the_host_node(trained_cfg, tune_runs, node_ids):

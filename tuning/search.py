@@ -30,7 +30,7 @@ from coderay.candidate import SearchContext
 from coderay.cluster import environ
 from coderay.config import CoderayConfig
 from coderay.paths import PathSpec
-from coderay.plan import link_owner
+from coderay.plan import link_owner, link_services
 from coderay.rows import BaselineRow, Row, row_from_dict
 from coderay.search import search_dir, staged_search
 from coderay.table import RewardTable
@@ -41,14 +41,15 @@ log = logging.getLogger(__name__)
 MAX_FAILURES = 2
 
 
-def experiment_dir(cfg: CoderayConfig, stage: str, *, exhaustive: bool, private: bool = True) -> Path:
-    """Where Tune keeps one stage's experiment ('predict' or 'train'): keyed like `search_dir`."""
-    return cfg.root / "tune" / f"{search_dir(cfg, exhaustive=exhaustive).name}{'' if private else '-shared'}-{stage}"
+def experiment_dir(cfg: CoderayConfig, stage: str, *, exhaustive: bool) -> Path:
+    """Where Tune keeps one stage's experiment ('predict' or 'train'): keyed like `search_dir`. It holds trial
+    results and checkpoint pointers only; every parameter file stays in the store of the node that made it."""
+    return cfg.root / "tune" / f"{search_dir(cfg, exhaustive=exhaustive).name}-{stage}"
 
 
 def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustive: bool | None = None,
                     progress: bool = True, resume: bool = True, early_stop: bool | None = None,
-                    private: bool = True, faults: Mapping[str, int] | None = None) -> RewardTable:
+                    faults: Mapping[str, int] | None = None) -> RewardTable:
     """Run the path search on Ray Tune and write its reward table and links where serving finds them.
 
     address: a running cluster to join ('auto', 'HOST:PORT'); None: a local cluster of the config's nodes,
@@ -56,20 +57,20 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
     exhaustive: train every candidate (default: the config's `search.exhaustive`).
     resume: continue the stored experiments of this search (finished trials are kept); False starts over.
     early_stop: stop hopeless stage-2 trials with ASHA (default: on unless exhaustive).
-    private: split learning for cooperative paths, the local blocks staying on the local node (see
-        `tuning`); False loads the local model into the host's trial (faster, no privacy).
     faults: fault injection for tests, path id → how many attempts of its trials raise (stage 1 and 2;
         `LOCAL:edge-early` for the baseline). Stored with the experiment: a resumed search keeps the first.
     """
     import ray
 
+    from coderay.candidate import candidates
     from coderay.cluster import check_nodes, connect, start_local_cluster
+    from coderay.netprobe import measured_network
+    from coderay.provider import describe_on_nodes, metadata_services, train_on_nodes
     from tuning.split import local_side, stop_side
 
     exhaustive = cfg.search.exhaustive if exhaustive is None else exhaustive
     early_stop = not exhaustive if early_stop is None else early_stop
     cfg = cfg.portable() if not address else cfg.portable().on_real_cluster()
-    ctx = SearchContext.load(cfg, progress=progress)     # trains what is missing: trials only read caches
     locals_ = cfg.search.locals or [s.name for s in cfg.services]
 
     cluster, joined = None, False
@@ -83,12 +84,19 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
         check_nodes(cfg)
     sides = {}
     try:
-        if private:
-            sides = {local: local_side(cfg, local, create=True) for local in locals_ if len(cfg.services) > 1}
+        if not cfg.emulation.local:             # a real cluster: the network the model uses is measured
+            cfg = cfg.model_copy(update={"network": measured_network(cfg, _pairs(cfg, locals_))})
+            log.info("network measured: %s", [link.model_dump() for link in cfg.network.links])
+        # each node trains (cached) and times its own blocks; this process keeps their metadata only
+        train_on_nodes(cfg)
+        ctx = SearchContext(cfg, metadata_services(cfg, describe_on_nodes(cfg)))
+        if len(cfg.services) > 1:
+            sides = {local: local_side(cfg, local, create=True, paths=[c.id for c in candidates(ctx, local)])
+                     for local in locals_}
         if not resume:
             shutil.rmtree(cfg.root / "tune" / "faults", ignore_errors=True)
         executor = TuneExecutor(ctx, exhaustive=exhaustive, resume=resume, progress=progress,
-                                early_stop=early_stop, private=private, faults=faults, sides=sides)
+                                early_stop=early_stop, faults=faults, sides=sides)
         return staged_search(ctx, executor, exhaustive=exhaustive, out=search_dir(cfg, exhaustive=exhaustive))
     finally:
         for local in sides:
@@ -99,6 +107,15 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
             ray.shutdown()
 
 
+def _pairs(cfg: CoderayConfig, locals_: Sequence[str]) -> list[tuple[str, str]]:
+    """(local node, host node) for every local service of the search and every other service's node."""
+    out = []
+    for local in locals_:
+        a = cfg.service(local).node
+        out += [(a, s.node) for s in cfg.services if s.node != a and (a, s.node) not in out]
+    return out
+
+
 class TuneExecutor:
     """The search's per-candidate work as Tune trials: stage 1 one experiment, stage 2 (and the baselines)
     another, each trial pinned to the node that owns its blocks."""
@@ -106,12 +123,12 @@ class TuneExecutor:
     name = "tune"
 
     def __init__(self, ctx: SearchContext, *, exhaustive: bool, resume: bool, progress: bool, early_stop: bool,
-                 private: bool, faults: Mapping[str, int] | None, sides: dict):
+                 faults: Mapping[str, int] | None, sides: dict):
         import ray
 
         self.ctx, self.cfg = ctx, ctx.cfg
         self.exhaustive, self.resume, self.progress = exhaustive, resume, progress
-        self.early_stop, self.private, self.faults, self.sides = early_stop, private, dict(faults or {}), sides
+        self.early_stop, self.faults, self.sides = early_stop, dict(faults or {}), sides
         names = {n.name for n in self.cfg.nodes}
         self.nodes = {r: n["NodeID"] for n in ray.nodes() if n.get("Alive") for r in n.get("Resources", {})
                       if r in names}                       # node name → Ray node id
@@ -121,9 +138,8 @@ class TuneExecutor:
 
     def _extra(self, path_id: str) -> dict:
         if path_id not in self.faults:
-            return {"private": self.private}
-        return {"private": self.private, "fail": int(self.faults[path_id]),
-                "fault_dir": str(self.cfg.root / "tune" / "faults")}
+            return {}
+        return {"fail": int(self.faults[path_id]), "fault_dir": str(self.cfg.root / "tune" / "faults")}
 
     def _cand(self, spec: PathSpec) -> dict:
         """A trial's candidate: its path and the node it is pinned to (where the path's links run)."""
@@ -134,7 +150,7 @@ class TuneExecutor:
         from tuning.trials import predict_trial
 
         stage = self.stages["predict"] = _run_stage(
-            self.cfg, experiment_dir(self.cfg, "predict", exhaustive=self.exhaustive, private=self.private),
+            self.cfg, experiment_dir(self.cfg, "predict", exhaustive=self.exhaustive),
             predict_trial, [self._cand(spec) for spec in specs], resume=self.resume, progress=self.progress,
             scheduler=None)
         rows = {}
@@ -148,7 +164,8 @@ class TuneExecutor:
 
     def measure(self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
                 ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
-        space = [self._cand(PathSpec.parse(r.path_id)) | {"predicted": r.to_dict()} for r in chosen]
+        space = [self._cand(PathSpec.parse(r.path_id)) | {"predicted": r.to_dict(), "links_dir": str(links_dir)}
+                 for r in chosen]
         for local in baselines:
             pid = f"{local}:edge-early"
             node = self.cfg.service(local).node
@@ -159,9 +176,9 @@ class TuneExecutor:
         if self.early_stop and self.cfg.search.link_epochs * len(self.cfg.search.link_variants) > 1:
             self.scheduler = _asha(self.cfg)
         stage = self.stages["train"] = _run_stage(
-            self.cfg, experiment_dir(self.cfg, "train", exhaustive=self.exhaustive, private=self.private),
+            self.cfg, experiment_dir(self.cfg, "train", exhaustive=self.exhaustive),
             _dispatch_train, space, resume=self.resume, progress=self.progress, scheduler=self.scheduler)
-        measured = {r.path_id: self._merge(r, stage, links_dir) for r in chosen}
+        measured = {r.path_id: self._merge(r, stage) for r in chosen}
         base = {}
         for local in baselines:
             res = stage.results.get(f"{local}:edge-early")
@@ -172,15 +189,22 @@ class TuneExecutor:
                                            error=stage.error(f"{local}:edge-early") or "no result")]
         return measured, base
 
-    def _merge(self, row: Row, stage: _Stage, links_dir: Path) -> Row:
-        """A stage-1 row updated with its stage-2 trial: measured (links copied to `links_dir`), stopped early
-        by ASHA, or failed."""
+    def _merge(self, row: Row, stage: _Stage) -> Row:
+        """A stage-1 row updated with its stage-2 trial: measured (its links in the store of the node that
+        trained them, and copied store to store where another node runs link_out), stopped early by ASHA, or
+        failed."""
+        from coderay.provider import copy_links
+
         res = stage.results.get(row.path_id)
         metrics = (res.metrics or {}) if res is not None else {}
         if res is not None and res.error is None and "row" in metrics:
             measured = row_from_dict(metrics["row"]).with_extra(**_trial_fields("train", metrics))
-            if measured.trained:
-                measured = replace(measured, links_file=str(_copy_links(res.checkpoint, links_dir)))
+            if measured.trained and measured.links_file:
+                spec = PathSpec.parse(measured.path_id)
+                owner = self.cfg.service(link_owner(spec)).node
+                copy_links(self.cfg, measured.links_file, owner,
+                           {self.cfg.service(s).node for s in link_services(spec, link_out=measured.link_out_on
+                                                                            or "host")})
             return measured
         if res is not None and res.error is None and "epoch" in metrics:
             self.pruned.append(row.path_id)
@@ -201,7 +225,7 @@ class TuneExecutor:
                          "reports_run": {"predict": s1.reports, "train": s2.reports},
                          "stage_seconds": {"predict": s1.seconds, "train": s2.seconds},
                          "retries": s1.retries + s2.retries, "resumed": s1.restored or s2.restored,
-                         "early_stop": self.scheduler is not None, "private": self.private,
+                         "early_stop": self.scheduler is not None,
                          "pruned": self.pruned, "errors": rows_errors}}
 
 
@@ -215,16 +239,6 @@ def _dispatch_train(config: dict) -> None:
 def _trial_fields(stage: str, metrics: dict) -> dict:
     return {"node": metrics.get("node"), f"{stage}_node_id": metrics.get("node_id"),
             f"{stage}_trial_seconds": metrics.get("trial_seconds")}
-
-
-def _copy_links(checkpoint, links_dir: Path) -> Path:
-    """The final links of a trial, from its checkpoint to where serving loads them."""
-    links_dir.mkdir(parents=True, exist_ok=True)
-    with checkpoint.as_directory() as d:
-        (src,) = Path(d).glob("*.pt")
-        dest = links_dir / src.name
-        shutil.copyfile(src, dest)
-    return dest
 
 
 def _asha(cfg: CoderayConfig):

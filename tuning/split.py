@@ -43,17 +43,29 @@ class LocalSide:
     """The local service's frozen blocks on its own node: forward, backward and timing for remote trials.
 
     One actor serves every trial of the search (calls run one at a time); a pending backward is keyed by
-    the calling trial, which has at most one forward in flight.
+    the calling trial, which has at most one forward in flight. It runs only the block ranges of the search's
+    candidates `paths`: a path's own blocks before its return (head, the link's targets) and its tail
+    lin..N; any other range or path is refused.
     """
 
-    def __init__(self, cfg: dict, local: str):
+    def __init__(self, cfg: dict, local: str, paths: Sequence[str]):
+        from coderay.paths import PathSpec
         from coderay.services import load_services
 
         torch.set_num_threads(1)
         self.cfg = CoderayConfig.model_validate(cfg)
         self.svc = load_services(self.cfg, [local], train_missing=False, progress=False)[local]
         work_as(self.cfg, self.svc.node.name)          # the local node's CPU cap, where emulation has one
+        self.paths = {p: PathSpec.parse(p) for p in paths}
         self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _check(self, path_id: str, first: int, last: int) -> None:
+        spec, n = self.paths.get(path_id), len(self.svc.blocks)
+        if spec is None:
+            raise PermissionError(f"{path_id!r} is not a candidate of this search: the local side refuses it")
+        if not (1 <= first <= last and (last < spec.lin or (first, last) == (spec.lin, n))):
+            raise PermissionError(f"blocks {first}..{last} are not a range of {path_id} (head or targets "
+                                  f"1..{spec.lin - 1}, tail {spec.lin}..{n}): the local side refuses them")
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -62,8 +74,10 @@ class LocalSide:
         """What the host may know about the local service: block profiles and accuracy, no weights."""
         return {"infos": self.svc.infos, "metrics": self.svc.metrics}
 
-    def forward(self, key: str, first: int, last: int, x: np.ndarray, keep: bool) -> np.ndarray:
-        """Blocks first..last (1-based) on `x`; with `keep`, remember the graph for `backward(key, ...)`."""
+    def forward(self, path_id: str, key: str, first: int, last: int, x: np.ndarray, keep: bool) -> np.ndarray:
+        """Blocks first..last (1-based) of candidate `path_id` on `x`; with `keep`, remember the graph for
+        `backward(key, ...)`."""
+        self._check(path_id, first, last)
         blocks = self.svc.blocks[first - 1:last]
         x = torch.tensor(x)                  # a copy: what Ray hands over may be read-only
         if not keep:
@@ -109,14 +123,16 @@ def stop_side(cfg: CoderayConfig, local: str, *, timeout_s: float = 10.0) -> Non
         time.sleep(0.1)
 
 
-def local_side(cfg: CoderayConfig, local: str, *, create: bool = False) -> ray.actor.ActorHandle:
-    """The `LocalSide` actor of `local` (pinned to its node); the driver creates it, trials look it up."""
+def local_side(cfg: CoderayConfig, local: str, *, create: bool = False, paths: Sequence[str] = ()
+               ) -> ray.actor.ActorHandle:
+    """The `LocalSide` actor of `local` (pinned to its node), serving the candidates `paths`; the driver
+    creates it, trials look it up."""
     name = side_name(cfg, local)
     if not create:
         return ray.get_actor(name, namespace=NAMESPACE)
     node = cfg.node(cfg.service(local).node).name
     return LocalSide.options(name=name, namespace=NAMESPACE, get_if_exists=True, **pin(node)).remote(
-        cfg.model_dump(mode="json"), local)
+        cfg.model_dump(mode="json"), local, list(paths))
 
 
 def _array(x: torch.Tensor) -> np.ndarray:
@@ -140,13 +156,14 @@ class RemoteSegment(nn.Module):
 
     _ids = itertools.count()
 
-    def __init__(self, side: ray.actor.ActorHandle, first: int, last: int):
+    def __init__(self, side: ray.actor.ActorHandle, path_id: str, first: int, last: int):
         super().__init__()
-        self.side, self.first, self.last = side, first, last
+        self.side, self.path_id, self.first, self.last = side, path_id, first, last
         self.key = f"{os.getpid()}-{id(self)}-{next(self._ids)}"
 
     def call(self, x: torch.Tensor, *, keep: bool) -> torch.Tensor:
-        return torch.tensor(ray.get(self.side.forward.remote(self.key, self.first, self.last, _array(x), keep)))
+        return torch.tensor(ray.get(self.side.forward.remote(self.path_id, self.key, self.first, self.last,
+                                                             _array(x), keep)))
 
     def grad(self, grad: torch.Tensor) -> torch.Tensor:
         return torch.tensor(ray.get(self.side.backward.remote(self.key, _array(grad))))
@@ -164,8 +181,8 @@ class RemoteBlocks(Sequence):
     """Stands in for a service's block list: `blocks[i]` and every slice are one `RemoteSegment` (a slice
     gives a list of one segment, or none), so each contiguous run of local blocks costs one round trip."""
 
-    def __init__(self, side: ray.actor.ActorHandle, n: int):
-        self.side, self.n = side, n
+    def __init__(self, side: ray.actor.ActorHandle, n: int, path_id: str):
+        self.side, self.n, self.path_id = side, n, path_id     # the candidate whose ranges it asks for
 
     def __len__(self) -> int:
         return self.n
@@ -175,14 +192,14 @@ class RemoteBlocks(Sequence):
             start, stop, step = i.indices(self.n)
             if step != 1:
                 raise ValueError("remote blocks slice contiguously only")
-            return [RemoteSegment(self.side, start + 1, stop)] if stop > start else []
+            return [RemoteSegment(self.side, self.path_id, start + 1, stop)] if stop > start else []
         if not -self.n <= i < self.n:
             raise IndexError(i)
         i %= self.n
-        return RemoteSegment(self.side, i + 1, i + 1)
+        return RemoteSegment(self.side, self.path_id, i + 1, i + 1)
 
 
-def remote_service(cfg: CoderayConfig, local: str, side: ray.actor.ActorHandle) -> ServiceModel:
+def remote_service(cfg: CoderayConfig, local: str, side: ray.actor.ActorHandle, path_id: str) -> ServiceModel:
     """The local service as the host's trial sees it: spec, node, task data, profiles and accuracy, and
     `RemoteBlocks` in place of its weights."""
     from coderay.data import get_task
@@ -190,5 +207,5 @@ def remote_service(cfg: CoderayConfig, local: str, side: ray.actor.ActorHandle) 
     spec = cfg.service(local)
     info = ray.get(side.describe.remote())
     task = get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed)
-    return ServiceModel(spec, cfg.node(spec.node), task, None, RemoteBlocks(side, len(info["infos"])),
+    return ServiceModel(spec, cfg.node(spec.node), task, None, RemoteBlocks(side, len(info["infos"]), path_id),
                         info["infos"], info["metrics"], speed_divisor(cfg, spec.node))

@@ -1,7 +1,7 @@
 """The Tune trainables of the path search: one trial per candidate and stage, pinned to the node it trains on.
 
 Every trial rebuilds the config from `config["cfg"]` (a `model_dump`, never a file path), loads the
-services it needs from the on-disk cache (never trains a model) and calls coderay's own per-candidate
+services it needs from its node's store (never trains a model; never another node's model) and calls coderay's own per-candidate
 functions (`predict_path`, `build_path`, `train_path`, `edge_early_rows`): one implementation, two engines.
 
 - a cooperative path's trial runs on the host's node with the host's blocks; the local blocks are reached
@@ -29,11 +29,12 @@ from ray import tune
 
 from coderay.candidate import SearchContext, build_path, predict_path, train_path
 from coderay.config import CoderayConfig
-from coderay.emulation import speed_divisor, work_as
+from coderay.emulation import work_as
 from coderay.links import load_links, save_links
 from coderay.paths import PathSpec
 from coderay.rows import Row, row_from_dict, score
 from coderay.services import load_services
+from coderay.store import node_store, relative, resolve
 
 from tuning.split import local_side, remote_service
 
@@ -61,22 +62,22 @@ def _setup(config: dict) -> tuple[CoderayConfig, dict]:
 
 
 def _context(cfg: CoderayConfig, spec: PathSpec, cand: dict) -> SearchContext:
-    """The services this trial may hold: for a cooperative path the host's blocks and the local stand-in
-    (or, not private, the local service itself), the local service for the others. Cached per process
+    """The services this trial may hold, from its node's store: for a cooperative path the host's blocks and
+    the local service as `RemoteBlocks` (split learning), the local service for the others. Cached per process
     (Tune reuses trial actors)."""
-    private = spec.kind == "coop" and cand.get("private", True)
-    key = (cfg.fingerprint(cfg), spec.local, spec.host, private)
+    key = (cfg.fingerprint(cfg), spec.local, spec.host)
     if key not in _CONTEXTS:
-        if not private and spec.kind == "coop":
-            services = load_services(cfg, [spec.local, spec.host], train_missing=False, progress=False)
-        elif private:
+        if spec.kind == "coop":
             services = load_services(cfg, [spec.host], train_missing=False, progress=False)
-            services[spec.local] = remote_service(cfg, spec.local, local_side(cfg, spec.local))
+            services[spec.local] = remote_service(cfg, spec.local, local_side(cfg, spec.local), spec.id)
         else:
             services = load_services(cfg, [spec.local], train_missing=False, progress=False)
         _CONTEXTS.clear()                     # one search at a time per worker
         _CONTEXTS[key] = SearchContext(cfg, services)
-    return _CONTEXTS[key]
+    ctx = _CONTEXTS[key]
+    if spec.kind == "coop":
+        ctx.services[spec.local].blocks.path_id = spec.id   # the side serves this candidate's ranges only
+    return ctx
 
 
 def _where(cand: dict) -> dict:
@@ -111,10 +112,13 @@ def _epoch_reward(cfg: CoderayConfig, predicted: Row, val_acc: float) -> float:
     return score(replace(predicted, val_acc=val_acc), cfg.reward, cfg.network).reward
 
 
-def _checkpoint(module, epoch: int, directory: Path) -> tune.Checkpoint:
-    save_links(module, directory)
-    (directory / STATE_FILE).write_text(json.dumps({"epoch": epoch}))
-    return tune.Checkpoint.from_directory(str(directory))
+def _checkpoint(module, epoch: int, store_dir: Path, cfg: CoderayConfig, node: str) -> tune.Checkpoint:
+    """The links after `epoch`, saved in this node's store; Tune's checkpoint holds only the epoch and the
+    file's store-relative name (a retry runs on the same node and reads it back from there)."""
+    name = relative(save_links(module, store_dir), cfg, node)
+    d = Path(tempfile.mkdtemp(prefix="coderay-ckpt-"))
+    (d / STATE_FILE).write_text(json.dumps({"epoch": epoch, "links": name}))
+    return tune.Checkpoint.from_directory(str(d))
 
 
 def train_trial(config: dict) -> None:
@@ -136,14 +140,17 @@ def train_trial(config: dict) -> None:
         return
 
     module, _ = build_path(ctx, spec)
+    node = cand["node"]
+    links_dir = Path(cand["links_dir"])                            # store-relative
+    work = node_store(cfg, node) / "checkpoints" / links_dir.name / spec.id.replace(":", "__")
     done = 0
     checkpoint = tune.get_checkpoint() if resumable else None
     if checkpoint is not None:                       # a retry: continue from the last epoch's links
         with checkpoint.as_directory() as d:
-            done = json.loads((Path(d) / STATE_FILE).read_text())["epoch"]
-            for file in Path(d).glob("*.pt"):
-                for name, link in load_links(file)[1].items():
-                    module.links[name].load_state_dict(link.state_dict())
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+        done = state["epoch"]
+        for name, link in load_links(resolve(state["links"], cfg, node))[1].items():
+            module.links[name].load_state_dict(link.state_dict())
     _maybe_fail(cand, "train")
 
     def on_epoch(epoch: int, loss: float, val_acc: float) -> None:
@@ -155,19 +162,16 @@ def train_trial(config: dict) -> None:
         if not resumable:
             tune.report(report)
             return
-        with tempfile.TemporaryDirectory() as d:
-            tune.report(report, checkpoint=_checkpoint(module, epoch, Path(d)))
+        tune.report(report, checkpoint=_checkpoint(module, epoch, work, cfg, node))
 
-    work = Path(tempfile.mkdtemp(prefix="coderay-links-"))
-    try:
-        row, module = train_path(ctx, spec, epochs=max(cfg.search.link_epochs - done, 1), progress=False,
-                                 module=module,
-                                 links_dir=work, on_epoch=on_epoch, predicted=predicted)
-        row = replace(row, links_file=None).with_extra(epochs=epochs, resumed_from_epoch=done)
-        tune.report({"epoch": epochs, "val_acc": row.val_acc, "reward": row.reward, "row": row.to_dict(),
-                     **_where(cand)}, checkpoint=_checkpoint(module, epochs, work))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    row, module = train_path(ctx, spec, epochs=max(cfg.search.link_epochs - done, 1), progress=False,
+                             module=module, links_dir=node_store(cfg, node) / links_dir, on_epoch=on_epoch,
+                             predicted=predicted)
+    row = replace(row, links_file=relative(Path(row.links_file), cfg, node)).with_extra(
+        epochs=epochs, resumed_from_epoch=done)
+    tune.report({"epoch": epochs, "val_acc": row.val_acc, "reward": row.reward, "row": row.to_dict(),
+                 **_where(cand)}, checkpoint=_checkpoint(module, epochs, work, cfg, node))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def baseline_trial(config: dict) -> None:
@@ -175,18 +179,13 @@ def baseline_trial(config: dict) -> None:
     node. The baseline mirrors the local model's tail by definition; of the hosts it needs only their block
     profiles, which come in the trial's config (`cand["hosts"]`): no host weight is loaded here."""
     from coderay.baselines import edge_early_rows
-    from coderay.blocks import BlockInfo
-    from coderay.services import ServiceModel
+    from coderay.provider import metadata_services
 
     cfg, cand = _setup(config)
     _maybe_fail(cand, "train")
     local = cand["local"]
     services = load_services(cfg, [local], train_missing=False, progress=False)
-    for name, meta in cand["hosts"].items():
-        spec = cfg.service(name)
-        infos = [BlockInfo.from_dict(d) for d in meta["infos"]]
-        services[name] = ServiceModel(spec, cfg.node(spec.node), None, None, [None] * len(infos), infos,
-                                      meta["metrics"], speed_divisor(cfg, spec.node))
+    services |= metadata_services(cfg, cand["hosts"])
     rows = edge_early_rows(SearchContext(cfg, services), local)
     best = max((r.reward for r in rows), default=None)
     tune.report({"rows": {r.path_id: r.to_dict() for r in rows}, "reward": best, **_where(cand)})
