@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -142,7 +143,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None) -> int:
     """Deploy, print how to reach it, and serve until Ctrl-C or SIGTERM (unless --no-block)."""
-    import signal
     import time
 
     from deployments.app import start_serving
@@ -175,8 +175,7 @@ def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None) -> int:
     if args.no_block:
         return 0
     print("serving until Ctrl-C (or SIGTERM)", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)     # `kill`, a service manager: shut down as on Ctrl-C
-    signal.signal(signal.SIGINT, _interrupt)      # also when started in the background, where SIGINT is ignored
+    signal.signal(signal.SIGTERM, _interrupt)     # ours again, whatever Serve's start-up installed
     try:
         while True:
             time.sleep(3600)
@@ -188,6 +187,10 @@ def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None) -> int:
 
 
 def _interrupt(signum, frame) -> None:
+    """Ctrl-C or SIGTERM: stop as on KeyboardInterrupt; further signals are ignored so the clean-up (cluster,
+    Serve, cgroups) runs to its end instead of being cut short with a traceback."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -241,6 +244,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         _disconnect(cluster)
         raise
     return serve_until_stopped(cfg, args, cluster=cluster)
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """Remove CPU-cap groups left by crashed runs (owner gone, no task inside); live runs' groups stay."""
+    from coderay import capacity
+
+    removed = capacity.sweep(unowned=args.all)
+    print(json.dumps(removed) if args.json else "\n".join(removed) or "nothing stale")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -386,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     _deploy_args(v)
     v.set_defaults(func=cmd_serve)
 
+    c = sub.add_parser("cleanup", help="remove CPU-cap cgroups of crashed runs (never one with live tasks)")
+    c.add_argument("--all", action="store_true", help="also hand-named sessions, once they hold no task")
+    c.add_argument("--json", action="store_true", help="print the removed paths as JSON")
+    c.set_defaults(func=cmd_cleanup)
+
     st = sub.add_parser("status", help="the controller's live table: active paths, shares and its last decisions "
                                        "with reasons")
     st.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path,
@@ -402,11 +419,16 @@ def main(argv: list[str] | None = None) -> int:
     # logs and progress go to stderr, so stdout carries only results (pure JSON with --json)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)     # `kill`, a service manager: shut down as on Ctrl-C
+    signal.signal(signal.SIGINT, _interrupt)      # also when started in the background, where SIGINT is ignored
     try:
         return args.func(args)
     except (CoderayError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"coderay {args.command}: interrupted, stopped cleanly", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

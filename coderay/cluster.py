@@ -13,8 +13,8 @@ import os
 from coderay.config import CoderayConfig
 from coderay.store import STORE_ENV, local_store
 
-__all__ = ["ray_env", "serve_env", "environ", "start_local_cluster", "connect", "join", "check_nodes", "pin",
-           "LocalCluster"]
+__all__ = ["ray_env", "serve_env", "environ", "start_local_cluster", "connect", "join", "init_ray", "keep_sigterm",
+           "check_nodes", "pin", "LocalCluster"]
 
 log = logging.getLogger(__name__)
 PIN = 0.01  # the share of a node's resource one replica or trial asks for
@@ -54,7 +54,6 @@ class LocalCluster:
                  layout: list[tuple[float, list[str]]] | None = None):
         """layout: which edge servers share a Ray node, as (cpus, [node names]) per Ray node (default: one
         Ray node per configured node, with its `cpus`). Benchmarks use it to run one config on fewer nodes."""
-        import ray
         from ray.cluster_utils import Cluster
 
         from coderay import capacity
@@ -62,22 +61,25 @@ class LocalCluster:
 
         ray_env()
         self.session = capacity.new_session()   # this cluster's CPU-cap groups (its workers inherit the name)
-        # Ray's processes start on the head's cores (pin_cores) and inherit Serve's environment; the driver not
-        with pinned_head(cfg), environ(serve_env(cfg)):
-            self.cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20, "include_dashboard": False,
-                "resources": {"head": 1}})
-            self.nodes = {}
-            for cpus, names in layout or [(n.cpus, [n.name]) for n in cfg.nodes]:
-                objects = max(cfg.node(n).object_store_mb for n in names)
-                # each node its own coderay store, as `ray start` on a provider's server gives it
-                ray_node = self.cluster.add_node(num_cpus=cpus, resources=dict.fromkeys(names, 1),
-                                                 object_store_memory=objects * 2**20,
-                                                 env_vars={STORE_ENV: str(local_store(cfg, names[0]))})
-                self.nodes |= dict.fromkeys(names, ray_node)
-        self.cluster.wait_for_nodes()
-        ray.init(address=self.cluster.address, namespace="coderay", ignore_reinit_error=True,
-                 log_to_driver=False)
+        self.cluster, self.nodes = None, {}
+        try:
+            # Ray's processes start on the head's cores (pin_cores) and inherit Serve's environment; the driver not
+            with keep_sigterm(), pinned_head(cfg), environ(serve_env(cfg)):
+                self.cluster = Cluster(initialize_head=True, head_node_args={
+                    "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20,
+                    "include_dashboard": False, "resources": {"head": 1}})
+                for cpus, names in layout or [(n.cpus, [n.name]) for n in cfg.nodes]:
+                    objects = max(cfg.node(n).object_store_mb for n in names)
+                    # each node its own coderay store, as `ray start` on a provider's server gives it
+                    ray_node = self.cluster.add_node(num_cpus=cpus, resources=dict.fromkeys(names, 1),
+                                                     object_store_memory=objects * 2**20,
+                                                     env_vars={STORE_ENV: str(local_store(cfg, names[0]))})
+                    self.nodes |= dict.fromkeys(names, ray_node)
+            self.cluster.wait_for_nodes()
+            init_ray(address=self.cluster.address, namespace="coderay", log_to_driver=False)
+        except BaseException:                    # Ctrl-C or SIGTERM while starting: leave nothing behind
+            self.shutdown()
+            raise
         log.info("local Ray cluster: head + %s", ", ".join(self.nodes))
 
     def remove(self, node: str, *, timeout_s: float = 60.0) -> None:
@@ -104,7 +106,8 @@ class LocalCluster:
         from coderay import capacity
 
         ray.shutdown()
-        self.cluster.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
         capacity.cleanup(self.session)           # the node groups of exited workers
 
 
@@ -130,7 +133,6 @@ def start_local_cluster(cfg: CoderayConfig, **kwargs) -> LocalCluster:
 
 def connect(cfg: CoderayConfig, address: str | None) -> LocalCluster | None:
     """Join `address` (e.g. 'auto' on a `ray up` cluster) or start a local cluster; check the nodes either way."""
-    import ray
 
     if address:
         join(address)
@@ -139,6 +141,31 @@ def connect(cfg: CoderayConfig, address: str | None) -> LocalCluster | None:
         local = start_local_cluster(cfg)
     check_nodes(cfg)
     return local
+
+
+@contextlib.contextmanager
+def keep_sigterm():
+    """This process's own SIGTERM handler kept across the block: `ray.init` replaces it with `sys.exit` and a
+    node started in this process with a drain of its own, so a `kill` of the CLI would end it wherever it is
+    instead of shutting the cluster down cleanly."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
+
+
+def init_ray(**kwargs) -> None:
+    """`ray.init` (reinit ignored), keeping this process's SIGTERM handler."""
+    import ray
+
+    with keep_sigterm():
+        ray.init(ignore_reinit_error=True, **kwargs)
 
 
 def join(address: str, *, namespace: str = "coderay", **kwargs) -> None:
@@ -150,7 +177,7 @@ def join(address: str, *, namespace: str = "coderay", **kwargs) -> None:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # the cluster decides on auth: RAY_AUTH_MODE is the user's
     try:
-        ray.init(address=address, namespace=namespace, ignore_reinit_error=True, log_to_driver=False, **kwargs)
+        init_ray(address=address, namespace=namespace, log_to_driver=False, **kwargs)
     except ray.exceptions.AuthenticationError as e:
         raise ClusterAuthError(f"the Ray cluster at {address} refused this driver: {e.message}. Set "
                                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the cluster's token file (made by "

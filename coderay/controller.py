@@ -6,8 +6,10 @@ samples, fallbacks, latency p50/p99, per-path counts, paths it skips after a fai
 alive — turns the deltas into one `coderay.policy.Measurements`, runs the drift-plus-penalty policy, and keeps
 the outcome: each service's route (path, cooperative share), the reward table re-scored from measured costs, and
 a decision log with reasons. All of it is written to `<workdir>/controller/state.json` after every interval
-(atomically) and read back in `__init__`, so a restarted actor (`max_restarts=-1`) comes back with its table,
-queues and log.
+(durably: a temp file fsynced, renamed over it, the directory fsynced) and read back in `__init__`, so a restarted
+actor (`max_restarts=-1`) comes back with its table, queues and log. The file is checked in one place
+(`parse_state`) before any of it is used: one that does not fit this code and reward table is set aside as
+`state.json.bad-<time>` with a warning, and the controller starts fresh rather than failing on every restart.
 
 How routes reach every ingress replica: each replica *pulls*. Its background task calls `sync(replica_id,
 stats)` every `POLL_S` seconds: one call hands the controller that replica's figures and returns the current
@@ -21,22 +23,32 @@ per-request fallback).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
+import math
 import os
+import tempfile
 import threading
 import time
+import types
+import typing
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from coderay.config import CoderayConfig
 from coderay.policy import Decision, Measurements, NodeLoad, Policy, servable
 from coderay.routing import initial_routes
-from coderay.rows import Row, row_from_dict, score
+from coderay.rows import PATH_KINDS, BaselineRow, Row, row_from_dict, score
 
-__all__ = ["NAME", "NAMESPACE", "APP_NAME", "POLL_S", "Controller", "actor_options", "start_controller",
-           "get_controller", "stop_controller", "state_path", "table_key"]
+__all__ = ["APP_NAME", "NAME", "NAMESPACE", "POLL_S", "REPLICA_GONE_S", "STATE_SCHEMA", "Controller", "SavedState",
+           "StateMismatch", "actor_options", "get_controller", "parse_state", "read_state", "remove_stale_temps",
+           "set_aside", "stale_replicas", "start_controller", "state_path", "stop_controller", "table_key",
+           "write_state"]
 
 log = logging.getLogger(__name__)
 NAME = "coderay-controller"
@@ -48,6 +60,11 @@ INFO_TIMEOUT_S = 1.5            # a block group's info() that takes longer is sk
 UNREACHABLE_AFTER = 2           # ... and a node all of whose block groups missed this many intervals in a row is
                                 # treated as gone before Ray's health checks declare it dead (~15-30 s)
 KEEP_DECISIONS = 400            # decisions kept (and persisted); switches are kept apart, as many
+REPLICA_FRESH_S = max(5.0, 3 * POLL_S)   # an ingress replica heard from this recently counts in an interval
+REPLICA_GONE_S = max(15.0, 10 * POLL_S)  # ... one silent this long is gone (Serve replaced or lost it): forgotten
+STATE_SCHEMA = 2                # the state file's layout; bump it on a change, and older files are set aside
+POLICY_TABLES = ("q_local", "q_host", "slowdown", "own_rate", "own_busy", "own_latency", "arrivals", "since")
+BY_SERVICE = ("q_local", "arrivals", "since")   # ... of those, the ones keyed by service
 
 
 def state_path(cfg: CoderayConfig) -> Path:
@@ -57,6 +74,260 @@ def state_path(cfg: CoderayConfig) -> Path:
 def table_key(cfg: CoderayConfig, rows: Sequence[Row]) -> str:
     """Identity of the reward table a state file belongs to (paths, links, profiled costs)."""
     return cfg.fingerprint(sorted((r.path_id, r.links_file, r.costs) for r in rows if r.is_path))
+
+
+# ---------------------------------------------------------------------- the state file
+
+
+class StateMismatch(ValueError):
+    """A state file that parses but does not fit this code or this reward table; the message says where."""
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """What a restarted controller takes back from its state file, already checked against the running table."""
+    version: int                    # the routes' version when it was written
+    ticks: int
+    restarts: int
+    policy: dict[str, dict]         # `Policy.state()`: safe to hand to `Policy.restore`
+    rows: list[Row]                 # the live (re-scored) rows, one per path of the table
+    decisions: list[Decision]
+    switches: list[Decision]
+
+
+def write_state(path: Path, doc: Mapping[str, Any]) -> None:
+    """Write `doc` as JSON so that `path` holds either the old or the new complete state, even across a crash
+    or power loss: a temp file beside it, flushed and fsynced, renamed over it, then the directory fsynced."""
+    data = json.dumps(doc, default=str).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable; best effort where the file system refuses to fsync a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.debug("controller: fsync of %s: %s", directory, e)
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temp files a killed writer left beside `path`; only the actor, the one writer, calls this."""
+    stale = list(path.parent.glob(f".{path.name}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+def set_aside(path: Path, reason: str) -> Path | None:
+    """Rename a state file that does not fit to `<name>.bad-<time>` (kept for a post-mortem, never read again)
+    and say so; None where it cannot be moved."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = path.with_name(f"{path.name}.bad-{stamp}"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.bad-{stamp}-{n}"), n + 1
+    try:
+        os.replace(path, target)
+    except OSError as e:
+        log.warning("controller: state file %s does not fit (%s) and could not be set aside (%s); starting fresh",
+                    path, reason, e)
+        return None
+    _fsync_dir(path.parent)
+    log.warning("controller: state file %s does not fit (%s); set aside as %s, starting fresh", path, reason,
+                target.name)
+    return target
+
+
+def read_state(path: Path, *, key: str, services: Collection[str], path_ids: Collection[str],
+               set_aside_bad: bool = True) -> SavedState | None:
+    """The state file's contents, checked; None (start fresh) when there is none or it does not fit. A file
+    that does not fit is set aside (`set_aside_bad`; a reader that must not write only warns), so a restarted
+    actor starts instead of failing on it again and again."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        saved, reason = None, f"unreadable: {e}"
+    else:
+        saved, reason = _decode(raw, key=key, services=services, path_ids=path_ids)
+    if saved is not None:
+        return saved
+    if set_aside_bad:
+        set_aside(path, reason)
+    else:
+        log.warning("controller: state file %s does not fit (%s); read as fresh, left in place", path, reason)
+    return None
+
+
+def _decode(raw: bytes, **table: Any) -> tuple[SavedState | None, str]:
+    """The checked state in `raw`, or None and why not."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:             # JSONDecodeError, UnicodeDecodeError: a truncated or garbled file
+        return None, f"not valid JSON: {e}"
+    try:
+        return parse_state(doc, **table), ""
+    except StateMismatch as e:
+        return None, str(e)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:   # a misfit the checks missed: no crash loop
+        return None, f"does not fit this code: {e!r}"
+
+
+def parse_state(doc: Any, *, key: str, services: Collection[str], path_ids: Collection[str]) -> SavedState:
+    """The one check of a state file's contents (parsed JSON) against this code (`STATE_SCHEMA`, field names and
+    types) and this reward table (`key`, its services and path ids): StateMismatch naming the first misfit, so
+    that nothing later, inside a tick or a status call, meets a value it cannot use."""
+    if not isinstance(doc, Mapping):
+        raise StateMismatch(f"expected a JSON object, got {type(doc).__name__}")
+    if doc.get("schema") != STATE_SCHEMA:
+        raise StateMismatch(f"schema {doc.get('schema')!r} (older or other code); this code reads {STATE_SCHEMA}")
+    if _get(doc, "table_key", str) != key:
+        raise StateMismatch(f"it belongs to another reward table ({doc['table_key']!r}, this one {key!r})")
+    return SavedState(version=_count(doc, "version"), ticks=_count(doc, "ticks"), restarts=_count(doc, "restarts"),
+                      policy=_policy(_get(doc, "policy", Mapping), services, path_ids),
+                      rows=_rows(_get(doc, "rows", list), path_ids),
+                      decisions=_decisions(_get(doc, "decisions", list), "decisions"),
+                      switches=_decisions(_get(doc, "switches", list), "switches"))
+
+
+def _get(doc: Mapping, name: str, kind: type, where: str = "") -> Any:
+    """doc[name], which must be there and be a `kind`."""
+    if name not in doc:
+        raise StateMismatch(f"{where}{name} missing")
+    value = doc[name]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise StateMismatch(f"{where}{name} is {_show(value)}, not {kind.__name__}")
+    return value
+
+
+def _count(doc: Mapping, name: str) -> int:
+    value = _get(doc, name, int)
+    if value < 0:
+        raise StateMismatch(f"{name} is {value}, below 0")
+    return value
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _policy(raw: Mapping, services: Collection[str], path_ids: Collection[str]) -> dict[str, dict]:
+    """`Policy.state()` as written: finite numbers by name, each service's current (path, share) a path of
+    this table (or its local-only path)."""
+    out: dict[str, dict] = {}
+    for table in POLICY_TABLES:
+        values = _get(raw, table, Mapping, "policy.")
+        for name, v in values.items():
+            if not _finite(v):
+                raise StateMismatch(f"policy.{table}[{name!r}] is {_show(v)}, not a finite number")
+            if table in BY_SERVICE and name not in services:
+                raise StateMismatch(f"policy.{table} names service {name!r}, which is not configured")
+        out[table] = dict(values)
+    current = _get(raw, "current", Mapping, "policy.")
+    for svc, choice in current.items():
+        if svc not in services:
+            raise StateMismatch(f"policy.current names service {svc!r}, which is not configured")
+        if not (isinstance(choice, list) and len(choice) == 2 and isinstance(choice[0], str)
+                and _finite(choice[1]) and 0 <= choice[1] <= 1):
+            raise StateMismatch(f"policy.current[{svc!r}] is {_show(choice)}, not [path, share in 0..1]")
+        if choice[0] not in path_ids and choice[0] != f"{svc}:local":
+            raise StateMismatch(f"policy.current[{svc!r}] is path {choice[0]!r}, not in the reward table")
+    out["current"] = {svc: list(choice) for svc, choice in current.items()}
+    return out
+
+
+def _rows(raw: list, path_ids: Collection[str]) -> list[Row]:
+    """The live rows, each typed as `Row` declares, together exactly the table's paths."""
+    rows = []
+    for i, r in enumerate(raw):
+        if not isinstance(r, Mapping):
+            raise StateMismatch(f"rows[{i}] is {_show(r)}, not an object")
+        misfits = _misfits(Row if r.get("kind") in PATH_KINDS else BaselineRow, r)
+        if misfits:
+            raise StateMismatch(f"rows[{i}]: {'; '.join(misfits)}")
+        rows.append(row_from_dict(r))
+    if sorted(r.path_id for r in rows) != sorted(path_ids):
+        raise StateMismatch(f"its rows {sorted(r.path_id for r in rows)} are not the reward table's paths "
+                            f"{sorted(path_ids)}")
+    return rows
+
+
+def _decisions(raw: list, name: str) -> list[Decision]:
+    out = []
+    for i, d in enumerate(raw):
+        if not isinstance(d, Mapping):
+            raise StateMismatch(f"{name}[{i}] is {_show(d)}, not an object")
+        misfits = _misfits(Decision, d)
+        if misfits:
+            raise StateMismatch(f"{name}[{i}]: {'; '.join(misfits)}")
+        out.append(Decision.from_dict(d))
+    return out
+
+
+def _misfits(cls: type, d: Mapping) -> list[str]:
+    """What in `d` does not fit the dataclass `cls`: required fields missing, fields of another type."""
+    hints = _hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                out.append(f"{f.name} missing")
+        elif not _fits(d[f.name], hints[f.name]):
+            out.append(f"{f.name} is {_show(d[f.name])}, not {_type_name(hints[f.name])}")
+    return out
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value can stand for a field typed `hint` (the types rows and decisions use)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if dataclasses.is_dataclass(hint):
+        names = {f.name for f in dataclasses.fields(hint)}
+        return isinstance(value, Mapping) and set(value) <= names and not _misfits(hint, value)
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def stale_replicas(seen: Mapping[str, float], now: float, after_s: float = REPLICA_GONE_S) -> list[str]:
+    """Ingress replicas (id -> when last heard from) silent for longer than `after_s`: gone, since a live one
+    syncs every POLL_S."""
+    return sorted(rid for rid, t in seen.items() if now - t > after_s)
 
 
 class Controller:
@@ -85,7 +356,9 @@ class Controller:
         self.hops: dict[str, dict] = {}             # service -> its block group's queue: in flight, p50/p99 ms
         self._handles: dict = {}
         self._misses: dict[str, int] = {}           # service -> info() calls missed in a row
-        self.reloaded = self._load()
+        if run:
+            remove_stale_temps(self.path)
+        self.reloaded = self._load(set_aside_bad=run)
         if _reconstructed():
             self.restarts += 1
         self._stop = threading.Event()
@@ -98,33 +371,33 @@ class Controller:
 
     # ------------------------------------------------------------------ persistence
 
-    def _load(self) -> bool:
-        try:
-            doc = json.loads(self.path.read_text())
-        except (FileNotFoundError, ValueError):
+    def _load(self, *, set_aside_bad: bool) -> bool:
+        """Take back the state file's table, queues and log if it fits (checked whole by `read_state` before any
+        of it is used); False: starting fresh."""
+        saved = read_state(self.path, key=self.key, services=self.services,
+                           path_ids=[r.path_id for r in self.base_rows], set_aside_bad=set_aside_bad)
+        if saved is None:
             return False
-        if doc.get("table_key") != self.key:
-            log.info("controller: %s belongs to another reward table; starting fresh", self.path)
-            return False
-        self.policy.restore(doc.get("policy") or {})
-        self.live_rows = [row_from_dict(r) for r in doc.get("rows") or []] or self.live_rows
-        self.decisions.extend(Decision.from_dict(d) for d in doc.get("decisions") or [])
-        self.switches.extend(Decision.from_dict(d) for d in doc.get("switches") or [])
-        self.version = int(doc.get("version", 0)) + 1
-        self.restarts = int(doc.get("restarts", 0))
-        self.ticks = int(doc.get("ticks", 0))
+        self.policy.restore(saved.policy)
+        self.live_rows = saved.rows
+        self.decisions.extend(saved.decisions)
+        self.switches.extend(saved.switches)
+        self.version = saved.version + 1
+        self.restarts = saved.restarts
+        self.ticks = saved.ticks
         return True
 
+    def state_doc(self) -> dict:
+        """The state file's contents (what `parse_state` reads back)."""
+        with self.lock:
+            return {"schema": STATE_SCHEMA, "table_key": self.key, "saved_at": time.time(), "version": self.version,
+                    "ticks": self.ticks, "restarts": self.restarts, "routes": self.policy.routes,
+                    "policy": self.policy.state(), "rows": [r.to_dict() for r in self.live_rows],
+                    "decisions": [d.to_dict() for d in self.decisions],
+                    "switches": [d.to_dict() for d in self.switches], "measurements": self.last_measurements}
+
     def _save(self) -> None:
-        doc = {"table_key": self.key, "saved_at": time.time(), "version": self.version, "ticks": self.ticks,
-               "restarts": self.restarts, "routes": self.policy.routes, "policy": self.policy.state(),
-               "rows": [r.to_dict() for r in self.live_rows],
-               "decisions": [d.to_dict() for d in self.decisions], "switches": [d.to_dict() for d in self.switches],
-               "measurements": self.last_measurements}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(doc, default=str))
-        os.replace(tmp, self.path)
+        write_state(self.path, self.state_doc())
 
     # ------------------------------------------------------------------ what ingress replicas call
 
@@ -147,8 +420,7 @@ class Controller:
     def _loop(self) -> None:
         interval = self.cfg.controller.interval_s
         next_at = time.monotonic() + interval
-        while not self._stop.is_set():
-            self._stop.wait(max(0.0, next_at - time.monotonic()))
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             next_at = time.monotonic() + interval
             try:
                 self.tick()
@@ -157,6 +429,19 @@ class Controller:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def prune_replicas(self, now: float) -> list[str]:
+        """Forget ingress replicas silent for REPLICA_GONE_S (replaced or lost): the per-replica tables stay
+        bounded and status lists live replicas only. Returns the ids forgotten."""
+        with self.lock:
+            gone = stale_replicas({rid: v["seen"] for rid, v in self.ingress.items()}, now)
+            for rid in gone:
+                del self.ingress[rid]
+            for rid in set(self._prev_ingress) - set(self.ingress):
+                del self._prev_ingress[rid]
+        if gone:
+            log.info("controller: ingress replicas %s silent for over %.0f s: forgotten", gone, REPLICA_GONE_S)
+        return gone
 
     def _alive(self) -> dict[str, bool]:
         import ray
@@ -220,9 +505,10 @@ class Controller:
             if "cpu_s" in stats and "cpu_s" in prev:   # one cgroup per node: counted once per node
                 node["cpu_busy"] = min(1.5, _delta(stats["cpu_s"], prev["cpu_s"]) / dt / stats["cpu_share"])
             self._prev_blocks[svc] = stats
+        self.prune_replicas(now)
         with self.lock:
             ingress = {rid: dict(v) for rid, v in self.ingress.items()}
-        fresh = {rid: v for rid, v in ingress.items() if now - v["seen"] <= max(5.0, 3 * POLL_S)}
+        fresh = {rid: v for rid, v in ingress.items() if now - v["seen"] <= REPLICA_FRESH_S}
         arrivals = dict.fromkeys(self.services, 0.0)
         served: dict[str, dict] = {svc: {"requests": 0, "samples": 0, "fallbacks": 0, "latency_s": 0.0,
                                          "by_path": {}} for svc in self.services}
