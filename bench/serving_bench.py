@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import math
 import os
@@ -67,8 +66,7 @@ class Pool:
     def from_task(cls, task, batch: int, seed: int = 0) -> Pool:
         x = torch.stack([task.test[i][0] for i in range(len(task.test))])
         y = np.array([int(task.test[i][1]) for i in range(len(task.test))])
-        mean, std = torch.tensor(task.mean).view(-1, 1, 1), torch.tensor(task.std).view(-1, 1, 1)
-        pixels = (x * std + mean).clamp(0, 1).numpy().astype("<f4")      # raw [0, 1] pixels, as a client has
+        pixels = task.denormalize(x).numpy().astype("<f4")      # raw [0, 1] pixels, as a client has
         order = np.random.default_rng(seed).permutation(len(y))
         order = np.concatenate([order, order[:(-len(order)) % batch]])
         pool = cls([], [], [])
@@ -697,17 +695,11 @@ def reprofile(cfg, services: list[str], repeats: int = 3) -> dict[str, float]:
 
 
 def rescored(row: dict, factors: dict[str, float], cfg) -> dict:
-    """The row's modelled figures with each node's costs scaled by its factor (coderay.rows.score)."""
-    from coderay.rows import row_from_dict, score
+    """The row's modelled figures with each node's costs scaled by its factor ({} for a row without costs)."""
+    from coderay.rows import rescore, row_from_dict
 
     r = row_from_dict(row)
-    if r.costs is None:
-        return {}
-    fl, fh = factors.get(r.local_node, 1.0), factors.get(r.host_node, 1.0)
-    c = r.costs
-    costs = dataclasses.replace(c, local_full=c.local_full * fl, local_part=c.local_part * fl,
-                                host_full=c.host_full * fh, host_part=c.host_part * fh)
-    return score(dataclasses.replace(r, costs=costs), cfg.reward, cfg.network).to_dict()
+    return rescore(r, factors, cfg.reward, cfg.network).to_dict() if r.costs is not None else {}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,13 +61,13 @@ def edge_early_rows(ctx: SearchContext, local: str, *, exits: list[int] | None =
     rows = []
     for e in exits:
         _, val_acc, test_acc, head_params = _branch(ctx, local, e)
-        for host in (h for name, h in ctx.services.items() if name != local):
+        for host in (h for name, h in ctx.services.items() if name != local and h.spec.grant(local) > 0):
             for k in range(0, e):
                 host_speed_ratio = node_rate(ctx.cfg, svc.node.name) / node_rate(ctx.cfg, host.node.name)
                 costs = PathCosts(local_full=full, local_part=svc.block_seconds(1, k),
                                   host_full=host.block_seconds(1, len(host.blocks)),
                                   host_part=svc.block_seconds(k + 1, e) * host_speed_ratio,
-                                  batch=host.spec.batch_size, guest_quota=host.spec.guest_quota,
+                                  batch=host.spec.batch_size, guest_quota=host.spec.grant(local),
                                   bytes_out=wire * math.prod(svc.boundaries[k]), bytes_back=wire * svc.task.num_classes)
                 row = BaselineRow(
                     path_id=f"{local}:edge-early:{host.name}:{k}:{e}", local=local, kind="edge-early", host=host.name,

@@ -66,9 +66,11 @@ class SearchContext:
 
 
 def candidates(ctx: SearchContext, local: str) -> list[PathSpec]:
+    """`local`'s candidate paths: its own, and through every host that admits it as a guest (a grant ≥ 1)."""
     s = ctx.cfg.search
-    return enumerate_paths(local, {n: svc.boundaries for n, svc in ctx.services.items()}, lout=s.lout, hin=s.hin,
-                           include_skip=s.include_skip)
+    bounds = {n: svc.boundaries for n, svc in ctx.services.items()
+              if n == local or ctx.cfg.service(n).grant(local) > 0}
+    return enumerate_paths(local, bounds, lout=s.lout, hin=s.hin, include_skip=s.include_skip)
 
 
 def _run(blocks, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +178,7 @@ def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
     host = ctx.services[spec.host]
     return PathCosts(local_full=full, local_part=seconds[spec.local],
                      host_full=host.block_seconds(1, len(host.blocks)) + call_seconds(cfg, host.node.name, spec.host),
-                     host_part=seconds[spec.host], batch=host.spec.batch_size, guest_quota=host.spec.guest_quota,
+                     host_part=seconds[spec.host], batch=host.spec.batch_size, guest_quota=host.spec.grant(spec.local),
                      bytes_out=nbytes["out"], bytes_back=nbytes["back"])
 
 

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import sys
 from pathlib import Path
@@ -169,6 +170,10 @@ def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None) -> int:
         nodes = sorted({c for n, cores in plan.items() if n != HEAD for c in cores})
         print(f"  cores:      Ray's own processes, the proxy and the ingress on {_cores(plan[HEAD])}, the nodes' work "
               f"on {_cores(nodes)} (emulation.pin_cores)")
+    token = getattr(served.cluster, "token", None)
+    if token is not None:
+        print(f"  Ray:        {served.cluster.cluster.address}, token authentication, token in {token} (coderay "
+              f"status finds it; other drivers: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token})")
     if cfg.controller.enabled and not getattr(args, "no_controller", False):
         print(f"  controller: coderay status{'' if args.address is None else ' --address ' + args.address}   "
               f"(or curl {url}/v1/controller)")
@@ -259,10 +264,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     """The controller's live table: active paths, shares, queues, the last decisions with their reasons."""
     import ray
 
-    from coderay.cluster import join
+    from coderay.cluster import TOKEN_FILE, join, use_token
     from coderay.controller import NAMESPACE, get_controller
     from coderay.errors import ClusterAuthError
 
+    token = load_config(args.config, **_workdir(args)).root / TOKEN_FILE
+    if token.exists() and not (os.environ.get("RAY_AUTH_TOKEN_PATH") or os.environ.get("RAY_AUTH_TOKEN")):
+        use_token(token)                                   # the token of `coderay up`'s local cluster
     try:
         join(args.address or "auto", namespace=NAMESPACE, logging_level=logging.WARNING)
     except ClusterAuthError:
@@ -419,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     # logs and progress go to stderr, so stdout carries only results (pure JSON with --json)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("torch").setLevel(logging.WARNING)   # its INFO (e.g. cache stats at exit) is not ours
     signal.signal(signal.SIGTERM, _interrupt)     # `kill`, a service manager: shut down as on Ctrl-C
     signal.signal(signal.SIGINT, _interrupt)      # also when started in the background, where SIGINT is ignored
     try:

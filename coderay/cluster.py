@@ -9,22 +9,59 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
+from pathlib import Path
 
 from coderay.config import CoderayConfig
 from coderay.store import STORE_ENV, local_store
 
-__all__ = ["ray_env", "serve_env", "environ", "start_local_cluster", "connect", "join", "init_ray", "keep_sigterm",
-           "check_nodes", "pin", "LocalCluster"]
+__all__ = ["ray_env", "local_token", "use_token", "TOKEN_FILE", "serve_env", "environ", "start_local_cluster", "connect", "join", "init_ray", "keep_sigterm",
+           "check_nodes", "alive_resources", "pin", "HEAD_RESOURCE", "LocalCluster"]
 
 log = logging.getLogger(__name__)
 PIN = 0.01  # the share of a node's resource one replica or trial asks for
+HEAD_RESOURCE = "head"  # the custom resource of LocalCluster's head node (the ingress and the controller sit there)
+
+
+TOKEN_FILE = ".ray/auth_token"   # the local cluster's token, under the workdir
 
 
 def ray_env() -> None:
-    """Environment of the local cluster's processes (no usage stats; no token auth on this machine's own
-    cluster unless the user set RAY_AUTH_MODE)."""
+    """Environment of every coderay Ray process: no usage stats."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def local_token(cfg: CoderayConfig) -> Path | None:
+    """Token authentication for the local cluster, as on a real one: a token made once under the workdir (0600)
+    and this process's environment set to use it (every process of the cluster inherits it). None, and nothing
+    changed, where RAY_AUTH_MODE=disabled says otherwise (the tests) or the user brought a token of their own."""
+    if os.environ.get("RAY_AUTH_MODE") == "disabled":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        use_token(Path(os.environ["RAY_AUTH_TOKEN_PATH"]))
+        return Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        use_token(None)
+        return None
+    path = cfg.root / TOKEN_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    use_token(path)
+    return path
+
+
+def use_token(path: Path | None) -> None:
+    """This process (and what it starts) authenticates with the token in `path` (None: RAY_AUTH_TOKEN's). Ray
+    reads its auth mode once, when it is imported; the refresh is what Ray's own `_enable_token_auth` does."""
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if path is not None:
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    Config.initialize("")
 
 
 def serve_env(cfg: CoderayConfig) -> dict[str, str]:
@@ -47,6 +84,13 @@ def pin(node: str, cpus: float = 0.0) -> dict:
     return {"num_cpus": cpus, "resources": {node: PIN}}
 
 
+def alive_resources() -> dict[str, dict[str, float]]:
+    """{Ray node id: the resources it offers} for every node Ray reports alive (the connected cluster's)."""
+    import ray
+
+    return {n["NodeID"]: dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")}
+
+
 class LocalCluster:
     """A head (driver, Serve proxy, ingress) plus one Ray node per configured edge server, on this machine."""
 
@@ -60,6 +104,7 @@ class LocalCluster:
         from coderay.emulation import pinned_head
 
         ray_env()
+        self.token = local_token(cfg)           # token authentication, as `ray start` on a provider's server
         self.session = capacity.new_session()   # this cluster's CPU-cap groups (its workers inherit the name)
         self.cluster, self.nodes = None, {}
         try:
@@ -67,7 +112,7 @@ class LocalCluster:
             with keep_sigterm(), pinned_head(cfg), environ(serve_env(cfg)):
                 self.cluster = Cluster(initialize_head=True, head_node_args={
                     "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20,
-                    "include_dashboard": False, "resources": {"head": 1}})
+                    "include_dashboard": False, "resources": {HEAD_RESOURCE: 1}})
                 for cpus, names in layout or [(n.cpus, [n.name]) for n in cfg.nodes]:
                     objects = max(cfg.node(n).object_store_mb for n in names)
                     # each node its own coderay store, as `ray start` on a provider's server gives it
@@ -89,13 +134,11 @@ class LocalCluster:
         still answer, so a caller could not tell a lost server from a live one."""
         import time
 
-        import ray
-
         ray_node = self.nodes[node]
         self.nodes = {k: v for k, v in self.nodes.items() if v is not ray_node}
         self.cluster.remove_node(ray_node, allow_graceful=False)
         deadline = time.monotonic() + timeout_s
-        while any(n["NodeID"] == ray_node.node_id and n["Alive"] for n in ray.nodes()):
+        while ray_node.node_id in alive_resources():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Ray still reports node {node!r} alive {timeout_s:.0f} s after removing it")
             time.sleep(0.2)
@@ -178,22 +221,23 @@ def join(address: str, *, namespace: str = "coderay", **kwargs) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # the cluster decides on auth: RAY_AUTH_MODE is the user's
     try:
         init_ray(address=address, namespace=namespace, log_to_driver=False, **kwargs)
-    except ray.exceptions.AuthenticationError as e:
-        raise ClusterAuthError(f"the Ray cluster at {address} refused this driver: {e.message}. Set "
-                               "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the cluster's token file (made by "
-                               "`ray get-auth-token --generate`)") from None
+    except (ray.exceptions.AuthenticationError, ConnectionError) as e:
+        chain, err = [], e                  # Ray wraps the refusal in a ConnectionError, or only quotes it
+        while err is not None and len(chain) < 10:
+            chain.append(err)
+            err = err.__cause__ or err.__context__
+        if not any(isinstance(c, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(c) for c in chain):
+            raise
+        raise ClusterAuthError(f"the Ray cluster at {address} refused this driver (its token is missing or "
+                               "wrong): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the cluster's token file "
+                               "(made by `ray get-auth-token --generate`)") from None
 
 
 def check_nodes(cfg: CoderayConfig, nodes: list[str] | None = None) -> None:
     """ValueError naming every configured node no alive Ray node offers (instead of pending forever)."""
-    import ray
-
-    alive = set()
-    for n in ray.nodes():
-        if n.get("Alive"):
-            alive |= set(n.get("Resources", {}))
+    offered = {r for resources in alive_resources().values() for r in resources}
     wanted = nodes if nodes is not None else [n.name for n in cfg.nodes]
-    missing = [n for n in wanted if n not in alive]
+    missing = [n for n in wanted if n not in offered]
     if missing:
         raise ValueError(f"the Ray cluster has no node offering resource(s) {missing}: start those nodes with "
                          f"`ray start ... --resources '{{\"{missing[0]}\": 1}}'` (see cluster.yaml) or fix `nodes` "

@@ -64,7 +64,7 @@ class NetworkSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(8, ge=0)                # 0: the provider brings its trained `weights` (read on its node)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(64, ge=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -80,6 +80,8 @@ class ServiceSpec(_Strict):
     cuts: list[str] | None = None               # ... or at these named stages
     weights: str | None = None                  # torchvision/coderay state_dict on disk to start from
     guest_quota: int = Field(0, ge=0)           # s: samples of each host batch reserved for guests
+    guests: dict[str, int] | None = None        # the guests this host admits, each with the slots of a batch it
+                                                # may take (≤ guest_quota); None: every guest, sharing guest_quota
     batch_size: int = Field(32, ge=1)           # B: the batch this service's blocks run at
     train: TrainSpec = TrainSpec()
 
@@ -89,7 +91,18 @@ class ServiceSpec(_Strict):
             raise ValueError("give either 'blocks' or 'cuts', not both")
         if self.guest_quota > self.batch_size:
             raise ValueError(f"guest_quota ({self.guest_quota}) must not exceed batch_size ({self.batch_size})")
+        if self.train.epochs == 0 and self.weights is None:
+            raise ValueError("train.epochs: 0 trains nothing, so the service needs its trained `weights`")
+        for guest, slots in (self.guests or {}).items():
+            if not 0 <= slots <= self.guest_quota:
+                raise ValueError(f"guests.{guest}: {slots} slots; expected 0..guest_quota ({self.guest_quota})")
         return self
+
+    def grant(self, guest: str) -> int:
+        """The slots s of each of this host's batches that `guest`'s samples may take (0: not admitted)."""
+        if guest == self.name:
+            return 0
+        return self.guest_quota if self.guests is None else self.guests.get(guest, 0)
 
 
 class LinkVariant(_Strict):
@@ -136,6 +149,12 @@ class RewardSpec(_Strict):
     accuracy_floor: float | None = Field(None, ge=0, le=1)  # δ: A^av below A_local − δ earns 0
 
 
+class AuthSpec(_Strict):
+    """API keys for the HTTP API (coderay.auth): off by default (the demo on this machine)."""
+    enabled: bool = False
+    keys_file: str | None = None                # YAML of operator/provider/client keys (or CODERAY_KEYS_FILE)
+
+
 class ServingSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)     # 0 picks a free port
@@ -143,6 +162,8 @@ class ServingSpec(_Strict):
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_request_samples: int = Field(256, ge=1)
     max_body_bytes: int = Field(8 * 2**20, ge=1024)
+    max_inflight_bytes: int = Field(64 * 2**20, ge=1024)  # request bodies one ingress replica holds at once (from
+                                                # Content-Length, until answered); one more: 503 + Retry-After
     request_timeout_s: float = Field(10.0, gt=0)
     max_ongoing_requests: int = Field(1024, ge=1)  # requests the ingress holds at once; more wait in Serve's proxy
     fallback_cooldown_s: float | None = Field(None, ge=0)  # a failed path is skipped this long; None: max(10, 3 × timeout)
@@ -160,6 +181,7 @@ class ServingSpec(_Strict):
                                                 # (a C proxy forwarding to the ingress replicas' own HTTP ports)
                                                 # instead of Serve's Python proxy, whose hop cost more CPU per
                                                 # request than the ingress itself
+    auth: AuthSpec = AuthSpec()                 # who may infer, change routes, read the debug and controller views
     access_log: bool = False                    # Serve's per-request log lines in the proxy and every replica (each
                                                 # a formatted, flushed line per request and per replica call)
 
@@ -233,6 +255,10 @@ class CoderayConfig(_Strict):
         for i, svc in enumerate(self.services):
             if svc.node not in nodes:
                 raise ValueError(f"services[{i}].node: unknown node {svc.node!r}; expected one of {nodes}")
+            for guest in svc.guests or {}:
+                if guest not in names or guest == svc.name:
+                    raise ValueError(f"services[{i}].guests: unknown guest {guest!r}; expected one of "
+                                     f"{[n for n in names if n != svc.name]}")
         return self
 
     def node(self, name: str) -> NodeSpec:

@@ -1,15 +1,16 @@
 """The controller: a named, detached Ray actor that keeps the live reward table and chooses every service's route.
 
-Every `controller.interval_s` it measures serving — each block group's `info()` (own and guest samples, compute
-seconds; through `serve.get_deployment_handle(..., "coderay")`), what every ingress replica reported (requests,
-samples, fallbacks, latency p50/p99, per-path counts, paths it skips after a failure), which nodes Ray reports
-alive — turns the deltas into one `coderay.policy.Measurements`, runs the drift-plus-penalty policy, and keeps
-the outcome: each service's route (path, cooperative share), the reward table re-scored from measured costs, and
-a decision log with reasons. All of it is written to `<workdir>/controller/state.json` after every interval
-(durably: a temp file fsynced, renamed over it, the directory fsynced) and read back in `__init__`, so a restarted
-actor (`max_restarts=-1`) comes back with its table, queues and log. The file is checked in one place
-(`parse_state`) before any of it is used: one that does not fit this code and reward table is set aside as
-`state.json.bad-<time>` with a warning, and the controller starts fresh rather than failing on every restart.
+Every `controller.interval_s` it measures serving — each block group's latest report (own and guest samples,
+compute seconds, its queue; pushed by the group every `REPORT_S` through `report_blocks`, see below), what every
+ingress replica reported (requests, samples, fallbacks, latency p50/p99, per-path counts, paths it skips after a
+failure), which nodes Ray reports alive — turns the deltas into one `coderay.policy.Measurements`, runs the
+drift-plus-penalty policy, and keeps the outcome: each service's route (path, cooperative share), the reward table
+re-scored from measured costs, and a decision log with reasons. All of it is written to
+`<workdir>/controller/state.json` after every interval (durably: a temp file fsynced, renamed over it, the
+directory fsynced) and read back in `__init__`, so a restarted actor (`max_restarts=-1`) comes back with its
+table, queues and log. The file is checked in one place (`parse_state`) before any of it is used: one that does
+not fit this code and reward table is set aside as `state.json.bad-<time>` with a warning, and the controller
+starts fresh rather than failing on every restart.
 
 How routes reach every ingress replica: each replica *pulls*. Its background task calls `sync(replica_id,
 stats)` every `POLL_S` seconds: one call hands the controller that replica's figures and returns the current
@@ -20,6 +21,14 @@ replica that starts (or restarts) asks within a second, a replica that is gone s
 controller learns the set of replicas from who calls, and nothing on the request path ever waits on the
 controller: if it is down, the poll times out in the background and the replica keeps its last routes (and its
 per-request fallback).
+
+Block groups push too, and for the same reason the controller never asks them through Serve: a call to a
+replica takes one of its `max_ongoing_requests` slots and runs on its event loop, and a saturated group holds both
+with queued batches, so its answer came late and a busy host was declared lost (its guests cut off). Each group
+instead reports from a thread of its own (`deployments.blocks.HealthReporter`); a group not heard from for
+`REPORT_STALE_S` is missed that interval, and a node all of whose groups were missed `UNREACHABLE_AFTER`
+intervals in a row counts as gone (before Ray's own health checks say so). Busy is not missing: only a group
+that stops reporting (its process died, its node is gone) is.
 """
 from __future__ import annotations
 
@@ -40,12 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coderay.cluster import HEAD_RESOURCE, alive_resources
 from coderay.config import CoderayConfig
 from coderay.policy import Decision, Measurements, NodeLoad, Policy, servable
 from coderay.routing import initial_routes
 from coderay.rows import PATH_KINDS, BaselineRow, Row, row_from_dict, score
 
-__all__ = ["APP_NAME", "NAME", "NAMESPACE", "POLL_S", "REPLICA_GONE_S", "STATE_SCHEMA", "Controller", "SavedState",
+__all__ = ["APP_NAME", "NAME", "NAMESPACE", "POLL_S", "REPLICA_GONE_S", "REPORT_S", "REPORT_STALE_S", "STATE_SCHEMA",
+           "Controller", "SavedState",
            "StateMismatch", "actor_options", "get_controller", "parse_state", "read_state", "remove_stale_temps",
            "set_aside", "stale_replicas", "start_controller", "state_path", "stop_controller", "table_key",
            "write_state"]
@@ -54,9 +65,9 @@ log = logging.getLogger(__name__)
 NAME = "coderay-controller"
 NAMESPACE = "coderay"
 APP_NAME = "coderay"            # the Serve application (deployments.app.APP_NAME)
-HEAD_RESOURCE = "head"          # coderay.cluster.LocalCluster's head node (deployments.placement.HEAD_RESOURCE)
 POLL_S = 1.0                    # how often each ingress replica syncs with the controller
-INFO_TIMEOUT_S = 1.5            # a block group's info() that takes longer is skipped this interval
+REPORT_S = 0.5                  # how often each block group pushes its figures (deployments.blocks.HealthReporter)
+REPORT_STALE_S = 1.5            # a block group not heard from for longer is missed this interval ...
 UNREACHABLE_AFTER = 2           # ... and a node all of whose block groups missed this many intervals in a row is
                                 # treated as gone before Ray's health checks declare it dead (~15-30 s)
 KEEP_DECISIONS = 400            # decisions kept (and persisted); switches are kept apart, as many
@@ -352,10 +363,11 @@ class Controller:
         self.nodes_alive: dict[str, bool] = {}
         self.ingress: dict[str, dict] = {}          # replica id -> {"seen": t, "stats": cumulative figures}
         self._prev_ingress: dict[str, dict] = {}    # replica id -> the cumulative figures at the last tick
-        self._prev_blocks: dict[str, dict] = {}     # service -> its block group's stats at the last tick
+        self._prev_blocks: dict[str, tuple[float, dict]] = {}   # service -> (when, its group's report) last used
         self.hops: dict[str, dict] = {}             # service -> its block group's queue: in flight, p50/p99 ms
-        self._handles: dict = {}
-        self._misses: dict[str, int] = {}           # service -> info() calls missed in a row
+        self._reports: dict[str, tuple[float, dict]] = {}   # service -> (time.monotonic() received, its last report)
+        self._heard_since = time.monotonic()        # a group not heard from at all is missed from then on
+        self._misses: dict[str, int] = {}           # service -> intervals missed in a row
         if run:
             remove_stale_temps(self.path)
         self.reloaded = self._load(set_aside_bad=run)
@@ -408,6 +420,13 @@ class Controller:
             return {"routes": self.policy.routes, "version": self.version,
                     "gone": sorted(n for n, alive in self.nodes_alive.items() if not alive)}
 
+    def report_blocks(self, service: str, health: dict) -> None:
+        """A block group's push (`deployments.blocks.HealthReporter`): its figures as `BlockGroup.health` gives
+        them. Kept until the next interval reads it; a service this controller does not serve is ignored."""
+        if service in self.services:
+            with self.lock:
+                self._reports[service] = (time.monotonic(), health)
+
     def routes(self) -> dict:
         with self.lock:
             return {"routes": self.policy.routes, "version": self.version}
@@ -444,46 +463,31 @@ class Controller:
         return gone
 
     def _alive(self) -> dict[str, bool]:
-        import ray
-
-        offered = set()
-        for n in ray.nodes():
-            if n.get("Alive"):
-                offered |= set(n.get("Resources", {}))
+        offered = {r for resources in alive_resources().values() for r in resources}
         return {n.name: n.name in offered for n in self.cfg.nodes}
 
-    def _block_stats(self, alive: dict[str, bool]) -> dict[str, dict]:
-        """{service: its block group's stats (+ its node's cgroup CPU seconds and share, where capped)} for
-        services on live nodes whose info() answers in time."""
-        from ray import serve
-
-        pending = {}
+    def _block_stats(self, alive: dict[str, bool]) -> dict[str, tuple[float, dict]]:
+        """{service: (when received, its block group's stats + its node's cgroup CPU seconds and share, where
+        capped)} for services on live nodes whose group reported within `REPORT_STALE_S`; the others count a
+        miss. Reads what the groups pushed: it never waits on a group."""
+        now = time.monotonic()
+        with self.lock:
+            reports = dict(self._reports)
+        out = {}
         for svc, node in self.services.items():
             if not alive.get(node, True):
                 continue
-            try:
-                if svc not in self._handles:
-                    self._handles[svc] = serve.get_deployment_handle(f"blocks-{svc}", APP_NAME).options(
-                        method_name="info")
-                pending[svc] = self._handles[svc].remote()
-            except Exception as e:  # noqa: BLE001 — not deployed (yet), Serve down
-                log.debug("controller: blocks-%s unreachable: %s", svc, e)
-        out, deadline = {}, time.monotonic() + INFO_TIMEOUT_S
-        for svc, response in pending.items():
-            self._misses[svc] = self._misses.get(svc, 0) + 1
-            try:
-                info = response.result(timeout_s=max(0.05, deadline - time.monotonic()))
-                cap = info.get("capacity") or {}
-                out[svc] = dict(info["stats"]) | ({"cpu_s": cap["cpu_s"], "cpu_share": cap["share"]}
-                                                  if cap.get("cpu_s") is not None and cap.get("share") else {})
-                self.hops[svc] = info.get("queue") or {}       # calls in flight, recent p50/p99 (for status)
-                self._misses[svc] = 0
-            except Exception as e:  # noqa: BLE001
-                log.debug("controller: blocks-%s info failed: %s", svc, e)
-                try:
-                    response.cancel()
-                except Exception:  # noqa: BLE001
-                    pass
+            at, info = reports.get(svc, (self._heard_since, None))
+            if now - at > REPORT_STALE_S:
+                self._misses[svc] = self._misses.get(svc, 0) + 1
+                continue
+            if info is None:           # the controller just started: not heard from yet, not missed yet
+                continue
+            cap = info.get("capacity") or {}
+            out[svc] = (at, dict(info["stats"]) | ({"cpu_s": cap["cpu_s"], "cpu_share": cap["share"]}
+                                                   if cap.get("cpu_s") is not None and cap.get("share") else {}))
+            self.hops[svc] = info.get("queue") or {}       # calls in flight, recent p50/p99 (for status)
+            self._misses[svc] = 0
         return out
 
     def tick(self) -> list[Decision]:
@@ -497,14 +501,19 @@ class Controller:
             if alive[node] and mine and all(self._misses.get(svc, 0) >= UNREACHABLE_AFTER for svc in mine):
                 alive[node] = False
         nodes: dict[str, dict] = {n: {"own_samples": 0.0, "guest_samples": 0.0, "compute_s": 0.0} for n in alive}
-        for svc, stats in blocks.items():
-            prev = self._prev_blocks.get(svc, stats)
+        for svc, (at, stats) in blocks.items():
+            prev_at, prev = self._prev_blocks.setdefault(svc, (at, stats))   # the first report: the baseline
+            if at <= prev_at:          # no report since the last interval's (or the baseline): nothing to count
+                continue
+            # the counters' increase between two reports, scaled to this interval: reports and intervals are not
+            # in step, and a report's span may be half an interval longer or shorter than `dt`
+            scale = dt / (at - prev_at)
             node = nodes[self.services[svc]]
             for k in ("own_samples", "guest_samples", "compute_s"):
-                node[k] += _delta(stats.get(k, 0.0), prev.get(k, 0.0))
+                node[k] += scale * _delta(stats.get(k, 0.0), prev.get(k, 0.0))
             if "cpu_s" in stats and "cpu_s" in prev:   # one cgroup per node: counted once per node
-                node["cpu_busy"] = min(1.5, _delta(stats["cpu_s"], prev["cpu_s"]) / dt / stats["cpu_share"])
-            self._prev_blocks[svc] = stats
+                node["cpu_busy"] = min(1.5, scale * _delta(stats["cpu_s"], prev["cpu_s"]) / dt / stats["cpu_share"])
+            self._prev_blocks[svc] = (at, stats)
         self.prune_replicas(now)
         with self.lock:
             ingress = {rid: dict(v) for rid, v in self.ingress.items()}
@@ -669,14 +678,13 @@ def actor_options() -> dict:
     """Named and detached (it outlives the driver that started it), restarted forever (max_restarts=-1; tasks
     retried across restarts), no CPU reserved, on the head node where there is one (not on an edge node that
     may be lost). Threaded: the loop, ingress polls and status calls run concurrently."""
-    import ray
 
     opts = {"name": NAME, "namespace": NAMESPACE, "lifetime": "detached", "max_restarts": -1,
             "max_task_retries": -1, "max_concurrency": 16, "num_cpus": 0,
             # its Serve handles are awaited from plain threads: their router needs a loop of its own, which
             # Serve's throughput-optimized mode (serving.throughput_optimized) otherwise leaves to the caller
             "runtime_env": {"env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}}}
-    if any(n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {}) for n in ray.nodes()):
+    if any(HEAD_RESOURCE in resources for resources in alive_resources().values()):
         opts["resources"] = {HEAD_RESOURCE: 0.01}
     return opts
 

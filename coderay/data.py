@@ -62,9 +62,20 @@ class TaskData:
                 f"({channels}, H, W); got {tuple(x01.shape)}"
             )
         x = x01.float()
+        mean, std = self._stats(x)
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `normalize`: model input (B, C, H, W) (or (C, H, W)) back to pixels in [0, 1], as a
+        client holds them (clamped: float rounding may step just outside)."""
+        mean, std = self._stats(x)
+        return (x * std + mean).clamp(0, 1)
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std shaped (C, 1, 1), in `x`'s dtype and device."""
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        return (x - mean) / std
+        return mean, std
 
 
 def register_task(name: str) -> Callable[[Builder], Builder]:

@@ -55,7 +55,7 @@ def plan_hops(spec: PathSpec, *, link_out: str = "host") -> list[Hop]:
         return [*head, Hop("links", owner, path_id=spec.id, link="skip"), *tail]
     out_on = spec.host if link_out == "host" else spec.local
     return [*head, Hop("links", owner, path_id=spec.id, link="in"),
-            Hop("blocks", spec.host, spec.hin, spec.hout, guest=True),
+            Hop("blocks", spec.host, spec.hin, spec.hout, guest=True, path_id=spec.id),
             Hop("links", out_on, path_id=spec.id, link="out"), *tail]
 
 

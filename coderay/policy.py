@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 from coderay.config import ControllerSpec, NetworkSpec, RewardSpec
 from coderay.reward import reward as reward_of
-from coderay.rows import Row, score
+from coderay.rows import Row, rescore
 
 __all__ = ["NodeLoad", "Measurements", "Candidate", "Decision", "Policy", "servable"]
 
@@ -206,15 +206,11 @@ class Policy:
 
     def measured_row(self, row: Row) -> Row:
         """The row with each node's measured slowdown applied to its profiled costs, re-scored."""
-        c = row.costs
-        if c is None:
+        if row.costs is None:
             return row
         sl, sh = self.slowdown.get(row.local_node, 1.0), self.slowdown.get(row.host_node, 1.0)
-        costs = dataclasses.replace(c, local_full=c.local_full * sl, local_part=c.local_part * sl,
-                                    host_full=c.host_full * sh, host_part=c.host_part * sh)
-        live = dataclasses.replace(row, costs=costs).with_extra(slowdown_local=round(sl, 4),
-                                                                 slowdown_host=round(sh, 4) if row.host_node else None)
-        return score(live, self.reward_spec, self.network)
+        live = row.with_extra(slowdown_local=round(sl, 4), slowdown_host=round(sh, 4) if row.host_node else None)
+        return rescore(live, self.slowdown, self.reward_spec, self.network)
 
     def live_rows(self) -> list[Row]:
         return [self.measured_row(r) for r in self.rows.values()]

@@ -116,8 +116,9 @@ class Router:
             if spec.kind == "coop":
                 if spec.host not in self.services:
                     raise InvalidRouteError(f"path: host {spec.host!r} is not a service of this config")
-                if self.cfg.service(spec.host).guest_quota < 1:
-                    raise InvalidRouteError(f"path: host {spec.host!r} admits no guests (guest_quota 0)")
+                if self.cfg.service(spec.host).grant(svc) < 1:
+                    raise InvalidRouteError(f"path: host {spec.host!r} does not admit {svc!r} as a guest "
+                                            "(guest_quota 0, or not among its guests)")
         if coop_fraction is None:
             coop_fraction = 0.0 if spec.kind == "local" else 1.0
         if isinstance(coop_fraction, bool) or not isinstance(coop_fraction, (int, float)) \

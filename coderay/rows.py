@@ -18,7 +18,7 @@ from coderay.config import NetworkSpec, RewardSpec
 from coderay.reward import average_accuracy, reward
 from coderay.throughput import PathCosts, path_throughput
 
-__all__ = ["PATH_KINDS", "Row", "BaselineRow", "score", "row_from_dict", "csv_columns"]
+__all__ = ["PATH_KINDS", "Row", "BaselineRow", "score", "rescore", "row_from_dict", "csv_columns"]
 
 PATH_KINDS = ("local", "skip", "coop")   # what a service may run; any other kind is a baseline
 
@@ -161,6 +161,18 @@ def score(row: Row, reward_spec: RewardSpec, network: NetworkSpec) -> Row:
                    latency_ms=th.latency_ms, bottleneck=th.bottleneck, acc_avg=acc_avg,
                    acc_avg_test=avg(row.acc_local_test, row.test_acc),
                    pred_reward=rew(avg(row.acc_local_val, row.pred_acc)), reward=rew(acc_avg))
+
+
+def rescore(row: Row, factors: Mapping[str, float], reward_spec: RewardSpec, network: NetworkSpec) -> Row:
+    """The row scored with each node's profiled per-sample seconds times its factor (a node not in `factors`:
+    1), e.g. the slowdown measured under load. A row without costs is returned as is."""
+    c = row.costs
+    if c is None:
+        return row
+    fl, fh = factors.get(row.local_node, 1.0), factors.get(row.host_node, 1.0)
+    costs = replace(c, local_full=c.local_full * fl, local_part=c.local_part * fl,
+                    host_full=c.host_full * fh, host_part=c.host_part * fh)
+    return score(replace(row, costs=costs), reward_spec, network)
 
 
 def row_from_dict(d: Mapping) -> Row:

@@ -65,7 +65,10 @@ def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: 
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.2)
+    total = epochs * len(loader)
+    # one-cycle needs a few steps to warm up over; a run of a handful of steps (a stage-1 probe) keeps lr constant
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2) \
+        if total >= 10 else None
     history = []
     for epoch in range(1, epochs + 1):
         module.train()
@@ -79,7 +82,8 @@ def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             total, n = total + loss.item() * len(y), n + len(y)
             bar.set_postfix(loss=f"{total / n:.3f}")
         val_acc = evaluate(module, val) if validate else None
@@ -128,9 +132,12 @@ def train_service(cfg: CoderayConfig, spec: ServiceSpec, *, progress: bool = Tru
     torch.manual_seed(cfg.seed)
     model = build_model(spec, task)
     start = time.perf_counter()
-    history = fit(model, model.parameters(), task.train, task.val, epochs=spec.train.epochs, lr=spec.train.lr,
-                  batch_size=spec.train.batch_size, weight_decay=spec.train.weight_decay, seed=cfg.seed,
-                  desc=f"{spec.name} ({spec.arch} on {spec.task})", progress=progress, on_epoch=on_epoch)
+    if spec.train.epochs == 0:               # the provider's own trained weights (loaded by build_model, here)
+        history = [{"epoch": 0, "loss": None, "val_acc": evaluate(model, task.val)}]
+    else:
+        history = fit(model, model.parameters(), task.train, task.val, epochs=spec.train.epochs, lr=spec.train.lr,
+                      batch_size=spec.train.batch_size, weight_decay=spec.train.weight_decay, seed=cfg.seed,
+                      desc=f"{spec.name} ({spec.arch} on {spec.task})", progress=progress, on_epoch=on_epoch)
     metrics = {
         "service": spec.name, "arch": spec.arch, "task": spec.task,
         "val_acc": history[-1]["val_acc"], "test_acc": evaluate(model, task.test),

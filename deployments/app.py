@@ -20,8 +20,10 @@ import yaml
 from ray import serve
 from ray.serve import Application
 
+from coderay.auth import load_keyring
 from coderay.cluster import LocalCluster, connect
 from coderay.config import CoderayConfig, load_config
+from coderay.controller import APP_NAME
 from coderay.errors import NotSearchedError
 from coderay.routing import initial_routes, link_files
 from coderay.search import load_table
@@ -35,7 +37,6 @@ __all__ = ["APP_NAME", "INGRESS", "build_app", "app_builder", "deploy", "base_ur
            "write_serve_config", "Served", "start_serving", "direct_url", "served_table", "free_port"]
 
 log = logging.getLogger(__name__)
-APP_NAME = "coderay"
 INGRESS = "Ingress"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +63,7 @@ def build_app(cfg: CoderayConfig, table: RewardTable) -> Application:
     return Ingress.options(name=INGRESS, num_replicas=cfg.serving.ingress_replicas,
                            max_ongoing_requests=cfg.serving.max_ongoing_requests,
                            ray_actor_options=ingress_options(), logging_config=serve_logging(cfg),
-                           user_config={"routes": {}}).bind(cfg, rows, blocks)
+                           user_config={"routes": {}}).bind(cfg, rows, blocks, load_keyring(cfg).as_args())
 
 
 def served_table(cfg: CoderayConfig) -> RewardTable:

@@ -9,22 +9,34 @@ different ranges (grouped by range, one forward per group). Batches are counted 
 `batch_size`, B); guest samples (another service's path passing through) take at most `guest_quota` (s) of each
 batch: a guest chunk that does not fit is put back in the queue for a later batch by Serve's batcher, never
 dropped.
+
+Health never queues behind work: every replica pushes its figures (`BlockGroup.health`) to the controller from a
+thread of its own (`HealthReporter`), every `coderay.controller.REPORT_S`. Asked through Serve instead, the
+controller's question would wait for one of the replica's `max_ongoing_requests` slots and then for its event
+loop, both held by queued batches when the group is saturated, and a busy host would look lost. A group that
+stops reporting (its process died, its node is gone) is what the controller counts as missing. Serve checks each
+replica every `HEALTH_CHECK_PERIOD_S` (its default is 10 s), so a crashed group is replaced within a request's
+deadline rather than after it.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
+import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from ray import serve
 
+from coderay import controller as ctl
 from coderay.config import CoderayConfig
 from coderay.emulation import work_as
 from coderay.links import load_links
-from coderay.paths import to_wire
+from coderay.paths import PathSpec, to_wire
 from coderay.plan import TO_END, Hop
 from coderay.services import split_service
 from coderay.store import resolve
@@ -34,9 +46,14 @@ from deployments.placement import capacity_info, replica_location, torch_threads
 
 from deployments.routing import Activation, hop_delay_s
 
-__all__ = ["BlockGroup", "Chunk", "batch_samples", "latency_summary", "run_grouped"]
+__all__ = ["BlockGroup", "Chunk", "HEALTH_CHECK_PERIOD_S", "HealthReporter", "batch_samples", "latency_summary",
+           "run_grouped"]
 
 log = logging.getLogger(__name__)
+
+HEALTH_CHECK_PERIOD_S = 2.0     # how often Serve checks a block-group replica's liveness: a crashed one is found,
+                                # and replaced, within about this (the check takes no request slot; its timeout stays
+                                # Serve's 30 s, so a busy replica is not mistaken for a dead one)
 
 
 @dataclass(frozen=True)
@@ -49,16 +66,22 @@ class Chunk:
     guest: bool
     quota: int                  # s of the group (the same in every chunk: batch_size_fn sees no `self`)
     capacity: int               # B of the group
+    owner: str = ""             # a guest chunk's service, and the slots of a batch its grant gives it
+    grant: int = 0
 
     def __len__(self) -> int:
         return len(self.x)
 
 
 def batch_samples(chunks: list[Chunk]) -> int:
-    """Serve's batch size of `chunks`: their samples, or more than B once the guests exceed the quota s (the
-    batcher then defers the chunk that crossed it to a later batch)."""
-    guests = sum(len(c) for c in chunks if c.guest)
-    if guests > chunks[0].quota:
+    """Serve's batch size of `chunks`: their samples, or more than B once the guests exceed the quota s, or one
+    guest its grant (the batcher then defers the chunk that crossed it to a later batch)."""
+    per_guest: dict[str, int] = {}
+    for c in chunks:
+        if c.guest:
+            per_guest[c.owner] = per_guest.get(c.owner, 0) + len(c)
+    grants = {c.owner: c.grant for c in chunks if c.guest}
+    if sum(per_guest.values()) > chunks[0].quota or any(n > grants[g] for g, n in per_guest.items()):
         return chunks[0].capacity + 1
     return sum(len(c) for c in chunks)
 
@@ -103,14 +126,46 @@ def load_path_links(cfg: CoderayConfig, node: str, files: dict[str, str]) -> dic
     return out
 
 
-@serve.deployment
+class HealthReporter:
+    """Pushes `health()` to the controller every `ctl.REPORT_S` seconds from a daemon thread, so the figures
+    leave even while the replica's event loop and request slots are taken by batches. No controller (none runs,
+    or it is being replaced): it looks the controller up again next time. At most one report is in flight: a
+    controller slow to take them gets fewer, not a pile."""
+
+    def __init__(self, service: str, health: Callable[[], dict]):
+        self.service, self.health = service, health
+        self.stopped = threading.Event()
+        threading.Thread(target=self._run, name=f"coderay-health-{service}", daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _run(self) -> None:
+        import ray
+
+        actor, sent = None, None
+        while not self.stopped.wait(ctl.REPORT_S):
+            try:
+                if sent is not None:
+                    if not ray.wait([sent], timeout=0)[0]:
+                        continue
+                    ray.get(sent)                     # raises if the controller it went to is gone
+                if actor is None:
+                    actor = ctl.get_controller()
+                sent = actor.report_blocks.remote(self.service, self.health())
+            except Exception as e:  # noqa: BLE001 — no controller now: look it up again next time
+                log.debug("block group %s: health report not sent (%s: %s)", self.service, type(e).__name__, e)
+                actor, sent = None, None
+
+
+@serve.deployment(health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class BlockGroup:
     """Blocks 1..N of one service, frozen, on the service's node, with the links of the paths in `link_files`
     ({path id: links file}) that run there."""
 
     def __init__(self, cfg: CoderayConfig, service: str, cpus: float, link_files: dict[str, str] | None = None):
         self.cfg, self.service = cfg, service
-        spec = cfg.service(service)
+        spec = self.spec = cfg.service(service)
         self.node, self.quota = spec.node, spec.guest_quota
         self.capacity = min(spec.batch_size, cfg.serving.max_batch_size)   # B, in samples
         self.threads = torch_threads(cpus)
@@ -126,9 +181,15 @@ class BlockGroup:
         self.stats = {"calls": 0, "batches": 0, "samples": 0, "own_samples": 0, "guest_samples": 0,
                       "max_batch_samples": 0, "max_guest_samples_in_batch": 0, "mixed_range_batches": 0,
                       "compute_s": 0.0, "compute_cpu_s": 0.0, "link_calls": 0}
+        self.reporter = HealthReporter(service, self.health) if _in_replica() else None
         log.info("block group %s: %d blocks on %s (CPU: %s, share %s), %d torch thread(s), B=%d, s=%d, links of %s",
                  service, self.n_blocks, self.node, self.cap.mechanism, self.cap.share, self.threads, self.capacity,
                  self.quota, sorted(self.links) or "no path")
+
+    def __del__(self) -> None:
+        reporter = getattr(self, "reporter", None)
+        if reporter is not None:
+            reporter.stop()
 
     async def run(self, a: Activation, hops: tuple[Hop, ...], send: str | None = None) -> Activation:
         """One stage of a path on `a`: its hops in order, each this service's blocks or one of a path's links.
@@ -158,8 +219,11 @@ class BlockGroup:
                 self.stats["compute_cpu_s"] += time.thread_time() - cpu
                 continue
             first, last = step
-            size = self.quota if hop.guest else self.capacity
-            chunks = [Chunk(part, first, last, hop.guest, self.quota, self.capacity) for part in x.split(size)]
+            owner = PathSpec.parse(hop.path_id).local if hop.guest else ""
+            grant = self.spec.grant(owner) if hop.guest else 0
+            size = grant if hop.guest else self.capacity
+            chunks = [Chunk(part, first, last, hop.guest, self.quota, self.capacity, owner, grant)
+                      for part in x.split(size)]
             parts = await asyncio.gather(*(self._run_batch(c) for c in chunks))
             x = parts[0] if len(parts) == 1 else torch.cat(parts)
         return a.moved(to_wire(x, send) if send else x, self.node, delay_s=delay, crossed=a.node != self.node)
@@ -178,8 +242,8 @@ class BlockGroup:
         last = self.n_blocks if hop.last == TO_END else hop.last
         if not 1 <= hop.first <= last <= self.n_blocks:
             raise ValueError(f"{self.service}: block range {hop.first}..{last} outside 1..{self.n_blocks}")
-        if hop.guest and self.quota < 1:
-            raise ValueError(f"{self.service} admits no guest samples (guest_quota 0)")
+        if hop.guest and self.spec.grant(PathSpec.parse(hop.path_id).local) < 1:
+            raise ValueError(f"{self.service} does not admit the guest samples of {hop.path_id!r} (not granted)")
         return hop.first, last
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=batch_samples)
@@ -200,10 +264,24 @@ class BlockGroup:
         s["compute_cpu_s"] += time.thread_time() - cpu          # the model's own CPU (the rest is per-call cost)
         return out
 
+    def health(self) -> dict:
+        """What the controller reads each interval: the batching figures, the node's CPU under its cap, this hop's
+        queue. Copies only, no Ray call: `HealthReporter` runs it off the event loop, beside the batches."""
+        return {"service": self.service, "pid": os.getpid(), "stats": dict(self.stats),
+                "capacity": capacity_info(self.cfg, self.cap),
+                "queue": {"in_flight": self.in_flight, **latency_summary(self.latencies_ms)}}
+
     def info(self) -> dict:
         """Where this replica runs (checked from inside it), its batching figures and its settings."""
-        return {"deployment": f"blocks-{self.service}", "service": self.service, **replica_location(self.node),
+        return {"deployment": f"blocks-{self.service}", **self.health(), **replica_location(self.node),
                 "torch_threads": torch.get_num_threads(), "blocks": self.n_blocks, "batch_size": self.capacity,
-                "guest_quota": self.quota, "paths": sorted(self.links), "capacity": capacity_info(self.cfg, self.cap),
-                "stats": dict(self.stats), "process_cpu_s": time.process_time(),
-                "queue": {"in_flight": self.in_flight, **latency_summary(self.latencies_ms)}}
+                "guest_quota": self.quota, "paths": sorted(self.links), "process_cpu_s": time.process_time()}
+
+
+def _in_replica() -> bool:
+    """Whether this runs inside a Serve replica (not a test building the class by hand)."""
+    try:
+        serve.get_replica_context()
+    except Exception:  # noqa: BLE001 — RayServeException outside a replica
+        return False
+    return True

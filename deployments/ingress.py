@@ -3,21 +3,42 @@
 The ingress holds one handle per block group. A path runs as a chain of `.remote()` calls, one per stage (its
 hops on one node, `coderay.plan.stages`), in which each call receives the previous call's `DeploymentResponse` as
 a top-level argument, so activations go from replica to replica (through Ray's object store) and only the final
-logits come back here. Concurrent requests on one path share a chain (`deployments.merging.Merger`). Every chain is
-bounded by `serving.request_timeout_s`; a cooperative path that fails (timeout, a dead replica, a lost node) is
-answered on the local-only path with `"fallback": true`, and is then skipped (answered locally at once, still
-marked as a fallback) for a cool-down (`serving.fallback_cooldown_s`, default `3 × request_timeout_s`, at least
-10 s) before it is tried again, so a lost host costs one timeout, not one per request. coderay's domain errors
-(unknown service, invalid route) become 404 / 422 here.
+logits come back here. Concurrent requests on one path share a chain (`deployments.merging.Merger`).
+
+Each request has one deadline, `serving.request_timeout_s` after it arrived, that bounds all of it: its wait in
+the merger's queue, every chain it rides and every retry. A chain that fails, or that no request waits for any
+more (deadline, client gone), has every one of its replica calls cancelled, not only the last. A cooperative
+path gets at most `COOP_SHARE` of the time left; when it fails (a dead replica, a lost node, that budget spent)
+the request is answered on the local-only path with `"fallback": true`, and the path is then skipped (answered
+locally at once, still marked as a fallback) for a cool-down (`serving.fallback_cooldown_s`, default
+`3 × request_timeout_s`, at least 10 s) before it is tried again, so a lost host costs one failure, not one per
+request. The local-only path has no fallback: a call lost with its replica (the process died, the replica is
+unreachable) is retried, with a short back-off, on a live replica or once Serve has restarted the group, until
+the deadline; inference is idempotent, so a retry is safe. Only a request whose deadline passes unanswered gets
+a 503 (a replica was lost and none came back in time) or 504 (no failure, just no answer in time), with a JSON
+reason. coderay's domain errors (unknown service, invalid route) become 404 / 422 here.
+
+Bad input is never a 500: every refusal is `{"error": reason, ...}` with a 4xx. An infer body is refused before it
+is buffered when it is above `serving.max_body_bytes` (413) or when the bodies in flight in this replica would pass
+`serving.max_inflight_bytes` (503 with Retry-After; 413 for one that could never fit); bodies above
+`INLINE_DECODE_BYTES` are decoded (JSON parsing, numpy, PNG) on a small thread pool rather than on the event loop
+that every other request of this replica runs on. PNG decoding and numpy's checks release the GIL there; Python's
+JSON parser does not, so a large JSON body still holds the interpreter while it is parsed (~40 ms per MB on this
+machine): large batches belong in the binary encoding.
 
 No `from __future__ import annotations` here: FastAPI reads the endpoint annotations (`Request`, the body model)
 at run time through Serve's class-based view, where string annotations do not resolve.
 """
 
 import asyncio
+import contextlib
+import functools
+import json
 import logging
 import math
 import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -26,8 +47,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from coderay import controller as ctl
+from coderay.auth import Denied, KeyRing
 from coderay.config import CoderayConfig
 from coderay.data import get_task
 from coderay.emulation import cores_of
@@ -38,17 +61,22 @@ from coderay.routing import Router
 from coderay.rows import Row
 
 from deployments.blocks import latency_summary
-from deployments.merging import Merger
+from deployments.merging import DeadlineExceeded, Merger
 from deployments.placement import direct_http_port
 from deployments.routing import Activation
 from deployments.schemas import (
-    BINARY_TYPES, ApiError, ErrorBody, InferResponse, RouteInfo, RouteRequest, ServiceInfo, check_top_k,
-    decode_binary, decode_json_body, format_validation, infer_openapi_body,
+    ApiError, ErrorBody, InferResponse, RouteInfo, RouteRequest, ServiceInfo, body_kind, check_top_k, decode_body,
+    echo, format_validation, infer_openapi_body,
 )
 
-__all__ = ["Ingress", "api", "read_body"]
+__all__ = ["Ingress", "api", "read_body", "InflightBytes", "Claim", "decode_request", "INLINE_DECODE_BYTES"]
 
 log = logging.getLogger(__name__)
+
+INLINE_DECODE_BYTES = 32 * 2**10   # bodies up to this size decode on the event loop: a thread hop costs more
+DECODE_THREADS = 2                 # decoding threads per ingress replica (bounds the memory decoding holds too)
+MAX_HEADER_BYTES = 16 * 2**10      # request headers past these (HAProxy's own limits, tune.bufsize and maxhdr) get
+MAX_HEADERS = 100                  # a 431 on the direct port too, whose server takes headers of any size
 
 api = FastAPI(
     title="coderay",
@@ -56,53 +84,156 @@ api = FastAPI(
     description="Coordinated DNN services at the edge (CoDE) on Ray Serve: each service answers on its active "
                 "path, local-only or through another provider's frozen blocks joined by trained links.",
 )
-_ERRORS = {404: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody},
+_ERRORS = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody},
            422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+
+
+class ErrorJSON(JSONResponse):
+    """Error bodies as ASCII JSON: a reason may quote the client's own text, and a lone surrogate in it (valid in
+    a JSON string escape) cannot be encoded as UTF-8, which would turn the refusal into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(_json_safe(content), ensure_ascii=True, allow_nan=False,
+                          separators=(",", ":")).encode("ascii")
 
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return ErrorJSON(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 @api.exception_handler(CoderayError)
 async def _domain_error(request: Request, exc: CoderayError) -> JSONResponse:
     err = ApiError.of(exc)
-    return JSONResponse(err.body(), status_code=err.status)
+    return ErrorJSON(err.body(), status_code=err.status)
 
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-    return JSONResponse({"error": format_validation(errors), "detail": errors}, status_code=422)
+    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()[:20]]
+    return ErrorJSON({"error": format_validation(errors), "detail": errors}, status_code=422)
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     reason = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and reason == "Not Found":
-        reason = f"no route {request.method} {request.url.path}; the API is described at /docs"
-    return JSONResponse({"error": reason}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        reason = f"no route {request.method} {echo(request.url.path)}; the API is described at /docs"
+    return ErrorJSON({"error": reason}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as Content-Length or the bytes actually read exceed `limit`."""
+class HeaderBound:
+    """ASGI middleware: a request whose headers pass `MAX_HEADER_BYTES` or `MAX_HEADERS` gets a 431 JSON refusal
+    before any route runs. Serve's front (HAProxy) refuses such requests itself; the ingress replica's direct
+    HTTP port does not, so without this the app would parse headers of any size."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        headers = (scope.get("headers") or ()) if scope["type"] == "http" else ()
+        size = sum(len(k) + len(v) + 4 for k, v in headers)
+        if size > MAX_HEADER_BYTES or len(headers) > MAX_HEADERS:
+            reason = (f"request headers too large: {len(headers)} headers, {size} bytes; the limit is "
+                      f"{MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes")
+            await ErrorJSON({"error": reason}, status_code=431)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(HeaderBound)
+
+
+class InflightBytes:
+    """The request bodies one ingress replica holds at once, bounded by `limit` (`serving.max_inflight_bytes`).
+
+    A body is counted from its Content-Length before any of it is read (else chunk by chunk as it arrives) and
+    stays counted until its request is answered, since its decoded batch lives that long. One that would pass the
+    bound is refused instead of buffered: 503 with Retry-After while others hold the room, 413 when it alone is
+    above the bound. Only the replica's event loop touches the count, so it needs no lock."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held, self.refused = limit, 0, 0
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator["Claim"]:
+        """A request's share of the bound, given back when the block exits, however it exits."""
+        claim = Claim(self)
+        try:
+            yield claim
+        finally:
+            self.held -= claim.bytes
+
+    def take(self, claim: "Claim", n: int) -> None:
+        if claim.bytes + n > self.limit:
+            raise ApiError(413, f"body of {claim.bytes + n} bytes is above the {self.limit} bytes this ingress "
+                                "holds for all requests in flight (serving.max_inflight_bytes); send fewer samples "
+                                "per request", limit=self.limit)
+        if self.held + n > self.limit:
+            self.refused += 1
+            raise ApiError(503, f"the ingress holds {self.held} bytes of request bodies in flight; {n} more would "
+                                f"pass its bound of {self.limit} (serving.max_inflight_bytes): retry shortly",
+                           headers={"Retry-After": "1"}, limit=self.limit)
+        self.held += n
+        claim.bytes += n
+
+
+class Claim:
+    """The bytes one request holds of an `InflightBytes` bound."""
+
+    def __init__(self, bound: InflightBytes):
+        self.bound, self.bytes = bound, 0
+
+    def cover(self, total: int) -> None:
+        """Hold at least `total` bytes (the body read so far)."""
+        if total > self.bytes:
+            self.bound.take(self, total - self.bytes)
+
+
+async def read_body(request: Request, limit: int, claim: Claim | None = None) -> bytes:
+    """The body, refused with 413 as soon as Content-Length or the bytes actually read exceed `limit`; with a
+    `claim`, each byte is claimed before it is buffered (Content-Length's worth at once, when declared)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
             size = int(declared)
         except ValueError:
-            raise ApiError(400, f"Content-Length: not an integer ({declared!r})") from None
+            raise ApiError(400, f"Content-Length: not an integer ({echo(declared)})") from None
+        if size < 0:
+            raise ApiError(400, f"Content-Length: negative ({size})")
         if size > limit:
             raise ApiError(413, f"body of {size} bytes is above the limit of {limit} (serving.max_body_bytes); "
                                 "send fewer samples per request", limit=limit)
+        if claim is not None:
+            claim.cover(size)
     parts, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"body is above the limit of {limit} bytes (serving.max_body_bytes)", limit=limit)
-        parts.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, f"body is above the limit of {limit} bytes (serving.max_body_bytes)",
+                               limit=limit)
+            if claim is not None:
+                claim.cover(total)
+            parts.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "the client closed the connection before the whole body arrived") from None
     return b"".join(parts)
+
+
+async def decode_request(raw: bytes, kind: str, headers: Mapping[str, str], input_shape: tuple[int, ...], *,
+                         max_samples: int, executor: Executor | None) -> tuple[torch.Tensor, int | None]:
+    """`decode_body` off the event loop (on `executor`) for a body above `INLINE_DECODE_BYTES`, so the loop goes on
+    serving the replica's other requests wherever decoding releases the GIL; small ones decode in place."""
+    decode = functools.partial(decode_body, raw, kind, headers, input_shape, max_samples=max_samples)
+    if len(raw) <= INLINE_DECODE_BYTES:
+        return decode()
+    return await asyncio.get_running_loop().run_in_executor(executor, decode)
+
+
+COOP_SHARE = 0.5        # of a request's time left, what its cooperative path may take: the rest is the fallback's
+RETRY_FIRST_S = 0.05    # back-off before the first retry of a call lost with its replica, doubled each time ...
+RETRY_MAX_S = 1.0       # ... up to this
 
 
 class HostGone(RuntimeError):
@@ -111,6 +242,26 @@ class HostGone(RuntimeError):
 
 async def _resolve(response: Any) -> Any:
     return await response
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """Whether `exc` says a replica died or could not be reached (a retry, on another replica or on its
+    replacement, can succeed), looking through the wrappers Ray and Serve put around the cause: `RayTaskError`'s
+    `cause`, the `__cause__` of Serve's "upstream actor died" error. A model's own error is not such a loss."""
+    import grpc
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (RayActorError, ReplicaUnavailableError)):
+            return True
+        if isinstance(current, grpc.aio.AioRpcError) and current.code() == grpc.StatusCode.UNAVAILABLE:
+            return True
+        seen.add(id(current))
+        current = getattr(current, "cause", None) or current.__cause__
+    return False
 
 
 def _clean(value: Any) -> Any:
@@ -138,22 +289,25 @@ def _json_safe(value: Any) -> Any:
 class Ingress:
     """HTTP front of every service; owns the routing state (active path, cooperative share)."""
 
-    def __init__(self, cfg: CoderayConfig, rows: list[Row], blocks: dict):
+    def __init__(self, cfg: CoderayConfig, rows: list[Row], blocks: dict, keys: dict | None = None):
         self.cfg = cfg
         self.rows = rows
+        self.keys = KeyRing.from_args(keys) if keys else KeyRing(False)   # digests only (coderay.auth)
         self.router = Router(cfg, rows)
         self.tasks = {s.name: get_task(s.task, data_root=cfg.data_root, seed=cfg.seed) for s in cfg.services}
         self.blocks = {name: h.options(method_name="run") for name, h in blocks.items()}
         self._info_handles = [h.options(method_name="info") for h in blocks.values()]
         self.mergers: dict[str, Merger] = {}
         self._direct_port: int | None = None
-        self.stats = {s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "latency_s": 0.0, "by_path": {}}
-                      for s in cfg.services}
+        self.stats = {s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "retries": 0, "latency_s": 0.0,
+                               "by_path": {}} for s in cfg.services}
         self.suspended: dict[str, float] = {}   # path id -> time.monotonic() until which it is skipped
         self.gone: set[str] = set()             # nodes the controller reports gone: their guests' calls fail fast
         self._gone_watch: dict[str, asyncio.Future] = {}   # node -> resolved when it is reported gone
         self._plans: dict[str, tuple] = {}
         self.config_errors: dict[str, str] = {}  # the last reconfigure's rejected entries
+        self.inflight = InflightBytes(cfg.serving.max_inflight_bytes)
+        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="coderay-decode")
         cooldown = cfg.serving.fallback_cooldown_s
         self.cooldown_s = max(10.0, 3 * cfg.serving.request_timeout_s) if cooldown is None else cooldown
         self._controller_init()
@@ -190,6 +344,16 @@ class Ingress:
 
     # ------------------------------------------------------------------ HTTP
 
+    def _allow(self, request: Request, action: str, svc: str | None = None) -> None:
+        """The request's API key allows `action` (coderay.auth), else 401 (no or unknown key) or 403."""
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
+        try:
+            self.keys.check(key, action, svc)
+        except Denied as e:
+            raise ApiError(e.status, e.reason, headers={"WWW-Authenticate": "Bearer"} if e.status == 401
+                           else None) from None
+
     @api.get("/healthz", summary="liveness")
     async def healthz(self) -> dict:
         """`direct_http_port`: where this ingress replica also answers HTTP itself, without the proxy (Serve's
@@ -200,7 +364,8 @@ class Ingress:
                 "direct_http_port": self._direct_port}
 
     @api.get("/v1/services", response_model=list[ServiceInfo], summary="every service and its active route")
-    async def services(self) -> list[dict]:
+    async def services(self, request: Request) -> list[dict]:
+        self._allow(request, "read")
         out = []
         for s in self.cfg.services:
             task, route = self.tasks[s.name], self.router.routes[s.name]
@@ -217,7 +382,8 @@ class Ingress:
         return {p: round(t - now, 1) for p, t in self.suspended.items() if t > now and p.startswith(f"{svc}:")}
 
     @api.get("/v1/services/{svc}/paths", responses=_ERRORS, summary="the reward table rows of a service")
-    async def paths(self, svc: str) -> dict:
+    async def paths(self, svc: str, request: Request) -> dict:
+        self._allow(request, "read")
         self.router.check_service(svc)
         route = self.router.routes[svc]
         mine = [r for r in self.rows if r.local == svc]
@@ -232,13 +398,15 @@ class Ingress:
                 "pinned": self.router.is_pinned(svc), "paths": rows, "baselines": baselines}
 
     @api.get("/v1/services/{svc}/route", response_model=RouteInfo, responses=_ERRORS, summary="the active route")
-    async def get_route(self, svc: str) -> dict:
+    async def get_route(self, svc: str, request: Request) -> dict:
+        self._allow(request, "read")
         self.router.check_service(svc)
         return self._route_info(svc)
 
     @api.put("/v1/services/{svc}/route", response_model=RouteInfo, responses=_ERRORS,
              summary="pin the active path and the cooperative share, live, until DELETE releases it")
-    async def put_route(self, svc: str, body: RouteRequest) -> dict:
+    async def put_route(self, svc: str, body: RouteRequest, request: Request) -> dict:
+        self._allow(request, "operate")
         self.router.check_service(svc)
         self.router.apply({svc: body.model_dump(exclude_none=True)})
         log.info("route %s pinned -> %s", svc, self.router.routes[svc].to_dict())
@@ -246,7 +414,8 @@ class Ingress:
 
     @api.delete("/v1/services/{svc}/route", response_model=RouteInfo, responses=_ERRORS,
                 summary="release a pinned route: the service answers on coderay's own choice again")
-    async def delete_route(self, svc: str) -> dict:
+    async def delete_route(self, svc: str, request: Request) -> dict:
+        self._allow(request, "operate")
         self.router.release(svc)
         log.info("route %s released -> %s", svc, self.router.routes[svc].to_dict())
         return self._route_info(svc)
@@ -260,21 +429,22 @@ class Ingress:
     async def infer(self, svc: str, request: Request,
                     top_k: int | None = Query(None, ge=1, description="classes per sample (default 3)")
                     ) -> JSONResponse:
+        self._allow(request, "infer", svc)
         self.router.check_service(svc)
+        kind = body_kind(request.headers.get("content-type"))
+        with self.inflight.claim() as claim:
+            return await self._infer(svc, request, kind, top_k, claim)
+
+    async def _infer(self, svc: str, request: Request, kind: str, top_k: int | None, claim: Claim) -> JSONResponse:
         serving, task = self.cfg.serving, self.tasks[svc]
-        raw = await read_body(request, serving.max_body_bytes)
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype in BINARY_TYPES:
-            x01, body_k = decode_binary(raw, request.headers, task.input_shape,
-                                        max_samples=serving.max_request_samples), None
-        elif ctype in ("", "application/json", "text/json") or ctype.endswith("+json"):
-            x01, body_k = decode_json_body(raw, task.input_shape, max_samples=serving.max_request_samples)
-        else:
-            raise ApiError(415, f"Content-Type {ctype!r} not supported: send application/json "
-                                "({'inputs': ...} or {'images': ...}) or application/octet-stream with X-Shape")
+        deadline = time.monotonic() + serving.request_timeout_s     # the request's one deadline, from arrival
+        raw = await read_body(request, serving.max_body_bytes, claim)
+        x01, body_k = await decode_request(raw, kind, request.headers, task.input_shape,
+                                           max_samples=serving.max_request_samples, executor=self._decoder)
+        del raw
         k = check_top_k(top_k if top_k is not None else body_k, task.num_classes)
         start = time.perf_counter()
-        spec, fallback, out = await self.answer(svc, task.normalize(x01))
+        spec, fallback, out = await self.answer(svc, task.normalize(x01), deadline)
         latency_ms = (time.perf_counter() - start) * 1e3
         stats = self.stats[svc]
         stats["requests"] += 1
@@ -297,7 +467,8 @@ class Ingress:
                         "delay_ms": round(out.delay_ms, 3), "wire_bytes": out.wire_bytes}})
 
     @api.get("/v1/debug/replicas", summary="where each replica runs (asked from inside it) and its batching figures")
-    async def replicas(self) -> dict:
+    async def replicas(self, request: Request) -> dict:
+        self._allow(request, "operate")
         infos = await asyncio.gather(*(asyncio.wait_for(_resolve(h.remote()), self.cfg.serving.request_timeout_s)
                                        for h in self._info_handles), return_exceptions=True)
         import os
@@ -307,7 +478,9 @@ class Ingress:
         return {"replicas": [i if isinstance(i, dict) else {"error": repr(i)} for i in infos],
                 "ingress": {"pid": os.getpid(), "cores": cores_of(),
                             "node_id": ray.get_runtime_context().get_node_id(),
-                            "merged": {p: dict(m.stats) for p, m in self.mergers.items()}},
+                            "merged": {p: dict(m.stats) for p, m in self.mergers.items()},
+                            "inflight_bytes": {"held": self.inflight.held, "limit": self.inflight.limit,
+                                               "refused": self.inflight.refused}},
                 "routes": self.router.snapshot(), "config_errors": self.config_errors}
 
     # ------------------------------------------------------------------ the controller (coderay.controller)
@@ -454,7 +627,8 @@ class Ingress:
 
     @api.get("/v1/controller", responses={503: {"model": ErrorBody}},
              summary="the controller's live table: routes, shares, queues and its last decisions with reasons")
-    async def controller(self) -> JSONResponse:
+    async def controller(self, request: Request) -> JSONResponse:
+        self._allow(request, "operate")
         try:
             status = await self._controller_call("status", timeout_s=5.0)
         except Exception as e:  # noqa: BLE001
@@ -469,25 +643,51 @@ class Ingress:
 
     # ------------------------------------------------------------------ running a path
 
-    async def answer(self, svc: str, x: torch.Tensor) -> tuple[PathSpec, bool, Activation]:
-        """(path used, fell back?, output activation) for the model input `x` of service `svc`."""
+    async def answer(self, svc: str, x: torch.Tensor, deadline: float | None = None
+                     ) -> tuple[PathSpec, bool, Activation]:
+        """(path used, fell back?, output activation) for the model input `x` of service `svc`, by `deadline`
+        (`time.monotonic()`; default: `serving.request_timeout_s` from now)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.cfg.serving.request_timeout_s
         spec = self.router.choose(svc)
-        if spec.kind == "local" or self.suspended.get(spec.id, 0.0) <= time.monotonic():
+        if spec.kind == "local":
+            return spec, False, await self.run_retrying(svc, spec, x, deadline)
+        now = time.monotonic()
+        if self.suspended.get(spec.id, 0.0) <= now:
             try:
-                out = await self.run_merged(svc, spec, x)
+                out = await self.run_merged(svc, spec, x, now + COOP_SHARE * max(0.0, deadline - now))
                 self.suspended.pop(spec.id, None)
                 return spec, False, out
             except Exception as exc:  # noqa: BLE001 — any failure of a cooperative path falls back
-                if spec.kind == "local":
-                    raise self._unavailable(svc, spec, exc) from None
                 self.suspended[spec.id] = time.monotonic() + self.cooldown_s
                 log.warning("%s: path %s failed (%s: %s); answering on the local-only path and skipping it for "
                             "%.0f s", svc, spec.id, type(exc).__name__, exc, self.cooldown_s)
         local = PathSpec.local_only(svc)
-        try:
-            return local, True, await self.run_merged(svc, local, x)
-        except Exception as exc:  # noqa: BLE001
-            raise self._unavailable(svc, local, exc) from None
+        return local, True, await self.run_retrying(svc, local, x, deadline)
+
+    async def run_retrying(self, svc: str, spec: PathSpec, x: torch.Tensor, deadline: float) -> Activation:
+        """`x` on `spec` by `deadline`, retried while its calls are lost with their replica (`replica_lost`): Serve's
+        router sends a retry to a live replica, or holds it until the group's replacement is up. Any other failure
+        is final. ApiError 503/504 with the reason when the path fails or the deadline passes."""
+        tries, lost = 0, None
+        while True:
+            try:
+                return await self.run_merged(svc, spec, x, deadline)
+            except DeadlineExceeded:
+                raise self._expired(svc, spec, lost, tries) from None
+            except Exception as exc:  # noqa: BLE001 — sorted below: a lost replica is retried, the rest is final
+                if not replica_lost(exc):
+                    raise self._unavailable(svc, spec, exc) from None
+                lost = exc
+            if time.monotonic() >= deadline:
+                raise self._expired(svc, spec, lost, tries)
+            tries += 1
+            self.stats[svc]["retries"] += 1
+            if tries == 1:
+                log.warning("%s: a call of path %s was lost with its replica (%s); retrying until the request's "
+                            "deadline", svc, spec.id, type(lost).__name__)
+            pause = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (tries - 1))
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
     def plan(self, spec: PathSpec) -> tuple[list[tuple], str | None, list[str | None]]:
         """(stages, wire encoding of the input, wire encoding of each stage's output): the path's plan with its
@@ -504,44 +704,53 @@ class Ingress:
             self._plans[spec.id] = (runs, encoding if 0 in cross else None, sends)
         return self._plans[spec.id]
 
-    async def run_merged(self, svc: str, spec: PathSpec, x: torch.Tensor) -> Activation:
-        """`x` on the path, in one chain with the path's other concurrent requests (`serving.merge_requests`)."""
+    async def run_merged(self, svc: str, spec: PathSpec, x: torch.Tensor, deadline: float) -> Activation:
+        """`x` on the path, in one chain with the path's other concurrent requests (`serving.merge_requests`);
+        `DeadlineExceeded` once `deadline` passes, wherever the request then is (queued or in a chain)."""
         if not self.cfg.serving.merge_requests:
-            return await self.run_path(svc, spec, x)
+            try:
+                return await asyncio.wait_for(self.run_path(svc, spec, x), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise DeadlineExceeded(f"{spec.id}: no answer before the request's deadline") from None
         merger = self.mergers.get(spec.id)
         if merger is None:
             b = min(self.cfg.service(svc).batch_size, self.cfg.serving.max_batch_size)
             merger = self.mergers[spec.id] = Merger(lambda batch: self.run_path(svc, spec, batch), max_samples=b,
                                                     depth=len(self.plan(spec)[0]) + 1)
-        return await merger.submit(x)
+        return await merger.submit(x, deadline)
 
     async def run_path(self, svc: str, spec: PathSpec, x: torch.Tensor) -> Activation:
         """Chain the path's replica calls, one per stage, each taking the previous response; await the last.
+        Unbounded itself: the caller's deadline cancels it. However it ends short of an answer (a failure,
+        cancelled, a node gone), every call of the chain is cancelled, so no stage goes on computing for nobody.
         A call through another service's node ends as soon as the controller reports that node gone (a crashed
-        node's calls would otherwise hang until the timeout), so its requests fall back at once."""
+        node's calls would otherwise hang until the deadline), so its requests fall back at once."""
         runs, first_send, sends = self.plan(spec)
         home = self.cfg.service(svc).node
         away = {self.cfg.service(run[0].service).node for run in runs} - {home}
         if away & self.gone:
             raise HostGone(f"{spec.id}: node {sorted(away & self.gone)[0]} is gone (the controller says so)")
         response: Any = Activation(to_wire(x, first_send) if first_send else x, home)
+        responses = []
         for run, send in zip(runs, sends):
             response = self.blocks[run[0].service].remote(response, run, send)
+            responses.append(response)
         call = asyncio.ensure_future(_resolve(response))
         watch = [self._gone_future(n) for n in away]
+        answered = False
         try:
-            done, _ = await asyncio.wait([call, *watch], timeout=self.cfg.serving.request_timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([call, *watch], return_when=asyncio.FIRST_COMPLETED)
             if call in done:
-                return call.result()
+                out = call.result()
+                answered = True
+                return out
         finally:
-            if not call.done():       # timed out, node gone, or this request cancelled: stop the chain
-                response.cancel()
+            if not answered:
                 call.cancel()
+                for r in responses:
+                    r.cancel()
         lost = [w.result() for w in watch if w in done]
-        if lost:
-            raise HostGone(f"{spec.id}: node {lost[0]} gone while the call was in flight (the controller says so)")
-        raise asyncio.TimeoutError(f"no answer within {self.cfg.serving.request_timeout_s:g} s")
+        raise HostGone(f"{spec.id}: node {lost[0]} gone while the call was in flight (the controller says so)")
 
     def _gone_future(self, node: str) -> asyncio.Future:
         """Resolved (with the node's name) when the controller reports `node` gone; one per node, shared."""
@@ -559,8 +768,17 @@ class Ingress:
             log.warning("node %s reported gone by the controller: guests' calls through it fall back", node)
         self.gone = gone
 
+    def _expired(self, svc: str, spec: PathSpec, lost: BaseException | None, tries: int) -> ApiError:
+        """The refusal of a request whose deadline passed: 503 if a replica was lost and none answered since,
+        504 if the path was merely slow."""
+        timeout = self.cfg.serving.request_timeout_s
+        if lost is not None:
+            return ApiError(503, f"service {svc!r}: no live replica answered path {spec.id} within {timeout:g} s "
+                                 f"(serving.request_timeout_s): a call was lost with its replica "
+                                 f"({type(lost).__name__}) and {tries} retr{'y' if tries == 1 else 'ies'} found "
+                                 "none back in time", headers={"Retry-After": "1"})
+        return ApiError(504, f"service {svc!r}: path {spec.id} gave no answer within {timeout:g} s "
+                             "(serving.request_timeout_s)")
+
     def _unavailable(self, svc: str, spec: PathSpec, exc: BaseException) -> ApiError:
-        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-            return ApiError(504, f"service {svc!r}: path {spec.id} gave no answer within "
-                                 f"{self.cfg.serving.request_timeout_s:g} s (serving.request_timeout_s)")
         return ApiError(503, f"service {svc!r}: path {spec.id} is unavailable ({type(exc).__name__})")

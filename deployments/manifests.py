@@ -20,12 +20,11 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from coderay.cluster import serve_env
+from coderay.cluster import HEAD_RESOURCE, serve_env
 from coderay.config import CoderayConfig, load_config
 from coderay.store import STORE_ENV
 
 from deployments.app import REPO_ROOT, serve_config_doc
-from deployments.placement import HEAD_RESOURCE
 
 __all__ = ["APP_ROOT", "STORE_MOUNT", "TOKEN_SECRET", "NODE_LABEL", "cluster_node_types", "pod_config", "rayservice",
            "rayservice_yaml", "rayservice_manifest", "main"]

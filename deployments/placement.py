@@ -8,15 +8,14 @@ from __future__ import annotations
 import logging
 import os
 
-from coderay.cluster import check_nodes, pin
+from coderay.cluster import HEAD_RESOURCE, alive_resources, check_nodes, pin
 from coderay.config import CoderayConfig
 from coderay.emulation import cores_of
 
-__all__ = ["HEAD_RESOURCE", "direct_http_port", "listening_sockets", "open_files", "cpu_shares", "block_options",
+__all__ = ["direct_http_port", "listening_sockets", "open_files", "cpu_shares", "block_options",
            "serve_logging", "ingress_options", "check_placement", "torch_threads", "replica_location", "capacity_info"]
 
 log = logging.getLogger(__name__)
-HEAD_RESOURCE = "head"   # coderay.cluster.LocalCluster gives its head node this resource
 
 
 def cpu_shares(cfg: CoderayConfig) -> dict[str, float]:
@@ -90,24 +89,20 @@ def ingress_options() -> dict:
     """The ingress reserves no CPU; on a coderay local cluster it sits on the head node, next to the proxy."""
     import ray
 
-    if ray.is_initialized() and any(n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {}) for n in ray.nodes()):
+    if ray.is_initialized() and any(HEAD_RESOURCE in res for res in alive_resources().values()):
         return pin(HEAD_RESOURCE, 0.0)
     return {"num_cpus": 0.0}
 
 
 def check_placement(cfg: CoderayConfig) -> None:
     """ValueError, fast, if a service's node is missing or offers fewer CPUs than its replicas ask for."""
-    import ray
-
     nodes = sorted({s.node for s in cfg.services})
     check_nodes(cfg, nodes)
     offered: dict[str, float] = {}
-    for n in ray.nodes():
-        if n.get("Alive"):
-            res = n.get("Resources", {})
-            for name in nodes:
-                if name in res:
-                    offered[name] = max(offered.get(name, 0.0), float(res.get("CPU", 0.0)))
+    for res in alive_resources().values():
+        for name in nodes:
+            if name in res:
+                offered[name] = max(offered.get(name, 0.0), float(res.get("CPU", 0.0)))
     shares = cpu_shares(cfg)
     for name in nodes:
         want = sum(shares[s.name] for s in cfg.services if s.node == name)
@@ -143,6 +138,6 @@ def replica_location(node: str) -> dict:
     import ray
 
     here = ray.get_runtime_context().get_node_id()
-    expected = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and node in n.get("Resources", {}))
+    expected = sorted(nid for nid, res in alive_resources().items() if node in res)
     return {"node": node, "node_id": here, "expected_node_ids": expected, "on_pinned_node": here in expected,
             "pid": os.getpid(), "cores": cores_of()}

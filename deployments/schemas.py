@@ -16,6 +16,7 @@ import binascii
 import io
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -28,22 +29,25 @@ __all__ = [
     "ApiError", "InferRequest", "ClassScore", "Prediction", "NetworkInfo", "InferResponse", "RouteRequest",
     "RouteInfo", "ServiceInfo", "ErrorBody", "PIXEL_TOLERANCE", "DEFAULT_TOP_K", "parse_json", "format_validation",
     "decode_json_body", "decode_binary", "decode_images", "check_pixels", "to_batch", "check_top_k",
-    "infer_openapi_body",
+    "infer_openapi_body", "body_kind", "decode_body", "echo",
 ]
 
+ECHO_CHARS = 80          # at most this much of the client's own text is quoted back in a reason
 PIXEL_TOLERANCE = 1e-4   # pixels this far outside [0, 1] (float rounding) are clamped; further out is an error
 DEFAULT_TOP_K = 3
 BINARY_TYPES = ("application/octet-stream",)
+JSON_TYPES = ("", "application/json", "text/json")
 FLOAT32_NAMES = ("float32", "f4", "<f4", "float")
 BODY_DTYPE = np.dtype("<f4")  # the binary body: little-endian float32
 
 
 class ApiError(Exception):
-    """A request the API refuses: HTTP `status`, a `reason` naming what is wrong, optional extra JSON fields."""
+    """A request the API refuses: HTTP `status`, a `reason` naming what is wrong, optional extra JSON fields and
+    response `headers` (e.g. Retry-After on a 503)."""
 
-    def __init__(self, status: int, reason: str, **extra: Any):
+    def __init__(self, status: int, reason: str, *, headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(reason)
-        self.status, self.reason, self.extra = status, reason, extra
+        self.status, self.reason, self.extra, self.headers = status, reason, extra, headers
 
     def body(self) -> dict:
         return {"error": self.reason, **self.extra}
@@ -142,6 +146,13 @@ class ErrorBody(_Model):
 # --------------------------------------------------------------------------- decoding
 
 
+def echo(text: str) -> str:
+    """The client's `text` as quoted in a reason: repr'd (control characters, lone surrogates escaped), cut to
+    `ECHO_CHARS`, so a huge or binary header or key cannot bloat or break the error body."""
+    quoted = repr(text)
+    return quoted if len(quoted) <= ECHO_CHARS else f"{quoted[:ECHO_CHARS]}... ({len(text)} characters)"
+
+
 def parse_json(raw: bytes) -> Any:
     """The JSON document in `raw`; 422 naming the position of a syntax error."""
     try:
@@ -153,15 +164,45 @@ def parse_json(raw: bytes) -> Any:
         raise ApiError(422, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise ApiError(422, "malformed JSON: nested too deeply") from None
+    except ValueError:   # Python refuses integer literals of more than 4300 digits (sys.get_int_max_str_digits)
+        raise ApiError(422, "malformed JSON: an integer literal with too many digits") from None
 
 
 def format_validation(errors: list[dict]) -> str:
-    """Pydantic/FastAPI validation errors as one line: `field: message; field: message`."""
+    """Pydantic/FastAPI validation errors as one line: `field: message; field: message` (client-chosen field
+    names, such as an unknown key, are cut to `ECHO_CHARS`)."""
     parts = []
-    for e in errors:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",)) or "body"
+    for e in errors[:5]:
+        loc = ".".join(_field(p) for p in e.get("loc", ()) if p not in ("body",)) or "body"
         parts.append(f"{loc}: {e.get('msg', 'invalid')}")
-    return "; ".join(parts)
+    more = f"; and {len(errors) - 5} more" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+def _field(part: Any) -> str:
+    text = str(part)
+    return text if len(text) <= ECHO_CHARS and text.isprintable() else echo(text)
+
+
+def body_kind(content_type: str | None) -> str:
+    """'binary' or 'json' for a request's Content-Type (absent: JSON, as curl -d sends it); 415 otherwise, before
+    any of the body is read."""
+    ctype = (content_type or "application/json").split(";")[0].strip().lower()
+    if ctype in BINARY_TYPES:
+        return "binary"
+    if ctype in JSON_TYPES or ctype.endswith("+json"):
+        return "json"
+    raise ApiError(415, f"Content-Type {echo(ctype)} not supported: send application/json ({{'inputs': ...}} or "
+                        "{'images': ...}) or application/octet-stream with X-Shape")
+
+
+def decode_body(raw: bytes, kind: str, headers: Mapping[str, str], input_shape: tuple[int, ...], *,
+                max_samples: int) -> tuple[torch.Tensor, int | None]:
+    """(pixels (B, C, H, W), top_k from a JSON body or None): the whole decoding of an infer request's body, pure
+    and blocking (the ingress runs large ones off its event loop)."""
+    if kind == "binary":
+        return decode_binary(raw, headers, input_shape, max_samples=max_samples), None
+    return decode_json_body(raw, input_shape, max_samples=max_samples)
 
 
 def decode_json_body(raw: bytes, input_shape: tuple[int, ...], *, max_samples: int) -> tuple[torch.Tensor, int | None]:
@@ -205,27 +246,30 @@ def _shape_batch(arr: np.ndarray, input_shape: tuple[int, ...], field: str) -> n
 
 
 def to_batch(inputs: list, input_shape: tuple[int, ...], *, max_samples: int, field: str = "inputs") -> torch.Tensor:
-    """Nested lists of numbers → a checked float32 pixel batch (B, C, H, W)."""
+    """Nested lists of numbers → a checked float32 pixel batch (B, C, H, W). The range is checked on the numbers
+    as sent (float64 or int64), before the cast, so 1e300 is named as out of range, not as the inf it casts to."""
     _check_count(len(inputs), max_samples, field)
     try:
         arr = np.asarray(inputs)
-    except (ValueError, TypeError, RecursionError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise ApiError(422, f"{field}: ragged nested lists (or nested deeper than a batch); every sample must "
                             f"have the same shape, the batch {_expected(input_shape)}") from None
     if arr.dtype.kind not in "iuf":
-        what = {"b": "booleans", "U": "strings", "S": "strings", "O": "null, ragged or mixed values"}.get(
+        what = {"b": "booleans", "U": "strings", "S": "strings",
+                "O": "null, objects, ragged lists or integers beyond 64 bits"}.get(
             arr.dtype.kind, f"values of dtype {arr.dtype}")
         raise ApiError(422, f"{field}: pixels must be numbers in [0, 1]; found {what}")
     arr = _shape_batch(arr, input_shape, field)
-    return check_pixels(arr.astype(np.float32, copy=False), field)
+    return check_pixels(arr, field)
 
 
-def decode_binary(raw: bytes, headers: dict[str, str], input_shape: tuple[int, ...], *, max_samples: int
+def decode_binary(raw: bytes, headers: Mapping[str, str], input_shape: tuple[int, ...], *, max_samples: int
                   ) -> torch.Tensor:
     """Raw little-endian float32 + `X-Shape: B,C,H,W` (or `B,H,W`) → a checked pixel batch."""
     dtype = headers.get("x-dtype", "float32").strip().lower()
     if dtype not in FLOAT32_NAMES:
-        raise ApiError(422, f"X-Dtype: unsupported dtype {dtype!r}; the binary body must be little-endian float32")
+        raise ApiError(422, f"X-Dtype: unsupported dtype {echo(dtype)}; the binary body must be little-endian "
+                            "float32")
     text = headers.get("x-shape")
     if text is None:
         raise ApiError(422, f"X-Shape header missing: a binary body needs its shape, e.g. "
@@ -234,17 +278,29 @@ def decode_binary(raw: bytes, headers: dict[str, str], input_shape: tuple[int, .
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         raise ApiError(422, f"X-Shape: expected comma-separated integers such as 8,{','.join(map(str, input_shape))}"
-                            f", got {text!r}") from None
-    if not shape or min(shape) < 0:
-        raise ApiError(422, f"X-Shape: dimensions must be non-negative integers, got {text!r}")
+                            f", got {echo(text)}") from None
+    if min(shape) < 0:
+        raise ApiError(422, f"X-Shape: dimensions must be non-negative integers, got {echo(text)}")
+    shape = _binary_shape(shape, input_shape, text)   # before any array exists: numpy refuses some shapes itself
     _check_count(shape[0], max_samples, "X-Shape")
     need = BODY_DTYPE.itemsize * math.prod(shape)
     if len(raw) != need:
-        raise ApiError(422, f"body has {len(raw)} bytes but X-Shape {text} needs {need} "
+        raise ApiError(422, f"body has {len(raw)} bytes but X-Shape {echo(text)} needs {need} "
                             f"(4-byte little-endian float32 per value)")
-    arr = np.frombuffer(raw, dtype=BODY_DTYPE).reshape(shape)
-    arr = _shape_batch(arr, input_shape, "X-Shape")
-    return check_pixels(arr, "body")
+    return check_pixels(np.frombuffer(raw, dtype=BODY_DTYPE).reshape(shape), "body")
+
+
+def _binary_shape(shape: tuple[int, ...], input_shape: tuple[int, ...], text: str) -> tuple[int, ...]:
+    """The X-Shape as (B, C, H, W), checked against the task's shape on the integers alone: a rank above
+    numpy's 64 or a dimension beyond its index range would make `reshape` raise on its own terms."""
+    c, h, w = input_shape
+    if len(shape) == 3 and c == 1 and shape[1:] == (h, w):
+        shape = (shape[0], 1, h, w)
+    if len(shape) != 4 or shape[1:] != (c, h, w):
+        got = f"rank {len(shape)}" if len(shape) > 8 else echo(text)
+        raise ApiError(422, f"X-Shape: expected a batch shaped {_expected(input_shape)}, got {got}",
+                       expected=[c, h, w])
+    return shape
 
 
 def decode_images(images: list[str], input_shape: tuple[int, ...], *, max_samples: int) -> torch.Tensor:
@@ -281,7 +337,8 @@ def decode_images(images: list[str], input_shape: tuple[int, ...], *, max_sample
 
 
 def check_pixels(arr: np.ndarray, field: str) -> torch.Tensor:
-    """NaN/inf and values outside [0, 1] are errors (within `PIXEL_TOLERANCE` they are clamped)."""
+    """NaN/inf and values outside [0, 1] are errors (within `PIXEL_TOLERANCE` they are clamped). `arr` is any
+    real dtype; the float32 batch is made only once the values are known to fit."""
     finite = np.isfinite(arr)
     if not finite.all():
         idx = tuple(int(v) for v in np.argwhere(~finite)[0])

@@ -50,6 +50,17 @@ emulation: {{cpu_caps: false}}   # the search and Tune tests run uncapped (faste
 """
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`), as in a Ray
+    worker: with two OpenMP threads on a busy 2-core machine every parallel region waits for a time slice and a
+    MobileNet forward takes seconds instead of milliseconds. The count before is restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_config_path(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")

@@ -1,4 +1,8 @@
 """Config validation: the demo loads; every bad file names the file and the field."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from coderay.cli import main
@@ -72,8 +76,18 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
 
 
 def test_fingerprint_is_stable_and_sensitive():
+    """The key of every on-disk cache: the same in another process (another hash seed, the config read back
+    from JSON), and another as soon as a field that changes what is cached does."""
     cfg = load_config(DEFAULT_CONFIG)
     svc = cfg.services[0]
-    assert cfg.fingerprint(svc) == cfg.fingerprint(svc)
-    other = svc.model_copy(update={"task": "digits-parity"})
-    assert cfg.fingerprint(svc) != cfg.fingerprint(other)
+    here = cfg.fingerprint(svc, cfg.seed)
+    code = ("import sys; from coderay.config import CoderayConfig; c = CoderayConfig.model_validate_json(sys.stdin.read()); "
+            "print(c.fingerprint(c.services[0], c.seed))")
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
+    there = subprocess.run([sys.executable, "-c", code], input=cfg.model_dump_json(), capture_output=True, text=True,
+                           env=os.environ | {"PYTHONHASHSEED": seed}, timeout=60, check=True).stdout.strip()
+    assert there == here
+    for update in ({"task": "digits-parity"}, {"arch_kwargs": {**svc.arch_kwargs, "widths": [4, 8, 16, 16]}},
+                   {"train": svc.train.model_copy(update={"epochs": svc.train.epochs + 1})}):
+        assert cfg.fingerprint(svc.model_copy(update=update), cfg.seed) != here, update
+    assert cfg.fingerprint(svc, cfg.seed + 1) != here

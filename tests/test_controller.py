@@ -168,7 +168,9 @@ def test_a_pinned_route_is_left_alone_until_delete(ctl):
     st = status(ctl)
     assert st["controller"]["ticks"] > ticks       # the controller kept deciding meanwhile
     hop = st["hops"]["digits"]                      # digits' block group: its queue and its recent calls
-    assert hop["calls"] > 0 and hop["in_flight"] >= 0 and 0 < hop["p50_ms"] <= hop["p99_ms"], hop
+    # reported after this test's first 12 requests, each one call there (two on a cooperative path); the test
+    # sends one request at a time, which calls digits' group once at a time: at most one call in flight
+    assert hop["calls"] >= 12 and hop["in_flight"] in (0, 1) and 0 < hop["p50_ms"] <= hop["p99_ms"], hop
     print(f"\npinned {pin} on both replicas in {secs:.1f} s; answered on {set(paths)}")
     assert set(paths) == {pin}
     _, secs = wait_for("the pin released on both replicas", lambda: on_every_replica(False), 60, every=1.0)

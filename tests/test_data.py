@@ -128,6 +128,14 @@ def test_normalize_reproduces_digits_tensors():
         task.normalize(torch.zeros(2, 3, 28, 28))
 
 
+def test_denormalize_gives_back_the_pixels():
+    task = get_task("digits")
+    x01 = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(task.denormalize(task.normalize(x01)), x01, atol=1e-5)
+    x = task.test.tensors[0]                                  # normalised digits: their pixels were in [0, 1]
+    assert torch.allclose(task.normalize(task.denormalize(x)), x, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", TORCHVISION)
 def test_torchvision_missing_files(name, tmp_path):
     with pytest.raises(DataNotFoundError, match="download=True") as err:

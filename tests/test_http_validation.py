@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 import torch
 from PIL import Image
 
@@ -100,6 +102,9 @@ BAD_JSON = [
     (b"{\"inputs\": \"\xc3\x28\"}", 422, "UTF-8"),
     (b"[" * 100_000 + b"]" * 100_000, 422, "nested too deeply"),
     (b'{"inputs": ' + b"[" * 100 + b"0.5" + b"]" * 100 + b"}", 422, "nested deeper than a batch"),
+    # were 500s: Python's json refuses integer literals past 4300 digits with a ValueError
+    (b'{"inputs": [[[' + b"1" * 5000 + b"]]]}", 422, "too many digits"),
+    (b'{"inputs": [[[0.5]]], "top_k": ' + b"9" * 5000 + b"}", 422, "too many digits"),
 ]
 
 
@@ -138,6 +143,12 @@ def test_batch_above_the_limit_is_413():
     ({"x-shape": "1,1,28,28", "x-dtype": "float64"}, 8 * 784, "unsupported dtype"),
     ({"x-shape": "1,3,28,28"}, 4 * 3 * 784, "expected a batch shaped"),
     ({"x-shape": "0,1,28,28"}, 0, "empty batch"),
+    ({"x-shape": "1,-1,28,28"}, 0, "non-negative"),
+    ({"x-shape": "1,1,28,28,1"}, 4 * 784, "expected a batch shaped"),
+    # were 500s: numpy's reshape refused these shapes itself (rank above 64, dimensions beyond its index range)
+    ({"x-shape": ",".join(["1"] * 70)}, 4, "rank 70"),
+    ({"x-shape": "1,0,99999999999999999999999"}, 0, "expected a batch shaped"),
+    ({"x-shape": "1,0,4611686018427387904,4"}, 0, "expected a batch shaped"),
 ])
 def test_bad_binary_bodies(headers, nbytes, reason):
     err = error_of(decode_binary, bytes(nbytes), headers, SHAPE, max_samples=4)
@@ -154,6 +165,57 @@ def test_top_k_bounds():
     assert error_of(check_top_k, 11, 10).status == 422
 
 
+def test_numbers_of_huge_magnitude_are_named_out_of_range():
+    """1e300 is refused as outside [0, 1] (it was reported as the inf its float32 cast made), an integer beyond
+    64 bits as such (it was 'null, ragged or mixed values')."""
+    x = np.full((1, 28, 28), 0.5).tolist()
+    x[0][3][4] = 1e300
+    assert "[0, 1]" in error_of(to_batch, x, SHAPE, max_samples=4).reason
+    x[0][3][4] = 10**30
+    assert "64 bits" in error_of(to_batch, x, SHAPE, max_samples=4).reason
+
+
+def test_content_type_decides_the_decoder_before_the_body_is_read():
+    from deployments.schemas import body_kind
+
+    assert body_kind(None) == body_kind("application/json; charset=utf-8") == body_kind("application/x+json") == "json"
+    assert body_kind("Application/Octet-Stream") == "binary"
+    err = error_of(body_kind, "text/plain; " + "x" * 10_000)
+    assert err.status == 415 and len(err.reason) < 400
+
+
+def test_error_bodies_render_any_client_text():
+    """A reason quoting a lone surrogate or a huge key still renders (ASCII JSON), cut to a bounded length."""
+    from deployments.ingress import ErrorJSON
+    from deployments.schemas import echo, format_validation
+
+    body = ErrorJSON({"error": "\ud800 " + echo("\udfff" * 10_000), "value": math.nan}).body
+    assert json.loads(body)["value"] is None and len(body) < 1000
+    assert len(format_validation([{"loc": ("body", "k" * 10_000), "msg": "Extra inputs are not permitted"}] * 9)) < 1000
+
+
+def test_inflight_bytes_refuse_instead_of_buffering_and_are_given_back():
+    from deployments.ingress import InflightBytes
+
+    bound = InflightBytes(1000)
+    with bound.claim() as first:
+        first.cover(600)
+        first.cover(700)                                   # a chunked body growing: only the new bytes are taken
+        assert (bound.held, first.bytes) == (700, 700)
+        with pytest.raises(ApiError) as busy, bound.claim() as second:
+            second.cover(400)
+        assert busy.value.status == 503 and busy.value.headers == {"Retry-After": "1"} and bound.refused == 1
+        assert bound.held == 700                           # the refused claim holds nothing
+    assert bound.held == 0
+    with pytest.raises(ApiError) as alone, bound.claim() as big:
+        big.cover(1001)
+    assert alone.value.status == 413 and "max_inflight_bytes" in alone.value.reason and bound.held == 0
+    with pytest.raises(RuntimeError), bound.claim() as failing:
+        failing.cover(500)
+        raise RuntimeError("the path failed")
+    assert bound.held == 0                                 # given back however the request ends
+
+
 def test_openapi_body_documents_both_encodings():
     content = infer_openapi_body()["requestBody"]["content"]
     assert {"application/json", "application/octet-stream"} <= set(content)
@@ -168,7 +230,7 @@ def test_plans_chain_blocks_and_links_on_the_right_services():
     coop = PathSpec.parse("digits:mnist:2:1:3:4")
     assert plan_hops(coop) == [
         Hop("blocks", "digits", 1, 2), Hop("links", "mnist", path_id=coop.id, link="in"),
-        Hop("blocks", "mnist", 1, 3, guest=True), Hop("links", "mnist", path_id=coop.id, link="out"),
+        Hop("blocks", "mnist", 1, 3, guest=True, path_id=coop.id), Hop("links", "mnist", path_id=coop.id, link="out"),
         Hop("blocks", "digits", 4, TO_END)]
     skip = PathSpec.parse("digits:skip:0:3")
     assert [h.kind for h in plan_hops(skip)] == ["links", "blocks"] and plan_hops(skip)[0].service == "digits"
@@ -279,7 +341,25 @@ def test_host_without_guest_quota_is_refused(tiny_cfg):
     raw["services"][1]["guest_quota"] = 0
     router = Router(CoderayConfig.model_validate(raw), ROWS)
     assert router.routes["digits"].path.id == "digits:local"  # the table's best is no longer possible
-    assert "admits no guests" in error_of(router.validate, "digits", BEST).reason
+    assert "does not admit 'digits'" in error_of(router.validate, "digits", BEST).reason
+
+
+def test_a_host_admits_only_the_guests_it_grants(tiny_cfg):
+    raw = tiny_cfg.model_dump()
+    raw["services"][1]["guests"] = {"digits": 0}                  # mnist lists digits with no slots
+    cfg = CoderayConfig.model_validate(raw)
+    assert cfg.service("mnist").grant("digits") == 0 and tiny_cfg.service("mnist").grant("digits") == 8
+    router = Router(cfg, ROWS)
+    assert router.routes["digits"].path.id == "digits:local"
+    assert "does not admit 'digits'" in error_of(router.validate, "digits", BEST).reason
+    raw["services"][1]["guests"] = {"digits": 5}
+    assert CoderayConfig.model_validate(raw).service("mnist").grant("digits") == 5
+    raw["services"][1]["guests"] = {"digits": 9}                  # more than its guest_quota 8
+    with pytest.raises(ValidationError, match="guests.digits: 9 slots"):
+        CoderayConfig.model_validate(raw)
+    raw["services"][1]["guests"] = {"nobody": 1}
+    with pytest.raises(ValidationError, match="unknown guest 'nobody'"):
+        CoderayConfig.model_validate(raw)
 
 
 def test_coop_fraction_splits_traffic_evenly(tiny_cfg):
@@ -305,17 +385,27 @@ def test_emulated_hop_delay(tiny_cfg):
 
 
 def test_batch_size_counts_samples_and_enforces_the_guest_quota():
-    own = Chunk(torch.zeros(10, 1), 1, 5, False, quota=8, capacity=16)
-    guest = Chunk(torch.zeros(6, 1), 1, 2, True, quota=8, capacity=16)
-    assert batch_samples([own]) == 10 and batch_samples([own, guest]) == 16
-    assert batch_samples([guest, guest]) == 17  # 12 guest samples > s = 8: the second is deferred
+    """Serve's batcher defers the chunk whose addition makes the batch size exceed max_batch_size = B: a chunk
+    that takes the guests past s, or one guest past its grant, must size the batch above B, whatever its length."""
+    B = 16
+    own = Chunk(torch.zeros(10, 1), 1, 5, False, quota=8, capacity=B)
+    guest = Chunk(torch.zeros(6, 1), 1, 2, True, quota=8, capacity=B, owner="digits", grant=8)
+    assert batch_samples([own]) == 10 and batch_samples([own, guest]) == 16 == B
+    assert batch_samples([guest]) <= B < batch_samples([guest, guest])  # 12 guest samples > s = 8: the second waits
+    # grants per guest: digits may take 5 slots, parity 3, of s = 8
+    a = Chunk(torch.zeros(4, 1), 1, 2, True, quota=8, capacity=B, owner="digits", grant=5)
+    b = Chunk(torch.zeros(3, 1), 1, 2, True, quota=8, capacity=B, owner="parity", grant=3)
+    assert batch_samples([a, b]) == 7
+    assert batch_samples([a]) <= B < batch_samples([a, a])   # 8 of digits' samples > its 5, though within s
+    assert batch_samples([b]) <= B < batch_samples([b, b])
 
 
 def test_mixed_block_ranges_in_one_batch_match_separate_runs():
     torch.manual_seed(0)
     blocks = [torch.nn.Linear(4, 4) for _ in range(3)]
     x = [torch.randn(n, 4) for n in (2, 3, 1)]
-    chunks = [Chunk(x[0], 1, 3, False, 0, 8), Chunk(x[1], 2, 2, True, 4, 8), Chunk(x[2], 1, 3, False, 0, 8)]
+    chunks = [Chunk(x[0], 1, 3, False, 0, 8), Chunk(x[1], 2, 2, True, 4, 8, "g", 4),
+              Chunk(x[2], 1, 3, False, 0, 8)]
     out = run_grouped(blocks, chunks)
     with torch.no_grad():
         assert torch.allclose(out[0], blocks[2](blocks[1](blocks[0](x[0]))), atol=1e-6)

@@ -19,16 +19,7 @@ ARCHS = list_models()
 TORCHVISION_ARCHS = sorted(models._TORCHVISION_PAIRS)
 SMALL = (1, 28, 28)
 OPTIONS = {"alexnet": {"hidden": 256}}  # keep the classifier small: tests run on 2 cores
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread, as in a Ray worker: with two OpenMP threads on a busy 2-core machine every
-    parallel region waits for a time slice and a MobileNet forward takes seconds instead of milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(arch: str, input_shape: tuple[int, int, int] = SMALL, num_classes: int = 10) -> StagedModel:

@@ -10,7 +10,7 @@ import pytest
 from coderay.config import NetworkSpec, RewardSpec
 from coderay.rows import BaselineRow, Row, csv_columns, row_from_dict, score
 from coderay.table import RewardTable
-from coderay.throughput import PathCosts, path_throughput
+from coderay.throughput import PathCosts
 
 COSTS = PathCosts(local_full=0.01, local_part=0.002, host_full=0.004, host_part=0.003, batch=32, guest_quota=8,
                   bytes_out=3136, bytes_back=12544)
@@ -25,10 +25,21 @@ def coop(**kw) -> Row:
 
 def test_score_derives_every_output_from_the_inputs():
     row = score(coop(), RewardSpec(alpha=8), NET)
-    th = path_throughput(COSTS, kind="coop", network=NET, local_node="a", host_node="b")
-    assert (row.th_local, row.th_host, row.th_ratio, row.bottleneck) == (th.local, th.host, th.ratio, th.bottleneck)
-    a_val = (th.local * 0.99 + th.host * 0.97) / th.total
-    assert row.acc_avg == pytest.approx(a_val) and row.reward == pytest.approx(a_val**8 * th.ratio)
+    # the throughput model written out for COSTS: the host's batch of B = 32 keeps s = 8 slots for guests, so it
+    # takes t_H = 24 · 4 ms + 8 · 3 ms = 0.12 s and admits s / t_H guest samples/s, under the network's cap
+    # (200 Mbit/s over 3136 + 12544 bytes a sample) and the local node's (1 / 2 ms of head and tail)
+    t_batch = 24 * 0.004 + 8 * 0.003
+    th_host = 8 / t_batch
+    assert th_host < 200e6 / 8 / (3136 + 12544) and th_host < 1 / 0.002
+    th_local = (1 - th_host * 0.002) / 0.01             # the local node's time left, at 10 ms a sample
+    ratio = (th_local + th_host) / (1 / 0.01)           # over local-only's 100 samples/s
+    assert (th_host, th_local, ratio) == pytest.approx((200 / 3, 260 / 3, 23 / 15))
+    assert (row.th_host, row.th_local, row.th_total, row.th_ratio) == pytest.approx(
+        (th_host, th_local, th_local + th_host, ratio)) and row.bottleneck == "quota"
+    assert (row.host_own_before, row.host_own_after) == pytest.approx((1 / 0.004, 24 / t_batch))
+    assert row.latency_ms == pytest.approx((0.002 + 0.003 + (3136 + 12544) * 8 / 200e6) * 1e3 + 1)
+    a_val = (th_local * 0.99 + th_host * 0.97) / (th_local + th_host)
+    assert row.acc_avg == pytest.approx(a_val) and row.reward == pytest.approx(a_val**8 * ratio)
     assert row.pred_reward < row.reward                        # predicted accuracy 0.90 < measured 0.97
     # new measurements re-score the row: a slower host part lowers Th^h and the reward
     slower = score(dataclasses.replace(row, costs=dataclasses.replace(COSTS, host_part=0.03)), RewardSpec(alpha=8), NET)

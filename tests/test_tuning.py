@@ -25,10 +25,10 @@ def cluster(trained_cfg, searched_table):
 
 @pytest.fixture(scope="module")
 def node_ids(cluster, trained_cfg):
-    import ray
+    from coderay.cluster import alive_resources
 
     names = {n.name for n in trained_cfg.nodes}
-    return {r: n["NodeID"] for n in ray.nodes() if n.get("Alive") for r in n["Resources"] if r in names}
+    return {r: nid for nid, res in alive_resources().items() for r in res if r in names}
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from ray import tune
 from tqdm.auto import tqdm
 
 from coderay.candidate import SearchContext
-from coderay.cluster import environ
+from coderay.cluster import alive_resources, environ
 from coderay.config import CoderayConfig
 from coderay.paths import PathSpec
 from coderay.plan import link_owner, link_services
@@ -124,14 +124,11 @@ class TuneExecutor:
 
     def __init__(self, ctx: SearchContext, *, exhaustive: bool, resume: bool, progress: bool, early_stop: bool,
                  faults: Mapping[str, int] | None, sides: dict):
-        import ray
-
         self.ctx, self.cfg = ctx, ctx.cfg
         self.exhaustive, self.resume, self.progress = exhaustive, resume, progress
         self.early_stop, self.faults, self.sides = early_stop, dict(faults or {}), sides
         names = {n.name for n in self.cfg.nodes}
-        self.nodes = {r: n["NodeID"] for n in ray.nodes() if n.get("Alive") for r in n.get("Resources", {})
-                      if r in names}                       # node name → Ray node id
+        self.nodes = {r: nid for nid, res in alive_resources().items() for r in res if r in names}  # name → node id
         self.stages: dict[str, _Stage] = {}
         self.pruned: list[str] = []
         self.scheduler = None
