@@ -7,6 +7,7 @@ and spins for `--burn-s` s: process CPU time / wall should be the share (every t
 Ray worker is moved; checked). Then two actors of the same node spin together: their sum should be the share.
 Prints a table (or JSON) with the mechanism in force; exits 1 if a figure is off by more than 20%.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,21 +65,30 @@ def run(share: float, burn_s: float) -> dict:
         pair = ray.get([a.burn.remote(start, burn_s) for a in (one, two)], timeout=60)
         used = capacity.usage(node)
         result = {
-            "mechanism": info["join"]["mechanism"], "session": session, "share": share,
-            "one_actor": {"got": r1["cpu"] / r1["wall"], "threads_inside": r1["threads_inside"],
-                          "threads": r1["threads"], "threads_at_join": info["join"]["threads_total"]},
-            "two_actors": {"got": sum(r["cpu"] / r["wall"] for r in pair),
-                           "each": [r["cpu"] / r["wall"] for r in pair],
-                           "threads_inside": [r["threads_inside"] for r in pair],
-                           "threads": [r["threads"] for r in pair]},
+            "mechanism": info["join"]["mechanism"],
+            "session": session,
+            "share": share,
+            "one_actor": {
+                "got": r1["cpu"] / r1["wall"],
+                "threads_inside": r1["threads_inside"],
+                "threads": r1["threads"],
+                "threads_at_join": info["join"]["threads_total"],
+            },
+            "two_actors": {
+                "got": sum(r["cpu"] / r["wall"] for r in pair),
+                "each": [r["cpu"] / r["wall"] for r in pair],
+                "threads_inside": [r["threads_inside"] for r in pair],
+                "threads": [r["threads"] for r in pair],
+            },
             "usage": used.as_dict(),
         }
     finally:
         ray.shutdown()
         removed = capacity.cleanup(session, evict=True)
     result["removed_groups"] = len(removed)
-    result["stale"] = (capacity.detect().cpu_root / capacity.PARENT / session).exists() \
-        if capacity.detect().available else False
+    result["stale"] = (
+        (capacity.detect().cpu_root / capacity.PARENT / session).exists() if capacity.detect().available else False
+    )
     result["elapsed_s"] = time.time() - t_start
     return result
 
@@ -88,9 +98,13 @@ def ok(result: dict) -> bool:
     if not result["mechanism"].startswith("cgroup"):
         return True  # uncapped, and reported as such
     one, two = result["one_actor"], result["two_actors"]
-    return (abs(one["got"] - share) <= 0.2 * share and abs(two["got"] - share) <= 0.2 * share
-            and one["threads_inside"] == one["threads"] and two["threads_inside"] == two["threads"]
-            and not result["stale"])
+    return (
+        abs(one["got"] - share) <= 0.2 * share
+        and abs(two["got"] - share) <= 0.2 * share
+        and one["threads_inside"] == one["threads"]
+        and two["threads_inside"] == two["threads"]
+        and not result["stale"]
+    )
 
 
 def main() -> int:
@@ -107,14 +121,20 @@ def main() -> int:
         one, two = result["one_actor"], result["two_actors"]
         print(f"mechanism: {result['mechanism']}")
         print(f"{'case':<28}{'share asked':>12}{'got':>8}{'threads in group':>18}")
-        print(f"{'1 Ray actor':<28}{args.share:>12.3f}{one['got']:>8.3f}"
-              f"{one['threads_inside']:>9}/{one['threads']} (at join {one['threads_at_join']})")
-        print(f"{'2 Ray actors, same node':<28}{args.share:>12.3f}{two['got']:>8.3f}"
-              f"{'  ' + ', '.join(f'{i}/{t}' for i, t in zip(two['threads_inside'], two['threads'])):>18}")
+        print(
+            f"{'1 Ray actor':<28}{args.share:>12.3f}{one['got']:>8.3f}"
+            f"{one['threads_inside']:>9}/{one['threads']} (at join {one['threads_at_join']})"
+        )
+        print(
+            f"{'2 Ray actors, same node':<28}{args.share:>12.3f}{two['got']:>8.3f}"
+            f"{'  ' + ', '.join(f'{i}/{t}' for i, t in zip(two['threads_inside'], two['threads'])):>18}"
+        )
         u = result["usage"]
-        print(f"node usage: {u['cpu_s']} CPU s, throttled {u['nr_throttled']}/{u['nr_periods']} periods; "
-              f"groups removed {result['removed_groups']}, stale left: {result['stale']}; "
-              f"{result['elapsed_s']:.1f} s")
+        print(
+            f"node usage: {u['cpu_s']} CPU s, throttled {u['nr_throttled']}/{u['nr_periods']} periods; "
+            f"groups removed {result['removed_groups']}, stale left: {result['stale']}; "
+            f"{result['elapsed_s']:.1f} s"
+        )
     return 0 if ok(result) else 1
 
 

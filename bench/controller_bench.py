@@ -19,6 +19,7 @@ share over time, phases shaded) under bench/results, and prints requests sent vs
 
     .venv/bin/python bench/controller_bench.py [CONFIG] [--rate 20] [--phase-s 30] [--batch 4] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:       # this checkout's coderay, whatever the venv installed
+if str(ROOT) not in sys.path:  # this checkout's coderay, whatever the venv installed
     sys.path.insert(0, str(ROOT))
 PHASES = ("steady", "host busy", "host calm", "host lost", "host back")
 
@@ -63,11 +64,20 @@ class Load:
     def _one(self, t_sched: float) -> None:
         start = time.time()
         try:
-            r = self._client().post(f"/v1/services/{self.svc}/infer", content=self.x.tobytes(), headers={
-                "Content-Type": "application/octet-stream", "X-Shape": ",".join(map(str, self.x.shape))})
+            r = self._client().post(
+                f"/v1/services/{self.svc}/infer",
+                content=self.x.tobytes(),
+                headers={"Content-Type": "application/octet-stream", "X-Shape": ",".join(map(str, self.x.shape))},
+            )
             body = r.json() if r.status_code == 200 else {}
-            rec = {"t": start, "done": time.time(), "status": r.status_code, "path": body.get("path"),
-                   "fallback": body.get("fallback"), "samples": body.get("samples", 0)}
+            rec = {
+                "t": start,
+                "done": time.time(),
+                "status": r.status_code,
+                "path": body.get("path"),
+                "fallback": body.get("fallback"),
+                "samples": body.get("samples", 0),
+            }
         except Exception as e:  # noqa: BLE001 — counted as not answered
             rec = {"t": start, "done": time.time(), "status": -1, "error": repr(e)[:200], "samples": 0}
         with self.lock:
@@ -96,8 +106,11 @@ def flood(url: str, svc: str, shape: tuple, batch: int, stop: threading.Event) -
     with httpx.Client(base_url=url, timeout=120) as client:
         while not stop.is_set():
             try:
-                client.post(f"/v1/services/{svc}/infer", content=x.tobytes(), headers={
-                    "Content-Type": "application/octet-stream", "X-Shape": ",".join(map(str, x.shape))})
+                client.post(
+                    f"/v1/services/{svc}/infer",
+                    content=x.tobytes(),
+                    headers={"Content-Type": "application/octet-stream", "X-Shape": ",".join(map(str, x.shape))},
+                )
                 n += 1
             except httpx.HTTPError:
                 time.sleep(0.2)
@@ -116,20 +129,27 @@ def reactions(samples: list[dict], marks: dict, host: str) -> dict:
     """Seconds the controller took: the share through the flooded host down to half its steady value or less,
     back to at least half of it after the flood, 0 after the host is lost, above 0 once it rejoined (None: not
     within the phase)."""
+
     def first(after: float, until: float, cond) -> float | None:
         t = next((s["t"] for s in samples if after <= s["t"] < until and cond(via_host(s, host))), None)
         return None if t is None else round(t - after, 1)
 
-    steady = [via_host(s, host) for s in samples if marks["steady"] + 0.5 * (marks["host busy"] - marks["steady"])
-              <= s["t"] < marks["host busy"]]
+    steady = [
+        via_host(s, host)
+        for s in samples
+        if marks["steady"] + 0.5 * (marks["host busy"] - marks["steady"]) <= s["t"] < marks["host busy"]
+    ]
     s0 = float(np.median(steady)) if steady else 0.0
-    return {"steady_share": s0,
-            "busy_drop_s": first(marks["host busy"], marks["host calm"], lambda v: v <= s0 / 2) if s0 else None,
-            "busy_min_share": min((via_host(s, host) for s in samples
-                                   if marks["host busy"] <= s["t"] < marks["host calm"]), default=None),
-            "calm_back_s": first(marks["host calm"], marks["host lost"], lambda v: v >= s0 / 2) if s0 else None,
-            "lost_zero_s": first(marks["host lost"], marks["host back"], lambda v: v == 0.0),
-            "back_coop_s": first(marks["host back"], marks["end"], lambda v: v > 0.0)}
+    return {
+        "steady_share": s0,
+        "busy_drop_s": first(marks["host busy"], marks["host calm"], lambda v: v <= s0 / 2) if s0 else None,
+        "busy_min_share": min(
+            (via_host(s, host) for s in samples if marks["host busy"] <= s["t"] < marks["host calm"]), default=None
+        ),
+        "calm_back_s": first(marks["host calm"], marks["host lost"], lambda v: v >= s0 / 2) if s0 else None,
+        "lost_zero_s": first(marks["host lost"], marks["host back"], lambda v: v == 0.0),
+        "back_coop_s": first(marks["host back"], marks["end"], lambda v: v > 0.0),
+    }
 
 
 def one_run(args, cfg, table, svc: str, host: str, shape: tuple, host_shape: tuple) -> dict:
@@ -148,8 +168,10 @@ def one_run(args, cfg, table, svc: str, host: str, shape: tuple, host_shape: tup
     try:
         url = deploy(cfg, table, port=free_port())
         start_controller(cfg, table.rows)
-        print(f"serving at {url}; load: {svc} at {args.rate:g} requests/s of {args.batch}; host {host} on {host_node}",
-              flush=True)
+        print(
+            f"serving at {url}; load: {svc} at {args.rate:g} requests/s of {args.batch}; host {host} on {host_node}",
+            flush=True,
+        )
         load = Load(url, svc, shape, args.rate, args.batch)
         stop_sampling = threading.Event()
 
@@ -158,8 +180,9 @@ def one_run(args, cfg, table, svc: str, host: str, shape: tuple, host_shape: tup
                 t = time.time()
                 try:
                     st = ray.get(get_controller().routes.remote(), timeout=2)
-                    samples.append({"t": t, "share": st["routes"][svc]["coop_fraction"],
-                                    "path": st["routes"][svc]["path"]})
+                    samples.append(
+                        {"t": t, "share": st["routes"][svc]["coop_fraction"], "path": st["routes"][svc]["path"]}
+                    )
                 except Exception:  # noqa: BLE001 — restarting controller: a gap in the plot
                     pass
                 stop_sampling.wait(max(0.0, 1.0 - (time.time() - t)))
@@ -174,7 +197,9 @@ def one_run(args, cfg, table, svc: str, host: str, shape: tuple, host_shape: tup
         marks["host busy"] = time.time()
         stop_flood = threading.Event()
         with ThreadPoolExecutor(args.flood) as pool:
-            floods = [pool.submit(flood, url, host, host_shape, args.flood_batch, stop_flood) for _ in range(args.flood)]
+            floods = [
+                pool.submit(flood, url, host, host_shape, args.flood_batch, stop_flood) for _ in range(args.flood)
+            ]
             time.sleep(args.phase_s)
             stop_flood.set()
             flooded = sum(f.result() for f in floods)
@@ -189,8 +214,9 @@ def one_run(args, cfg, table, svc: str, host: str, shape: tuple, host_shape: tup
 
         marks["host back"] = time.time()
         spec = cfg.node(host_node)
-        back = cluster.cluster.add_node(num_cpus=spec.cpus, resources={host_node: 1},
-                                        object_store_memory=spec.object_store_mb * 2**20)
+        back = cluster.cluster.add_node(
+            num_cpus=spec.cpus, resources={host_node: 1}, object_store_memory=spec.object_store_mb * 2**20
+        )
         cluster.nodes[host_node] = back
         del ray_node
         time.sleep(args.phase_s * 1.5)
@@ -214,20 +240,42 @@ def one_run(args, cfg, table, svc: str, host: str, shape: tuple, host_shape: tup
     for i, ph in enumerate(PHASES):
         rs = [r for r in recs if bounds[i] <= r["t"] < bounds[i + 1]]
         lat = sorted((r["done"] - r["t"]) * 1e3 for r in rs if r["status"] == 200)
-        per_phase[ph] = {"requests": len(rs), "answered": sum(r["status"] == 200 for r in rs),
-                         "fallbacks": sum(bool(r.get("fallback")) for r in rs),
-                         "coop_answers": sum(1 for r in rs if r.get("path") and r["path"] != f"{svc}:local"),
-                         "p50_ms": lat[len(lat) // 2] if lat else None,
-                         "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None}
+        per_phase[ph] = {
+            "requests": len(rs),
+            "answered": sum(r["status"] == 200 for r in rs),
+            "fallbacks": sum(bool(r.get("fallback")) for r in rs),
+            "coop_answers": sum(1 for r in rs if r.get("path") and r["path"] != f"{svc}:local"),
+            "p50_ms": lat[len(lat) // 2] if lat else None,
+            "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+        }
     react = reactions(samples, marks, host)
-    left = next((d["t"] for d in status["switches"] if d["service"] == svc and d["t"] >= marks["host lost"]
-                 and via_host({"path": d["path"], "share": d["share"]}, host) == 0.0), None)
-    react["lost_zero_by_log_s"] = None if left is None else round(left - marks["host lost"], 2)   # exact
-    return {"sent": load.sent, "recorded": len(recs), "answered": answered, "flooding_requests": flooded,
-            "t0": t0, "phases": per_phase, "reactions": react, "switches": status["switches"],
-            "hosts_at_end": status.get("hosts"),
-            "shares": [{"t": s["t"] - t0, "share": s["share"], "path": s["path"]} for s in samples],
-            "marks": {k: v - t0 for k, v in marks.items()}, "_recs": recs, "_samples": samples, "_marks": marks}
+    left = next(
+        (
+            d["t"]
+            for d in status["switches"]
+            if d["service"] == svc
+            and d["t"] >= marks["host lost"]
+            and via_host({"path": d["path"], "share": d["share"]}, host) == 0.0
+        ),
+        None,
+    )
+    react["lost_zero_by_log_s"] = None if left is None else round(left - marks["host lost"], 2)  # exact
+    return {
+        "sent": load.sent,
+        "recorded": len(recs),
+        "answered": answered,
+        "flooding_requests": flooded,
+        "t0": t0,
+        "phases": per_phase,
+        "reactions": react,
+        "switches": status["switches"],
+        "hosts_at_end": status.get("hosts"),
+        "shares": [{"t": s["t"] - t0, "share": s["share"], "path": s["path"]} for s in samples],
+        "marks": {k: v - t0 for k, v in marks.items()},
+        "_recs": recs,
+        "_samples": samples,
+        "_marks": marks,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,11 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the reward table has no trained cooperative path: run `coderay search` first")
     best = max(coop, key=lambda r: r.reward or 0.0)
     svc, host = best.local, best.host
-    cfg = cfg.model_copy(update={
-        "controller": cfg.controller.model_copy(update={"interval_s": args.interval, "min_dwell_s": 3 * args.interval}),
-        "serving": cfg.serving.model_copy(update={"fallback_cooldown_s": 5.0}),
-        "reward": cfg.reward.model_copy(update={"alpha": cfg.reward.alpha if args.alpha is None else args.alpha}),
-        "emulation": cfg.emulation.model_copy(update={"cpu_caps": cfg.emulation.cpu_caps or args.cpu_caps})})
+    cfg = cfg.model_copy(
+        update={
+            "controller": cfg.controller.model_copy(
+                update={"interval_s": args.interval, "min_dwell_s": 3 * args.interval}
+            ),
+            "serving": cfg.serving.model_copy(update={"fallback_cooldown_s": 5.0}),
+            "reward": cfg.reward.model_copy(update={"alpha": cfg.reward.alpha if args.alpha is None else args.alpha}),
+            "emulation": cfg.emulation.model_copy(update={"cpu_caps": cfg.emulation.cpu_caps or args.cpu_caps}),
+        }
+    )
     shape = get_task(cfg.service(svc).task, data_root=cfg.data_root, seed=cfg.seed).input_shape
     host_shape = get_task(cfg.service(host).task, data_root=cfg.data_root, seed=cfg.seed).input_shape
 
@@ -270,14 +323,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {k + 1}/{args.repeats}", flush=True)
         runs.append(one_run(args, cfg, table, svc, host, shape, host_shape))
         r = runs[-1]
-        print(f"run {k + 1}: requests sent {r['sent']}, answered {r['answered']}; reactions {r['reactions']}",
-              flush=True)
+        print(
+            f"run {k + 1}: requests sent {r['sent']}, answered {r['answered']}; reactions {r['reactions']}", flush=True
+        )
         for ph, v in r["phases"].items():
             print(f"  {ph:<10} {v}")
-    summary = {"config": str(args.config), "service": svc, "host": host, "rate": args.rate, "batch": args.batch,
-               "phase_s": args.phase_s, "calm_s": args.calm_s, "flood": [args.flood, args.flood_batch],
-               "host_latency_ms": cfg.controller.host_latency_ms,
-               "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs]}
+    summary = {
+        "config": str(args.config),
+        "service": svc,
+        "host": host,
+        "rate": args.rate,
+        "batch": args.batch,
+        "phase_s": args.phase_s,
+        "calm_s": args.calm_s,
+        "flood": [args.flood, args.flood_batch],
+        "host_latency_ms": cfg.controller.host_latency_ms,
+        "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in runs],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
     args.out.with_suffix(".md").write_text(report(summary))
@@ -290,38 +352,48 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(summary: dict) -> str:
     """The runs as a markdown table, with the median (min–max) of each reaction time."""
-    keys = [("busy_drop_s", "flood → share through the host halved (s)"), ("calm_back_s", "flood over → back (s)"),
-            ("lost_zero_s", "host lost → share 0 (s)"), ("lost_zero_by_log_s", "… by the switch log (s)"),
-            ("back_coop_s", "host back → cooperating (s)")]
+    keys = [
+        ("busy_drop_s", "flood → share through the host halved (s)"),
+        ("calm_back_s", "flood over → back (s)"),
+        ("lost_zero_s", "host lost → share 0 (s)"),
+        ("lost_zero_by_log_s", "… by the switch log (s)"),
+        ("back_coop_s", "host back → cooperating (s)"),
+    ]
     runs = summary["runs"]
-    lines = [f"# Controller benchmark: {summary['config']}",
-             "",
-             f"{summary['service']} under open-loop Poisson load ({summary['rate']:g} requests/s of "
-             f"{summary['batch']} samples); host {summary['host']} flooded by {summary['flood'][0]} closed-loop "
-             f"clients of {summary['flood'][1]} samples for {summary['phase_s']:g} s, then calm "
-             f"{summary['calm_s']:g} s, lost {summary['phase_s']:g} s, back. host_latency_ms "
-             f"{summary['host_latency_ms']:g}. {len(runs)} run(s), each on a fresh cluster and controller.",
-             "",
-             "| run | sent | answered | steady share | " + " | ".join(k[1] for k in keys) + " | busy p99 ms "
-             "| lost p99 ms |",
-             "|---" * (6 + len(keys)) + "|"]
-    fmt = (lambda v: "not within the phase" if v is None else f"{v:g}")
+    lines = [
+        f"# Controller benchmark: {summary['config']}",
+        "",
+        f"{summary['service']} under open-loop Poisson load ({summary['rate']:g} requests/s of "
+        f"{summary['batch']} samples); host {summary['host']} flooded by {summary['flood'][0]} closed-loop "
+        f"clients of {summary['flood'][1]} samples for {summary['phase_s']:g} s, then calm "
+        f"{summary['calm_s']:g} s, lost {summary['phase_s']:g} s, back. host_latency_ms "
+        f"{summary['host_latency_ms']:g}. {len(runs)} run(s), each on a fresh cluster and controller.",
+        "",
+        "| run | sent | answered | steady share | " + " | ".join(k[1] for k in keys) + " | busy p99 ms | lost p99 ms |",
+        "|---" * (6 + len(keys)) + "|",
+    ]
+    fmt = lambda v: "not within the phase" if v is None else f"{v:g}"
     for i, r in enumerate(runs, 1):
         x = r["reactions"]
-        lines.append(f"| {i} | {r['sent']} | {r['answered']} | {x['steady_share']:g} | "
-                     + " | ".join(fmt(x[k]) if k in x else "–" for k, _ in keys)
-                     + f" | {r['phases']['host busy']['p99_ms']:.0f} | {r['phases']['host lost']['p99_ms']:.0f} |")
+        lines.append(
+            f"| {i} | {r['sent']} | {r['answered']} | {x['steady_share']:g} | "
+            + " | ".join(fmt(x[k]) if k in x else "–" for k, _ in keys)
+            + f" | {r['phases']['host busy']['p99_ms']:.0f} | {r['phases']['host lost']['p99_ms']:.0f} |"
+        )
     med = []
     for k, _ in keys:
         vals = [r["reactions"][k] for r in runs if r["reactions"].get(k) is not None]
         med.append(f"{np.median(vals):g} ({min(vals):g}–{max(vals):g}), {len(vals)}/{len(runs)}" if vals else "–")
-    lines.append(f"| median (min–max), runs within | {sum(r['sent'] for r in runs)} | "
-                 f"{sum(r['answered'] for r in runs)} | | " + " | ".join(med) + " | | |")
+    lines.append(
+        f"| median (min–max), runs within | {sum(r['sent'] for r in runs)} | "
+        f"{sum(r['answered'] for r in runs)} | | " + " | ".join(med) + " | | |"
+    )
     return "\n".join(lines) + "\n"
 
 
 def plot(recs: list[dict], samples: list[dict], marks: dict, path: Path, svc: str, host: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -337,7 +409,7 @@ def plot(recs: list[dict], samples: list[dict], marks: dict, path: Path, svc: st
     for i in range(0, len(secs), 2):
         lat = sorted((r["done"] - r["t"]) * 1e3 for r in ok if i <= r["t"] - t0 < i + 2)
         if lat:
-            p99[i:i + 2] = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+            p99[i : i + 2] = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     axes[0].plot(secs, rate, lw=1)
     axes[0].set_ylabel(f"{svc}: samples/s answered")
@@ -350,15 +422,21 @@ def plot(recs: list[dict], samples: list[dict], marks: dict, path: Path, svc: st
     via = [(lambda p: p.host if p.kind == "coop" else None)(PathSpec.parse(s["path"])) for s in samples]
     axes[2].step(ts, [s["share"] for s in samples], where="post", color="lightgrey", lw=1)
     for k, h in enumerate(sorted({v for v in via if v}, key=lambda v: v != host)):
-        axes[2].step(ts, [s["share"] if v == h else np.nan for s, v in zip(samples, via)], where="post", lw=2,
-                     color=f"C{k + 2}", label=f"through {h}" + (" (the host flooded, then lost)" if h == host else ""))
+        axes[2].step(
+            ts,
+            [s["share"] if v == h else np.nan for s, v in zip(samples, via)],
+            where="post",
+            lw=2,
+            color=f"C{k + 2}",
+            label=f"through {h}" + (" (the host flooded, then lost)" if h == host else ""),
+        )
     axes[2].set_ylabel("cooperative share")
     axes[2].legend(loc="lower left", fontsize=8)
     axes[2].set_ylim(-0.05, 1.05)
     axes[2].set_xlabel("seconds")
     bounds = [marks[p] - t0 for p in PHASES] + [end - t0]
     for ax in axes:
-        for i, ph in enumerate(PHASES):
+        for i in range(len(PHASES)):
             ax.axvspan(bounds[i], bounds[i + 1], alpha=0.08 * (i % 2 + 1), color="grey")
         ax.grid(alpha=0.3)
     for i, ph in enumerate(PHASES):

@@ -11,13 +11,14 @@ from the server it measures. The way MLPerf's Server scenario and Triton's perf_
   outstanding; an arrival that finds the bound hit is *dropped* (counted, never sent, never waited for).
 - `closed_loop`: N clients, each sending its next request as soon as the last one is answered.
 - `rate_search`: the highest offered rate whose step passes a check (`step_check`: p99 under a bound, no
-  failure or drop, answers keeping up with arrivals): geometric steps up to the first failing rate, then bisection between the last
-  pass and the first fail.
+  failure or drop, answers keeping up with arrivals): geometric steps up to the first failing rate, then
+  bisection between the last pass and the first fail.
 
 A request is an `async send(client, i) -> bool` supplied by the caller (`client`: an `HttpClient`; True: a good
 answer); an exception in it counts as a failure. Each step reports the CPU seconds of the generator's own
 thread (`time.thread_time`), so a reader can check the generator was not the limit.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,11 +27,21 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-
 from urllib.parse import urlsplit
 
-__all__ = ["Send", "Step", "SearchResult", "HttpClient", "HttpError", "make_client", "open_loop", "closed_loop",
-           "rate_search", "percentile", "step_check"]
+__all__ = [
+    "Send",
+    "Step",
+    "SearchResult",
+    "HttpClient",
+    "HttpError",
+    "make_client",
+    "open_loop",
+    "closed_loop",
+    "rate_search",
+    "percentile",
+    "step_check",
+]
 
 Send = Callable[["HttpClient", int], Awaitable[bool]]
 
@@ -47,21 +58,21 @@ def percentile(values: list[float], q: float) -> float | None:
 class Step:
     """One load step: what was asked, what came back, and what the generator itself cost."""
 
-    mode: str                         # "open" or "closed"
-    offered_rps: float | None         # open loop: the Poisson rate asked for (requests/s)
-    clients: int | None               # closed loop: concurrent clients
-    duration_s: float                 # the sending window
-    wall_s: float = 0.0               # from the window's start to the last answer (≥ duration_s)
-    scheduled: int = 0                # arrivals in the window (open loop) / requests started (closed loop)
+    mode: str  # "open" or "closed"
+    offered_rps: float | None  # open loop: the Poisson rate asked for (requests/s)
+    clients: int | None  # closed loop: concurrent clients
+    duration_s: float  # the sending window
+    wall_s: float = 0.0  # from the window's start to the last answer (≥ duration_s)
+    scheduled: int = 0  # arrivals in the window (open loop) / requests started (closed loop)
     sent: int = 0
     ok: int = 0
-    failed: int = 0                   # bad answers, errors, timeouts, requests cut at the end of the drain
-    dropped: int = 0                  # arrivals not sent because max_in_flight requests were outstanding
-    latencies_ms: list[float] = field(default_factory=list, repr=False)   # good answers, from scheduled time
-    send_lag_ms: list[float] = field(default_factory=list, repr=False)    # actual send − scheduled send
-    cpu_s: float = 0.0                # CPU seconds of the generator's thread during the step
-    first_sched: float = math.nan     # scheduled times of the first and last request sent, first and last
-    last_sched: float = math.nan      # good answer (perf_counter seconds)
+    failed: int = 0  # bad answers, errors, timeouts, requests cut at the end of the drain
+    dropped: int = 0  # arrivals not sent because max_in_flight requests were outstanding
+    latencies_ms: list[float] = field(default_factory=list, repr=False)  # good answers, from scheduled time
+    send_lag_ms: list[float] = field(default_factory=list, repr=False)  # actual send − scheduled send
+    cpu_s: float = 0.0  # CPU seconds of the generator's thread during the step
+    first_sched: float = math.nan  # scheduled times of the first and last request sent, first and last
+    last_sched: float = math.nan  # good answer (perf_counter seconds)
     first_done: float = math.nan
     last_done: float = math.nan
 
@@ -133,8 +144,9 @@ class HttpClient:
         self._open.clear()
         self._idle.clear()
 
-    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
-                      ) -> tuple[int, dict[str, str], bytes]:
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         async with asyncio.timeout(self.timeout_s):
             if self._idle:
                 reader, writer = self._idle.pop()
@@ -195,8 +207,17 @@ async def _call(send: Send, client: HttpClient, i: int) -> bool:
         return False
 
 
-async def open_loop(client: HttpClient, send: Send, rate: float, duration_s: float, *,
-                    max_in_flight: int = 64, drain_s: float = 30.0, seed: int = 0, first_index: int = 0) -> Step:
+async def open_loop(
+    client: HttpClient,
+    send: Send,
+    rate: float,
+    duration_s: float,
+    *,
+    max_in_flight: int = 64,
+    drain_s: float = 30.0,
+    seed: int = 0,
+    first_index: int = 0,
+) -> Step:
     """Poisson arrivals at `rate` requests/s for `duration_s`; waits up to `drain_s` for the last answers (the
     rest are cancelled and counted as failed). Latency is measured from each request's scheduled time."""
     if rate <= 0 or duration_s <= 0:
@@ -255,8 +276,7 @@ async def open_loop(client: HttpClient, send: Send, rate: float, duration_s: flo
     return step
 
 
-async def closed_loop(client: HttpClient, send: Send, clients: int, duration_s: float, *,
-                      first_index: int = 0) -> Step:
+async def closed_loop(client: HttpClient, send: Send, clients: int, duration_s: float, *, first_index: int = 0) -> Step:
     """`clients` concurrent clients, each sending back to back for `duration_s` (a request started inside the
     window is awaited to its end). Latency from each send."""
     step = Step("closed", None, clients, duration_s)
@@ -292,7 +312,7 @@ def step_check(step: Step, *, p99_ms: float, min_achieved: float = 0.95) -> str 
         return f"{step.failed} failed, {step.dropped} dropped"
     if not step.ok:
         return "no answer in the window (nothing to judge)"
-    if step.keeps_up is not None and step.keeps_up < min_achieved:   # None: under 3 answers, nothing to judge
+    if step.keeps_up is not None and step.keeps_up < min_achieved:  # None: under 3 answers, nothing to judge
         return f"answers at {step.keeps_up:.0%} of the arrival rate (< {min_achieved:.0%})"
     if step.p99_ms is None or step.p99_ms > p99_ms:
         return f"p99 {step.p99_ms or math.nan:.0f} ms > {p99_ms:g} ms"
@@ -301,14 +321,22 @@ def step_check(step: Step, *, p99_ms: float, min_achieved: float = 0.95) -> str 
 
 @dataclass
 class SearchResult:
-    best_rps: float | None                   # highest offered rate that passed (None: not even the lowest)
-    first_fail_rps: float | None             # lowest offered rate that failed (None: the maximum passed)
-    steps: list[tuple[Step, str | None]]     # in the order run, with why each failed (None: passed)
+    best_rps: float | None  # highest offered rate that passed (None: not even the lowest)
+    first_fail_rps: float | None  # lowest offered rate that failed (None: the maximum passed)
+    steps: list[tuple[Step, str | None]]  # in the order run, with why each failed (None: passed)
 
 
-async def rate_search(run: Callable[[float], Awaitable[Step]], check: Callable[[Step], str | None], *,
-                      start: float, factor: float = 2.0, resolution: float = 0.1, max_rate: float = math.inf,
-                      min_rate: float = 0.1, max_steps: int = 20) -> SearchResult:
+async def rate_search(
+    run: Callable[[float], Awaitable[Step]],
+    check: Callable[[Step], str | None],
+    *,
+    start: float,
+    factor: float = 2.0,
+    resolution: float = 0.1,
+    max_rate: float = math.inf,
+    min_rate: float = 0.1,
+    max_steps: int = 20,
+) -> SearchResult:
     """Geometric steps (start, start·factor, ...) up to the first failing rate (down from `start` if it fails),
     then bisection between the last pass and the first fail until they are within `resolution` (relative)."""
     if start <= 0 or factor <= 1:

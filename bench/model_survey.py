@@ -7,6 +7,7 @@ already in the file is skipped) and a markdown table.
 
     .venv/bin/python bench/model_survey.py [--input 1x28x28] [--blocks 4] [--timeout-s 300] [--skip NAME ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,12 @@ def one(name: str, shape: tuple[int, ...], blocks: int) -> dict:
         with torch.no_grad():
             for part in parts:
                 y = part(y)
-        rec |= {"exact": bool(torch.equal(y, ref)), "shapes": [list(i.out_shape) for i in infos],
-                "params": sum(i.params for i in infos), "ok": True}
+        rec |= {
+            "exact": bool(torch.equal(y, ref)),
+            "shapes": [list(i.out_shape) for i in infos],
+            "params": sum(i.params for i in infos),
+            "ok": True,
+        }
     except Exception as e:  # noqa: BLE001 — the survey records why a model fails
         rec |= {"ok": False, "error": f"{type(e).__name__}: {str(e)[:400]}"}
     rec["s"] = round(time.time() - start, 1)
@@ -50,13 +55,17 @@ def one(name: str, shape: tuple[int, ...], blocks: int) -> dict:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| model | ok | exact | stages (valid cuts + 1) | params | block outputs | build s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | ok | exact | stages (valid cuts + 1) | params | block outputs | build s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(records, key=lambda r: r["name"]):
         if r["ok"]:
             shapes = " → ".join("x".join(map(str, s)) for s in r["shapes"])
-            lines.append(f"| {r['name']} | yes | {r['exact']} | {r['stages']} | {r['params'] / 1e6:.1f}M | {shapes} "
-                         f"| {r.get('build_s')} |")
+            lines.append(
+                f"| {r['name']} | yes | {r['exact']} | {r['stages']} | {r['params'] / 1e6:.1f}M | {shapes} "
+                f"| {r.get('build_s')} |"
+            )
         else:
             err = r["error"].replace("|", "/").replace("\n", " ")[:160]
             lines.append(f"| {r['name']} | **no** | | | | {err} | |")
@@ -89,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--one", name, "--input", args.input, "--blocks", str(args.blocks)]
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s, cwd=ROOT)
-            rec = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() \
+            rec = (
+                json.loads(out.stdout.strip().splitlines()[-1])
+                if out.returncode == 0 and out.stdout.strip()
                 else {"name": name, "ok": False, "error": f"exit {out.returncode}: {out.stderr.strip()[-300:]}"}
+            )
         except subprocess.TimeoutExpired:
             rec = {"name": name, "ok": False, "error": f"timeout after {args.timeout_s:g} s"}
         with jsonl.open("a") as f:

@@ -20,6 +20,7 @@ Without `--url` it starts a local multi-node Ray cluster of the config, deploys 
 port and shuts both down at the end (also on Ctrl-C / SIGTERM); with `--url` it measures a running
 `coderay up` of the same CONFIG (pinned routes are released at the end).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # this checkout's coderay and deployments (not whichever one the venv's editable install points at)
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import loadgen  # noqa: E402
+
 NOT_SEARCHED = "no reward table for config {name!r} (under {root}): run `coderay search CONFIG --in-process` first"
 
 
 # ---------------------------------------------------------------------------------------------------- data
+
 
 @dataclass
 class Pool:
@@ -66,9 +69,9 @@ class Pool:
     def from_task(cls, task, batch: int, seed: int = 0) -> Pool:
         x = torch.stack([task.test[i][0] for i in range(len(task.test))])
         y = np.array([int(task.test[i][1]) for i in range(len(task.test))])
-        pixels = task.denormalize(x).numpy().astype("<f4")      # raw [0, 1] pixels, as a client has
+        pixels = task.denormalize(x).numpy().astype("<f4")  # raw [0, 1] pixels, as a client has
         order = np.random.default_rng(seed).permutation(len(y))
-        order = np.concatenate([order, order[:(-len(order)) % batch]])
+        order = np.concatenate([order, order[: (-len(order)) % batch]])
         pool = cls([], [], [])
         for idx in order.reshape(-1, batch):
             pool.bodies.append(pixels[idx].tobytes())
@@ -103,9 +106,12 @@ class Service:
 
     async def send(self, client: loadgen.HttpClient, i: int) -> bool:
         k = i % len(self.pool.bodies)
-        status, _, data = await client.request("POST", self.path, self.pool.bodies[k],
-                                               {"Content-Type": "application/octet-stream",
-                                                "X-Shape": self.pool.shapes[k]})
+        status, _, data = await client.request(
+            "POST",
+            self.path,
+            self.pool.bodies[k],
+            {"Content-Type": "application/octet-stream", "X-Shape": self.pool.shapes[k]},
+        )
         t = self.tally
         t.statuses[status] += 1
         if status != 200:
@@ -133,6 +139,7 @@ async def call_json(client: loadgen.HttpClient, method: str, path: str, body: di
 
 # ---------------------------------------------------------------------------------------------------- figures
 
+
 def med(values: list[float | None]) -> tuple[float, float, float] | None:
     v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return (statistics.median(v), min(v), max(v)) if v else None
@@ -151,55 +158,88 @@ def fmt(values: list[float | None], digits: int = 0, scale: float = 1.0) -> str:
 
 def step_record(step: loadgen.Step, tally: Tally, batch: int) -> dict:
     """One step's figures (open-loop steps get `passed` and `why` from the rate search's check)."""
-    return {"mode": step.mode, "offered_rps": step.offered_rps, "clients": step.clients,
-            "arrival_rps": step.arrival_rps if step.mode == "open" else None,
-            "arrival_sps": step.arrival_rps * batch if step.mode == "open" else None,
-            "keeps_up": step.keeps_up if step.mode == "open" else None,
-            "achieved_rps": step.achieved_rps, "achieved_sps": step.achieved_rps * batch,
-            "p50_ms": step.p50_ms, "p99_ms": step.p99_ms, "sent": step.sent, "ok": step.ok, "failed": step.failed,
-            "dropped": step.dropped, "fallbacks": tally.fallbacks, "accuracy": tally.accuracy,
-            "by_path": dict(tally.by_path), "statuses": {str(k): v for k, v in tally.statuses.items()},
-            "cpu_s": step.cpu_s, "wall_s": step.wall_s, "lag_p99_ms": step.lag_p99_ms,
-            "emulated": sorted(tally.emulated),
-            "delay_ms": statistics.median(tally.delay_ms) if tally.delay_ms else None, "load1": os.getloadavg()[0]}
+    return {
+        "mode": step.mode,
+        "offered_rps": step.offered_rps,
+        "clients": step.clients,
+        "arrival_rps": step.arrival_rps if step.mode == "open" else None,
+        "arrival_sps": step.arrival_rps * batch if step.mode == "open" else None,
+        "keeps_up": step.keeps_up if step.mode == "open" else None,
+        "achieved_rps": step.achieved_rps,
+        "achieved_sps": step.achieved_rps * batch,
+        "p50_ms": step.p50_ms,
+        "p99_ms": step.p99_ms,
+        "sent": step.sent,
+        "ok": step.ok,
+        "failed": step.failed,
+        "dropped": step.dropped,
+        "fallbacks": tally.fallbacks,
+        "accuracy": tally.accuracy,
+        "by_path": dict(tally.by_path),
+        "statuses": {str(k): v for k, v in tally.statuses.items()},
+        "cpu_s": step.cpu_s,
+        "wall_s": step.wall_s,
+        "lag_p99_ms": step.lag_p99_ms,
+        "emulated": sorted(tally.emulated),
+        "delay_ms": statistics.median(tally.delay_ms) if tally.delay_ms else None,
+        "load1": os.getloadavg()[0],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- the runs
 
+
 @dataclass
 class Route:
-    key: str                 # label in the tables
+    key: str  # label in the tables
     service: str
     path_id: str
     coop_fraction: float
-    row: dict                # its reward-table row
+    row: dict  # its reward-table row
     note: str
 
 
 def choose_routes(svc: str, rows: list[dict]) -> tuple[list[Route], dict | None, dict | None]:
     """(routes to measure, the best CoDE row, the best edge-early baseline row) of `svc`."""
     local_id = f"{svc}:local"
-    local_row = next((r for r in rows if r["path_id"] == local_id), {"path_id": local_id, "th_total": None,
-                                                                     "th_ratio": 1.0})
+    local_row = next(
+        (r for r in rows if r["path_id"] == local_id), {"path_id": local_id, "th_total": None, "th_ratio": 1.0}
+    )
     routes = [Route(local_id, svc, local_id, 1.0, local_row, "local-only")]
-    code = [r for r in rows if r.get("kind") in ("coop", "skip") and r.get("links_file")
-            and r.get("reward") is not None]
+    code = [
+        r for r in rows if r.get("kind") in ("coop", "skip") and r.get("links_file") and r.get("reward") is not None
+    ]
     best = max(code, key=lambda r: r["reward"]) if code else None
     if best is not None:
         th_host, th_total = best.get("th_host") or 0.0, best.get("th_total") or 0.0
         split = th_host / th_total if th_total else 1.0
         if best["kind"] == "coop" and 0 < split < 1:
-            routes.append(Route(f"{best['path_id']} @ {split:.2f}", svc, best["path_id"], split, best,
-                                "the model's split: coop_fraction = th_host / th_total"))
-        routes.append(Route(f"{best['path_id']} @ 1.00", svc, best["path_id"], 1.0, best,
-                            "every request on the path"))
+            routes.append(
+                Route(
+                    f"{best['path_id']} @ {split:.2f}",
+                    svc,
+                    best["path_id"],
+                    split,
+                    best,
+                    "the model's split: coop_fraction = th_host / th_total",
+                )
+            )
+        routes.append(Route(f"{best['path_id']} @ 1.00", svc, best["path_id"], 1.0, best, "every request on the path"))
     baselines = [r for r in rows if r.get("kind") not in ("local", "coop", "skip") and r.get("reward") is not None]
     edge = max(baselines, key=lambda r: r["reward"]) if baselines else None
     return routes, best, edge
 
 
-async def measure_route(client: loadgen.HttpClient, route: Route, svc: Service, first_run: bool, args, seeds,
-                        log, raw_now: Callable[[str], float] | None = None) -> dict:
+async def measure_route(
+    client: loadgen.HttpClient,
+    route: Route,
+    svc: Service,
+    first_run: bool,
+    args,
+    seeds,
+    log,
+    raw_now: Callable[[str], float] | None = None,
+) -> dict:
     """One run of one path: pin it, warm up, the open-loop rate search, then the closed-loop clients, each
     between two timings of raw torch (`raw_now(service)`, samples/s, the server idle) when given."""
     body = {"path": route.path_id}
@@ -213,23 +253,33 @@ async def measure_route(client: loadgen.HttpClient, route: Route, svc: Service, 
 
     async def run(rate: float) -> loadgen.Step:
         svc.tally = Tally()
-        step = await loadgen.open_loop(client, svc.send, rate, args.step_s, max_in_flight=args.max_in_flight,
-                                       drain_s=args.timeout_s, seed=next(seeds))
+        step = await loadgen.open_loop(
+            client,
+            svc.send,
+            rate,
+            args.step_s,
+            max_in_flight=args.max_in_flight,
+            drain_s=args.timeout_s,
+            seed=next(seeds),
+        )
         records.append(step_record(step, svc.tally, args.batch))
         return step
 
-    def check(step: loadgen.Step) -> str | None:     # called by rate_search right after run(): records[-1]
+    def check(step: loadgen.Step) -> str | None:  # called by rate_search right after run(): records[-1]
         why = loadgen.step_check(step, p99_ms=args.p99_ms)
         r = records[-1]
         r.update(passed=why is None, why=why)
-        log(f"  open    {route.key:<32} offered {step.offered_rps * args.batch:7.1f} achieved "
+        log(
+            f"  open    {route.key:<32} offered {step.offered_rps * args.batch:7.1f} achieved "
             f"{r['achieved_sps']:7.1f} samples/s  p50 {r['p50_ms'] or math.nan:6.0f}  p99 "
             f"{r['p99_ms'] or math.nan:6.0f} ms  fail {step.failed}+{step.dropped}  acc "
-            f"{r['accuracy'] or math.nan:.3f}  cpu {step.cpu_s:.2f} s  {why or 'pass'}")
+            f"{r['accuracy'] or math.nan:.3f}  cpu {step.cpu_s:.2f} s  {why or 'pass'}"
+        )
         return why
 
-    search = await loadgen.rate_search(run, check, start=args.start_rps, factor=args.factor,
-                                       resolution=args.resolution, max_steps=args.max_steps)
+    search = await loadgen.rate_search(
+        run, check, start=args.start_rps, factor=args.factor, resolution=args.resolution, max_steps=args.max_steps
+    )
     out = {"search": records, "best_rps": search.best_rps, "first_fail_rps": search.first_fail_rps, "closed": []}
     for n in args.clients:
         svc.tally = Tally()
@@ -238,12 +288,14 @@ async def measure_route(client: loadgen.HttpClient, route: Route, svc: Service, 
         step = await loadgen.closed_loop(client, svc.send, n, args.step_s)
         c = step_record(step, svc.tally, args.batch)
         c["replicas"] = replica_costs(replicas_before, await replicas_or_none(client), step.wall_s)
-        if raw_now:   # the raw-torch rate of the same minutes: this machine's speed drifts by ±20% within minutes
+        if raw_now:  # the raw-torch rate of the same minutes: this machine's speed drifts by ±20% within minutes
             c["raw_sps"] = (raw_before + raw_now(route.service)) / 2
         out["closed"].append(c)
-        log(f"  closed  {route.key:<32} {n:>3} clients  {c['achieved_sps']:7.1f} samples/s  "
+        log(
+            f"  closed  {route.key:<32} {n:>3} clients  {c['achieved_sps']:7.1f} samples/s  "
             f"p50 {c['p50_ms'] or math.nan:6.0f}  p99 {c['p99_ms'] or math.nan:6.0f} ms  "
-            f"failed {c['failed']}  cpu {c['cpu_s']:.2f} s  raw torch {c.get('raw_sps') or math.nan:.0f}")
+            f"failed {c['failed']}  cpu {c['cpu_s']:.2f} s  raw torch {c.get('raw_sps') or math.nan:.0f}"
+        )
     return out
 
 
@@ -268,34 +320,49 @@ def replica_costs(before: dict | None, after: dict | None, wall_s: float) -> dic
         d = {k: r["stats"].get(k, 0) - prev["stats"].get(k, 0) for k in ("calls", "samples", "compute_cpu_s")}
         cpu = _replica_cpu_s(r) - _replica_cpu_s(prev)
         if d["calls"] > 0:
-            out[r["deployment"]] = {"cpu_per_s": cpu / wall_s, "calls": d["calls"],
-                                    "samples_per_call": d["samples"] / d["calls"],
-                                    "model_ms_per_sample": 1e3 * d["compute_cpu_s"] / max(d["samples"], 1),
-                                    "other_ms_per_call": 1e3 * (cpu - d["compute_cpu_s"]) / d["calls"]}
+            out[r["deployment"]] = {
+                "cpu_per_s": cpu / wall_s,
+                "calls": d["calls"],
+                "samples_per_call": d["samples"] / d["calls"],
+                "model_ms_per_sample": 1e3 * d["compute_cpu_s"] / max(d["samples"], 1),
+                "other_ms_per_call": 1e3 * (cpu - d["compute_cpu_s"]) / d["calls"],
+            }
     return out
 
 
 def saturation_cost_lines(routes: list[Route], runs: dict, reps: int, clients: list[int]) -> list[str]:
     """Each path's block groups in its closed-loop steps at the most clients: what a sample costs where it runs."""
     j = clients.index(max(clients))
-    lines = [f"Per path, each block group over the closed-loop steps at {clients[j]} clients (medians of the runs; CPU "
-             "per second against the node's share shows which node bound the path):", "",
-             "| path | replica | CPU used / s | samples/call | model CPU ms/sample | other CPU ms/call |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"Per path, each block group over the closed-loop steps at {clients[j]} clients (medians of the runs; CPU "
+        "per second against the node's share shows which node bound the path):",
+        "",
+        "| path | replica | CPU used / s | samples/call | model CPU ms/sample | other CPU ms/call |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for route in routes:
-        costs = [runs[(route.key, rep)]["closed"][j].get("replicas") or {} for rep in range(reps)
-                 if (route.key, rep) in runs]
+        costs = [
+            runs[(route.key, rep)]["closed"][j].get("replicas") or {} for rep in range(reps) if (route.key, rep) in runs
+        ]
         for dep in sorted({d for c in costs for d in c}):
             got = [c[dep] for c in costs if dep in c]
-            lines.append(f"| `{route.key}` | `{dep}` | {fmt([g['cpu_per_s'] for g in got], 2)} | "
-                         f"{fmt([g['samples_per_call'] for g in got], 1)} | "
-                         f"{fmt([g['model_ms_per_sample'] for g in got], 2)} | "
-                         f"{fmt([g['other_ms_per_call'] for g in got], 1)} |")
+            lines.append(
+                f"| `{route.key}` | `{dep}` | {fmt([g['cpu_per_s'] for g in got], 2)} | "
+                f"{fmt([g['samples_per_call'] for g in got], 1)} | "
+                f"{fmt([g['model_ms_per_sample'] for g in got], 2)} | "
+                f"{fmt([g['other_ms_per_call'] for g in got], 1)} |"
+            )
     return lines
 
 
-async def measure(url: str, routes: list[Route], services: dict[str, Service], args, log,
-                  raw_now: Callable[[str], float] | None = None) -> dict:
+async def measure(
+    url: str,
+    routes: list[Route],
+    services: dict[str, Service],
+    args,
+    log,
+    raw_now: Callable[[str], float] | None = None,
+) -> dict:
     """Every run: {"runs": {(route key, repeat): measure_route's dict}, "replicas": ..., "routes_released": ...};
     the paths interleaved within each run, every pinned route released at the end (also when cancelled)."""
     results: dict = {}
@@ -309,8 +376,9 @@ async def measure(url: str, routes: list[Route], services: dict[str, Service], a
         try:
             for rep in range(args.repeats):
                 for route in routes:
-                    out = await measure_route(client, route, services[route.service], rep == 0, args, seeds, log,
-                                              raw_now)
+                    out = await measure_route(
+                        client, route, services[route.service], rep == 0, args, seeds, log, raw_now
+                    )
                     results[(route.key, rep)] = out
                     best = f"{out['best_rps'] * args.batch:.0f} samples/s" if out["best_rps"] else "none"
                     log(f"run {rep + 1}/{args.repeats} {route.key}: sustained {best}")
@@ -358,14 +426,16 @@ class RawTorch:
         self.batch = batch
         self.x = torch.stack([trained.task.test[i][0] for i in range(len(trained.task.test))])
         self.y = torch.tensor([int(trained.task.test[i][1]) for i in range(len(trained.task.test))])
-        self.batches = [self.x[i:i + batch] for i in range(0, len(self.x) - batch + 1, batch)] or [self.x[:batch]]
+        self.batches = [self.x[i : i + batch] for i in range(0, len(self.x) - batch + 1, batch)] or [self.x[:batch]]
 
     def accuracy(self) -> float:
         """Over the whole test split."""
         b = self.batch
         with torch.inference_mode():
-            correct = sum(int((self.model(self.x[i:i + b]).argmax(1) == self.y[i:i + b]).sum())
-                          for i in range(0, len(self.x), b))
+            correct = sum(
+                int((self.model(self.x[i : i + b]).argmax(1) == self.y[i : i + b]).sum())
+                for i in range(0, len(self.x), b)
+            )
         return correct / len(self.x)
 
     def rate(self, seconds: float) -> float:
@@ -386,11 +456,14 @@ class RawTorch:
 
 # ---------------------------------------------------------------------------------------------------- report
 
+
 def ladder_table(routes: list[Route], runs: dict, repeats: int, batch: int) -> list[str]:
     """Every open-loop step, grouped by offered rate over the runs (the geometric rates recur in every run)."""
-    lines = ["| path | offered samples/s | runs (pass) | arriving samples/s | achieved samples/s | answers / arrivals "
-             "| p50 ms | p99 ms | failed + dropped | accuracy served | generator CPU s / step | send lag p99 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| path | offered samples/s | runs (pass) | arriving samples/s | achieved samples/s | answers / arrivals "
+        "| p50 ms | p99 ms | failed + dropped | accuracy served | generator CPU s / step | send lag p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for route in routes:
         steps = [s for rep in range(repeats) for s in runs.get((route.key, rep), {}).get("search", [])]
         for rate in sorted({round(s["offered_rps"], 6) for s in steps}):
@@ -401,7 +474,8 @@ def ladder_table(routes: list[Route], runs: dict, repeats: int, batch: int) -> l
                 f"{fmt([s['keeps_up'] for s in at], 0, 100)}% | {fmt([s['p50_ms'] for s in at])} | "
                 f"{fmt([s['p99_ms'] for s in at])} | {fmt([s['failed'] + s['dropped'] for s in at])} | "
                 f"{fmt([s['accuracy'] for s in at], 1, 100)}% | {fmt([s['cpu_s'] for s in at], 2)} | "
-                f"{fmt([s['lag_p99_ms'] for s in at], 1)} |")
+                f"{fmt([s['lag_p99_ms'] for s in at], 1)} |"
+            )
     return lines
 
 
@@ -421,21 +495,35 @@ def plot(routes: list[Route], runs: dict, repeats: int, batch: int, p99_ms: floa
         at = {r: [s for s in steps if round(s["offered_rps"], 6) == r] for r in rates}
         xs = [r * batch for r in rates]
         ach = [statistics.median(s["achieved_sps"] for s in at[r]) for r in rates]
-        p99 = [statistics.median(s["p99_ms"] for s in at[r] if s["p99_ms"] is not None)
-               if any(s["p99_ms"] is not None for s in at[r]) else math.nan for r in rates]
-        line, = ax1.plot(xs, ach, "o-", label=route.key)
+        p99 = [
+            statistics.median(s["p99_ms"] for s in at[r] if s["p99_ms"] is not None)
+            if any(s["p99_ms"] is not None for s in at[r])
+            else math.nan
+            for r in rates
+        ]
+        (line,) = ax1.plot(xs, ach, "o-", label=route.key)
         ax2.plot(xs, p99, "o-", color=line.get_color(), label=route.key)
         best = [runs[(route.key, rep)]["best_rps"] for rep in range(repeats) if (route.key, rep) in runs]
         best = [b * batch for b in best if b]
-        if best:   # the headline: the highest offered rate sustained (median of the runs)
-            ax1.plot([statistics.median(best)], [statistics.median(best)], "*", ms=15, color=line.get_color(),
-                     markeredgecolor="k")
+        if best:  # the headline: the highest offered rate sustained (median of the runs)
+            ax1.plot(
+                [statistics.median(best)],
+                [statistics.median(best)],
+                "*",
+                ms=15,
+                color=line.get_color(),
+                markeredgecolor="k",
+            )
         top = max(top, *xs)
     ax1.plot([0, top], [0, top], "k:", lw=1, label="achieved = offered; ★ sustained (headline)")
     ax1.set(xlabel="offered samples/s (Poisson)", ylabel="achieved samples/s", title="throughput (median of runs)")
     ax2.axhline(p99_ms, color="k", ls=":", lw=1, label=f"p99 bound {p99_ms:g} ms")
-    ax2.set(xlabel="offered samples/s (Poisson)", ylabel="p99 latency ms (from scheduled send)", yscale="log",
-            title="p99 latency (median of runs)")
+    ax2.set(
+        xlabel="offered samples/s (Poisson)",
+        ylabel="p99 latency ms (from scheduled send)",
+        yscale="log",
+        title="p99 latency (median of runs)",
+    )
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -447,20 +535,26 @@ def plot(routes: list[Route], runs: dict, repeats: int, batch: int, p99_ms: floa
 def replica_lines(replicas: dict | None) -> list[str]:
     if not replicas or "replicas" not in replicas:
         return [f"- Replicas: not read ({(replicas or {}).get('error', 'no answer')})."]
-    out = ["| replica | node | on its pinned node | torch threads | capacity (CPU cap) | cores |",
-           "|---|---|---|---:|---|---|"]
+    out = [
+        "| replica | node | on its pinned node | torch threads | capacity (CPU cap) | cores |",
+        "|---|---|---|---:|---|---|",
+    ]
     for r in replicas["replicas"]:
         if "error" in r:
             out.append(f"| ? | ? | ? | ? | error: {r['error'][:80]} | ? |")
             continue
         cap = r.get("capacity")
         if isinstance(cap, dict):
-            cap_s = (f"{cap.get('mechanism')}, share {cap.get('share') if cap.get('share') is not None else '–'} "
-                     f"CPU, scale {cap.get('scale') if cap.get('scale') is not None else '–'}")
+            cap_s = (
+                f"{cap.get('mechanism')}, share {cap.get('share') if cap.get('share') is not None else '–'} "
+                f"CPU, scale {cap.get('scale') if cap.get('scale') is not None else '–'}"
+            )
         else:
             cap_s = "not reported (no `capacity` field)" if cap is None else f"unexpected: {cap!r}"
-        out.append(f"| `{r.get('deployment')}` | {r.get('node')} | {r.get('on_pinned_node')} | "
-                   f"{r.get('torch_threads', '–')} | {cap_s} | {_cores(r.get('cores'))} |")
+        out.append(
+            f"| `{r.get('deployment')}` | {r.get('node')} | {r.get('on_pinned_node')} | "
+            f"{r.get('torch_threads', '–')} | {cap_s} | {_cores(r.get('cores'))} |"
+        )
     ingress = replicas.get("ingress") or {}
     out.append(f"| ingress | head | – | – | – | {_cores(ingress.get('cores'))} |")
     return out
@@ -476,17 +570,28 @@ def call_cost_lines(before: dict | None, after: dict | None, configured_ms: floa
     (`compute_cpu_s`), per call."""
     if not before or not after or "replicas" not in before or "replicas" not in after:
         return ["- Replica call costs: not read."]
-    out = [f"Replica calls over the whole benchmark (the model charges `serving.call_overhead_ms` = "
-           f"{configured_ms:g} CPU ms per call; the measured figure includes the replica's idle CPU):", "",
-           "| replica | calls | samples/call | model CPU ms/sample | other CPU ms/call |", "|---|---:|---:|---:|---:|"]
+    out = [
+        f"Replica calls over the whole benchmark (the model charges `serving.call_overhead_ms` = "
+        f"{configured_ms:g} CPU ms per call; the measured figure includes the replica's idle CPU):",
+        "",
+        "| replica | calls | samples/call | model CPU ms/sample | other CPU ms/call |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for dep, c in replica_costs(before, after, 1.0).items():
-        out.append(f"| `{dep}` | {c['calls']} | {c['samples_per_call']:.1f} | {c['model_ms_per_sample']:.2f} | "
-                   f"{c['other_ms_per_call']:.1f} |")
+        out.append(
+            f"| `{dep}` | {c['calls']} | {c['samples_per_call']:.1f} | {c['model_ms_per_sample']:.2f} | "
+            f"{c['other_ms_per_call']:.1f} |"
+        )
     merged = (after.get("ingress") or {}).get("merged") or {}
     if merged:
-        out += ["", "Requests merged per chain in the ingress: " + "; ".join(
-            f"`{p}` {m['requests'] / max(m['chains'], 1):.2f} (max {m['max_requests_in_chain']})"
-            for p, m in merged.items())]
+        out += [
+            "",
+            "Requests merged per chain in the ingress: "
+            + "; ".join(
+                f"`{p}` {m['requests'] / max(m['chains'], 1):.2f} (max {m['max_requests_in_chain']})"
+                for p, m in merged.items()
+            ),
+        ]
     return out
 
 
@@ -497,13 +602,16 @@ def _replica_cpu_s(info: dict) -> float:
 
 def closed_ratios(runs: dict, key: str, local_key: str, j: int, reps: int) -> list[float]:
     """Per run, closed-loop step `j` of path `key` over local-only's same step in that run."""
-    return [runs[(key, rep)]["closed"][j]["achieved_sps"] / runs[(local_key, rep)]["closed"][j]["achieved_sps"]
-            for rep in range(reps) if (key, rep) in runs and (local_key, rep) in runs
-            and runs[(local_key, rep)]["closed"][j]["achieved_sps"]]
+    return [
+        runs[(key, rep)]["closed"][j]["achieved_sps"] / runs[(local_key, rep)]["closed"][j]["achieved_sps"]
+        for rep in range(reps)
+        if (key, rep) in runs and (local_key, rep) in runs and runs[(local_key, rep)]["closed"][j]["achieved_sps"]
+    ]
 
 
-def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, started, wall_s, mode,
-           now=None, factors=None) -> str:
+def report(
+    args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, started, wall_s, mode, now=None, factors=None
+) -> str:
     runs, batch, reps = measured["runs"], args.batch, args.repeats
     all_steps = [s for out in runs.values() for s in out["search"] + out["closed"]]
     loads = [s["load1"] for s in all_steps]
@@ -541,22 +649,34 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
         f"- Generator: one asyncio thread with a minimal HTTP/1.1 keep-alive client (`bench/loadgen.py`); its "
         f"own CPU seconds per step (`time.thread_time`) are in the tables: at most "
         f"{max((s['cpu_s'] / s['wall_s'] for s in all_steps if s['wall_s']), default=0):.0%} of one core in any "
-        "step.", "",
-        "## Headline: highest offered load sustained", "",
+        "step.",
+        "",
+        "## Headline: highest offered load sustained",
+        "",
         f"p99 ≤ {args.p99_ms:g} ms, 0 failures, answers / arrivals ≥ 95%. Model: the reward table's `th_total` "
         "(samples/s, with emulated node speeds) and `th_ratio` (× local-only), at the model's split "
         "th_host / th_total. Measured ratio: per run, this path's sustained rate / local-only's in the same run.",
         "",
         "| path | coop_fraction | sustained samples/s | p50 / p99 ms at it | accuracy served | share on the path "
         "| model th_total | model × local | measured × local |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for route in routes:
         local_key = f"{route.service}:local"
         outs = [runs.get((route.key, rep)) for rep in range(reps)]
         outs = [o for o in outs if o]
         best = [o["best_rps"] * batch if o["best_rps"] else None for o in outs]
-        at = [next((s for s in o["search"] if s["passed"] and o["best_rps"]
-                    and abs(s["offered_rps"] - o["best_rps"]) < 1e-9), None) for o in outs]
+        at = [
+            next(
+                (
+                    s
+                    for s in o["search"]
+                    if s["passed"] and o["best_rps"] and abs(s["offered_rps"] - o["best_rps"]) < 1e-9
+                ),
+                None,
+            )
+            for o in outs
+        ]
         at = [s for s in at if s]
         ratios = []
         for rep in range(reps):
@@ -569,81 +689,124 @@ def report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, 
             f"| `{route.key}` | {route.coop_fraction:.2f} | {fmt(best)} | {fmt([s['p50_ms'] for s in at])} / "
             f"{fmt([s['p99_ms'] for s in at])} | {fmt([s['accuracy'] for s in at], 1, 100)}% | "
             f"{fmt(share, 0, 100)}% | {row.get('th_total') or math.nan:.0f} | {row.get('th_ratio') or math.nan:.2f} | "
-            f"{fmt(ratios, 2)} |")
+            f"{fmt(ratios, 2)} |"
+        )
     for svc, edge in edge_rows.items():
         if edge:
-            lines.append(f"| `{edge['path_id']}` (edge-early baseline of highest reward, model only: needs "
-                         f"{edge.get('mirrored_params')} of {svc}'s parameters mirrored on the host; not servable) "
-                         "| – | – | – | "
-                         f"{(edge.get('test_acc') or math.nan) * 100:.1f}% (test, model) | – | "
-                         f"{edge.get('th_total') or math.nan:.0f} | {edge.get('th_ratio') or math.nan:.2f} | – |")
+            lines.append(
+                f"| `{edge['path_id']}` (edge-early baseline of highest reward, model only: needs "
+                f"{edge.get('mirrored_params')} of {svc}'s parameters mirrored on the host; not servable) "
+                "| – | – | – | "
+                f"{(edge.get('test_acc') or math.nan) * 100:.1f}% (test, model) | – | "
+                f"{edge.get('th_total') or math.nan:.0f} | {edge.get('th_ratio') or math.nan:.2f} | – |"
+            )
     for svc, r in raw.items():
         where = f", on its node's cores {r['cores']}" if r.get("cores") else ""
-        lines.append(f"| `{svc}` raw torch (its blocks composed, one process, 1 thread, batch {batch}{where}, no HTTP) "
-                     f"| – | {fmt(r['samples_per_s'])} | – | {r['accuracy'] * 100:.1f}% | – | – | – | – |")
-    lines += ["", "## Closed loop: N clients back to back", "",
-              "× raw torch: per run, samples/s over raw torch's (the same model, one process, one thread, batch "
-              f"{batch}, on the node's cores where they are pinned) timed right before and after the step, the "
-              "server idle: serving's overhead where emulation "
-              "is off; under CPU caps the served model runs on a fraction of a CPU and raw torch on a whole one.", "",
-              "| path | clients | samples/s | p50 ms | p99 ms | failed | accuracy served | measured × local "
-              "| raw torch samples/s | × raw torch | generator CPU s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| `{svc}` raw torch (its blocks composed, one process, 1 thread, batch {batch}{where}, no HTTP) "
+            f"| – | {fmt(r['samples_per_s'])} | – | {r['accuracy'] * 100:.1f}% | – | – | – | – |"
+        )
+    lines += [
+        "",
+        "## Closed loop: N clients back to back",
+        "",
+        "× raw torch: per run, samples/s over raw torch's (the same model, one process, one thread, batch "
+        f"{batch}, on the node's cores where they are pinned) timed right before and after the step, the "
+        "server idle: serving's overhead where emulation "
+        "is off; under CPU caps the served model runs on a fraction of a CPU and raw torch on a whole one.",
+        "",
+        "| path | clients | samples/s | p50 ms | p99 ms | failed | accuracy served | measured × local "
+        "| raw torch samples/s | × raw torch | generator CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for route in routes:
         local_key = f"{route.service}:local"
         for j, n in enumerate(args.clients):
             cs = [runs[(route.key, rep)]["closed"][j] for rep in range(reps) if (route.key, rep) in runs]
             ratios = closed_ratios(runs, route.key, local_key, j, reps)
-            lines.append(f"| `{route.key}` | {n} | {fmt([c['achieved_sps'] for c in cs])} | "
-                         f"{fmt([c['p50_ms'] for c in cs])} | {fmt([c['p99_ms'] for c in cs])} | "
-                         f"{fmt([c['failed'] for c in cs])} | {fmt([c['accuracy'] for c in cs], 1, 100)}% | "
-                         f"{fmt(ratios, 2)} | {fmt([c.get('raw_sps') for c in cs])} | "
-                         f"{fmt([c['achieved_sps'] / c['raw_sps'] if c.get('raw_sps') else None for c in cs], 2)} | "
-                         f"{fmt([c['cpu_s'] for c in cs], 2)} |")
+            lines.append(
+                f"| `{route.key}` | {n} | {fmt([c['achieved_sps'] for c in cs])} | "
+                f"{fmt([c['p50_ms'] for c in cs])} | {fmt([c['p99_ms'] for c in cs])} | "
+                f"{fmt([c['failed'] for c in cs])} | {fmt([c['accuracy'] for c in cs], 1, 100)}% | "
+                f"{fmt(ratios, 2)} | {fmt([c.get('raw_sps') for c in cs])} | "
+                f"{fmt([c['achieved_sps'] / c['raw_sps'] if c.get('raw_sps') else None for c in cs], 2)} | "
+                f"{fmt([c['cpu_s'] for c in cs], 2)} |"
+            )
     if now:
         j = len(args.clients) - 1
-        lines += ["", f"## Model vs measured at saturation ({args.clients[j]} clients)", "",
-                  "The model twice: from the search's cached profiles, and re-scored with the blocks timed again "
-                  "right before the server started (time now ÷ cached, per node: "
-                  + ", ".join(f"{n} {f:.2f}" for n, f in (factors or {}).items())
-                  + "), the same machine the measurement saw. Error: model ÷ measured − 1.", "",
-                  "| path | measured samples/s | model (cached) | error | model (re-profiled) | error | measured × "
-                  "local | model × local (re-profiled) | error |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## Model vs measured at saturation ({args.clients[j]} clients)",
+            "",
+            "The model twice: from the search's cached profiles, and re-scored with the blocks timed again "
+            "right before the server started (time now ÷ cached, per node: "
+            + ", ".join(f"{n} {f:.2f}" for n, f in (factors or {}).items())
+            + "), the same machine the measurement saw. Error: model ÷ measured − 1.",
+            "",
+            "| path | measured samples/s | model (cached) | error | model (re-profiled) | error | measured × "
+            "local | model × local (re-profiled) | error |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for route in routes:
             local_key = f"{route.service}:local"
-            got = [runs[(route.key, rep)]["closed"][j]["achieved_sps"] for rep in range(reps)
-                   if (route.key, rep) in runs]
+            got = [
+                runs[(route.key, rep)]["closed"][j]["achieved_sps"] for rep in range(reps) if (route.key, rep) in runs
+            ]
             ratios = closed_ratios(runs, route.key, local_key, j, reps)
             cached, fresh = route.row.get("th_total"), now.get(route.key, {}).get("th_total")
             fresh_ratio = now.get(route.key, {}).get("th_ratio")
-            model_split = (route.row.get("th_host") or 0.0) / cached if route.row.get("kind") == "coop" and cached \
+            model_split = (
+                (route.row.get("th_host") or 0.0) / cached
+                if route.row.get("kind") == "coop" and cached
                 else route.coop_fraction
-            note = (f" (the model's Th is at its split {model_split:.2f})"
-                    if abs(model_split - route.coop_fraction) > 0.01 else "")
+            )
+            note = (
+                f" (the model's Th is at its split {model_split:.2f})"
+                if abs(model_split - route.coop_fraction) > 0.01
+                else ""
+            )
             med = statistics.median(got) if got else None
             rmed = statistics.median(ratios) if ratios else None
-            err = (lambda m: f"{m / med - 1:+.0%}" if m and med else "–")
-            lines.append(f"| `{route.key}`{note} | {fmt(got)} | {cached or math.nan:.0f} | {err(cached)} | "
-                         f"{fresh or math.nan:.0f} | {err(fresh)} | {fmt(ratios, 2)} | {fresh_ratio or math.nan:.2f} | "
-                         + (f"{fresh_ratio / rmed - 1:+.0%}" if fresh_ratio and rmed else "–") + " |")
-    lines += ["", "## Open-loop steps (every offered rate the searches ran)", "",
-              "Geometric rates recur in every run; bisection rates usually appear once. Arriving: the Poisson "
-              "arrivals actually drawn in the window; achieved: good answers / (window start to last answer); "
-              "answers / arrivals: the pass criterion above. Send lag: how late the generator sent after the "
-              "scheduled time (it is counted in the latency).", ""]
+            err = lambda m, med=med: f"{m / med - 1:+.0%}" if m and med else "–"
+            lines.append(
+                f"| `{route.key}`{note} | {fmt(got)} | {cached or math.nan:.0f} | {err(cached)} | "
+                f"{fresh or math.nan:.0f} | {err(fresh)} | {fmt(ratios, 2)} | {fresh_ratio or math.nan:.2f} | "
+                + (f"{fresh_ratio / rmed - 1:+.0%}" if fresh_ratio and rmed else "–")
+                + " |"
+            )
+    lines += [
+        "",
+        "## Open-loop steps (every offered rate the searches ran)",
+        "",
+        "Geometric rates recur in every run; bisection rates usually appear once. Arriving: the Poisson "
+        "arrivals actually drawn in the window; achieved: good answers / (window start to last answer); "
+        "answers / arrivals: the pass criterion above. Send lag: how late the generator sent after the "
+        "scheduled time (it is counted in the latency).",
+        "",
+    ]
     lines += ladder_table(routes, runs, reps, batch)
-    lines += ["", f"Plot: `{args.plot.name}` (achieved vs offered samples/s and p99 vs offered, one line per path).",
-              "", "## Replicas", ""]
+    lines += [
+        "",
+        f"Plot: `{args.plot.name}` (achieved vs offered samples/s and p99 vs offered, one line per path).",
+        "",
+        "## Replicas",
+        "",
+    ]
     lines += replica_lines(measured.get("replicas"))
     lines += [""] + saturation_cost_lines(routes, runs, reps, args.clients)
-    lines += [""] + call_cost_lines(measured.get("replicas"), measured.get("replicas_after"),
-                                    cfg.serving.call_overhead_ms)
-    lines += ["", "Routes released at the end (`DELETE /v1/services/{svc}/route`): "
-              f"{', '.join(measured.get('routes_released') or []) or 'none'}."]
+    lines += [""] + call_cost_lines(
+        measured.get("replicas"), measured.get("replicas_after"), cfg.serving.call_overhead_ms
+    )
+    lines += [
+        "",
+        "Routes released at the end (`DELETE /v1/services/{svc}/route`): "
+        f"{', '.join(measured.get('routes_released') or []) or 'none'}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- main
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -661,12 +824,20 @@ def parse_args(argv):
     p.add_argument("--max-in-flight", type=int, default=64, help="outstanding requests at most (default 64)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="closed-loop clients (1 8 32)")
     p.add_argument("--repeats", type=int, default=3, help="runs; figures are medians (min–max) (default 3)")
-    p.add_argument("--warmup-s", type=float, default=3.0,
-                   help="closed-loop warm-up (2 clients) per path and run, 3× in the first run (default 3)")
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        default=3.0,
+        help="closed-loop warm-up (2 clients) per path and run, 3× in the first run (default 3)",
+    )
     p.add_argument("--timeout-s", type=float, default=30.0, help="per request, and the drain after a step")
-    p.add_argument("--front", choices=("proxy", "direct"), default="proxy",
-                   help="HTTP through the serving port (default: Ray's HAProxy ingress, or Serve's proxy with "
-                        "serving.haproxy off) or the ingress replica's own port (throughput-optimized)")
+    p.add_argument(
+        "--front",
+        choices=("proxy", "direct"),
+        default="proxy",
+        help="HTTP through the serving port (default: Ray's HAProxy ingress, or Serve's proxy with "
+        "serving.haproxy off) or the ingress replica's own port (throughput-optimized)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serving.md")
     p.add_argument("--plot", type=Path, help="default: OUT with .png")
     p.add_argument("--json", type=Path, help="also write every step's figures as JSON here")
@@ -747,31 +918,48 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(NOT_SEARCHED.format(name=cfg.name, root=cfg.root / "search"))
         names = args.service or table.locals
         rows_by_svc = {s: [r.to_dict() for r in table.rows if r.local == s] for s in names}
-        mode = ("started by the bench: local Ray cluster (head 1 CPU for the proxy and ingress + one Ray node per "
-                "configured node), `deployments.app.deploy` on a free port; HTTP through "
-                + (("Ray's HAProxy ingress (`serving.haproxy`)" if cfg.serving.haproxy and cfg.serving.throughput_optimized
-                    else "Serve's proxy") if args.front == "proxy" else "the ingress replica's own port (direct ingress)")
-                + f"; Serve throughput-optimized: {cfg.serving.throughput_optimized}")
+        mode = (
+            "started by the bench: local Ray cluster (head 1 CPU for the proxy and ingress + one Ray node per "
+            "configured node), `deployments.app.deploy` on a free port; HTTP through "
+            + (
+                (
+                    "Ray's HAProxy ingress (`serving.haproxy`)"
+                    if cfg.serving.haproxy and cfg.serving.throughput_optimized
+                    else "Serve's proxy"
+                )
+                if args.front == "proxy"
+                else "the ingress replica's own port (direct ingress)"
+            )
+            + f"; Serve throughput-optimized: {cfg.serving.throughput_optimized}"
+        )
 
     routes, best_rows, edge_rows = [], {}, {}
     for s in names:
         r, best_rows[s], edge_rows[s] = choose_routes(s, rows_by_svc[s])
         routes += r
     for route in routes:
-        log(f"path {route.key}: {route.note}; model th_total {route.row.get('th_total')}, "
-            f"th_ratio {route.row.get('th_ratio')}")
-    for s, edge in edge_rows.items():
+        log(
+            f"path {route.key}: {route.note}; model th_total {route.row.get('th_total')}, "
+            f"th_ratio {route.row.get('th_ratio')}"
+        )
+    for edge in edge_rows.values():
         if edge:
-            log(f"model only: {edge['path_id']} (edge-early baseline) th_total {edge.get('th_total'):.0f} samples/s, "
+            log(
+                f"model only: {edge['path_id']} (edge-early baseline) th_total {edge.get('th_total'):.0f} samples/s, "
                 f"{edge.get('th_ratio'):.2f}× local, test acc {edge.get('test_acc')}, mirrored params "
-                f"{edge.get('mirrored_params')}: not servable")
+                f"{edge.get('mirrored_params')}: not servable"
+            )
 
     log("raw torch rows (before any server load)")
     raw_models = {s: RawTorch(cfg, s, args.batch) for s in names}
-    raw = {s: {"accuracy": m.accuracy(),     # first: it also warms the model up before the timing
-               "samples_per_s": [m.rate(min(args.step_s, 5.0)) for _ in range(args.repeats)],
-               "cores": list(m.cores or [])}
-           for s, m in raw_models.items()}
+    raw = {
+        s: {
+            "accuracy": m.accuracy(),  # first: it also warms the model up before the timing
+            "samples_per_s": [m.rate(min(args.step_s, 5.0)) for _ in range(args.repeats)],
+            "cores": list(m.cores or []),
+        }
+        for s, m in raw_models.items()
+    }
     for s, r in raw.items():
         log(f"  raw torch {s}: {fmt(r['samples_per_s'])} samples/s, accuracy {r['accuracy']:.4f}")
     now: dict[str, dict] = {}
@@ -785,10 +973,19 @@ def main(argv: list[str] | None = None) -> int:
             local = now.get(f"{route.service}:local") or {}
             if now[route.key].get("th_total") and local.get("th_total"):
                 now[route.key]["th_ratio"] = now[route.key]["th_total"] / local["th_total"]
-        log("blocks re-profiled now (time now ÷ cached profile, per node): "
-            + ", ".join(f"{n} {f:.2f}" for n, f in factors.items()))
-    pools = {s: Service(s, Pool.from_task(get_task(cfg.service(s).task, data_root=cfg.data_root, seed=cfg.seed),
-                                          args.batch, seed=cfg.seed)) for s in names}
+        log(
+            "blocks re-profiled now (time now ÷ cached profile, per node): "
+            + ", ".join(f"{n} {f:.2f}" for n, f in factors.items())
+        )
+    pools = {
+        s: Service(
+            s,
+            Pool.from_task(
+                get_task(cfg.service(s).task, data_root=cfg.data_root, seed=cfg.seed), args.batch, seed=cfg.seed
+            ),
+        )
+        for s in names
+    }
 
     measured = None
     try:
@@ -807,12 +1004,15 @@ def main(argv: list[str] | None = None) -> int:
 
                 direct = direct_url(url)
                 if direct is None:
-                    raise SystemExit("--front direct: the ingress has no direct HTTP port (serving.throughput_optimized "
-                                     "off, or this Ray lacks Serve's direct ingress)")
+                    raise SystemExit(
+                        "--front direct: the ingress has no direct HTTP port (serving.throughput_optimized "
+                        "off, or this Ray lacks Serve's direct ingress)"
+                    )
                 url = direct
                 log(f"measuring through the ingress replica's own HTTP port: {url}")
-        measured = asyncio.run(until_signal(measure(url, routes, pools, args, log,
-                                                    lambda svc: raw_models[svc].rate(2.0))))
+        measured = asyncio.run(
+            until_signal(measure(url, routes, pools, args, log, lambda svc: raw_models[svc].rate(2.0)))
+        )
         sigterm_as_ctrl_c()
     except (KeyboardInterrupt, asyncio.CancelledError):
         log("interrupted: shutting down")
@@ -828,12 +1028,21 @@ def main(argv: list[str] | None = None) -> int:
     wall_s = time.perf_counter() - t_start
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, started,
-                               wall_s, mode, now, factors))
+    args.out.write_text(
+        report(args, cfg, routes, best_rows, edge_rows, raw, measured, load_before, started, wall_s, mode, now, factors)
+    )
     plot(routes, measured["runs"], args.repeats, args.batch, args.p99_ms, args.plot)
     if args.json:
-        args.json.write_text(json.dumps({"runs": {f"{k[0]} | run {k[1]}": v for k, v in measured["runs"].items()},
-                                         "raw_torch": raw, "replicas": measured["replicas"]}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "runs": {f"{k[0]} | run {k[1]}": v for k, v in measured["runs"].items()},
+                    "raw_torch": raw,
+                    "replicas": measured["replicas"],
+                },
+                indent=1,
+            )
+        )
     log(f"wrote {args.out} and {args.plot}")
     return 0
 

@@ -7,15 +7,16 @@ The config's edge servers are packed onto fewer Ray nodes (one CPU each), so eve
 same trials, pinned to the same edge server's resource; only how many run at once changes. Each layout
 starts its search over (no resume).
 """
+
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
 
+from coderay.candidate import SearchContext
 from coderay.cluster import LocalCluster
 from coderay.config import DEFAULT_CONFIG, load_config
-from coderay.candidate import SearchContext
 from tuning.search import run_tune_search
 
 
@@ -31,7 +32,7 @@ def layouts(names: list[str]) -> dict[int, list[tuple[float, list[str]]]]:
 
 def main(config: str | None = None) -> Path:
     cfg = load_config(config or DEFAULT_CONFIG)
-    SearchContext.load(cfg)                       # train (or load) the services first: not part of the timing
+    SearchContext.load(cfg)  # train (or load) the services first: not part of the timing
     rows = []
     for n, layout in layouts([node.name for node in cfg.nodes]).items():
         cluster = LocalCluster(cfg, layout=layout)
@@ -44,15 +45,26 @@ def main(config: str | None = None) -> Path:
         tune = table.meta["tune"]
         for local in table.locals:
             best = table.best(local)
-            rows.append(f"| {n} | {' + '.join('/'.join(names) for _, names in layout)} | "
-                        f"{tune['trials']['predict']} | {tune['trials']['train']} | {tune['stage_seconds']['predict']} | "
-                        f"{tune['stage_seconds']['train']} | {wall:.0f} | `{best['path_id']}` | {best['test_acc']:.4f} |")
+            rows.append(
+                f"| {n} | {' + '.join('/'.join(names) for _, names in layout)} | "
+                f"{tune['trials']['predict']} | {tune['trials']['train']} | {tune['stage_seconds']['predict']} | "
+                f"{tune['stage_seconds']['train']} | {wall:.0f} | `{best['path_id']}` | {best['test_acc']:.4f} |"
+            )
         print(rows[-1], flush=True)
     out = Path(__file__).parent / "results" / "tune.md"
-    out.write_text("\n".join([
-        f"# Path search on Ray Tune: wall time by number of Ray nodes ({cfg.name}, 2-core CPU, 1 CPU per node)",
-        "", "| Ray nodes | edge servers per node | stage-1 trials | stage-2 trials | stage 1 s | stage 2 s | "
-        "total s | best path | its test acc |", "|---|---|---|---|---|---|---|---|---|", *rows]) + "\n")
+    out.write_text(
+        "\n".join(
+            [
+                f"# Path search on Ray Tune: wall time by number of Ray nodes ({cfg.name}, 2-core CPU, 1 CPU per node)",
+                "",
+                "| Ray nodes | edge servers per node | stage-1 trials | stage-2 trials | stage 1 s | stage 2 s | "
+                "total s | best path | its test acc |",
+                "|---|---|---|---|---|---|---|---|---|",
+                *rows,
+            ]
+        )
+        + "\n"
+    )
     print(out.read_text())
     return out
 

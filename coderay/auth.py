@@ -16,6 +16,7 @@ The secrets file (YAML):
     providers: {digits: [<key>], mnist: [<key>]}         # a provider's keys, by the service it owns
     clients: {alice: {keys: [<key>], services: [digits]}} # a client the providers of `services` admit
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,7 @@ import yaml
 from coderay.config import CoderayConfig
 from coderay.errors import ConfigError
 
-__all__ = ["KEYS_FILE_ENV", "OPERATOR_ENV", "KeyRing", "Principal", "Denied", "load_keyring", "digest",
-           "provider_env"]
+__all__ = ["KEYS_FILE_ENV", "OPERATOR_ENV", "KeyRing", "Principal", "Denied", "load_keyring", "digest", "provider_env"]
 
 KEYS_FILE_ENV = "CODERAY_KEYS_FILE"
 OPERATOR_ENV = "CODERAY_OPERATOR_KEY"
@@ -50,7 +50,8 @@ def digest(key: str) -> str:
 @dataclass(frozen=True)
 class Principal:
     """Whom a key belongs to: the operator, a service's provider, or a client admitted to some services."""
-    kind: str                         # "operator" | "provider" | "client"
+
+    kind: str  # "operator" | "provider" | "client"
     name: str
     services: frozenset[str] = frozenset()
 
@@ -66,6 +67,7 @@ class Denied(Exception):
 @dataclass(frozen=True)
 class KeyRing:
     """Key digests → principals; `enabled` False lets every request through (the demo's default)."""
+
     enabled: bool
     principals: tuple[tuple[str, Principal], ...] = field(default=(), repr=False)
 
@@ -95,13 +97,17 @@ class KeyRing:
 
     def as_args(self) -> dict:
         """Digests and principals only (what the ingress is built with): no key leaves the process that read it."""
-        return {"enabled": self.enabled,
-                "principals": [[d, p.kind, p.name, sorted(p.services)] for d, p in self.principals]}
+        return {
+            "enabled": self.enabled,
+            "principals": [[d, p.kind, p.name, sorted(p.services)] for d, p in self.principals],
+        }
 
     @classmethod
     def from_args(cls, args: Mapping) -> KeyRing:
-        return cls(bool(args["enabled"]), tuple((d, Principal(kind, name, frozenset(svcs)))
-                                                 for d, kind, name, svcs in args["principals"]))
+        return cls(
+            bool(args["enabled"]),
+            tuple((d, Principal(kind, name, frozenset(svcs))) for d, kind, name, svcs in args["principals"]),
+        )
 
 
 def _keys(value: object, where: str) -> list[str]:
@@ -126,16 +132,19 @@ def _from_file(path: Path, services: Iterable[str]) -> list[tuple[str, Principal
     for svc, keys in (doc.get("providers") or {}).items():
         if svc not in known:
             raise ConfigError(f"{path}: providers.{svc}: no such service; expected one of {sorted(known)}")
-        out += [(digest(k), Principal("provider", svc, frozenset({svc})))
-                for k in _keys(keys, f"{path}: providers.{svc}")]
+        out += [
+            (digest(k), Principal("provider", svc, frozenset({svc}))) for k in _keys(keys, f"{path}: providers.{svc}")
+        ]
     for name, client in (doc.get("clients") or {}).items():
         if not isinstance(client, dict) or not isinstance(client.get("services"), list):
             raise ConfigError(f"{path}: clients.{name}: expected {{keys: [...], services: [...]}}")
         unknown = set(client["services"]) - known
         if unknown:
             raise ConfigError(f"{path}: clients.{name}.services: no such service {sorted(unknown)}")
-        out += [(digest(k), Principal("client", str(name), frozenset(client["services"])))
-                for k in _keys(client.get("keys", []), f"{path}: clients.{name}.keys")]
+        out += [
+            (digest(k), Principal("client", str(name), frozenset(client["services"])))
+            for k in _keys(client.get("keys", []), f"{path}: clients.{name}.keys")
+        ]
     return out
 
 
@@ -154,9 +163,13 @@ def load_keyring(cfg: CoderayConfig, environ: Mapping[str, str] | None = None) -
         principals += [(digest(k), Principal("operator", "operator")) for k in _keys(env[OPERATOR_ENV], OPERATOR_ENV)]
     for svc in services:
         if env.get(provider_env(svc)):
-            principals += [(digest(k), Principal("provider", svc, frozenset({svc})))
-                           for k in _keys(env[provider_env(svc)], provider_env(svc))]
+            principals += [
+                (digest(k), Principal("provider", svc, frozenset({svc})))
+                for k in _keys(env[provider_env(svc)], provider_env(svc))
+            ]
     if not any(p.kind == "operator" for _, p in principals):
-        raise ConfigError(f"serving.auth.enabled: no operator key; set {OPERATOR_ENV} or list `operator` keys in "
-                          f"the keys file (serving.auth.keys_file or {KEYS_FILE_ENV})")
+        raise ConfigError(
+            f"serving.auth.enabled: no operator key; set {OPERATOR_ENV} or list `operator` keys in "
+            f"the keys file (serving.auth.keys_file or {KEYS_FILE_ENV})"
+        )
     return KeyRing(True, tuple(principals))

@@ -89,9 +89,7 @@ class BlockInfo:
         )
 
 
-def split_model(
-    model: StagedModel, *, blocks: int | None = None, cuts: Sequence[str] | None = None
-) -> list[Block]:
+def split_model(model: StagedModel, *, blocks: int | None = None, cuts: Sequence[str] | None = None) -> list[Block]:
     """Split ``model`` into frozen blocks: by count (``blocks=N``), by cut points, or one block per stage.
 
     ``cuts`` names the stages after which blocks 1..N-1 end. ``blocks=N`` uses ``model.default_cuts[N]``
@@ -115,8 +113,9 @@ def split_model(
             indices = model.cut_indices(model.default_cuts[blocks])
         else:
             indices = _balanced_cuts([model.stage_macs[n] for n in names], blocks)
-            logger.info("%s: no default cuts for N=%d, balanced by MACs: %s", model.arch, blocks,
-                        [names[i] for i in indices])
+            logger.info(
+                "%s: no default cuts for N=%d, balanced by MACs: %s", model.arch, blocks, [names[i] for i in indices]
+            )
     else:
         indices = list(range(len(names) - 1))
     model.requires_grad_(False)
@@ -189,8 +188,9 @@ def profile_blocks(
                     macs=counter.get_total_flops() // 2,
                 )
                 if measure_latency:
-                    info.latency_ms = {b: _median_ms(block, x.expand(b, *x.shape[1:]).clone(), repeats)
-                                       for b in batch_sizes}
+                    info.latency_ms = {
+                        b: _median_ms(block, x.expand(b, *x.shape[1:]).clone(), repeats) for b in batch_sizes
+                    }
                 infos.append(info)
                 x = y
     finally:
@@ -215,19 +215,22 @@ def format_block_table(infos: Sequence[BlockInfo]) -> str:
     rows = [header]
     for info in infos:
         stages = info.stages[0] if len(info.stages) == 1 else f"{info.stages[0]}..{info.stages[-1]}"
-        rows.append([
-            str(info.index),
-            stages,
-            "x".join(map(str, info.in_shape)),
-            "x".join(map(str, info.out_shape)),
-            _human(info.params),
-            _human(info.macs),
-            *(f"{info.latency_ms[b]:.2f}" if b in info.latency_ms else "-" for b in batch_sizes),
-        ])
+        rows.append(
+            [
+                str(info.index),
+                stages,
+                "x".join(map(str, info.in_shape)),
+                "x".join(map(str, info.out_shape)),
+                _human(info.params),
+                _human(info.macs),
+                *(f"{info.latency_ms[b]:.2f}" if b in info.latency_ms else "-" for b in batch_sizes),
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     left = {1, 2, 3}  # text columns; numbers align right
-    lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
 

@@ -6,6 +6,7 @@
   test accuracy is reported.
 Both return a typed `Row` (`coderay.rows`), built by `path_row` and scored by `coderay.rows.score`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,11 +55,13 @@ class SearchContext:
             if upto == 0 and host is None:
                 svc = self.services[local]
                 idx = torch.randperm(len(svc.task.train), generator=torch.Generator().manual_seed(self.cfg.seed))
-                self._acts[key] = torch.stack([svc.task.train[int(i)][0]
-                                               for i in idx[:self.cfg.search.predict_samples]])  # (n, C, H, W)
+                self._acts[key] = torch.stack(
+                    [svc.task.train[int(i)][0] for i in idx[: self.cfg.search.predict_samples]]
+                )  # (n, C, H, W)
             elif host is None:
-                self._acts[key] = _run(self.services[local].blocks[upto - 1:upto],
-                                       self.fit_activations(local, upto - 1))
+                self._acts[key] = _run(
+                    self.services[local].blocks[upto - 1 : upto], self.fit_activations(local, upto - 1)
+                )
             else:
                 image = match_image(self.fit_activations(local, 0), self.services[host].boundaries[0])
                 self._acts[key] = _run(self.services[host].blocks[:upto], image)
@@ -68,8 +71,7 @@ class SearchContext:
 def candidates(ctx: SearchContext, local: str) -> list[PathSpec]:
     """`local`'s candidate paths: its own, and through every host that admits it as a guest (a grant ≥ 1)."""
     s = ctx.cfg.search
-    bounds = {n: svc.boundaries for n, svc in ctx.services.items()
-              if n == local or ctx.cfg.service(n).grant(local) > 0}
+    bounds = {n: svc.boundaries for n, svc in ctx.services.items() if n == local or ctx.cfg.service(n).grant(local) > 0}
     return enumerate_paths(local, bounds, lout=s.lout, hin=s.hin, include_skip=s.include_skip)
 
 
@@ -103,12 +105,13 @@ def build_path(ctx: SearchContext, spec: PathSpec, variant: LinkVariant | None =
         residuals["in"] = links["in"].init_lstsq(src, host_in)
         with torch.inference_mode():
             links["in"].eval()
-            mid = _run(host.blocks[spec.hin - 1:spec.hout], links["in"](src))
+            mid = _run(host.blocks[spec.hin - 1 : spec.hout], links["in"](src))
         links["out"] = Link(mid.shape[1:], target.shape[1:], relu=bool(target.min() >= 0), capacity=capacity)
         residuals["out"] = links["out"].init_lstsq(mid, target)
     host_blocks = ctx.services[spec.host].blocks if spec.host else ()
-    module = PathModule(spec, local.blocks, host_blocks, links, link_out=link_out_place(ctx, spec),
-                        encoding=ctx.cfg.network.encoding).eval()
+    module = PathModule(
+        spec, local.blocks, host_blocks, links, link_out=link_out_place(ctx, spec), encoding=ctx.cfg.network.encoding
+    ).eval()
     return module, residuals
 
 
@@ -157,9 +160,9 @@ def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
     if spec.kind == "local":
         return PathCosts(local_full=full, local_part=full)
     seconds = {spec.local: 0.0, spec.host: 0.0}
-    for run in stages(module.hops):          # one call per stage, its cost shared by the chain's samples
+    for run in stages(module.hops):  # one call per stage, its cost shared by the chain's samples
         seconds[run[0].service] += call_seconds(cfg, ctx.services[run[0].service].node.name, spec.local)
-    shapes = [local.boundaries[0]]                      # the activation leaving each hop
+    shapes = [local.boundaries[0]]  # the activation leaving each hop
     for hop in module.hops:
         svc = ctx.services[hop.service]
         if hop.kind == "links":
@@ -176,10 +179,16 @@ def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
     if spec.kind == "skip":
         return PathCosts(local_full=full, local_part=seconds[spec.local])
     host = ctx.services[spec.host]
-    return PathCosts(local_full=full, local_part=seconds[spec.local],
-                     host_full=host.block_seconds(1, len(host.blocks)) + call_seconds(cfg, host.node.name, spec.host),
-                     host_part=seconds[spec.host], batch=host.spec.batch_size, guest_quota=host.spec.grant(spec.local),
-                     bytes_out=nbytes["out"], bytes_back=nbytes["back"])
+    return PathCosts(
+        local_full=full,
+        local_part=seconds[spec.local],
+        host_full=host.block_seconds(1, len(host.blocks)) + call_seconds(cfg, host.node.name, spec.host),
+        host_part=seconds[spec.host],
+        batch=host.spec.batch_size,
+        guest_quota=host.spec.grant(spec.local),
+        bytes_out=nbytes["out"],
+        bytes_back=nbytes["back"],
+    )
 
 
 def path_row(ctx: SearchContext, spec: PathSpec, costs: PathCosts, *, link_params: int = 0, **fields) -> Row:
@@ -188,12 +197,25 @@ def path_row(ctx: SearchContext, spec: PathSpec, costs: PathCosts, *, link_param
     local = ctx.services[spec.local]
     host = ctx.services[spec.host] if spec.host else None
     budget = path_budget(spec, local.block_params, host.block_params if host else (), link_params)
-    row = Row(path_id=spec.id, local=spec.local, kind=spec.kind, host=spec.host, lout=spec.lout, hin=spec.hin,
-              hout=spec.hout, lin=spec.lin, local_node=local.node.name, host_node=host.node.name if host else "",
-              link_out_on=link_out_place(ctx, spec) if spec.kind == "coop" else None,
-              encoding=ctx.cfg.network.encoding if spec.kind == "coop" else "float32",
-              acc_local_val=local.metrics["val_acc"], acc_local_test=local.metrics["test_acc"], costs=costs,
-              **budget, **fields)
+    row = Row(
+        path_id=spec.id,
+        local=spec.local,
+        kind=spec.kind,
+        host=spec.host,
+        lout=spec.lout,
+        hin=spec.hin,
+        hout=spec.hout,
+        lin=spec.lin,
+        local_node=local.node.name,
+        host_node=host.node.name if host else "",
+        link_out_on=link_out_place(ctx, spec) if spec.kind == "coop" else None,
+        encoding=ctx.cfg.network.encoding if spec.kind == "coop" else "float32",
+        acc_local_val=local.metrics["val_acc"],
+        acc_local_test=local.metrics["test_acc"],
+        costs=costs,
+        **budget,
+        **fields,
+    )
     return score(row, ctx.cfg.reward, ctx.cfg.network)
 
 
@@ -212,15 +234,26 @@ def predict_path(ctx: SearchContext, spec: PathSpec) -> Row:
         if s.predict_steps:
             n = min(len(local.task.train), s.predict_steps * s.link_batch_size)
             torch.manual_seed(ctx.cfg.seed)
-            fit(module, module.link_parameters(), Subset(local.task.train, range(n)), local.task.val, epochs=1,
-                lr=s.link_lr, batch_size=s.link_batch_size, seed=ctx.cfg.seed, progress=False, validate=False)
+            fit(
+                module,
+                module.link_parameters(),
+                Subset(local.task.train, range(n)),
+                local.task.val,
+                epochs=1,
+                lr=s.link_lr,
+                batch_size=s.link_batch_size,
+                seed=ctx.cfg.seed,
+                progress=False,
+                validate=False,
+            )
         pred_acc = evaluate(module, local.task.val)
     return path_row(ctx, spec, path_costs(ctx, module), link_params=_link_params(module), pred_acc=pred_acc)
 
 
 @contextlib.contextmanager
-def _feature_matching(ctx: SearchContext, module: PathModule, weight: float
-                      ) -> Iterator[Callable[[torch.Tensor], torch.Tensor] | None]:
+def _feature_matching(
+    ctx: SearchContext, module: PathModule, weight: float
+) -> Iterator[Callable[[torch.Tensor], torch.Tensor] | None]:
     """The distillation term of a path's training, while it trains (None for weight 0): the link that brings a
     sample back should produce what the local model's own blocks 1..lin−1 produce for the same input (relative
     squared error, times `weight`). The link's output is caught by a forward hook, removed afterwards."""
@@ -229,7 +262,7 @@ def _feature_matching(ctx: SearchContext, module: PathModule, weight: float
         return
     spec = module.spec
     link = module.links["skip" if spec.kind == "skip" else "out"]
-    teacher = torch.nn.Sequential(*ctx.services[spec.local].blocks[:spec.lin - 1])
+    teacher = torch.nn.Sequential(*ctx.services[spec.local].blocks[: spec.lin - 1])
     seen = {}
     hook = link.register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out))
 
@@ -237,15 +270,24 @@ def _feature_matching(ctx: SearchContext, module: PathModule, weight: float
         with torch.no_grad():
             target = teacher(x)
         return weight * (seen["out"] - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-8)
+
     try:
         yield loss
     finally:
         hook.remove()
 
 
-def train_path(ctx: SearchContext, spec: PathSpec, *, epochs: int | None = None, progress: bool = True,
-               links_dir: Path | None = None, on_epoch: Callable[[int, float, float], None] | None = None,
-               module: PathModule | None = None, predicted: Row | None = None) -> tuple[Row, PathModule]:
+def train_path(
+    ctx: SearchContext,
+    spec: PathSpec,
+    *,
+    epochs: int | None = None,
+    progress: bool = True,
+    links_dir: Path | None = None,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+    module: PathModule | None = None,
+    predicted: Row | None = None,
+) -> tuple[Row, PathModule]:
     """Stage 2 for one candidate: train its links (from the least-squares start) once per link variant of the
     config, keep the variant of best validation accuracy, measure it, save its links. `module` (the first
     variant's, e.g. restored from a checkpoint) is trained instead of a fresh one; `on_epoch` counts epochs
@@ -264,21 +306,41 @@ def train_path(ctx: SearchContext, spec: PathSpec, *, epochs: int | None = None,
             torch.manual_seed(ctx.cfg.seed)
             shift = i * epochs
             with _feature_matching(ctx, module, variant.distill) as aux_loss:
-                fit(module, module.link_parameters(), local.task.train, local.task.val, epochs=epochs,
-                    lr=s.link_lr, batch_size=s.link_batch_size, seed=ctx.cfg.seed,
-                    desc=f"{spec.id} [{variant.name}]", progress=progress, aux_loss=aux_loss,
-                    on_epoch=None if on_epoch is None else
-                    (lambda e, loss, acc, shift=shift: on_epoch(e + shift, loss, acc)))
+                fit(
+                    module,
+                    module.link_parameters(),
+                    local.task.train,
+                    local.task.val,
+                    epochs=epochs,
+                    lr=s.link_lr,
+                    batch_size=s.link_batch_size,
+                    seed=ctx.cfg.seed,
+                    desc=f"{spec.id} [{variant.name}]",
+                    progress=progress,
+                    aux_loss=aux_loss,
+                    on_epoch=None
+                    if on_epoch is None
+                    else (lambda e, loss, acc, shift=shift: on_epoch(e + shift, loss, acc)),
+                )
         val_acc = evaluate(module, local.task.val)
         if best is None or val_acc > best[0]:
             best = (val_acc, module, variant)
     val_acc, module, variant = best
     test_acc = evaluate(module, local.task.test)
     links_file = str(save_links(module, links_dir)) if trained and links_dir is not None else None
-    row = path_row(ctx, spec, path_costs(ctx, module), link_params=_link_params(module),
-                   pred_acc=predicted.pred_acc if predicted else None, val_acc=val_acc, test_acc=test_acc,
-                   trained=trained, train_seconds=round(time.perf_counter() - start, 2), links_file=links_file,
-                   link_variant=variant.name if trained else None)
+    row = path_row(
+        ctx,
+        spec,
+        path_costs(ctx, module),
+        link_params=_link_params(module),
+        pred_acc=predicted.pred_acc if predicted else None,
+        val_acc=val_acc,
+        test_acc=test_acc,
+        trained=trained,
+        train_seconds=round(time.perf_counter() - start, 2),
+        links_file=links_file,
+        link_variant=variant.name if trained else None,
+    )
     if predicted is not None:
         row = row.with_extra(**predicted.extra)
     return row, module

@@ -58,6 +58,7 @@ Only call `join` from a process that belongs to one node for its whole life (a S
 actor, a profiling subprocess), not from a pooled Ray task worker that later runs other nodes' tasks (or
 call `join` again there: joining another node moves the process).
 """
+
 from __future__ import annotations
 
 import errno
@@ -73,20 +74,38 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = [
-    "V1", "V2", "NONE", "DEFAULT_PERIOD_US", "Detection", "JoinResult", "Usage", "SharePlan",
-    "detect", "join", "leave", "usage", "cleanup", "sweep", "group_pids", "threads_in_group", "session_id",
-    "new_session", "session_owner", "plan_shares", "machine_cpus",
+    "V1",
+    "V2",
+    "NONE",
+    "DEFAULT_PERIOD_US",
+    "Detection",
+    "JoinResult",
+    "Usage",
+    "SharePlan",
+    "detect",
+    "join",
+    "leave",
+    "usage",
+    "cleanup",
+    "sweep",
+    "group_pids",
+    "threads_in_group",
+    "session_id",
+    "new_session",
+    "session_owner",
+    "plan_shares",
+    "machine_cpus",
 ]
 
 log = logging.getLogger(__name__)
 
 V1, V2, NONE = "cgroup-v1", "cgroup-v2", "none"
-PARENT = "coderay"                     # every coderay group lives under <controller root>/coderay/
-DEFAULT_PERIOD_US = 20_000             # CFS period (kernel: 1 ms .. 1 s); see join()
-MIN_QUOTA_US = 1_000                   # the kernel's smallest quota
+PARENT = "coderay"  # every coderay group lives under <controller root>/coderay/
+DEFAULT_PERIOD_US = 20_000  # CFS period (kernel: 1 ms .. 1 s); see join()
+MIN_QUOTA_US = 1_000  # the kernel's smallest quota
 SESSION_ENV = "CODERAY_CAPACITY_SESSION"
-ROOT_ENV = "CODERAY_CGROUP_ROOT"       # point detection at another root (a test's tmp dir, a delegated tree)
-SWITCH_ENV = "CODERAY_CAPACITY"        # "off" disables caps (reported as none: disabled ...)
+ROOT_ENV = "CODERAY_CGROUP_ROOT"  # point detection at another root (a test's tmp dir, a delegated tree)
+SWITCH_ENV = "CODERAY_CAPACITY"  # "off" disables caps (reported as none: disabled ...)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # new_session's names: <date>-<time>-<owner pid>[-<owner start ticks>]-<6 hex>
 _OWNED = re.compile(r"^\d{8}-\d{6}-(\d+)(?:-(\d+))?-[0-9a-f]{6}$")
@@ -122,12 +141,13 @@ _fs = Cgroupfs()
 @dataclass(frozen=True)
 class Detection:
     """What this OS allows: `kind` is "cgroup-v1", "cgroup-v2" or "none"; `reason` says why (not)."""
+
     kind: str
     reason: str
-    cpu_root: Path | None = None       # the cpu controller's mount (v1) or the unified mount (v2)
-    acct_root: Path | None = None      # v1: the cpuacct hierarchy (may equal cpu_root); v2: cpu_root
-    cpu_base: str = "/"                # the hierarchy path cpu_root shows (/proc/<pid>/cgroup paths start there)
-    acct_base: str = "/"               # the same for acct_root
+    cpu_root: Path | None = None  # the cpu controller's mount (v1) or the unified mount (v2)
+    acct_root: Path | None = None  # v1: the cpuacct hierarchy (may equal cpu_root); v2: cpu_root
+    cpu_base: str = "/"  # the hierarchy path cpu_root shows (/proc/<pid>/cgroup paths start there)
+    acct_base: str = "/"  # the same for acct_root
 
     @property
     def available(self) -> bool:
@@ -142,10 +162,11 @@ class Detection:
 @dataclass(frozen=True)
 class _Mount:
     """One cgroup mount from /proc/self/mountinfo."""
-    fstype: str                        # "cgroup" (v1) or "cgroup2"
+
+    fstype: str  # "cgroup" (v1) or "cgroup2"
     point: Path
-    base: str                          # the hierarchy path shown at `point` ("/" unless a container's view)
-    options: frozenset[str]            # super options: the v1 controllers bound to this hierarchy
+    base: str  # the hierarchy path shown at `point` ("/" unless a container's view)
+    options: frozenset[str]  # super options: the v1 controllers bound to this hierarchy
     read_only: bool
 
 
@@ -167,8 +188,15 @@ def _mounts() -> list[_Mount]:
         if len(fields) < 6 or len(post_fields) < 3 or post_fields[0] not in ("cgroup", "cgroup2"):
             continue
         supers = frozenset(post_fields[2].split(","))
-        out.append(_Mount(post_fields[0], Path(_unescape(fields[4])), _unescape(fields[3]), supers,
-                          "ro" in fields[5].split(",") or "ro" in supers))
+        out.append(
+            _Mount(
+                post_fields[0],
+                Path(_unescape(fields[4])),
+                _unescape(fields[3]),
+                supers,
+                "ro" in fields[5].split(",") or "ro" in supers,
+            )
+        )
     return out
 
 
@@ -243,8 +271,14 @@ def _detect() -> Detection:
             acct, acct_base = det.acct_root, det.acct_base
             if acct is None and v1_acct and _refusal(v1_acct[0].point, V1, v1_acct[0].read_only) is None:
                 acct, acct_base = v1_acct[0].point, v1_acct[0].base
-            return Detection(V1, det.reason + (f", usage from {acct}" if acct else ", no cpuacct: usage unknown"),
-                             det.cpu_root, acct, det.cpu_base, acct_base)
+            return Detection(
+                V1,
+                det.reason + (f", usage from {acct}" if acct else ", no cpuacct: usage unknown"),
+                det.cpu_root,
+                acct,
+                det.cpu_base,
+                acct_base,
+            )
         reasons.append(det.reason)
     for m in v2:
         det = _detect_at(m.point, base=m.base, read_only=m.read_only)
@@ -270,8 +304,7 @@ def detect(*, refresh: bool = False) -> Detection:
 def _warn_once(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
-        log.warning("CPU caps unavailable, emulated nodes run UNCAPPED (figures are not capacity-emulated): %s",
-                    reason)
+        log.warning("CPU caps unavailable, emulated nodes run UNCAPPED (figures are not capacity-emulated): %s", reason)
 
 
 # --------------------------------------------------------------------------- processes
@@ -284,7 +317,7 @@ def _start_ticks(pid: int | str) -> int | None:
         stat = (_fs.proc / str(pid) / "stat").read_text()
     except OSError:
         return None
-    fields = stat.rpartition(")")[2].split()   # the command name before ")" may hold spaces
+    fields = stat.rpartition(")")[2].split()  # the command name before ")" may hold spaces
     if len(fields) < 20 or fields[0] in ("Z", "X"):
         return None
     return int(fields[19])
@@ -321,7 +354,7 @@ def _group_dir(root: Path, base: str, where: str) -> Path | None:
     top = base.rstrip("/")
     if where != top and not where.startswith(top + "/"):
         return None
-    rel = where[len(top):].strip("/")
+    rel = where[len(top) :].strip("/")
     return root / rel if rel else root
 
 
@@ -350,11 +383,12 @@ def _hierarchies(det: Detection) -> list[tuple[str, Path, str]]:
 class _Home:
     """Where a process was before its first join: per hierarchy (by controller), each thread's group (v1) or
     the process's (v2, keyed by its pid). `start` tells the process from a later one with its pid."""
+
     start: int | None
     groups: dict[str, dict[int, str]]
 
 
-_homes: dict[tuple[Path, int], _Home] = {}   # by (cpu hierarchy, pid): a record holds only its own
+_homes: dict[tuple[Path, int], _Home] = {}  # by (cpu hierarchy, pid): a record holds only its own
 _homes_lock = threading.Lock()
 
 
@@ -478,8 +512,11 @@ def _enable_v2_cpu(group: Path) -> None:
     except OSError as e:
         if e.errno != errno.EBUSY:
             raise
-        raise OSError(e.errno, f"cannot enable the cpu controller in {ctl} (processes live in that group: v2 "
-                               f"allows controllers only in groups without processes)") from e
+        raise OSError(
+            e.errno,
+            f"cannot enable the cpu controller in {ctl} (processes live in that group: v2 "
+            f"allows controllers only in groups without processes)",
+        ) from e
 
 
 def _make(det: Detection, group: Path) -> None:
@@ -503,7 +540,7 @@ def _set_quota(det: Detection, group: Path, share: float, period_us: int) -> int
         def kept() -> bool:
             return (quota_file.read_text().strip(), period_file.read_text().strip()) == (str(quota), str(period_us))
 
-        for _ in range(5):   # processes of one node may join at once: each checks what the other left
+        for _ in range(5):  # processes of one node may join at once: each checks what the other left
             if kept():
                 return quota  # set (by us or a concurrent joiner): no momentary lift of the cap
             # the kernel checks quota/period against the parent on each write: lift the quota first
@@ -520,15 +557,16 @@ def _set_quota(det: Detection, group: Path, share: float, period_us: int) -> int
 @dataclass(frozen=True)
 class JoinResult:
     """What `join` did: `mechanism` is "cgroup-v1", "cgroup-v2" or "none: <reason>"."""
+
     node: str
-    share: float                     # CPUs asked for
+    share: float  # CPUs asked for
     mechanism: str
     pid: int
     session: str
-    group: str | None = None         # the cgroup directory (None when uncapped)
+    group: str | None = None  # the cgroup directory (None when uncapped)
     quota_us: int | None = None
     period_us: int | None = None
-    threads: int = 0                 # threads of pid verified inside the group
+    threads: int = 0  # threads of pid verified inside the group
     threads_total: int = 0
 
     @property
@@ -544,8 +582,9 @@ class JoinResult:
         return asdict(self) | {"capped": self.capped}
 
 
-def _enter(det: Detection, pid: int, cpu_group: Path, acct_group: Path | None, share: float, period_us: int,
-           rel: str) -> tuple[int, int, int]:
+def _enter(
+    det: Detection, pid: int, cpu_group: Path, acct_group: Path | None, share: float, period_us: int, rel: str
+) -> tuple[int, int, int]:
     """Make the node's groups, set the quota, move `pid` in; (quota, threads inside, threads)."""
     _make(det, cpu_group)
     quota = _set_quota(det, cpu_group, share, period_us)
@@ -561,8 +600,9 @@ def _enter(det: Detection, pid: int, cpu_group: Path, acct_group: Path | None, s
     raise OSError(f"{total - inside} of {total} threads of pid {pid} stayed outside {cpu_group}")
 
 
-def join(node: str, share: float, *, pid: int | None = None, session: str | None = None,
-         period_us: int = DEFAULT_PERIOD_US) -> JoinResult:
+def join(
+    node: str, share: float, *, pid: int | None = None, session: str | None = None, period_us: int = DEFAULT_PERIOD_US
+) -> JoinResult:
     """Move process `pid` (default: this one), every thread of it, into `node`'s group capped at `share` CPUs.
 
     Idempotent; the group is shared by every process that joins `node` in the session, so the node's total
@@ -591,8 +631,9 @@ def join(node: str, share: float, *, pid: int | None = None, session: str | None
         _remember_home(det, pid)
         for attempt in range(3):
             try:
-                quota, inside, total = _enter(det, pid, cpu_group, acct_group, share, period_us,
-                                              f"/{PARENT}/{session}/{node}")
+                quota, inside, total = _enter(
+                    det, pid, cpu_group, acct_group, share, period_us, f"/{PARENT}/{session}/{node}"
+                )
                 break
             except FileNotFoundError:  # a concurrent clean-up removed an empty group of ours: make it again
                 if attempt == 2:
@@ -602,8 +643,16 @@ def join(node: str, share: float, *, pid: int | None = None, session: str | None
         reason = f"{det.kind} refused at {cpu_group}: {e.strerror or e}"
         _warn_once(reason)
         return JoinResult(node, share, f"{NONE}: {reason}", pid, session)
-    log.debug("pid %d (%d threads) joined node %s: %.3f CPU (%d/%d us, %s)", pid, total, node,
-              quota / period_us, quota, period_us, det.kind)
+    log.debug(
+        "pid %d (%d threads) joined node %s: %.3f CPU (%d/%d us, %s)",
+        pid,
+        total,
+        node,
+        quota / period_us,
+        quota,
+        period_us,
+        det.kind,
+    )
     return JoinResult(node, share, det.kind, pid, session, str(cpu_group), quota, period_us, inside, total)
 
 
@@ -679,13 +728,14 @@ def _pids(group: Path) -> list[int]:
 @dataclass(frozen=True)
 class Usage:
     """CPU a node's group got since it was made: seconds used, CFS periods, throttled periods and time."""
+
     node: str
     mechanism: str
-    cpu_s: float | None = None         # None where unknown (uncapped, or v1 without cpuacct)
+    cpu_s: float | None = None  # None where unknown (uncapped, or v1 without cpuacct)
     nr_periods: int | None = None
     nr_throttled: int | None = None
     throttled_s: float | None = None
-    share: float | None = None         # quota / period now in force
+    share: float | None = None  # quota / period now in force
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -721,16 +771,30 @@ def usage(node: str, *, session: str | None = None) -> Usage:
         except (OSError, ValueError):
             share = None
         throttled = stat.get("throttled_time")
-        return Usage(node, V1, cpu_s, stat.get("nr_periods"), stat.get("nr_throttled"),
-                     throttled / 1e9 if throttled is not None else None, share)
+        return Usage(
+            node,
+            V1,
+            cpu_s,
+            stat.get("nr_periods"),
+            stat.get("nr_throttled"),
+            throttled / 1e9 if throttled is not None else None,
+            share,
+        )
     try:
         quota_s, period_s = (cpu_group / "cpu.max").read_text().split()
         share = None if quota_s == "max" else int(quota_s) / int(period_s)
     except (OSError, ValueError):
         share = None
     used, throttled = stat.get("usage_usec"), stat.get("throttled_usec")
-    return Usage(node, V2, used / 1e6 if used is not None else None, stat.get("nr_periods"),
-                 stat.get("nr_throttled"), throttled / 1e6 if throttled is not None else None, share)
+    return Usage(
+        node,
+        V2,
+        used / 1e6 if used is not None else None,
+        stat.get("nr_periods"),
+        stat.get("nr_throttled"),
+        throttled / 1e6 if throttled is not None else None,
+        share,
+    )
 
 
 # --------------------------------------------------------------------------- clean-up
@@ -759,8 +823,13 @@ def _session_names(det: Detection) -> list[str]:
 def _session_tasks(det: Detection, name: str) -> set[int]:
     """Every task (v1: thread; v2: process or thread) in any group of session `name`, in every hierarchy."""
     files = ("tasks",) if det.kind == V1 else ("cgroup.procs", "cgroup.threads")
-    return {i for _, root, _ in _hierarchies(det) for g in _subgroups(root / PARENT / name)
-            for f in files for i in _ids(g / f)}
+    return {
+        i
+        for _, root, _ in _hierarchies(det)
+        for g in _subgroups(root / PARENT / name)
+        for f in files
+        for i in _ids(g / f)
+    }
 
 
 def _caller_group(det: Detection, controller: str, root: Path, base: str) -> Path:
@@ -837,8 +906,7 @@ def sweep(*, unowned: bool = False) -> list[str]:
             continue
         tasks = _session_tasks(det, name)
         if tasks:
-            log.info("kept CPU-cap session %s: its owner is gone but %d tasks remain in its groups",
-                     name, len(tasks))
+            log.info("kept CPU-cap session %s: its owner is gone but %d tasks remain in its groups", name, len(tasks))
             continue
         removed += _remove_session(det, name, evict=False)
     return removed
@@ -852,8 +920,12 @@ def _rmdir(group: Path) -> bool:
         except FileNotFoundError:
             return False
         except OSError as e:
-            if e.errno == errno.EBUSY and attempt < 19 and _pids(group) == [] \
-                    and not any(p.is_dir() for p in group.iterdir()):
+            if (
+                e.errno == errno.EBUSY
+                and attempt < 19
+                and _pids(group) == []
+                and not any(p.is_dir() for p in group.iterdir())
+            ):
                 time.sleep(0.02)
                 continue
             if e.errno in (errno.EBUSY, errno.ENOTEMPTY):
@@ -870,11 +942,12 @@ def _rmdir(group: Path) -> bool:
 @dataclass(frozen=True)
 class SharePlan:
     """`shares`: CPUs of quota per node; `scale`: measured rate / scale = rate on the configured nodes."""
+
     shares: dict[str, float]
     scale: float
     machine_cpus: float
     reserve: float
-    limited_by: str                    # "real time", "machine budget" or "fastest core"
+    limited_by: str  # "real time", "machine budget" or "fastest core"
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -890,8 +963,10 @@ def plan_shares(nodes, machine_cpus: float, reserve: float = 0.5, *, min_share: 
 
     nodes: (name, cpus, speed) tuples or objects with those attributes (config NodeSpec). Raises ValueError
     when the machine has no room beside the reserve, or a share would fall under `min_share` CPUs."""
-    rows = [(n.name, float(n.cpus), float(n.speed)) if hasattr(n, "name") else (str(n[0]), float(n[1]),
-            float(n[2])) for n in nodes]
+    rows = [
+        (n.name, float(n.cpus), float(n.speed)) if hasattr(n, "name") else (str(n[0]), float(n[1]), float(n[2]))
+        for n in nodes
+    ]
     if not rows:
         raise ValueError("plan_shares needs at least one node")
     names = [r[0] for r in rows]
@@ -904,8 +979,10 @@ def plan_shares(nodes, machine_cpus: float, reserve: float = 0.5, *, min_share: 
         raise ValueError(f"reserve must be >= 0, got {reserve}")
     budget = machine_cpus - reserve
     if budget <= 0:
-        raise ValueError(f"no CPU left for the emulated nodes: machine_cpus {machine_cpus} - reserve {reserve}"
-                         f" <= 0; lower the reserve or use a larger machine")
+        raise ValueError(
+            f"no CPU left for the emulated nodes: machine_cpus {machine_cpus} - reserve {reserve}"
+            f" <= 0; lower the reserve or use a larger machine"
+        )
     demand = sum(cpus * speed for _, cpus, speed in rows)
     limits = {"real time": 1.0, "machine budget": budget / demand, "fastest core": 1.0 / max(r[2] for r in rows)}
     limited_by = min(limits, key=lambda k: (limits[k], k != "real time"))
@@ -913,11 +990,14 @@ def plan_shares(nodes, machine_cpus: float, reserve: float = 0.5, *, min_share: 
     shares = {name: cpus * speed * scale for name, cpus, speed in rows}
     small = {n: s for n, s in shares.items() if s < min_share}
     if small:
-        raise ValueError(f"shares {', '.join(f'{n}={s:.4f}' for n, s in small.items())} CPU fall under "
-                         f"min_share {min_share} (scale {scale:.3f}, limited by {limited_by}): too many or too "
-                         f"fast nodes for {budget:g} CPU; drop nodes or lower the reserve")
-    notes = [f"{n}: {cpus:g} cpu x speed {speed:g} x scale {scale:.3f} = {shares[n]:.3f} CPU"
-             for n, cpus, speed in rows]
+        raise ValueError(
+            f"shares {', '.join(f'{n}={s:.4f}' for n, s in small.items())} CPU fall under "
+            f"min_share {min_share} (scale {scale:.3f}, limited by {limited_by}): too many or too "
+            f"fast nodes for {budget:g} CPU; drop nodes or lower the reserve"
+        )
+    notes = [
+        f"{n}: {cpus:g} cpu x speed {speed:g} x scale {scale:.3f} = {shares[n]:.3f} CPU" for n, cpus, speed in rows
+    ]
     return SharePlan(shares, scale, float(machine_cpus), float(reserve), limited_by, notes)
 
 

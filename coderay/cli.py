@@ -1,4 +1,5 @@
 """`coderay`: the command line. Library code logs; this module prints."""
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,10 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         model = get_model(args.arch, num_classes=args.classes, input_shape=args.input).eval()
         if args.cuts:
             names = model.stage_names
-            print(f"{args.arch}: {len(names) - 1} valid cut points at input {'x'.join(map(str, args.input))} "
-                  "(cut after the named node; MACs of the stage ending there)")
+            print(
+                f"{args.arch}: {len(names) - 1} valid cut points at input {'x'.join(map(str, args.input))} "
+                "(cut after the named node; MACs of the stage ending there)"
+            )
             for name in names[:-1]:
                 shape = "x".join(map(str, model.stage_shapes[name]))
                 print(f"  {name:<40} {shape:<16} {model.stage_macs[name]:>14,}")
@@ -55,8 +58,9 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         return 2
     infos = profile_blocks(blocks, args.input, batch_sizes=tuple(args.batch_sizes))
     if args.json:
-        print(json.dumps({"arch": args.arch, "input": list(args.input), "blocks": [i.to_dict() for i in infos]},
-                         indent=2))
+        print(
+            json.dumps({"arch": args.arch, "input": list(args.input), "blocks": [i.to_dict() for i in infos]}, indent=2)
+        )
     else:
         print(f"{args.arch}: {len(blocks)} blocks, input {'x'.join(map(str, args.input))}")
         print(format_block_table(infos))
@@ -75,20 +79,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     cluster = connect(cfg, args.address)
     try:
         print(f"training {len(cfg.services)} service(s), each on its own node", flush=True)
-        results = train_on_nodes(cfg, force=args.force, on_epoch=_print_epoch, on_done=lambda n, m: print(
-            f"  {n}: done on {m['node']} ({m['node_ip']}), test acc {m['test_acc']:.4f}", flush=True))
+        results = train_on_nodes(
+            cfg,
+            force=args.force,
+            on_epoch=_print_epoch,
+            on_done=lambda n, m: print(
+                f"  {n}: done on {m['node']} ({m['node_ip']}), test acc {m['test_acc']:.4f}", flush=True
+            ),
+        )
     finally:
         _disconnect(cluster)
     print(f"{'service':<12} {'node':<12} {'task':<18} {'val acc':>8} {'test acc':>9} {'seconds':>8}  cached  store")
     for name, m in results.items():
-        print(f"{name:<12} {m['node']:<12} {m['task']:<18} {m['val_acc']:>8.4f} {m['test_acc']:>9.4f} "
-              f"{m['train_seconds']:>8.1f}  {'yes' if m['from_cache'] else 'no ':<6}  {m['store']}")
+        print(
+            f"{name:<12} {m['node']:<12} {m['task']:<18} {m['val_acc']:>8.4f} {m['test_acc']:>9.4f} "
+            f"{m['train_seconds']:>8.1f}  {'yes' if m['from_cache'] else 'no ':<6}  {m['store']}"
+        )
     return 0
 
 
 def _print_epoch(e: dict) -> None:
-    print(f"  {e['service']}: epoch {e['epoch']}/{e['epochs']}, loss {e['loss']:.4f}, val acc {e['val_acc']:.4f}",
-          file=sys.stderr, flush=True)
+    print(
+        f"  {e['service']}: epoch {e['epoch']}/{e['epochs']}, loss {e['loss']:.4f}, val acc {e['val_acc']:.4f}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _disconnect(cluster) -> None:
@@ -106,19 +121,25 @@ def print_search(table) -> None:
 
     for local in table.locals:
         summary = table.meta["summary"][local]
-        print(f"\n== {local}: {summary['candidates']} candidates, {summary['trained']} trained "
-              f"({summary['trained_fraction']:.0%}) ==")
+        print(
+            f"\n== {local}: {summary['candidates']} candidates, {summary['trained']} trained "
+            f"({summary['trained_fraction']:.0%}) =="
+        )
         print(table.format(local, limit=None if table.meta.get("mode") == "exhaustive" else 15))
         best, base = table.best(local), table.row(f"{local}:local")
         print(f"best path: {best.path_id}  ({best.kind})")
         how = table.meta.get("profiles", "profiles of unknown origin")
         network = table.meta.get("network_source", "emulated (the config's)")
-        print(f"  path accuracy {best.test_acc:.4f} (test), average accuracy A^av {best.acc_avg_test:.4f} vs "
-              f"local-only {base.test_acc:.4f}; throughput {best.th_total:.0f}/s = {best.th_ratio:.2f}x "
-              f"local-only (modelled: blocks {how}; network {network})")
+        print(
+            f"  path accuracy {best.test_acc:.4f} (test), average accuracy A^av {best.acc_avg_test:.4f} vs "
+            f"local-only {base.test_acc:.4f}; throughput {best.th_total:.0f}/s = {best.th_ratio:.2f}x "
+            f"local-only (modelled: blocks {how}; network {network})"
+        )
         if best.kind == "coop":
-            print(f"  served at a share of {model_share(best):.2f} of requests (the rest local-only), activations "
-                  f"as {best.encoding}, link_out on the {best.link_out_on} node, links {best.link_variant}")
+            print(
+                f"  served at a share of {model_share(best):.2f} of requests (the rest local-only), activations "
+                f"as {best.encoding}, link_out on the {best.link_out_on} node, links {best.link_variant}"
+            )
     out = table.meta.get("dir")
     if out:
         print(f"\nreward table: {out}/table.json, {out}/table.csv; Pareto plot: {out}/pareto.png")
@@ -149,38 +170,57 @@ def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None) -> int:
     from deployments.app import start_serving
     from deployments.schemas import BODY_DTYPE
 
-    served = start_serving(cfg, config_path=Path(args.config).resolve(), address=args.address, port=args.port,
-                           controller=False if getattr(args, "no_controller", False) else None, cluster=cluster)
+    served = start_serving(
+        cfg,
+        config_path=Path(args.config).resolve(),
+        address=args.address,
+        port=args.port,
+        controller=False if getattr(args, "no_controller", False) else None,
+        cluster=cluster,
+    )
     url, svc = served.url, cfg.services[0]
     shape = (1, *_input_shape(cfg, svc.name))
     print(f"coderay is serving {len(cfg.services)} service(s) at {url}")
     print(f"  API docs:   {url}/docs")
     if served.direct_url:
         front = "Ray's HAProxy ingress" if cfg.serving.haproxy else "Serve's proxy"
-        print(f"  direct:     {served.direct_url}   (the same API from the ingress replica itself, the port {front} "
-              "forwards to: Serve's throughput-optimized mode)")
+        print(
+            f"  direct:     {served.direct_url}   (the same API from the ingress replica itself, the port {front} "
+            "forwards to: Serve's throughput-optimized mode)"
+        )
     print(f"  services:   curl {url}/v1/services")
-    print(f"  infer:      head -c {BODY_DTYPE.itemsize * math.prod(shape)} /dev/zero | curl -s -X POST {url}/v1/services/{svc.name}/infer "
-          f"-H 'Content-Type: application/octet-stream' -H 'X-Shape: {','.join(map(str, shape))}' --data-binary @-")
-    print(f"  pin a path: curl -X PUT {url}/v1/services/{svc.name}/route -H 'Content-Type: application/json' "
-          f"-d '{{\"path\": \"{svc.name}:local\"}}'   (release: curl -X DELETE {url}/v1/services/{svc.name}/route)")
+    print(
+        f"  infer:      head -c {BODY_DTYPE.itemsize * math.prod(shape)} /dev/zero | "
+        f"curl -s -X POST {url}/v1/services/{svc.name}/infer "
+        f"-H 'Content-Type: application/octet-stream' -H 'X-Shape: {','.join(map(str, shape))}' --data-binary @-"
+    )
+    print(
+        f"  pin a path: curl -X PUT {url}/v1/services/{svc.name}/route -H 'Content-Type: application/json' "
+        f'-d \'{{"path": "{svc.name}:local"}}\'   (release: curl -X DELETE {url}/v1/services/{svc.name}/route)'
+    )
     print(f"  Serve config: {served.serve_config}")
     plan = core_plan(cfg) if args.address is None else {}
     if plan:
         nodes = sorted({c for n, cores in plan.items() if n != HEAD for c in cores})
-        print(f"  cores:      Ray's own processes, the proxy and the ingress on {_cores(plan[HEAD])}, the nodes' work "
-              f"on {_cores(nodes)} (emulation.pin_cores)")
+        print(
+            f"  cores:      Ray's own processes, the proxy and the ingress on {_cores(plan[HEAD])}, the nodes' work "
+            f"on {_cores(nodes)} (emulation.pin_cores)"
+        )
     token = getattr(served.cluster, "token", None)
     if token is not None:
-        print(f"  Ray:        {served.cluster.cluster.address}, token authentication, token in {token} (coderay "
-              f"status finds it; other drivers: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token})")
+        print(
+            f"  Ray:        {served.cluster.cluster.address}, token authentication, token in {token} (coderay "
+            f"status finds it; other drivers: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token})"
+        )
     if cfg.controller.enabled and not getattr(args, "no_controller", False):
-        print(f"  controller: coderay status{'' if args.address is None else ' --address ' + args.address}   "
-              f"(or curl {url}/v1/controller)")
+        print(
+            f"  controller: coderay status{'' if args.address is None else ' --address ' + args.address}   "
+            f"(or curl {url}/v1/controller)"
+        )
     if args.no_block:
         return 0
     print("serving until Ctrl-C (or SIGTERM)", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)     # ours again, whatever Serve's start-up installed
+    signal.signal(signal.SIGTERM, _interrupt)  # ours again, whatever Serve's start-up installed
     try:
         while True:
             time.sleep(3600)
@@ -228,11 +268,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         cfg = cfg.on_real_cluster()
     cluster = connect(cfg, args.address)
     try:
-        print(f"[1/3] services of {cfg.name!r}: each trains (or loads its cached checkpoint) on its own node",
-              flush=True)
+        print(
+            f"[1/3] services of {cfg.name!r}: each trains (or loads its cached checkpoint) on its own node", flush=True
+        )
         for name, m in train_on_nodes(cfg, on_epoch=_print_epoch).items():
-            print(f"  {name}: {cfg.service(name).arch} on {m['task']} at {m['node']}, test acc {m['test_acc']:.4f}"
-                  f"{' (cached)' if m['from_cache'] else ''}")
+            print(
+                f"  {name}: {cfg.service(name).arch} on {m['task']} at {m['node']}, test acc {m['test_acc']:.4f}"
+                f"{' (cached)' if m['from_cache'] else ''}"
+            )
         engine = "in-process" if args.address is None else "Ray Tune"
         print(f"[2/3] path search (staged, {engine}){' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
         if args.address is None:
@@ -270,21 +313,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     token = load_config(args.config, **_workdir(args)).root / TOKEN_FILE
     if token.exists() and not (os.environ.get("RAY_AUTH_TOKEN_PATH") or os.environ.get("RAY_AUTH_TOKEN")):
-        use_token(token)                                   # the token of `coderay up`'s local cluster
+        use_token(token)  # the token of `coderay up`'s local cluster
     try:
         join(args.address or "auto", namespace=NAMESPACE, logging_level=logging.WARNING)
     except ClusterAuthError:
         raise
     except (ConnectionError, RuntimeError) as e:
-        print(f"error: no Ray cluster at {args.address or 'auto'} ({e}); start one with `coderay up`",
-              file=sys.stderr)
+        print(f"error: no Ray cluster at {args.address or 'auto'} ({e}); start one with `coderay up`", file=sys.stderr)
         return 2
     try:
         try:
             actor = get_controller()
         except ValueError:
-            print("error: no controller runs on this cluster (`coderay up`/`serve` start it unless "
-                  "--no-controller)", file=sys.stderr)
+            print(
+                "error: no controller runs on this cluster (`coderay up`/`serve` start it unless --no-controller)",
+                file=sys.stderr,
+            )
             return 2
         st = ray.get(actor.status.remote(decisions=args.decisions), timeout=30)
     finally:
@@ -301,44 +345,62 @@ def print_status(st: dict) -> None:
 
     c = st["controller"]
     conf = c["config"]
-    print(f"controller {c['name']} (pid {c['pid']}): {c['ticks']} intervals of {conf['interval_s']:g} s, "
-          f"V={conf['V']:g}, hysteresis {conf['hysteresis']:g}, min dwell {conf['min_dwell_s']:g} s; "
-          f"restarts {c['restarts']}; last interval {c['last_tick_age_s']} s ago")
+    print(
+        f"controller {c['name']} (pid {c['pid']}): {c['ticks']} intervals of {conf['interval_s']:g} s, "
+        f"V={conf['V']:g}, hysteresis {conf['hysteresis']:g}, min dwell {conf['min_dwell_s']:g} s; "
+        f"restarts {c['restarts']}; last interval {c['last_tick_age_s']} s ago"
+    )
     print(f"state: {c['state_file']}")
     alive = st.get("nodes_alive") or {}
     print("nodes: " + ", ".join(f"{n} {'up' if a else 'DOWN'}" for n, a in alive.items()))
     print(f"\n{'service':<10} {'path':<28} {'share':>6} {'arrivals/s':>10} {'Q_l':>8}  reason of the last decision")
     for svc, s in st["services"].items():
         last = s.get("last_decision") or {}
-        print(f"{svc:<10} {s['path']:<28} {s['coop_fraction']:>6.2f} {s['arrivals']:>10.1f} {s['Q_l']:>8.1f}  "
-              f"{last.get('reason', '-')}")
+        print(
+            f"{svc:<10} {s['path']:<28} {s['coop_fraction']:>6.2f} {s['arrivals']:>10.1f} {s['Q_l']:>8.1f}  "
+            f"{last.get('reason', '-')}"
+        )
     if st["queues"]["host"]:
         print("host queues Q_h: " + ", ".join(f"{h} {q:.1f}" for h, q in st["queues"]["host"].items()))
     hosts = st.get("hosts") or {}
     if hosts:
-        print("host nodes (their own clients' share of the CPU, mean latency): " + ", ".join(
-            f"{n} {h['own_util']:.2f}, {h['own_latency_ms']:.0f} ms{' WAITING: no guests' if h['waiting'] else ''}"
-            for n, h in hosts.items()))
+        print(
+            "host nodes (their own clients' share of the CPU, mean latency): "
+            + ", ".join(
+                f"{n} {h['own_util']:.2f}, {h['own_latency_ms']:.0f} ms{' WAITING: no guests' if h['waiting'] else ''}"
+                for n, h in hosts.items()
+            )
+        )
     hops = {svc: q for svc, q in (st.get("hops") or {}).items() if q}
     if hops:
-        print("block groups (calls in flight; p50 / p99 ms of their last calls): " + ", ".join(
-            f"{svc} {q.get('in_flight', 0)}; {_fmt(q.get('p50_ms'), 0, 1)} / {_fmt(q.get('p99_ms'), 0, 1)}"
-            for svc, q in hops.items()))
+        print(
+            "block groups (calls in flight; p50 / p99 ms of their last calls): "
+            + ", ".join(
+                f"{svc} {q.get('in_flight', 0)}; {_fmt(q.get('p50_ms'), 0, 1)} / {_fmt(q.get('p99_ms'), 0, 1)}"
+                for svc, q in hops.items()
+            )
+        )
     print(f"\n{'path':<28} {'kind':<5} {'active':<6} {'reward':>7} {'profiled':>8} {'Th/s':>8} {'slowdown':>12}")
     for r in st["table"]:
         slow = "/".join(f"{v:.2f}" for v in (r.get("slowdown_local"), r.get("slowdown_host")) if v is not None)
-        print(f"{r['path']:<28} {r['kind']:<5} {('yes ' + format(r['share'], '.2f')) if r['active'] else '':<6} "
-              f"{_fmt(r['reward'], 7, 3)} {_fmt(r['reward_profiled'], 8, 3)} {_fmt(r['th_total'], 8, 0)} {slow:>12}")
+        print(
+            f"{r['path']:<28} {r['kind']:<5} {('yes ' + format(r['share'], '.2f')) if r['active'] else '':<6} "
+            f"{_fmt(r['reward'], 7, 3)} {_fmt(r['reward_profiled'], 8, 3)} {_fmt(r['th_total'], 8, 0)} {slow:>12}"
+        )
     print("\nlast switches:")
     for d in st["switches"][-8:] or []:
         when = time.strftime("%H:%M:%S", time.localtime(d["t"]))
-        print(f"  {when} {d['service']}: {d['previous_path']} @{d['previous_share']:g} -> {d['path']} "
-              f"@{d['share']:g}  {d['reason']}")
+        print(
+            f"  {when} {d['service']}: {d['previous_path']} @{d['previous_share']:g} -> {d['path']} "
+            f"@{d['share']:g}  {d['reason']}"
+        )
     if not st["switches"]:
         print("  (none yet)")
     ingress = st.get("ingress_replicas") or {}
-    print(f"ingress replicas syncing: {len([r for r in ingress.values() if r['age_s'] < 5])} "
-          "(" + ", ".join(f"{k} {v['age_s']:.1f}s ago" for k, v in ingress.items()) + ")")
+    print(
+        f"ingress replicas syncing: {len([r for r in ingress.values() if r['age_s'] < 5])} "
+        "(" + ", ".join(f"{k} {v['age_s']:.1f}s ago" for k, v in ingress.items()) + ")"
+    )
 
 
 def _fmt(v, width: int, digits: int) -> str:
@@ -355,8 +417,11 @@ def _deploy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's serving.port)")
     p.add_argument("--no-block", action="store_true", help="return after deploying instead of serving until Ctrl-C")
     p.add_argument("--workdir", type=Path, help="override the config's workdir")
-    p.add_argument("--no-controller", action="store_true", help="serve without the controller (routes change only "
-                                                                "by PUT /route or a config deploy)")
+    p.add_argument(
+        "--no-controller",
+        action="store_true",
+        help="serve without the controller (routes change only by PUT /route or a config deploy)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,17 +429,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    b = sub.add_parser("blocks", help="split an architecture into frozen blocks and print each block's "
-                                      "shapes, params, MACs and measured latency")
-    b.add_argument("arch", nargs="?", help="a registered or torchvision architecture name (see --list), or "
-                                         "package.module:function returning an nn.Module")
+    b = sub.add_parser(
+        "blocks",
+        help="split an architecture into frozen blocks and print each block's "
+        "shapes, params, MACs and measured latency",
+    )
+    b.add_argument(
+        "arch",
+        nargs="?",
+        help="a registered or torchvision architecture name (see --list), or "
+        "package.module:function returning an nn.Module",
+    )
     b.add_argument("--list", action="store_true", help="list the architecture names and exit")
     b.add_argument("--cuts", action="store_true", help="list the valid cut points (graph node names) and exit")
     b.add_argument("--blocks", type=int, default=None, metavar="N", help="number of blocks (default: one per stage)")
     b.add_argument("--input", type=_shape, default=(1, 28, 28), metavar="CxHxW", help="input shape (default 1x28x28)")
     b.add_argument("--classes", type=int, default=10, help="number of output classes (default 10)")
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="B",
-                   help="batch sizes to time (default 1 8 32)")
+    b.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 8, 32],
+        metavar="B",
+        help="batch sizes to time (default 1 8 32)",
+    )
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
     b.set_defaults(func=cmd_blocks)
 
@@ -382,12 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path, help="config YAML (default: the demo)")
     t.add_argument("--workdir", type=Path, help="override the config's workdir")
     t.add_argument("--force", action="store_true", help="retrain even when a cached checkpoint matches")
-    t.add_argument("--address", default=None, help="Ray cluster whose nodes train their own services, e.g. auto "
-                                                   "(default: a local one)")
+    t.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster whose nodes train their own services, e.g. auto (default: a local one)",
+    )
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("search", help="find the best paths: predict every candidate, train the most promising "
-                                      "(on Ray Tune, or --in-process)")
+    s = sub.add_parser(
+        "search",
+        help="find the best paths: predict every candidate, train the most promising (on Ray Tune, or --in-process)",
+    )
     s.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path, help="config YAML (default: the demo)")
     s.add_argument("--in-process", action="store_true", help="run in this process instead of Ray Tune trials")
     s.add_argument("--exhaustive", action="store_true", help="train every candidate (for comparison)")
@@ -397,8 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", type=Path, help="override the config's workdir")
     s.set_defaults(func=cmd_search)
 
-    u = sub.add_parser("up", help="the main job: train (cached), search (cached) and serve, on a local "
-                                  "multi-node Ray cluster by default")
+    u = sub.add_parser(
+        "up",
+        help="the main job: train (cached), search (cached) and serve, on a local multi-node Ray cluster by default",
+    )
     _deploy_args(u)
     u.set_defaults(func=cmd_up)
 
@@ -411,10 +496,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the removed paths as JSON")
     c.set_defaults(func=cmd_cleanup)
 
-    st = sub.add_parser("status", help="the controller's live table: active paths, shares and its last decisions "
-                                       "with reasons")
-    st.add_argument("config", nargs="?", default=DEFAULT_CONFIG, type=Path,
-                    help="config YAML (default: the demo; accepted for symmetry, the cluster's controller answers)")
+    st = sub.add_parser(
+        "status", help="the controller's live table: active paths, shares and its last decisions with reasons"
+    )
+    st.add_argument(
+        "config",
+        nargs="?",
+        default=DEFAULT_CONFIG,
+        type=Path,
+        help="config YAML (default: the demo; accepted for symmetry, the cluster's controller answers)",
+    )
     st.add_argument("--address", default=None, help="Ray cluster (default: auto, the one running here)")
     st.add_argument("--json", action="store_true", help="print the controller's status as JSON")
     st.add_argument("--decisions", type=int, default=12, help="how many recent decisions to show (default 12)")
@@ -425,12 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # logs and progress go to stderr, so stdout carries only results (pure JSON with --json)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if not args.verbose:
-        logging.getLogger("torch").setLevel(logging.WARNING)   # its INFO (e.g. cache stats at exit) is not ours
-    signal.signal(signal.SIGTERM, _interrupt)     # `kill`, a service manager: shut down as on Ctrl-C
-    signal.signal(signal.SIGINT, _interrupt)      # also when started in the background, where SIGINT is ignored
+        logging.getLogger("torch").setLevel(logging.WARNING)  # its INFO (e.g. cache stats at exit) is not ours
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, a service manager: shut down as on Ctrl-C
+    signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT is ignored
     try:
         return args.func(args)
     except (CoderayError, ValueError, FileNotFoundError) as e:

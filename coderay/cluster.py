@@ -4,6 +4,7 @@ Every node carries a custom resource named after it; a service's replicas and tr
 their node's resource, which pins them there. A config naming a node the cluster lacks fails fast here:
 Ray would otherwise keep such a replica or trial pending forever.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,15 +16,31 @@ from pathlib import Path
 from coderay.config import CoderayConfig
 from coderay.store import STORE_ENV, local_store
 
-__all__ = ["ray_env", "local_token", "use_token", "TOKEN_FILE", "serve_env", "environ", "start_local_cluster", "connect", "join", "init_ray", "keep_sigterm",
-           "check_nodes", "alive_resources", "pin", "HEAD_RESOURCE", "LocalCluster"]
+__all__ = [
+    "ray_env",
+    "local_token",
+    "use_token",
+    "TOKEN_FILE",
+    "serve_env",
+    "environ",
+    "start_local_cluster",
+    "connect",
+    "join",
+    "init_ray",
+    "keep_sigterm",
+    "check_nodes",
+    "alive_resources",
+    "pin",
+    "HEAD_RESOURCE",
+    "LocalCluster",
+]
 
 log = logging.getLogger(__name__)
 PIN = 0.01  # the share of a node's resource one replica or trial asks for
 HEAD_RESOURCE = "head"  # the custom resource of LocalCluster's head node (the ingress and the controller sit there)
 
 
-TOKEN_FILE = ".ray/auth_token"   # the local cluster's token, under the workdir
+TOKEN_FILE = ".ray/auth_token"  # the local cluster's token, under the workdir
 
 
 def ray_env() -> None:
@@ -75,8 +92,11 @@ def serve_env(cfg: CoderayConfig) -> dict[str, str]:
     than the ingress, leaves the data path."""
     if not cfg.serving.throughput_optimized:
         return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
-            "RAY_SERVE_ENABLE_HA_PROXY": "1" if cfg.serving.haproxy else "0"}
+    return {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1" if cfg.serving.haproxy else "0",
+    }
 
 
 def pin(node: str, cpus: float = 0.0) -> dict:
@@ -94,8 +114,14 @@ def alive_resources() -> dict[str, dict[str, float]]:
 class LocalCluster:
     """A head (driver, Serve proxy, ingress) plus one Ray node per configured edge server, on this machine."""
 
-    def __init__(self, cfg: CoderayConfig, *, head_cpus: float = 1, object_store_mb: int = 128,
-                 layout: list[tuple[float, list[str]]] | None = None):
+    def __init__(
+        self,
+        cfg: CoderayConfig,
+        *,
+        head_cpus: float = 1,
+        object_store_mb: int = 128,
+        layout: list[tuple[float, list[str]]] | None = None,
+    ):
         """layout: which edge servers share a Ray node, as (cpus, [node names]) per Ray node (default: one
         Ray node per configured node, with its `cpus`). Benchmarks use it to run one config on fewer nodes."""
         from ray.cluster_utils import Cluster
@@ -104,25 +130,34 @@ class LocalCluster:
         from coderay.emulation import pinned_head
 
         ray_env()
-        self.token = local_token(cfg)           # token authentication, as `ray start` on a provider's server
-        self.session = capacity.new_session()   # this cluster's CPU-cap groups (its workers inherit the name)
+        self.token = local_token(cfg)  # token authentication, as `ray start` on a provider's server
+        self.session = capacity.new_session()  # this cluster's CPU-cap groups (its workers inherit the name)
         self.cluster, self.nodes = None, {}
         try:
             # Ray's processes start on the head's cores (pin_cores) and inherit Serve's environment; the driver not
             with keep_sigterm(), pinned_head(cfg), environ(serve_env(cfg)):
-                self.cluster = Cluster(initialize_head=True, head_node_args={
-                    "num_cpus": head_cpus, "object_store_memory": object_store_mb * 2**20,
-                    "include_dashboard": False, "resources": {HEAD_RESOURCE: 1}})
+                self.cluster = Cluster(
+                    initialize_head=True,
+                    head_node_args={
+                        "num_cpus": head_cpus,
+                        "object_store_memory": object_store_mb * 2**20,
+                        "include_dashboard": False,
+                        "resources": {HEAD_RESOURCE: 1},
+                    },
+                )
                 for cpus, names in layout or [(n.cpus, [n.name]) for n in cfg.nodes]:
                     objects = max(cfg.node(n).object_store_mb for n in names)
                     # each node its own coderay store, as `ray start` on a provider's server gives it
-                    ray_node = self.cluster.add_node(num_cpus=cpus, resources=dict.fromkeys(names, 1),
-                                                     object_store_memory=objects * 2**20,
-                                                     env_vars={STORE_ENV: str(local_store(cfg, names[0]))})
+                    ray_node = self.cluster.add_node(
+                        num_cpus=cpus,
+                        resources=dict.fromkeys(names, 1),
+                        object_store_memory=objects * 2**20,
+                        env_vars={STORE_ENV: str(local_store(cfg, names[0]))},
+                    )
                     self.nodes |= dict.fromkeys(names, ray_node)
             self.cluster.wait_for_nodes()
             init_ray(address=self.cluster.address, namespace="coderay", log_to_driver=False)
-        except BaseException:                    # Ctrl-C or SIGTERM while starting: leave nothing behind
+        except BaseException:  # Ctrl-C or SIGTERM while starting: leave nothing behind
             self.shutdown()
             raise
         log.info("local Ray cluster: head + %s", ", ".join(self.nodes))
@@ -151,7 +186,7 @@ class LocalCluster:
         ray.shutdown()
         if self.cluster is not None:
             self.cluster.shutdown()
-        capacity.cleanup(self.session)           # the node groups of exited workers
+        capacity.cleanup(self.session)  # the node groups of exited workers
 
 
 @contextlib.contextmanager
@@ -218,19 +253,21 @@ def join(address: str, *, namespace: str = "coderay", **kwargs) -> None:
 
     from coderay.errors import ClusterAuthError
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # the cluster decides on auth: RAY_AUTH_MODE is the user's
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # the cluster decides on auth: RAY_AUTH_MODE is the user's
     try:
         init_ray(address=address, namespace=namespace, log_to_driver=False, **kwargs)
     except (ray.exceptions.AuthenticationError, ConnectionError) as e:
-        chain, err = [], e                  # Ray wraps the refusal in a ConnectionError, or only quotes it
+        chain, err = [], e  # Ray wraps the refusal in a ConnectionError, or only quotes it
         while err is not None and len(chain) < 10:
             chain.append(err)
             err = err.__cause__ or err.__context__
         if not any(isinstance(c, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(c) for c in chain):
             raise
-        raise ClusterAuthError(f"the Ray cluster at {address} refused this driver (its token is missing or "
-                               "wrong): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the cluster's token file "
-                               "(made by `ray get-auth-token --generate`)") from None
+        raise ClusterAuthError(
+            f"the Ray cluster at {address} refused this driver (its token is missing or "
+            "wrong): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the cluster's token file "
+            "(made by `ray get-auth-token --generate`)"
+        ) from None
 
 
 def check_nodes(cfg: CoderayConfig, nodes: list[str] | None = None) -> None:
@@ -239,6 +276,8 @@ def check_nodes(cfg: CoderayConfig, nodes: list[str] | None = None) -> None:
     wanted = nodes if nodes is not None else [n.name for n in cfg.nodes]
     missing = [n for n in wanted if n not in offered]
     if missing:
-        raise ValueError(f"the Ray cluster has no node offering resource(s) {missing}: start those nodes with "
-                         f"`ray start ... --resources '{{\"{missing[0]}\": 1}}'` (see cluster.yaml) or fix `nodes` "
-                         "in the config")
+        raise ValueError(
+            f"the Ray cluster has no node offering resource(s) {missing}: start those nodes with "
+            f"`ray start ... --resources '{{\"{missing[0]}\": 1}}'` (see cluster.yaml) or fix `nodes` "
+            "in the config"
+        )

@@ -3,6 +3,7 @@
 Validated at the edge by pydantic; a bad file fails with a `ConfigError` naming the file, the field and
 what was expected, never with a traceback from deep inside training or Ray.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,20 @@ from pydantic_core import to_jsonable_python
 from coderay.errors import ConfigError, UnknownServiceError
 
 __all__ = [
-    "ConfigError", "NodeSpec", "NetworkSpec", "TrainSpec", "ServiceSpec", "SearchSpec", "RewardSpec",
-    "ServingSpec", "EmulationSpec", "ControllerSpec", "LinkVariant", "CoderayConfig", "load_config", "DEFAULT_CONFIG",
+    "ConfigError",
+    "NodeSpec",
+    "NetworkSpec",
+    "TrainSpec",
+    "ServiceSpec",
+    "SearchSpec",
+    "RewardSpec",
+    "ServingSpec",
+    "EmulationSpec",
+    "ControllerSpec",
+    "LinkVariant",
+    "CoderayConfig",
+    "load_config",
+    "DEFAULT_CONFIG",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -31,14 +44,14 @@ class _Strict(BaseModel):
 
 
 class NodeSpec(_Strict):
-    name: str = Field(pattern=_NAME)            # also the node's Ray custom resource
-    cpus: float = Field(1.0, gt=0)              # CPUs this node offers to Ray
-    speed: float = Field(1.0, gt=0)             # relative compute speed (emulated: see EmulationSpec)
-    object_store_mb: int = Field(128, ge=64)    # per-node object store when coderay starts a local cluster
+    name: str = Field(pattern=_NAME)  # also the node's Ray custom resource
+    cpus: float = Field(1.0, gt=0)  # CPUs this node offers to Ray
+    speed: float = Field(1.0, gt=0)  # relative compute speed (emulated: see EmulationSpec)
+    object_store_mb: int = Field(128, ge=64)  # per-node object store when coderay starts a local cluster
 
 
 class NetworkLink(_Strict):
-    between: tuple[str, str]                    # two node names
+    between: tuple[str, str]  # two node names
     bandwidth_mbps: float = Field(gt=0)
     rtt_ms: float = Field(ge=0)
 
@@ -50,8 +63,8 @@ class NetworkSpec(_Strict):
     bandwidth_mbps: float = Field(100.0, gt=0)  # default for node pairs not listed in `links`
     rtt_ms: float = Field(2.0, ge=0)
     links: list[NetworkLink] = []
-    encoding: WireEncoding = "float32"          # activations crossing nodes travel as this (the search measures
-                                                # every path's accuracy with it, the model counts its bytes)
+    encoding: WireEncoding = "float32"  # activations crossing nodes travel as this (the search measures
+    # every path's accuracy with it, the model counts its bytes)
 
     def between(self, a: str, b: str) -> tuple[float, float]:
         """(bandwidth in Mbit/s, RTT in ms) between two nodes; a node talks to itself for free."""
@@ -64,7 +77,7 @@ class NetworkSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    epochs: int = Field(8, ge=0)                # 0: the provider brings its trained `weights` (read on its node)
+    epochs: int = Field(8, ge=0)  # 0: the provider brings its trained `weights` (read on its node)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(64, ge=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -72,17 +85,17 @@ class TrainSpec(_Strict):
 
 class ServiceSpec(_Strict):
     name: str = Field(pattern=_NAME)
-    arch: str                                   # a name from coderay.models.list_models()
-    arch_kwargs: dict[str, Any] = {}            # extra builder arguments, e.g. {"widths": [16, 32, 64, 64]}
-    task: str                                   # a name from coderay.data.list_tasks()
-    node: str                                   # the node (SP server) this service runs on
-    blocks: int | None = Field(None, ge=1)      # split into N blocks (default cuts) ...
-    cuts: list[str] | None = None               # ... or at these named stages
-    weights: str | None = None                  # torchvision/coderay state_dict on disk to start from
-    guest_quota: int = Field(0, ge=0)           # s: samples of each host batch reserved for guests
-    guests: dict[str, int] | None = None        # the guests this host admits, each with the slots of a batch it
-                                                # may take (≤ guest_quota); None: every guest, sharing guest_quota
-    batch_size: int = Field(32, ge=1)           # B: the batch this service's blocks run at
+    arch: str  # a name from coderay.models.list_models()
+    arch_kwargs: dict[str, Any] = {}  # extra builder arguments, e.g. {"widths": [16, 32, 64, 64]}
+    task: str  # a name from coderay.data.list_tasks()
+    node: str  # the node (SP server) this service runs on
+    blocks: int | None = Field(None, ge=1)  # split into N blocks (default cuts) ...
+    cuts: list[str] | None = None  # ... or at these named stages
+    weights: str | None = None  # torchvision/coderay state_dict on disk to start from
+    guest_quota: int = Field(0, ge=0)  # s: samples of each host batch reserved for guests
+    guests: dict[str, int] | None = None  # the guests this host admits, each with the slots of a batch it
+    # may take (≤ guest_quota); None: every guest, sharing guest_quota
+    batch_size: int = Field(32, ge=1)  # B: the batch this service's blocks run at
     train: TrainSpec = TrainSpec()
 
     @model_validator(mode="after")
@@ -108,10 +121,11 @@ class ServiceSpec(_Strict):
 class LinkVariant(_Strict):
     """How the links that bring a sample back (link_out, skip) are built and trained; stage 2 trains every
     variant of `search.link_variants` and keeps the one of best validation accuracy (its cost is timed)."""
+
     capacity: Literal["1x1", "3x3", "bottleneck"] = "1x1"  # 1x1: norm + 1×1 conv; 3x3: + a depthwise 3×3 and 1×1
-                                                # residual; bottleneck: + a 1×1 → 3×3 → 1×1 residual (C/4 wide)
-    distill: float = Field(0.0, ge=0)           # weight of a feature-matching loss toward the local model's own
-                                                # activation where the sample re-enters it
+    # residual; bottleneck: + a 1×1 → 3×3 → 1×1 residual (C/4 wide)
+    distill: float = Field(0.0, ge=0)  # weight of a feature-matching loss toward the local model's own
+    # activation where the sample re-enters it
 
     @property
     def name(self) -> str:
@@ -119,71 +133,74 @@ class LinkVariant(_Strict):
 
 
 class SearchSpec(_Strict):
-    locals: list[str] | None = None             # services to find paths for; default: every service
-    lout: list[int] | None = [0]                # allowed local exit blocks (0 = raw input); null = all
-    hin: list[int] | None = [1]                 # allowed host entry blocks; null = all
-    include_skip: bool = True                   # also consider skip paths inside the local model
-    top_k: int = Field(3, ge=1)                 # stage 2 trains this many candidates per local service
-    predict_samples: int = Field(512, ge=64)   # samples the stage-1 predictor fits links on (least squares)
-    predict_steps: int = Field(15, ge=0)        # ... then this many gradient steps on the links
+    locals: list[str] | None = None  # services to find paths for; default: every service
+    lout: list[int] | None = [0]  # allowed local exit blocks (0 = raw input); null = all
+    hin: list[int] | None = [1]  # allowed host entry blocks; null = all
+    include_skip: bool = True  # also consider skip paths inside the local model
+    top_k: int = Field(3, ge=1)  # stage 2 trains this many candidates per local service
+    predict_samples: int = Field(512, ge=64)  # samples the stage-1 predictor fits links on (least squares)
+    predict_steps: int = Field(15, ge=0)  # ... then this many gradient steps on the links
     link_epochs: int = Field(4, ge=1)
     link_lr: float = Field(2e-3, gt=0)
     link_batch_size: int = Field(64, ge=1)
     link_variants: list[LinkVariant] = Field(default_factory=lambda: [LinkVariant()], min_length=1)
     link_out: Literal["auto", "host", "local"] = "auto"  # where a cooperative path's link_out runs; auto: on the
-                                                # node that makes fewer bytes cross (the host block's output
-                                                # or the link's)
-    exhaustive: bool = False                    # train every candidate (for comparison)
-    baselines: bool = True                      # also score the edge-early baseline (Edgent-style)
+    # node that makes fewer bytes cross (the host block's output
+    # or the link's)
+    exhaustive: bool = False  # train every candidate (for comparison)
+    baselines: bool = True  # also score the edge-early baseline (Edgent-style)
 
 
-AccuracyFunction = Literal["power", "exp", "linear"]    # ξ, implemented in coderay.reward
+AccuracyFunction = Literal["power", "exp", "linear"]  # ξ, implemented in coderay.reward
 ThroughputFunction = Literal["power", "log", "linear"]  # ζ, implemented in coderay.reward
 
 
 class RewardSpec(_Strict):
-    accuracy: AccuracyFunction = "power"        # ξ(A^av; α)
+    accuracy: AccuracyFunction = "power"  # ξ(A^av; α)
     alpha: float = Field(8.0, ge=0)
-    throughput: ThroughputFunction = "power"    # ζ(Th / Th_local-only; β)
+    throughput: ThroughputFunction = "power"  # ζ(Th / Th_local-only; β)
     beta: float = Field(1.0, ge=0)
     accuracy_floor: float | None = Field(None, ge=0, le=1)  # δ: A^av below A_local − δ earns 0
 
 
 class AuthSpec(_Strict):
     """API keys for the HTTP API (coderay.auth): off by default (the demo on this machine)."""
+
     enabled: bool = False
-    keys_file: str | None = None                # YAML of operator/provider/client keys (or CODERAY_KEYS_FILE)
+    keys_file: str | None = None  # YAML of operator/provider/client keys (or CODERAY_KEYS_FILE)
 
 
 class ServingSpec(_Strict):
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)     # 0 picks a free port
-    max_batch_size: int = Field(32, ge=1)       # most samples one block-group batch runs (caps each service's B)
+    port: int = Field(8000, ge=0, le=65535)  # 0 picks a free port
+    max_batch_size: int = Field(32, ge=1)  # most samples one block-group batch runs (caps each service's B)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     max_request_samples: int = Field(256, ge=1)
     max_body_bytes: int = Field(8 * 2**20, ge=1024)
     max_inflight_bytes: int = Field(64 * 2**20, ge=1024)  # request bodies one ingress replica holds at once (from
-                                                # Content-Length, until answered); one more: 503 + Retry-After
+    # Content-Length, until answered); one more: 503 + Retry-After
     request_timeout_s: float = Field(10.0, gt=0)
     max_ongoing_requests: int = Field(1024, ge=1)  # requests the ingress holds at once; more wait in Serve's proxy
-    fallback_cooldown_s: float | None = Field(None, ge=0)  # a failed path is skipped this long; None: max(10, 3 × timeout)
-    emulate_network: bool = True                # add RTT + bytes/bandwidth per cross-node hop
-    ingress_replicas: int = Field(1, ge=1)      # HTTP ingress replicas (each polls the controller for routes)
-    merge_requests: bool = True                 # concurrent requests on one path share one chain of replica calls
-                                                # (up to the local service's B samples): one call's cost, many answers
+    fallback_cooldown_s: float | None = Field(
+        None, ge=0
+    )  # a failed path is skipped this long; None: max(10, 3 × timeout)
+    emulate_network: bool = True  # add RTT + bytes/bandwidth per cross-node hop
+    ingress_replicas: int = Field(1, ge=1)  # HTTP ingress replicas (each polls the controller for routes)
+    merge_requests: bool = True  # concurrent requests on one path share one chain of replica calls
+    # (up to the local service's B samples): one call's cost, many answers
     call_overhead_ms: float = Field(12.0, ge=0)  # CPU ms a replica call costs beyond its model (Serve's request
-                                                # handling, (de)serialisation); the throughput model charges it per
-                                                # stage of a chain of B samples. bench/serving_bench.py measures it
-    throughput_optimized: bool = True           # Ray Serve's throughput-optimized mode on the local cluster: gRPC
-                                                # between proxy and replicas, user code on the replica's own event
-                                                # loop, a direct HTTP port on each ingress replica (GET /healthz)
-    haproxy: bool = True                        # with throughput_optimized: Ray's HAProxy ingress answers on `port`
-                                                # (a C proxy forwarding to the ingress replicas' own HTTP ports)
-                                                # instead of Serve's Python proxy, whose hop cost more CPU per
-                                                # request than the ingress itself
-    auth: AuthSpec = AuthSpec()                 # who may infer, change routes, read the debug and controller views
-    access_log: bool = False                    # Serve's per-request log lines in the proxy and every replica (each
-                                                # a formatted, flushed line per request and per replica call)
+    # handling, (de)serialisation); the throughput model charges it per
+    # stage of a chain of B samples. bench/serving_bench.py measures it
+    throughput_optimized: bool = True  # Ray Serve's throughput-optimized mode on the local cluster: gRPC
+    # between proxy and replicas, user code on the replica's own event
+    # loop, a direct HTTP port on each ingress replica (GET /healthz)
+    haproxy: bool = True  # with throughput_optimized: Ray's HAProxy ingress answers on `port`
+    # (a C proxy forwarding to the ingress replicas' own HTTP ports)
+    # instead of Serve's Python proxy, whose hop cost more CPU per
+    # request than the ingress itself
+    auth: AuthSpec = AuthSpec()  # who may infer, change routes, read the debug and controller views
+    access_log: bool = False  # Serve's per-request log lines in the proxy and every replica (each
+    # a formatted, flushed line per request and per replica call)
 
 
 class EmulationSpec(_Strict):
@@ -191,45 +208,49 @@ class EmulationSpec(_Strict):
     replicas, its Tune trials, the profiling behind the throughput model) runs under one real CPU quota of
     cpus × speed × scale CPUs (coderay.capacity.plan_shares); without it (or where the OS refuses, or on a
     real cluster) a node's speed only divides its profiled times in the model."""
-    cpu_caps: bool = True                       # real CPU quotas per node on a local cluster; off with --address
-    reserve_cpus: float = Field(0.5, ge=0)      # this machine's CPUs left to Serve's proxy, the ingress, the driver
-                                                # and a load generator, so that the emulated nodes are the bottleneck
-    local: bool = True                          # the nodes are emulated on this machine (a real cluster: False, set
-                                                # by --address): node speeds divide nothing, stores are the nodes'
-    pin_cores: bool = False                     # without CPU caps: Ray's own processes (proxy, ingress, controller,
-                                                # raylets) on the first ceil(reserve_cpus) cores, every node's work
-                                                # on the rest, so that neither preempts the other (local cluster)
+
+    cpu_caps: bool = True  # real CPU quotas per node on a local cluster; off with --address
+    reserve_cpus: float = Field(0.5, ge=0)  # this machine's CPUs left to Serve's proxy, the ingress, the driver
+    # and a load generator, so that the emulated nodes are the bottleneck
+    local: bool = True  # the nodes are emulated on this machine (a real cluster: False, set
+    # by --address): node speeds divide nothing, stores are the nodes'
+    pin_cores: bool = False  # without CPU caps: Ray's own processes (proxy, ingress, controller,
+    # raylets) on the first ceil(reserve_cpus) cores, every node's work
+    # on the rest, so that neither preempts the other (local cluster)
 
     @model_validator(mode="after")
     def _check(self) -> EmulationSpec:
         if self.pin_cores and self.cpu_caps:
-            raise ValueError("emulation.pin_cores needs emulation.cpu_caps: false (CPU quotas already divide the "
-                             "cores between the nodes)")
+            raise ValueError(
+                "emulation.pin_cores needs emulation.cpu_caps: false (CPU quotas already divide the "
+                "cores between the nodes)"
+            )
         return self
 
 
 class ControllerSpec(_Strict):
     """The controller (coderay.controller, policy in coderay.policy): every `interval_s` it measures serving,
     re-scores the reward table and chooses each service's path and cooperative share by drift-plus-penalty."""
-    enabled: bool = True                        # `coderay up` / `serve` start it (`--no-controller` overrides)
-    interval_s: float = Field(2.0, gt=0)        # seconds between two measurements and decisions
-    V: float = Field(50.0, ge=0)                # weight of the reward against the virtual queues' drift: larger
-                                                # favours reward, smaller favours draining backlogs
-    hysteresis: float = Field(0.1, ge=0)        # a new (path, share) must improve the objective by this fraction
-                                                # of its magnitude to replace the current one
-    min_dwell_s: float = Field(6.0, ge=0)       # ... and the current one must have held this long (a lost host
-                                                # or a failing path switches at once)
+
+    enabled: bool = True  # `coderay up` / `serve` start it (`--no-controller` overrides)
+    interval_s: float = Field(2.0, gt=0)  # seconds between two measurements and decisions
+    V: float = Field(50.0, ge=0)  # weight of the reward against the virtual queues' drift: larger
+    # favours reward, smaller favours draining backlogs
+    hysteresis: float = Field(0.1, ge=0)  # a new (path, share) must improve the objective by this fraction
+    # of its magnitude to replace the current one
+    min_dwell_s: float = Field(6.0, ge=0)  # ... and the current one must have held this long (a lost host
+    # or a failing path switches at once)
     share_step: float = Field(0.1, gt=0, le=1)  # cooperative shares tried: 0, step, 2·step, ..., 1
-    smoothing: float = Field(0.3, gt=0, le=1)   # weight of the newest measurement in the moving averages
+    smoothing: float = Field(0.3, gt=0, le=1)  # weight of the newest measurement in the moving averages
     host_latency_ms: float = Field(500.0, gt=0)  # a host whose own clients' requests take longer than this on
-                                                # average admits no guests until they no longer do
+    # average admits no guests until they no longer do
 
 
 class CoderayConfig(_Strict):
     name: str = "coderay"
     seed: int = 0
-    workdir: str = ".coderay"                   # checkpoints, reward tables, links (relative to the CWD)
-    data_root: str | None = None                # where torchvision datasets live, if any
+    workdir: str = ".coderay"  # checkpoints, reward tables, links (relative to the CWD)
+    data_root: str | None = None  # where torchvision datasets live, if any
     nodes: list[NodeSpec] = Field(min_length=1)
     network: NetworkSpec = NetworkSpec()
     services: list[ServiceSpec] = Field(min_length=1)
@@ -257,8 +278,10 @@ class CoderayConfig(_Strict):
                 raise ValueError(f"services[{i}].node: unknown node {svc.node!r}; expected one of {nodes}")
             for guest in svc.guests or {}:
                 if guest not in names or guest == svc.name:
-                    raise ValueError(f"services[{i}].guests: unknown guest {guest!r}; expected one of "
-                                     f"{[n for n in names if n != svc.name]}")
+                    raise ValueError(
+                        f"services[{i}].guests: unknown guest {guest!r}; expected one of "
+                        f"{[n for n in names if n != svc.name]}"
+                    )
         return self
 
     def node(self, name: str) -> NodeSpec:
@@ -283,10 +306,12 @@ class CoderayConfig(_Strict):
 
     def on_real_cluster(self) -> CoderayConfig:
         """This config for a real cluster: nothing emulated (no CPU caps, no pinned cores, no network delays)."""
-        return self.model_copy(update={"emulation": self.emulation.model_copy(update={"cpu_caps": False,
-                                                                                      "pin_cores": False,
-                                                                                      "local": False}),
-                                       "serving": self.serving.model_copy(update={"emulate_network": False})})
+        return self.model_copy(
+            update={
+                "emulation": self.emulation.model_copy(update={"cpu_caps": False, "pin_cores": False, "local": False}),
+                "serving": self.serving.model_copy(update={"emulate_network": False}),
+            }
+        )
 
     def fingerprint(self, *parts: Any) -> str:
         """A short stable hash of config parts, the key of every on-disk cache."""
@@ -310,9 +335,11 @@ def _check_registries(cfg: CoderayConfig) -> None:
     tasks = list_tasks()
     for i, svc in enumerate(cfg.services):
         if not is_known_model(svc.arch):
-            raise ConfigError(f"services[{i}].arch: unknown architecture {svc.arch!r}; expected one of "
-                              f"{list_models()}, a torchvision classification model name, or "
-                              "'package.module:function' (see `coderay blocks --list`)")
+            raise ConfigError(
+                f"services[{i}].arch: unknown architecture {svc.arch!r}; expected one of "
+                f"{list_models()}, a torchvision classification model name, or "
+                "'package.module:function' (see `coderay blocks --list`)"
+            )
         if svc.task not in tasks:
             raise ConfigError(f"services[{i}].task: unknown task {svc.task!r}; expected one of {tasks}")
 

@@ -30,6 +30,7 @@ instead reports from a thread of its own (`deployments.blocks.HealthReporter`); 
 intervals in a row counts as gone (before Ray's own health checks say so). Busy is not missing: only a group
 that stops reporting (its process died, its node is gone) is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,27 +56,47 @@ from coderay.policy import Decision, Measurements, NodeLoad, Policy, servable
 from coderay.routing import initial_routes
 from coderay.rows import PATH_KINDS, BaselineRow, Row, row_from_dict, score
 
-__all__ = ["APP_NAME", "NAME", "NAMESPACE", "POLL_S", "REPLICA_GONE_S", "REPORT_S", "REPORT_STALE_S", "STATE_SCHEMA",
-           "Controller", "SavedState",
-           "StateMismatch", "actor_options", "get_controller", "parse_state", "read_state", "remove_stale_temps",
-           "set_aside", "stale_replicas", "start_controller", "state_path", "stop_controller", "table_key",
-           "write_state"]
+__all__ = [
+    "APP_NAME",
+    "NAME",
+    "NAMESPACE",
+    "POLL_S",
+    "REPLICA_GONE_S",
+    "REPORT_S",
+    "REPORT_STALE_S",
+    "STATE_SCHEMA",
+    "Controller",
+    "SavedState",
+    "StateMismatch",
+    "actor_options",
+    "get_controller",
+    "parse_state",
+    "read_state",
+    "remove_stale_temps",
+    "set_aside",
+    "stale_replicas",
+    "start_controller",
+    "state_path",
+    "stop_controller",
+    "table_key",
+    "write_state",
+]
 
 log = logging.getLogger(__name__)
 NAME = "coderay-controller"
 NAMESPACE = "coderay"
-APP_NAME = "coderay"            # the Serve application (deployments.app.APP_NAME)
-POLL_S = 1.0                    # how often each ingress replica syncs with the controller
-REPORT_S = 0.5                  # how often each block group pushes its figures (deployments.blocks.HealthReporter)
-REPORT_STALE_S = 1.5            # a block group not heard from for longer is missed this interval ...
-UNREACHABLE_AFTER = 2           # ... and a node all of whose block groups missed this many intervals in a row is
-                                # treated as gone before Ray's health checks declare it dead (~15-30 s)
-KEEP_DECISIONS = 400            # decisions kept (and persisted); switches are kept apart, as many
-REPLICA_FRESH_S = max(5.0, 3 * POLL_S)   # an ingress replica heard from this recently counts in an interval
+APP_NAME = "coderay"  # the Serve application (deployments.app.APP_NAME)
+POLL_S = 1.0  # how often each ingress replica syncs with the controller
+REPORT_S = 0.5  # how often each block group pushes its figures (deployments.blocks.HealthReporter)
+REPORT_STALE_S = 1.5  # a block group not heard from for longer is missed this interval ...
+UNREACHABLE_AFTER = 2  # ... and a node all of whose block groups missed this many intervals in a row is
+# treated as gone before Ray's health checks declare it dead (~15-30 s)
+KEEP_DECISIONS = 400  # decisions kept (and persisted); switches are kept apart, as many
+REPLICA_FRESH_S = max(5.0, 3 * POLL_S)  # an ingress replica heard from this recently counts in an interval
 REPLICA_GONE_S = max(15.0, 10 * POLL_S)  # ... one silent this long is gone (Serve replaced or lost it): forgotten
-STATE_SCHEMA = 2                # the state file's layout; bump it on a change, and older files are set aside
+STATE_SCHEMA = 2  # the state file's layout; bump it on a change, and older files are set aside
 POLICY_TABLES = ("q_local", "q_host", "slowdown", "own_rate", "own_busy", "own_latency", "arrivals", "since")
-BY_SERVICE = ("q_local", "arrivals", "since")   # ... of those, the ones keyed by service
+BY_SERVICE = ("q_local", "arrivals", "since")  # ... of those, the ones keyed by service
 
 
 def state_path(cfg: CoderayConfig) -> Path:
@@ -97,11 +118,12 @@ class StateMismatch(ValueError):
 @dataclass(frozen=True)
 class SavedState:
     """What a restarted controller takes back from its state file, already checked against the running table."""
-    version: int                    # the routes' version when it was written
+
+    version: int  # the routes' version when it was written
     ticks: int
     restarts: int
-    policy: dict[str, dict]         # `Policy.state()`: safe to hand to `Policy.restore`
-    rows: list[Row]                 # the live (re-scored) rows, one per path of the table
+    policy: dict[str, dict]  # `Policy.state()`: safe to hand to `Policy.restore`
+    rows: list[Row]  # the live (re-scored) rows, one per path of the table
     decisions: list[Decision]
     switches: list[Decision]
 
@@ -154,17 +176,23 @@ def set_aside(path: Path, reason: str) -> Path | None:
     try:
         os.replace(path, target)
     except OSError as e:
-        log.warning("controller: state file %s does not fit (%s) and could not be set aside (%s); starting fresh",
-                    path, reason, e)
+        log.warning(
+            "controller: state file %s does not fit (%s) and could not be set aside (%s); starting fresh",
+            path,
+            reason,
+            e,
+        )
         return None
     _fsync_dir(path.parent)
-    log.warning("controller: state file %s does not fit (%s); set aside as %s, starting fresh", path, reason,
-                target.name)
+    log.warning(
+        "controller: state file %s does not fit (%s); set aside as %s, starting fresh", path, reason, target.name
+    )
     return target
 
 
-def read_state(path: Path, *, key: str, services: Collection[str], path_ids: Collection[str],
-               set_aside_bad: bool = True) -> SavedState | None:
+def read_state(
+    path: Path, *, key: str, services: Collection[str], path_ids: Collection[str], set_aside_bad: bool = True
+) -> SavedState | None:
     """The state file's contents, checked; None (start fresh) when there is none or it does not fit. A file
     that does not fit is set aside (`set_aside_bad`; a reader that must not write only warns), so a restarted
     actor starts instead of failing on it again and again."""
@@ -189,13 +217,13 @@ def _decode(raw: bytes, **table: Any) -> tuple[SavedState | None, str]:
     """The checked state in `raw`, or None and why not."""
     try:
         doc = json.loads(raw)
-    except ValueError as e:             # JSONDecodeError, UnicodeDecodeError: a truncated or garbled file
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a truncated or garbled file
         return None, f"not valid JSON: {e}"
     try:
         return parse_state(doc, **table), ""
     except StateMismatch as e:
         return None, str(e)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:   # a misfit the checks missed: no crash loop
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a misfit the checks missed: no crash loop
         return None, f"does not fit this code: {e!r}"
 
 
@@ -209,11 +237,15 @@ def parse_state(doc: Any, *, key: str, services: Collection[str], path_ids: Coll
         raise StateMismatch(f"schema {doc.get('schema')!r} (older or other code); this code reads {STATE_SCHEMA}")
     if _get(doc, "table_key", str) != key:
         raise StateMismatch(f"it belongs to another reward table ({doc['table_key']!r}, this one {key!r})")
-    return SavedState(version=_count(doc, "version"), ticks=_count(doc, "ticks"), restarts=_count(doc, "restarts"),
-                      policy=_policy(_get(doc, "policy", Mapping), services, path_ids),
-                      rows=_rows(_get(doc, "rows", list), path_ids),
-                      decisions=_decisions(_get(doc, "decisions", list), "decisions"),
-                      switches=_decisions(_get(doc, "switches", list), "switches"))
+    return SavedState(
+        version=_count(doc, "version"),
+        ticks=_count(doc, "ticks"),
+        restarts=_count(doc, "restarts"),
+        policy=_policy(_get(doc, "policy", Mapping), services, path_ids),
+        rows=_rows(_get(doc, "rows", list), path_ids),
+        decisions=_decisions(_get(doc, "decisions", list), "decisions"),
+        switches=_decisions(_get(doc, "switches", list), "switches"),
+    )
 
 
 def _get(doc: Mapping, name: str, kind: type, where: str = "") -> Any:
@@ -253,8 +285,13 @@ def _policy(raw: Mapping, services: Collection[str], path_ids: Collection[str]) 
     for svc, choice in current.items():
         if svc not in services:
             raise StateMismatch(f"policy.current names service {svc!r}, which is not configured")
-        if not (isinstance(choice, list) and len(choice) == 2 and isinstance(choice[0], str)
-                and _finite(choice[1]) and 0 <= choice[1] <= 1):
+        if not (
+            isinstance(choice, list)
+            and len(choice) == 2
+            and isinstance(choice[0], str)
+            and _finite(choice[1])
+            and 0 <= choice[1] <= 1
+        ):
             raise StateMismatch(f"policy.current[{svc!r}] is {_show(choice)}, not [path, share in 0..1]")
         if choice[0] not in path_ids and choice[0] != f"{svc}:local":
             raise StateMismatch(f"policy.current[{svc!r}] is path {choice[0]!r}, not in the reward table")
@@ -273,8 +310,9 @@ def _rows(raw: list, path_ids: Collection[str]) -> list[Row]:
             raise StateMismatch(f"rows[{i}]: {'; '.join(misfits)}")
         rows.append(row_from_dict(r))
     if sorted(r.path_id for r in rows) != sorted(path_ids):
-        raise StateMismatch(f"its rows {sorted(r.path_id for r in rows)} are not the reward table's paths "
-                            f"{sorted(path_ids)}")
+        raise StateMismatch(
+            f"its rows {sorted(r.path_id for r in rows)} are not the reward table's paths {sorted(path_ids)}"
+        )
     return rows
 
 
@@ -349,8 +387,15 @@ class Controller:
         self.base_rows = [r for r in rows if r.is_path]
         self.services = {s.name: s.node for s in cfg.services}
         self.lock = threading.RLock()
-        self.policy = Policy(cfg.controller, cfg.reward, cfg.network, self.base_rows, self.services,
-                             initial_routes(cfg, self.base_rows), now=time.time())
+        self.policy = Policy(
+            cfg.controller,
+            cfg.reward,
+            cfg.network,
+            self.base_rows,
+            self.services,
+            initial_routes(cfg, self.base_rows),
+            now=time.time(),
+        )
         self.key = table_key(cfg, self.base_rows)
         self.path = state_path(cfg)
         self.decisions: deque[Decision] = deque(maxlen=KEEP_DECISIONS)
@@ -361,33 +406,43 @@ class Controller:
         self.last_tick: float | None = None
         self.last_measurements: dict = {}
         self.nodes_alive: dict[str, bool] = {}
-        self.ingress: dict[str, dict] = {}          # replica id -> {"seen": t, "stats": cumulative figures}
-        self._prev_ingress: dict[str, dict] = {}    # replica id -> the cumulative figures at the last tick
-        self._prev_blocks: dict[str, tuple[float, dict]] = {}   # service -> (when, its group's report) last used
-        self.hops: dict[str, dict] = {}             # service -> its block group's queue: in flight, p50/p99 ms
-        self._reports: dict[str, tuple[float, dict]] = {}   # service -> (time.monotonic() received, its last report)
-        self._heard_since = time.monotonic()        # a group not heard from at all is missed from then on
-        self._misses: dict[str, int] = {}           # service -> intervals missed in a row
+        self.ingress: dict[str, dict] = {}  # replica id -> {"seen": t, "stats": cumulative figures}
+        self._prev_ingress: dict[str, dict] = {}  # replica id -> the cumulative figures at the last tick
+        self._prev_blocks: dict[str, tuple[float, dict]] = {}  # service -> (when, its group's report) last used
+        self.hops: dict[str, dict] = {}  # service -> its block group's queue: in flight, p50/p99 ms
+        self._reports: dict[str, tuple[float, dict]] = {}  # service -> (time.monotonic() received, its last report)
+        self._heard_since = time.monotonic()  # a group not heard from at all is missed from then on
+        self._misses: dict[str, int] = {}  # service -> intervals missed in a row
         if run:
             remove_stale_temps(self.path)
         self.reloaded = self._load(set_aside_bad=run)
         if _reconstructed():
             self.restarts += 1
         self._stop = threading.Event()
-        if run:          # the actor (run=False: an in-process reader, which must not write the state file)
+        if run:  # the actor (run=False: an in-process reader, which must not write the state file)
             self._save()
             threading.Thread(target=self._loop, name="coderay-controller", daemon=True).start()
-        log.info("controller: %d services, %d rows, interval %.1f s, state %s (%s)", len(self.services),
-                 len(self.base_rows), cfg.controller.interval_s, self.path,
-                 "reloaded" if self.reloaded else "fresh")
+        log.info(
+            "controller: %d services, %d rows, interval %.1f s, state %s (%s)",
+            len(self.services),
+            len(self.base_rows),
+            cfg.controller.interval_s,
+            self.path,
+            "reloaded" if self.reloaded else "fresh",
+        )
 
     # ------------------------------------------------------------------ persistence
 
     def _load(self, *, set_aside_bad: bool) -> bool:
         """Take back the state file's table, queues and log if it fits (checked whole by `read_state` before any
         of it is used); False: starting fresh."""
-        saved = read_state(self.path, key=self.key, services=self.services,
-                           path_ids=[r.path_id for r in self.base_rows], set_aside_bad=set_aside_bad)
+        saved = read_state(
+            self.path,
+            key=self.key,
+            services=self.services,
+            path_ids=[r.path_id for r in self.base_rows],
+            set_aside_bad=set_aside_bad,
+        )
         if saved is None:
             return False
         self.policy.restore(saved.policy)
@@ -402,11 +457,20 @@ class Controller:
     def state_doc(self) -> dict:
         """The state file's contents (what `parse_state` reads back)."""
         with self.lock:
-            return {"schema": STATE_SCHEMA, "table_key": self.key, "saved_at": time.time(), "version": self.version,
-                    "ticks": self.ticks, "restarts": self.restarts, "routes": self.policy.routes,
-                    "policy": self.policy.state(), "rows": [r.to_dict() for r in self.live_rows],
-                    "decisions": [d.to_dict() for d in self.decisions],
-                    "switches": [d.to_dict() for d in self.switches], "measurements": self.last_measurements}
+            return {
+                "schema": STATE_SCHEMA,
+                "table_key": self.key,
+                "saved_at": time.time(),
+                "version": self.version,
+                "ticks": self.ticks,
+                "restarts": self.restarts,
+                "routes": self.policy.routes,
+                "policy": self.policy.state(),
+                "rows": [r.to_dict() for r in self.live_rows],
+                "decisions": [d.to_dict() for d in self.decisions],
+                "switches": [d.to_dict() for d in self.switches],
+                "measurements": self.last_measurements,
+            }
 
     def _save(self) -> None:
         write_state(self.path, self.state_doc())
@@ -417,8 +481,11 @@ class Controller:
         """An ingress replica's poll: its cumulative figures in, the current routes out."""
         with self.lock:
             self.ingress[replica_id] = {"seen": time.time(), "stats": stats or {}}
-            return {"routes": self.policy.routes, "version": self.version,
-                    "gone": sorted(n for n, alive in self.nodes_alive.items() if not alive)}
+            return {
+                "routes": self.policy.routes,
+                "version": self.version,
+                "gone": sorted(n for n, alive in self.nodes_alive.items() if not alive),
+            }
 
     def report_blocks(self, service: str, health: dict) -> None:
         """A block group's push (`deployments.blocks.HealthReporter`): its figures as `BlockGroup.health` gives
@@ -443,7 +510,7 @@ class Controller:
             next_at = time.monotonic() + interval
             try:
                 self.tick()
-            except Exception:   # noqa: BLE001 — one bad interval must not end the loop
+            except Exception:  # noqa: BLE001 — one bad interval must not end the loop
                 log.exception("controller: interval failed")
 
     def stop(self) -> None:
@@ -481,12 +548,19 @@ class Controller:
             if now - at > REPORT_STALE_S:
                 self._misses[svc] = self._misses.get(svc, 0) + 1
                 continue
-            if info is None:           # the controller just started: not heard from yet, not missed yet
+            if info is None:  # the controller just started: not heard from yet, not missed yet
                 continue
             cap = info.get("capacity") or {}
-            out[svc] = (at, dict(info["stats"]) | ({"cpu_s": cap["cpu_s"], "cpu_share": cap["share"]}
-                                                   if cap.get("cpu_s") is not None and cap.get("share") else {}))
-            self.hops[svc] = info.get("queue") or {}       # calls in flight, recent p50/p99 (for status)
+            out[svc] = (
+                at,
+                dict(info["stats"])
+                | (
+                    {"cpu_s": cap["cpu_s"], "cpu_share": cap["share"]}
+                    if cap.get("cpu_s") is not None and cap.get("share")
+                    else {}
+                ),
+            )
+            self.hops[svc] = info.get("queue") or {}  # calls in flight, recent p50/p99 (for status)
             self._misses[svc] = 0
         return out
 
@@ -496,14 +570,14 @@ class Controller:
         dt = max(1e-3, now - self.last_tick) if self.last_tick is not None else self.cfg.controller.interval_s
         alive = self._alive()
         blocks = self._block_stats(alive)
-        for node in alive:   # alive for Ray, but none of its block groups has answered for a while
+        for node in alive:  # alive for Ray, but none of its block groups has answered for a while
             mine = [svc for svc, n in self.services.items() if n == node]
             if alive[node] and mine and all(self._misses.get(svc, 0) >= UNREACHABLE_AFTER for svc in mine):
                 alive[node] = False
         nodes: dict[str, dict] = {n: {"own_samples": 0.0, "guest_samples": 0.0, "compute_s": 0.0} for n in alive}
         for svc, (at, stats) in blocks.items():
-            prev_at, prev = self._prev_blocks.setdefault(svc, (at, stats))   # the first report: the baseline
-            if at <= prev_at:          # no report since the last interval's (or the baseline): nothing to count
+            prev_at, prev = self._prev_blocks.setdefault(svc, (at, stats))  # the first report: the baseline
+            if at <= prev_at:  # no report since the last interval's (or the baseline): nothing to count
                 continue
             # the counters' increase between two reports, scaled to this interval: reports and intervals are not
             # in step, and a report's span may be half an interval longer or shorter than `dt`
@@ -511,7 +585,7 @@ class Controller:
             node = nodes[self.services[svc]]
             for k in ("own_samples", "guest_samples", "compute_s"):
                 node[k] += scale * _delta(stats.get(k, 0.0), prev.get(k, 0.0))
-            if "cpu_s" in stats and "cpu_s" in prev:   # one cgroup per node: counted once per node
+            if "cpu_s" in stats and "cpu_s" in prev:  # one cgroup per node: counted once per node
                 node["cpu_busy"] = min(1.5, scale * _delta(stats["cpu_s"], prev["cpu_s"]) / dt / stats["cpu_share"])
             self._prev_blocks[svc] = (at, stats)
         self.prune_replicas(now)
@@ -519,8 +593,9 @@ class Controller:
             ingress = {rid: dict(v) for rid, v in self.ingress.items()}
         fresh = {rid: v for rid, v in ingress.items() if now - v["seen"] <= REPLICA_FRESH_S}
         arrivals = dict.fromkeys(self.services, 0.0)
-        served: dict[str, dict] = {svc: {"requests": 0, "samples": 0, "fallbacks": 0, "latency_s": 0.0,
-                                         "by_path": {}} for svc in self.services}
+        served: dict[str, dict] = {
+            svc: {"requests": 0, "samples": 0, "fallbacks": 0, "latency_s": 0.0, "by_path": {}} for svc in self.services
+        }
         failing: set[str] = set()
         for rid, v in fresh.items():
             prev = self._prev_ingress.get(rid, v["stats"])
@@ -532,17 +607,23 @@ class Controller:
                     served[svc][k] += _delta(s.get(k, 0), p.get(k, 0))
                 for path, n in (s.get("by_path") or {}).items():
                     served[svc]["by_path"][path] = served[svc]["by_path"].get(path, 0) + _delta(
-                        n, (p.get("by_path") or {}).get(path, 0))
+                        n, (p.get("by_path") or {}).get(path, 0)
+                    )
                 failing |= set(s.get("suspended_paths") or {})
             self._prev_ingress[rid] = v["stats"]
         for svc in self.services:
             arrivals[svc] = served[svc]["samples"] / dt
-        for name, node in nodes.items():   # how long its own clients waited, on average, this interval
+        for name, node in nodes.items():  # how long its own clients waited, on average, this interval
             own = [served[svc] for svc, n in self.services.items() if n == name and served[svc]["requests"]]
             if own:
                 node["own_latency_ms"] = 1e3 * sum(s["latency_s"] for s in own) / sum(s["requests"] for s in own)
-        m = Measurements(t=now, dt=dt, arrivals=arrivals, failing=frozenset(failing),
-                         nodes={n: NodeLoad(alive=alive[n], **nodes[n]) for n in alive})
+        m = Measurements(
+            t=now,
+            dt=dt,
+            arrivals=arrivals,
+            failing=frozenset(failing),
+            nodes={n: NodeLoad(alive=alive[n], **nodes[n]) for n in alive},
+        )
         with self.lock:
             decisions = self.policy.step(m)
             self.decisions.extend(decisions)
@@ -557,12 +638,22 @@ class Controller:
             self.nodes_alive = alive
             self.ticks += 1
             self.last_tick = now
-            self.last_measurements = {"t": now, "dt": round(dt, 3), "arrivals": arrivals, "failing": sorted(failing),
-                                      "nodes": {n: {"alive": alive[n], **nodes[n]} for n in alive},
-                                      "served": served, "ingress_replicas": sorted(fresh),
-                                      "latency_ms": {rid: {svc: {k: s.get(k) for k in ("p50_ms", "p99_ms")}
-                                                           for svc, s in (v["stats"].get("services") or {}).items()}
-                                                     for rid, v in fresh.items()}}
+            self.last_measurements = {
+                "t": now,
+                "dt": round(dt, 3),
+                "arrivals": arrivals,
+                "failing": sorted(failing),
+                "nodes": {n: {"alive": alive[n], **nodes[n]} for n in alive},
+                "served": served,
+                "ingress_replicas": sorted(fresh),
+                "latency_ms": {
+                    rid: {
+                        svc: {k: s.get(k) for k in ("p50_ms", "p99_ms")}
+                        for svc, s in (v["stats"].get("services") or {}).items()
+                    }
+                    for rid, v in fresh.items()
+                },
+            }
             self._save()
         return decisions
 
@@ -574,14 +665,22 @@ class Controller:
                 from ray.util.metrics import Counter, Gauge
 
                 self._metrics = {
-                    "share": Gauge("coderay_controller_coop_share", "cooperative share chosen",
-                                   tag_keys=("service", "path")),
-                    "reward": Gauge("coderay_controller_reward", "live reward of a path (re-scored from measured "
-                                    "costs)", tag_keys=("service", "path")),
-                    "arrivals": Gauge("coderay_controller_arrivals", "samples/s a service's clients sent",
-                                      tag_keys=("service",)),
-                    "queue": Gauge("coderay_controller_queue", "virtual queue (samples): Q_l of a service, Q_h "
-                                   "of a host", tag_keys=("kind", "name")),
+                    "share": Gauge(
+                        "coderay_controller_coop_share", "cooperative share chosen", tag_keys=("service", "path")
+                    ),
+                    "reward": Gauge(
+                        "coderay_controller_reward",
+                        "live reward of a path (re-scored from measured costs)",
+                        tag_keys=("service", "path"),
+                    ),
+                    "arrivals": Gauge(
+                        "coderay_controller_arrivals", "samples/s a service's clients sent", tag_keys=("service",)
+                    ),
+                    "queue": Gauge(
+                        "coderay_controller_queue",
+                        "virtual queue (samples): Q_l of a service, Q_h of a host",
+                        tag_keys=("kind", "name"),
+                    ),
                     "switches": Counter("coderay_controller_switches", "route switches", tag_keys=("service",)),
                 }
             m = self._metrics
@@ -611,39 +710,73 @@ class Controller:
                 if not servable(r):
                     continue
                 base = next((b for b in self.base_rows if b.path_id == r.path_id), None)
-                if base is not None:   # the profiles alone, under the same reward shape
+                if base is not None:  # the profiles alone, under the same reward shape
                     base = score(base, self.cfg.reward, self.cfg.network)
-                table.append({"service": r.local, "path": r.path_id, "kind": r.kind,
-                              "active": routes.get(r.local, {}).get("path") == r.path_id,
-                              "share": routes.get(r.local, {}).get("coop_fraction")
-                              if routes.get(r.local, {}).get("path") == r.path_id else None,
-                              "reward": _num(r.reward), "reward_profiled": _num(base.reward if base else None),
-                              "th_total": _num(r.th_total), "th_host": _num(r.th_host), "acc_val": _num(r.val_acc),
-                              "slowdown_local": r.get("slowdown_local"), "slowdown_host": r.get("slowdown_host")})
+                table.append(
+                    {
+                        "service": r.local,
+                        "path": r.path_id,
+                        "kind": r.kind,
+                        "active": routes.get(r.local, {}).get("path") == r.path_id,
+                        "share": routes.get(r.local, {}).get("coop_fraction")
+                        if routes.get(r.local, {}).get("path") == r.path_id
+                        else None,
+                        "reward": _num(r.reward),
+                        "reward_profiled": _num(base.reward if base else None),
+                        "th_total": _num(r.th_total),
+                        "th_host": _num(r.th_host),
+                        "acc_val": _num(r.val_acc),
+                        "slowdown_local": r.get("slowdown_local"),
+                        "slowdown_host": r.get("slowdown_host"),
+                    }
+                )
             services = {}
             for svc in self.services:
-                last = self.policy.last.get(svc) or next((d for d in reversed(self.decisions) if d.service == svc), None)
+                last = self.policy.last.get(svc) or next(
+                    (d for d in reversed(self.decisions) if d.service == svc), None
+                )
                 services[svc] = routes[svc] | {
                     "arrivals": round(self.policy.arrivals.get(svc, 0.0), 3),
                     "Q_l": round(self.policy.q_local.get(svc, 0.0), 3),
                     "since": self.policy.since.get(svc),
-                    "last_decision": last.to_dict() if last else None}
+                    "last_decision": last.to_dict() if last else None,
+                }
             return {
-                "controller": {"name": NAME, "namespace": NAMESPACE, "pid": os.getpid(), "restarts": self.restarts,
-                               "reloaded": self.reloaded, "ticks": self.ticks, "version": self.version,
-                               "started_at": self.started_at, "last_tick_age_s":
-                                   None if self.last_tick is None else round(now - self.last_tick, 2),
-                               "state_file": str(self.path), "config": self.cfg.controller.model_dump()},
-                "routes": routes, "services": services,
+                "controller": {
+                    "name": NAME,
+                    "namespace": NAMESPACE,
+                    "pid": os.getpid(),
+                    "restarts": self.restarts,
+                    "reloaded": self.reloaded,
+                    "ticks": self.ticks,
+                    "version": self.version,
+                    "started_at": self.started_at,
+                    "last_tick_age_s": None if self.last_tick is None else round(now - self.last_tick, 2),
+                    "state_file": str(self.path),
+                    "config": self.cfg.controller.model_dump(),
+                },
+                "routes": routes,
+                "services": services,
                 "queues": {"local": dict(self.policy.q_local), "host": dict(self.policy.q_host)},
-                "slowdown": dict(self.policy.slowdown), "nodes_alive": dict(self.nodes_alive),
-                "hosts": {n: {"own_util": round(self.policy.own_busy.get(n, 0.0), 4),
-                              "own_latency_ms": round(self.policy.own_latency.get(n, 0.0), 1),
-                              "waiting": self.policy.waiting(n)}
-                          for n in sorted({r.host_node for r in self.base_rows if r.host_node})},
+                "slowdown": dict(self.policy.slowdown),
+                "nodes_alive": dict(self.nodes_alive),
+                "hosts": {
+                    n: {
+                        "own_util": round(self.policy.own_busy.get(n, 0.0), 4),
+                        "own_latency_ms": round(self.policy.own_latency.get(n, 0.0), 1),
+                        "waiting": self.policy.waiting(n),
+                    }
+                    for n in sorted({r.host_node for r in self.base_rows if r.host_node})
+                },
                 "hops": {svc: dict(q) for svc, q in self.hops.items()},
-                "ingress_replicas": {rid: {"age_s": round(now - v["seen"], 2), "pinned": v["stats"].get("pinned"),
-                                           "routes": v["stats"].get("routes")} for rid, v in self.ingress.items()},
+                "ingress_replicas": {
+                    rid: {
+                        "age_s": round(now - v["seen"], 2),
+                        "pinned": v["stats"].get("pinned"),
+                        "routes": v["stats"].get("routes"),
+                    }
+                    for rid, v in self.ingress.items()
+                },
                 "table": table,
                 "switches": [d.to_dict() for d in list(self.switches)[-decisions:]],
                 "decisions": [d.to_dict() for d in list(self.decisions)[-decisions:]],
@@ -679,11 +812,18 @@ def actor_options() -> dict:
     retried across restarts), no CPU reserved, on the head node where there is one (not on an edge node that
     may be lost). Threaded: the loop, ingress polls and status calls run concurrently."""
 
-    opts = {"name": NAME, "namespace": NAMESPACE, "lifetime": "detached", "max_restarts": -1,
-            "max_task_retries": -1, "max_concurrency": 16, "num_cpus": 0,
-            # its Serve handles are awaited from plain threads: their router needs a loop of its own, which
-            # Serve's throughput-optimized mode (serving.throughput_optimized) otherwise leaves to the caller
-            "runtime_env": {"env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}}}
+    opts = {
+        "name": NAME,
+        "namespace": NAMESPACE,
+        "lifetime": "detached",
+        "max_restarts": -1,
+        "max_task_retries": -1,
+        "max_concurrency": 16,
+        "num_cpus": 0,
+        # its Serve handles are awaited from plain threads: their router needs a loop of its own, which
+        # Serve's throughput-optimized mode (serving.throughput_optimized) otherwise leaves to the caller
+        "runtime_env": {"env_vars": {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}},
+    }
     if any(HEAD_RESOURCE in resources for resources in alive_resources().values()):
         opts["resources"] = {HEAD_RESOURCE: 0.01}
     return opts
@@ -706,7 +846,7 @@ def stop_controller() -> bool:
         return False
     ray.kill(actor, no_restart=True)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:     # the name is freed asynchronously
+    while time.monotonic() < deadline:  # the name is freed asynchronously
         try:
             get_controller()
         except ValueError:

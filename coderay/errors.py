@@ -3,10 +3,18 @@
 The CLI turns them into a message and exit status 2; `deployments` maps each kind to an HTTP status. Every
 message says what is wrong and what to do about it.
 """
+
 from __future__ import annotations
 
-__all__ = ["CoderayError", "ConfigError", "UnknownServiceError", "InvalidRouteError", "NotTrainedError",
-           "NotSearchedError", "ClusterAuthError"]
+__all__ = [
+    "CoderayError",
+    "ConfigError",
+    "UnknownServiceError",
+    "InvalidRouteError",
+    "NotTrainedError",
+    "NotSearchedError",
+    "ClusterAuthError",
+]
 
 
 class CoderayError(Exception):
@@ -24,7 +32,7 @@ class ConfigError(CoderayError, ValueError):
 class UnknownServiceError(CoderayError, KeyError):
     """A service name the config does not define."""
 
-    def __str__(self) -> str:          # KeyError would quote the message
+    def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
 
 

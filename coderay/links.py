@@ -23,6 +23,7 @@ back into a feature map, and such a link would be larger than the blocks it brid
 Links start from a ridge least-squares fit on paired activations (what the receiving block would have
 seen), so a link is useful before its first gradient step: the search's cheap stage-1 predictor.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,9 @@ def layout(shape: Shape) -> str:
     """'conv' for (C, H, W), 'tokens' for (T, D), 'flat' for (F,); ValueError for anything else."""
     kind = _LAYOUTS.get(len(tuple(shape)))
     if kind is None or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise ValueError(f"no link layout for shape {tuple(shape)}: expected (C, H, W), (T, D) or (F,) of positive ints")
+        raise ValueError(
+            f"no link layout for shape {tuple(shape)}: expected (C, H, W), (T, D) or (F,) of positive ints"
+        )
     return kind
 
 
@@ -51,8 +54,10 @@ def link_kind(src: Shape, dst: Shape) -> str:
     """'conv→conv', 'conv→tokens', 'tokens→flat', ...: the layouts a link joins; ValueError for flat→conv/tokens."""
     a, b = layout(src), layout(dst)
     if a == "flat" and b != "flat":
-        raise ValueError(f"no link from shape {tuple(src)} to {tuple(dst)}: a flat vector has no grid to make a "
-                         f"{b} boundary from (links join conv/tokens → anything, flat → flat)")
+        raise ValueError(
+            f"no link from shape {tuple(src)} to {tuple(dst)}: a flat vector has no grid to make a "
+            f"{b} boundary from (links join conv/tokens → anything, flat → flat)"
+        )
     return f"{a}→{b}"
 
 
@@ -70,7 +75,7 @@ def _as_grid(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "conv":
         return x
     (h, w), cls = _patch_grid(x.shape[1])
-    patches = x[:, 1:] if cls else x                                      # (B, h·w, D)
+    patches = x[:, 1:] if cls else x  # (B, h·w, D)
     return patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)  # (B, D, h, w)
 
 
@@ -100,7 +105,7 @@ class Link(nn.Module):
     def __init__(self, src: Shape, dst: Shape, *, relu: bool, grid: int = 2, capacity: str = "1x1"):
         super().__init__()
         self.src, self.dst, self.kind = tuple(src), tuple(dst), link_kind(src, dst)
-        self.capacity = capacity if len(dst) == 3 else "1x1"     # wider links only where a feature map is made
+        self.capacity = capacity if len(dst) == 3 else "1x1"  # wider links only where a feature map is made
         self.refine = _refinement(self.capacity, dst[0]) if self.capacity != "1x1" else None
         self._from, self._to = self.kind.split("→")
         channels = src[0] if self._from != "tokens" else src[1]
@@ -129,26 +134,26 @@ class Link(nn.Module):
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """Source activations spatially matched to the target (kept at source size when upsampling), channels first."""
         if self._from == "flat":
-            return x                                                    # (B, F)
-        grid = _as_grid(x, self._from)                                  # (B, C, h, w)
+            return x  # (B, F)
+        grid = _as_grid(x, self._from)  # (B, C, h, w)
         if self._to == "conv":
             return grid if self._upsamples(x) else _resize(grid, self.dst[1:])  # (B, C, H_dst, W_dst) or (B, C, h, w)
         if self._to == "flat":
-            return F.adaptive_avg_pool2d(grid, self.grid).flatten(1)    # (B, C·g·g)
+            return F.adaptive_avg_pool2d(grid, self.grid).flatten(1)  # (B, C·g·g)
         (h, w), cls = _patch_grid(self.dst[0])
-        seq = _resize(grid, (h, w)).flatten(2)                          # (B, C, h·w)
+        seq = _resize(grid, (h, w)).flatten(2)  # (B, C, h·w)
         if cls:
-            seq = torch.cat([seq.mean(2, keepdim=True), seq], 2)        # (B, C, 1 + h·w): the class token
+            seq = torch.cat([seq.mean(2, keepdim=True), seq], 2)  # (B, C, 1 + h·w): the class token
         return seq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.proj(self.norm(self._features(x)))
         if self._upsamples(x):
-            y = _resize(y, self.dst[1:])                                # (B, C_dst, H_dst, W_dst)
+            y = _resize(y, self.dst[1:])  # (B, C_dst, H_dst, W_dst)
         if self.refine is not None:
-            y = y + self.refine(y)                                      # conv targets only
+            y = y + self.refine(y)  # conv targets only
         if self._to == "tokens":
-            y = y.transpose(1, 2)                                       # (B, T_dst, D_dst)
+            y = y.transpose(1, 2)  # (B, T_dst, D_dst)
         return self.act(y)
 
     @property
@@ -172,9 +177,9 @@ class Link(nn.Module):
         self.norm.weight.fill_(1.0)
         self.norm.bias.zero_()
         z = (feats - _bcast(mean, feats)) / torch.sqrt(_bcast(var, feats) + self.norm.eps)
-        if z.dim() == 4:                                                 # rows are pixels: (B·H·W, C)
+        if z.dim() == 4:  # rows are pixels: (B·H·W, C)
             x_rows, y_rows = z.permute(0, 2, 3, 1).flatten(0, 2), target.permute(0, 2, 3, 1).flatten(0, 2)
-        elif z.dim() == 3:                                               # rows are tokens: (B·T, C)
+        elif z.dim() == 3:  # rows are tokens: (B·T, C)
             x_rows, y_rows = z.transpose(1, 2).flatten(0, 1), target.flatten(0, 1)
         else:
             x_rows, y_rows = z, target
@@ -183,7 +188,7 @@ class Link(nn.Module):
             x_rows, y_rows = x_rows[keep], y_rows[keep]
         x1 = torch.cat([x_rows, torch.ones(len(x_rows), 1)], 1).double()
         gram = x1.T @ x1 + ridge * len(x1) * torch.eye(x1.shape[1], dtype=torch.float64)
-        sol = torch.linalg.solve(gram, x1.T @ y_rows.double()).float()   # (C_in + 1, C_out)
+        sol = torch.linalg.solve(gram, x1.T @ y_rows.double()).float()  # (C_in + 1, C_out)
         weight, bias = sol[:-1].T, sol[-1]
         self.proj.weight.copy_(weight.reshape(self.proj.weight.shape))
         self.proj.bias.copy_(bias)
@@ -198,12 +203,18 @@ def _refinement(capacity: str, channels: int) -> nn.Module:
     """A residual branch on the projected feature map whose last layer starts at zero, so the link starts
     as its least-squares fit: '3x3' depthwise 3×3 + 1×1 mix; 'bottleneck' 1×1 → 3×3 → 1×1 at C/4."""
     if capacity == "3x3":
-        branch = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.ReLU(),
-                               nn.Conv2d(channels, channels, 1))
+        branch = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.ReLU(), nn.Conv2d(channels, channels, 1)
+        )
     elif capacity == "bottleneck":
         mid = max(8, channels // 4)
-        branch = nn.Sequential(nn.Conv2d(channels, mid, 1), nn.ReLU(), nn.Conv2d(mid, mid, 3, padding=1), nn.ReLU(),
-                               nn.Conv2d(mid, channels, 1))
+        branch = nn.Sequential(
+            nn.Conv2d(channels, mid, 1),
+            nn.ReLU(),
+            nn.Conv2d(mid, mid, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(mid, channels, 1),
+        )
     else:
         raise ValueError(f"unknown link capacity {capacity!r}; expected '1x1', '3x3' or 'bottleneck'")
     nn.init.zeros_(branch[-1].weight)
@@ -219,9 +230,24 @@ def save_links(module: nn.Module, directory: Path) -> Path:
     """A path's links (`module.spec`, `module.links`) with what rebuilds them: all the serving side needs."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{module.spec.id.replace(':', '__')}.pt"
-    torch.save({"path_id": module.spec.id, "link_out": module.link_out, "encoding": module.encoding,
-                "links": {k: {"src": l.src, "dst": l.dst, "relu": isinstance(l.act, nn.ReLU), "capacity": l.capacity,
-                              "state": l.state_dict()} for k, l in module.links.items()}}, path)
+    torch.save(
+        {
+            "path_id": module.spec.id,
+            "link_out": module.link_out,
+            "encoding": module.encoding,
+            "links": {
+                k: {
+                    "src": link.src,
+                    "dst": link.dst,
+                    "relu": isinstance(link.act, nn.ReLU),
+                    "capacity": link.capacity,
+                    "state": link.state_dict(),
+                }
+                for k, link in module.links.items()
+            },
+        },
+        path,
+    )
     return path
 
 

@@ -5,6 +5,7 @@ config assumes: for each pair of nodes a probe actor on one calls an echo actor 
 payload (RTT: the median round trip) and a large one (bandwidth: its bytes over the time beyond one RTT).
 The figures include Ray's own call cost, which a served request pays too.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -19,7 +20,7 @@ from coderay.config import CoderayConfig, NetworkLink, NetworkSpec
 
 __all__ = ["probe_pair", "measured_network"]
 
-SMALL, LARGE = 1, 4 * 2**20     # bytes of the RTT probe and of the bandwidth probe
+SMALL, LARGE = 1, 4 * 2**20  # bytes of the RTT probe and of the bandwidth probe
 
 
 @ray.remote(num_cpus=0, max_restarts=0)

@@ -5,6 +5,7 @@ A cooperative path of local service L through host H is
 a skip path is L[1..lout] → link → L[lin..N] with lin > lout + 1, and local-only is L[1..N].
 The local tail always keeps L's classifier, so every path answers L's task. Only links train.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -24,10 +25,10 @@ Shape = tuple[int, ...]
 @dataclass(frozen=True, order=True)
 class PathSpec:
     local: str
-    lout: int = 0               # local blocks 1..lout run before the sample leaves (0: the raw input leaves)
-    lin: int = 1                # local blocks lin..N run after it comes back
+    lout: int = 0  # local blocks 1..lout run before the sample leaves (0: the raw input leaves)
+    lin: int = 1  # local blocks lin..N run after it comes back
     host: str | None = None
-    hin: int | None = None      # host blocks hin..hout carry the sample
+    hin: int | None = None  # host blocks hin..hout carry the sample
     hout: int | None = None
 
     @classmethod
@@ -62,8 +63,9 @@ class PathSpec:
                 return cls(parts[0], lout=lout, lin=lin, host=parts[1], hin=hin, hout=hout)
         except ValueError:
             pass
-        raise ValueError(f"not a path id: {path_id!r}; expected 'SVC:local', 'SVC:skip:LOUT:LIN' or "
-                         "'SVC:HOST:LOUT:HIN:HOUT:LIN'")
+        raise ValueError(
+            f"not a path id: {path_id!r}; expected 'SVC:local', 'SVC:skip:LOUT:LIN' or 'SVC:HOST:LOUT:HIN:HOUT:LIN'"
+        )
 
     def validate(self, n_local: int, n_host: int | None = None) -> None:
         if not 0 <= self.lout < self.lin <= n_local:
@@ -87,8 +89,14 @@ def _joinable(src: Shape, dst: Shape) -> bool:
         return False
 
 
-def enumerate_paths(local: str, boundaries: Mapping[str, Sequence[Shape]], *, lout: Sequence[int] | None = None,
-                    hin: Sequence[int] | None = None, include_skip: bool = True) -> list[PathSpec]:
+def enumerate_paths(
+    local: str,
+    boundaries: Mapping[str, Sequence[Shape]],
+    *,
+    lout: Sequence[int] | None = None,
+    hin: Sequence[int] | None = None,
+    include_skip: bool = True,
+) -> list[PathSpec]:
     """Every valid candidate for `local`: local-only, skip paths, and cooperative paths through each other
     service. `boundaries[svc][k]` is the per-sample shape after block k (k = 0: the input), so a model of N
     blocks has N + 1 boundaries. `lout`/`hin` restrict where paths leave the local and enter the host."""
@@ -97,8 +105,12 @@ def enumerate_paths(local: str, boundaries: Mapping[str, Sequence[Shape]], *, lo
     outs = [k for k in range(n) if lout is None or k in lout]
     paths = [PathSpec.local_only(local)]
     if include_skip:
-        paths += [PathSpec(local, lout=o, lin=i) for o in outs for i in range(o + 2, n + 1)
-                  if _joinable(shapes[o], shapes[i - 1])]
+        paths += [
+            PathSpec(local, lout=o, lin=i)
+            for o in outs
+            for i in range(o + 2, n + 1)
+            if _joinable(shapes[o], shapes[i - 1])
+        ]
     for host, hshapes in boundaries.items():
         if host == local:
             continue
@@ -110,8 +122,11 @@ def enumerate_paths(local: str, boundaries: Mapping[str, Sequence[Shape]], *, lo
                         continue
                     if not _joinable(shapes[o], hshapes[a - 1]):
                         continue
-                    paths += [PathSpec(local, lout=o, lin=i, host=host, hin=a, hout=b) for b in range(a, nh + 1)
-                              if _joinable(hshapes[b], shapes[i - 1])]
+                    paths += [
+                        PathSpec(local, lout=o, lin=i, host=host, hin=a, hout=b)
+                        for b in range(a, nh + 1)
+                        if _joinable(hshapes[b], shapes[i - 1])
+                    ]
     return paths
 
 
@@ -131,8 +146,16 @@ class PathModule(nn.Module):
     service's blocks may be a stand-in whose slices run elsewhere (split learning in `tuning.split`).
     """
 
-    def __init__(self, spec: PathSpec, local_blocks: Sequence[nn.Module], host_blocks: Sequence[nn.Module] = (),
-                 links: Mapping[str, Link] | None = None, *, link_out: str = "host", encoding: str = "float32"):
+    def __init__(
+        self,
+        spec: PathSpec,
+        local_blocks: Sequence[nn.Module],
+        host_blocks: Sequence[nn.Module] = (),
+        links: Mapping[str, Link] | None = None,
+        *,
+        link_out: str = "host",
+        encoding: str = "float32",
+    ):
         super().__init__()
         self.spec, self.link_out, self.encoding = spec, link_out, encoding
         self.links = nn.ModuleDict(links or {})
@@ -145,7 +168,7 @@ class PathModule(nn.Module):
                 steps.append(self.links[hop.link])
             else:
                 last = None if hop.last == TO_END else hop.last
-                steps.append(nn.Sequential(*blocks[hop.service][hop.first - 1:last]))
+                steps.append(nn.Sequential(*blocks[hop.service][hop.first - 1 : last]))
         self.steps = nn.ModuleList(steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,10 +182,10 @@ class PathModule(nn.Module):
         return self.links.parameters()
 
 
-def path_budget(spec: PathSpec, local_params: Sequence[int], host_params: Sequence[int] = (),
-                link_params: int = 0) -> dict[str, int]:
+def path_budget(
+    spec: PathSpec, local_params: Sequence[int], host_params: Sequence[int] = (), link_params: int = 0
+) -> dict[str, int]:
     """The paper's parameter budget of a path: links, local blocks skipped, host blocks added."""
-    skipped = sum(local_params[spec.lout:spec.lin - 1])
-    added = sum(host_params[spec.hin - 1:spec.hout]) if spec.host else 0
+    skipped = sum(local_params[spec.lout : spec.lin - 1])
+    added = sum(host_params[spec.hin - 1 : spec.hout]) if spec.host else 0
     return {"link_params": link_params, "local_skipped_params": skipped, "host_added_params": added}
-

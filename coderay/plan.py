@@ -10,12 +10,13 @@ calls (serving) and the split-learning trial (Tune). Where links run is decided 
 An empty head (lout = 0) is no hop. link_out runs on the host by default (the host creates the links, as in
 the paper); on the local node it ships the host block's output instead of the link's, where that is smaller.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:   # paths.py runs plans, so it imports this module, not the other way round
+if TYPE_CHECKING:  # paths.py runs plans, so it imports this module, not the other way round
     from coderay.paths import PathSpec
 
 __all__ = ["TO_END", "LINK_OUT_PLACES", "Hop", "plan_hops", "stages", "link_owner", "link_services", "crossings"]
@@ -28,13 +29,13 @@ LINK_OUT_PLACES = ("host", "local")
 class Hop:
     """One step of a path: a service's blocks first..last, or one of the path's links on a service's node."""
 
-    kind: str                   # 'blocks' or 'links'
-    service: str                # whose node runs it (in serving: the replica blocks-<service>)
+    kind: str  # 'blocks' or 'links'
+    service: str  # whose node runs it (in serving: the replica blocks-<service>)
     first: int = 0
-    last: int = 0               # TO_END: to the service's last block
-    guest: bool = False         # the samples belong to another service (counted against its guest quota)
+    last: int = 0  # TO_END: to the service's last block
+    guest: bool = False  # the samples belong to another service (counted against its guest quota)
     path_id: str = ""
-    link: str = ""              # 'in', 'out' or 'skip'
+    link: str = ""  # 'in', 'out' or 'skip'
 
 
 def link_owner(spec: PathSpec) -> str:
@@ -54,9 +55,13 @@ def plan_hops(spec: PathSpec, *, link_out: str = "host") -> list[Hop]:
     if spec.kind == "skip":
         return [*head, Hop("links", owner, path_id=spec.id, link="skip"), *tail]
     out_on = spec.host if link_out == "host" else spec.local
-    return [*head, Hop("links", owner, path_id=spec.id, link="in"),
-            Hop("blocks", spec.host, spec.hin, spec.hout, guest=True, path_id=spec.id),
-            Hop("links", out_on, path_id=spec.id, link="out"), *tail]
+    return [
+        *head,
+        Hop("links", owner, path_id=spec.id, link="in"),
+        Hop("blocks", spec.host, spec.hin, spec.hout, guest=True, path_id=spec.id),
+        Hop("links", out_on, path_id=spec.id, link="out"),
+        *tail,
+    ]
 
 
 def stages(hops: list[Hop]) -> list[tuple[Hop, ...]]:
@@ -81,7 +86,7 @@ def crossings(spec: PathSpec, *, link_out: str = "host") -> list[tuple[int, str,
     another service's node: where activations cross the network (the model counts their bytes, the wire
     encoding applies). Index len(hops): the answer going back to the local service."""
     hops = plan_hops(spec, link_out=link_out)
-    out, where = [], spec.local          # the request enters on the local node
+    out, where = [], spec.local  # the request enters on the local node
     for i, hop in enumerate(hops):
         if hop.service != where:
             out.append((i, where, hop.service))

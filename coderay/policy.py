@@ -32,6 +32,7 @@ which at φ = Th^h/Th is exactly the row's Th (coderay.throughput). The smallest
 current choice stays unless the best improves J by at least `hysteresis`·|J_current| and the current one has
 held `min_dwell_s`; a path whose host node is gone (or that the ingress reports failing) is left at once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,30 +46,31 @@ from coderay.rows import Row, rescore
 
 __all__ = ["NodeLoad", "Measurements", "Candidate", "Decision", "Policy", "servable"]
 
-BUSY = 0.3            # a node learns its slowdown only in intervals where it computed at least this fraction
-MIN_SAMPLES = 16      # ... and ran at least this many samples
+BUSY = 0.3  # a node learns its slowdown only in intervals where it computed at least this fraction
+MIN_SAMPLES = 16  # ... and ran at least this many samples
 SLOWDOWN_RANGE = (0.2, 50.0)
-HEADROOM = 0.1        # a host admits guests only up to (1 − HEADROOM) of its time, its own load first
+HEADROOM = 0.1  # a host admits guests only up to (1 − HEADROOM) of its time, its own load first
 
 
 @dataclass(frozen=True)
 class NodeLoad:
     """What one node's block groups did during the interval (deltas)."""
+
     alive: bool = True
-    own_samples: float = 0.0        # samples of the node's own services
-    guest_samples: float = 0.0      # samples of other services' paths through it
-    compute_s: float = 0.0          # seconds spent computing them
-    cpu_busy: float | None = None   # fraction of the node's CPU quota used (capped nodes: its cgroup's CPU seconds)
-    own_latency_ms: float | None = None   # mean latency of its own services' requests answered (None: none)
+    own_samples: float = 0.0  # samples of the node's own services
+    guest_samples: float = 0.0  # samples of other services' paths through it
+    compute_s: float = 0.0  # seconds spent computing them
+    cpu_busy: float | None = None  # fraction of the node's CPU quota used (capped nodes: its cgroup's CPU seconds)
+    own_latency_ms: float | None = None  # mean latency of its own services' requests answered (None: none)
 
 
 @dataclass(frozen=True)
 class Measurements:
-    t: float                                        # when (seconds, any monotonic-enough clock)
-    dt: float                                       # the interval's length
-    arrivals: Mapping[str, float]                   # service -> samples/s its clients sent (answered)
-    nodes: Mapping[str, NodeLoad] = field(default_factory=dict)   # missing node: alive, no figures
-    failing: frozenset[str] = frozenset()           # path ids the ingress skips after a failure
+    t: float  # when (seconds, any monotonic-enough clock)
+    dt: float  # the interval's length
+    arrivals: Mapping[str, float]  # service -> samples/s its clients sent (answered)
+    nodes: Mapping[str, NodeLoad] = field(default_factory=dict)  # missing node: alive, no figures
+    failing: frozenset[str] = frozenset()  # path ids the ingress skips after a failure
 
 
 @dataclass(frozen=True)
@@ -76,19 +78,22 @@ class Candidate:
     path: str
     share: float
     reward: float
-    service_rate: float             # μ: samples/s this choice answers
-    guest_rate: float               # g_H of its host (0 without a host)
+    service_rate: float  # μ: samples/s this choice answers
+    guest_rate: float  # g_H of its host (0 without a host)
     objective: float
     host: str | None = None
 
     def to_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
-                for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+            for k, v in dataclasses.asdict(self).items()
+        }
 
 
 @dataclass(frozen=True)
 class Decision:
     """One service's choice for the next interval, why, and the figures behind it."""
+
     t: float
     service: str
     path: str
@@ -115,8 +120,12 @@ def servable(row: Row) -> bool:
         return False
     if row.kind == "local":
         return row.costs is not None
-    return bool(row.links_file) and row.costs is not None and row.val_acc is not None \
+    return (
+        bool(row.links_file)
+        and row.costs is not None
+        and row.val_acc is not None
         and (row.kind != "coop" or row.costs.guest_quota > 0)
+    )
 
 
 def _ewma(old: float | None, new: float, w: float) -> float:
@@ -126,9 +135,16 @@ def _ewma(old: float | None, new: float, w: float) -> float:
 class Policy:
     """Drift-plus-penalty over the servable rows of each service; state that survives a restart in `to_dict`."""
 
-    def __init__(self, spec: ControllerSpec, reward_spec: RewardSpec, network: NetworkSpec, rows: Sequence[Row],
-                 services: Mapping[str, str], initial: Mapping[str, Mapping] | None = None,
-                 now: float | None = None):
+    def __init__(
+        self,
+        spec: ControllerSpec,
+        reward_spec: RewardSpec,
+        network: NetworkSpec,
+        rows: Sequence[Row],
+        services: Mapping[str, str],
+        initial: Mapping[str, Mapping] | None = None,
+        now: float | None = None,
+    ):
         """services: {service: its node}; initial: {service: {"path", "coop_fraction"}} in force since `now`
         (None: since ever, so the first decision may switch at once)."""
         self.spec, self.reward_spec, self.network = spec, reward_spec, network
@@ -136,11 +152,11 @@ class Policy:
         self.rows = {r.path_id: r for r in rows if r.is_path}
         self.q_local: dict[str, float] = dict.fromkeys(self.services, 0.0)
         self.q_host: dict[str, float] = {}
-        self.slowdown: dict[str, float] = {}        # node -> measured / profiled per-sample seconds
-        self.own_rate: dict[str, float] = {}        # node -> its own services' samples/s (EWMA)
-        self.own_busy: dict[str, float] = {}        # node -> fraction of its time its own services take (EWMA)
-        self.own_latency: dict[str, float] = {}     # node -> mean latency (ms) of its own clients' requests (EWMA)
-        self.arrivals: dict[str, float] = {}        # service -> samples/s (EWMA)
+        self.slowdown: dict[str, float] = {}  # node -> measured / profiled per-sample seconds
+        self.own_rate: dict[str, float] = {}  # node -> its own services' samples/s (EWMA)
+        self.own_busy: dict[str, float] = {}  # node -> fraction of its time its own services take (EWMA)
+        self.own_latency: dict[str, float] = {}  # node -> mean latency (ms) of its own clients' requests (EWMA)
+        self.arrivals: dict[str, float] = {}  # service -> samples/s (EWMA)
         self.current: dict[str, tuple[str, float]] = {}
         self.since: dict[str, float] = {} if now is None else dict.fromkeys(self.services, now)
         for svc in self.services:
@@ -151,9 +167,17 @@ class Policy:
     # ------------------------------------------------------------------ persistence
 
     def state(self) -> dict:
-        return {"q_local": self.q_local, "q_host": self.q_host, "slowdown": self.slowdown,
-                "own_rate": self.own_rate, "own_busy": self.own_busy, "own_latency": self.own_latency,
-                "arrivals": self.arrivals, "current": {s: list(c) for s, c in self.current.items()}, "since": self.since}
+        return {
+            "q_local": self.q_local,
+            "q_host": self.q_host,
+            "slowdown": self.slowdown,
+            "own_rate": self.own_rate,
+            "own_busy": self.own_busy,
+            "own_latency": self.own_latency,
+            "arrivals": self.arrivals,
+            "current": {s: list(c) for s, c in self.current.items()},
+            "since": self.since,
+        }
 
     def restore(self, state: Mapping) -> None:
         for key in ("q_local", "q_host", "slowdown", "own_rate", "own_busy", "own_latency", "arrivals", "since"):
@@ -172,14 +196,20 @@ class Policy:
         """Profiled per-sample seconds on `node`: its own service's full model, or a guest's host part (the
         path in force through it, else the mean over paths through it)."""
         if guest:
-            using = [self.rows[p] for p, _ in self.current.values() if p in self.rows
-                     and self.rows[p].kind == "coop" and self.rows[p].host_node == node]
-            rows = using or [r for r in self.rows.values() if r.kind == "coop" and r.host_node == node
-                             and r.costs is not None]
+            using = [
+                self.rows[p]
+                for p, _ in self.current.values()
+                if p in self.rows and self.rows[p].kind == "coop" and self.rows[p].host_node == node
+            ]
+            rows = using or [
+                r for r in self.rows.values() if r.kind == "coop" and r.host_node == node and r.costs is not None
+            ]
             vals = [r.costs.host_part for r in rows if r.costs is not None]
         else:
             vals = [r.costs.local_full for r in self.rows.values() if r.local_node == node and r.costs is not None]
-            vals = vals or [r.costs.host_full for r in self.rows.values() if r.host_node == node and r.costs is not None]
+            vals = vals or [
+                r.costs.host_full for r in self.rows.values() if r.host_node == node and r.costs is not None
+            ]
         return sum(vals) / len(vals) if vals else None
 
     def _learn(self, m: Measurements) -> None:
@@ -201,7 +231,7 @@ class Policy:
             if expected > 0 and load.own_samples + load.guest_samples >= MIN_SAMPLES and busy >= BUSY:
                 lo, hi = SLOWDOWN_RANGE
                 self.slowdown[node] = _ewma(self.slowdown.get(node), min(hi, max(lo, load.compute_s / expected)), w)
-            elif node in self.slowdown:     # idle: back toward the profile, which stands at light load
+            elif node in self.slowdown:  # idle: back toward the profile, which stands at light load
                 self.slowdown[node] = _ewma(self.slowdown[node], 1.0, w)
 
     def measured_row(self, row: Row) -> Row:
@@ -261,7 +291,7 @@ class Policy:
         local = self.rows.get(f"{svc}:local")
         if local is not None:
             return self.measured_row(local)
-        for r in self.rows.values():   # no local row: a path's local-only figures
+        for r in self.rows.values():  # no local row: a path's local-only figures
             if r.local == svc and r.costs is not None:
                 return self.measured_row(r)
         return None
@@ -296,7 +326,7 @@ class Policy:
             row = live.get(path)
             cur = self._evaluate(svc, row, share if row is not None else 0.0)
             a = self.arrivals.get(svc, 0.0)
-            if cur.service_rate <= 0:     # no row gives this service a rate (not searched): no backlog to track
+            if cur.service_rate <= 0:  # no row gives this service a rate (not searched): no backlog to track
                 self.q_local[svc] = 0.0
                 continue
             self.q_local[svc] = max(0.0, self.q_local.get(svc, 0.0) + (a - cur.service_rate) * dt)
@@ -305,7 +335,7 @@ class Policy:
         for host in {r.host for r in self.rows.values() if r.kind == "coop" and r.host}:
             rows = [live[r.path_id] for r in self.rows.values() if r.kind == "coop" and r.host == host]
             if any(not m.nodes.get(r.host_node, NodeLoad()).alive for r in rows):
-                self.q_host[host] = 0.0                     # nothing waits at a host that is gone
+                self.q_host[host] = 0.0  # nothing waits at a host that is gone
                 continue
             in_use = [live[p] for p, _ in self.current.values() if p in live and live[p].host == host]
             g = max((self.guest_rate(r) for r in (in_use or rows)), default=0.0)
@@ -325,7 +355,7 @@ class Policy:
         best = min(cands, key=lambda c: (c.objective, c.path != f"{svc}:local", -c.share))
         prev_path, prev_share = self.current[svc]
         cur = next((c for c in cands if c.path == prev_path and abs(c.share - prev_share) < 1e-9), None)
-        if cur is None and prev_path in live and prev_path not in excluded:   # a share off the grid (initial)
+        if cur is None and prev_path in live and prev_path not in excluded:  # a share off the grid (initial)
             cur = self._evaluate(svc, live[prev_path], prev_share)
         held = m.t - self.since.get(svc, -math.inf)
         gain = (cur.objective - best.objective) if cur is not None else math.inf
@@ -336,14 +366,29 @@ class Policy:
         elif best is cur or (best.path, best.share) == (cur.path, cur.share) or gain <= 0:
             choice, reason = cur, "hold: the current choice has the lowest objective"
         elif gain < need:
-            choice, reason = cur, (f"hold: {best.path} at {best.share:g} improves the objective by {gain:.4g}, under "
-                                   f"the hysteresis {need:.4g}")
+            choice, reason = (
+                cur,
+                (
+                    f"hold: {best.path} at {best.share:g} improves the objective by {gain:.4g}, under "
+                    f"the hysteresis {need:.4g}"
+                ),
+            )
         elif held < self.spec.min_dwell_s:
-            choice, reason = cur, (f"hold: {best.path} at {best.share:g} is better by {gain:.4g}, but the current "
-                                   f"choice has held {held:.1f} s < min_dwell_s {self.spec.min_dwell_s:g}")
+            choice, reason = (
+                cur,
+                (
+                    f"hold: {best.path} at {best.share:g} is better by {gain:.4g}, but the current "
+                    f"choice has held {held:.1f} s < min_dwell_s {self.spec.min_dwell_s:g}"
+                ),
+            )
         else:
-            choice, reason = best, (f"switch: objective {cur.objective:.4g} -> {best.objective:.4g} (reward "
-                                    f"{cur.reward:.4f} -> {best.reward:.4f})")
+            choice, reason = (
+                best,
+                (
+                    f"switch: objective {cur.objective:.4g} -> {best.objective:.4g} (reward "
+                    f"{cur.reward:.4f} -> {best.reward:.4f})"
+                ),
+            )
         switched = (choice.path, choice.share) != (prev_path, prev_share)
         if switched:
             self.current[svc] = (choice.path, choice.share)
@@ -353,16 +398,33 @@ class Policy:
         hosts = {c.host for c in cands if c.host}
         host_nodes = sorted({r.host_node for r in self.rows.values() if r.local == svc and r.host_node})
         figures = {
-            "arrivals": round(self.arrivals.get(svc, 0.0), 3), "Q_l": round(self.q_local.get(svc, 0.0), 3),
-            "Q_h": {h: round(self.q_host.get(h, 0.0), 3) for h in sorted(hosts | set(excluded_hosts(self.rows, excluded)))},
+            "arrivals": round(self.arrivals.get(svc, 0.0), 3),
+            "Q_l": round(self.q_local.get(svc, 0.0), 3),
+            "Q_h": {
+                h: round(self.q_host.get(h, 0.0), 3) for h in sorted(hosts | set(excluded_hosts(self.rows, excluded)))
+            },
             "own_util": {n: round(self._own_util(n), 4) for n in host_nodes},
             "own_latency_ms": {n: round(self.own_latency.get(n, 0.0), 1) for n in host_nodes},
             "slowdown": {n: round(v, 4) for n, v in sorted(self.slowdown.items())},
-            "chosen": choice.to_dict(), "best": best.to_dict(), "current": cur.to_dict() if cur else None,
-            "excluded": excluded, "candidates": len(cands),
+            "chosen": choice.to_dict(),
+            "best": best.to_dict(),
+            "current": cur.to_dict() if cur else None,
+            "excluded": excluded,
+            "candidates": len(cands),
         }
-        d = Decision(m.t, svc, choice.path, choice.share, prev_path, prev_share, switched, reason,
-                     choice.objective, choice.reward, figures)
+        d = Decision(
+            m.t,
+            svc,
+            choice.path,
+            choice.share,
+            prev_path,
+            prev_share,
+            switched,
+            reason,
+            choice.objective,
+            choice.reward,
+            figures,
+        )
         self.last[svc] = d
         return d
 

@@ -5,6 +5,7 @@ The driver sends a config and a service name and gets back metadata (metrics, bl
 tensor: `train_on_nodes`, `describe_on_nodes`, `check_stores`. Links trained on one node and run on another
 move store to store (`copy_links`), their bytes handed from task to task without the driver reading them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,15 @@ def _train(cfg_json: dict, name: str, force: bool, epochs=None) -> dict:
     torch.set_num_threads(1)
     cfg = CoderayConfig.model_validate(cfg_json)
     spec = cfg.service(name)
-    report = None if epochs is None else (lambda e, loss, acc: epochs.put_nowait(
-        {"service": name, "epoch": e, "epochs": spec.train.epochs, "loss": loss, "val_acc": acc}))
+    report = (
+        None
+        if epochs is None
+        else (
+            lambda e, loss, acc: epochs.put_nowait(
+                {"service": name, "epoch": e, "epochs": spec.train.epochs, "loss": loss, "val_acc": acc}
+            )
+        )
+    )
     trained = train_service(cfg, spec, progress=False, force=force, on_epoch=report)
     return {k: v for k, v in trained.metrics.items() if k != "history"} | _here(cfg, spec.node)
 
@@ -63,12 +71,16 @@ def _check(cfg_json: dict, name: str, links: list[str]) -> dict:
     spec = cfg.service(name)
     ckpt = service_dir(cfg, spec) / "model.pt"
     if not ckpt.is_file():
-        raise NotTrainedError(f"node {spec.node!r} has no checkpoint of service {name!r} in its store ({ckpt}): "
-                              "run `coderay train CONFIG` (with the same --address) first")
+        raise NotTrainedError(
+            f"node {spec.node!r} has no checkpoint of service {name!r} in its store ({ckpt}): "
+            "run `coderay train CONFIG` (with the same --address) first"
+        )
     missing = [f for f in links if not resolve(f, cfg, spec.node).is_file()]
     if missing:
-        raise NotTrainedError(f"node {spec.node!r} lacks links of the reward table in its store: {missing[:3]}; "
-                              "run `coderay search CONFIG` (with the same --address) again")
+        raise NotTrainedError(
+            f"node {spec.node!r} lacks links of the reward table in its store: {missing[:3]}; "
+            "run `coderay search CONFIG` (with the same --address) again"
+        )
     return _here(cfg, spec.node)
 
 
@@ -107,9 +119,14 @@ def _services(cfg: CoderayConfig, names: Iterable[str] | None) -> list[str]:
     return [s.name for s in cfg.services if names is None or s.name in names]
 
 
-def train_on_nodes(cfg: CoderayConfig, *, force: bool = False, names: Iterable[str] | None = None,
-                   on_done: Callable[[str, dict], None] | None = None,
-                   on_epoch: Callable[[dict], None] | None = None) -> dict[str, dict]:
+def train_on_nodes(
+    cfg: CoderayConfig,
+    *,
+    force: bool = False,
+    names: Iterable[str] | None = None,
+    on_done: Callable[[str, dict], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict[str, dict]:
     """Train (or load from its store) every service on its own node, all nodes at once; the metrics of each,
     in config order. `on_epoch({service, epoch, epochs, loss, val_acc})` as the nodes report epochs (through a
     queue: numbers only), `on_done(name, metrics)` as each service finishes."""
@@ -118,8 +135,10 @@ def train_on_nodes(cfg: CoderayConfig, *, force: bool = False, names: Iterable[s
     cfg = cfg.portable()
     body = cfg.model_dump(mode="json")
     epochs = Queue(actor_options={"num_cpus": 0}) if on_epoch is not None else None
-    refs = {_train.options(**pin(cfg.service(n).node, cpus=1)).remote(body, n, force, epochs): n
-            for n in _services(cfg, names)}
+    refs = {
+        _train.options(**pin(cfg.service(n).node, cpus=1)).remote(body, n, force, epochs): n
+        for n in _services(cfg, names)
+    }
     out: dict[str, dict] = {}
     pending = list(refs)
     try:
@@ -161,8 +180,16 @@ def metadata_services(cfg: CoderayConfig, described: Mapping[str, dict]) -> dict
     for name, d in described.items():
         spec = cfg.service(name)
         infos = [BlockInfo.from_dict(i) for i in d["infos"]]
-        out[name] = ServiceModel(spec, cfg.node(spec.node), None, None, [None] * len(infos), infos, d["metrics"],
-                                 speed_divisor(cfg, spec.node))
+        out[name] = ServiceModel(
+            spec,
+            cfg.node(spec.node),
+            None,
+            None,
+            [None] * len(infos),
+            infos,
+            d["metrics"],
+            speed_divisor(cfg, spec.node),
+        )
     return out
 
 
@@ -173,8 +200,9 @@ def check_stores(cfg: CoderayConfig, links: Mapping[str, Iterable[str]] | None =
     body = cfg.model_dump(mode="json")
     links = links or {}
     names = _services(cfg, None)
-    results = _get([_check.options(**pin(cfg.service(n).node)).remote(body, n, sorted(links.get(n, ())))
-                    for n in names])
+    results = _get(
+        [_check.options(**pin(cfg.service(n).node)).remote(body, n, sorted(links.get(n, ()))) for n in names]
+    )
     return dict(zip(names, results))
 
 

@@ -3,6 +3,7 @@
 A^av_p is the accuracy averaged over the requests the service answers: Th^l of them on the local model
 (A_local), Th^h through the path (A_p).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,9 @@ THROUGHPUT_FUNCTIONS: dict[str, Callable[[float, float], float]] = {
     "log": lambda r, beta: 1.0 + beta * math.log(r),
     "linear": lambda r, beta: r,
 }
-if set(ACCURACY_FUNCTIONS) != set(get_args(AccuracyFunction)) or \
-        set(THROUGHPUT_FUNCTIONS) != set(get_args(ThroughputFunction)):
+if set(ACCURACY_FUNCTIONS) != set(get_args(AccuracyFunction)) or set(THROUGHPUT_FUNCTIONS) != set(
+    get_args(ThroughputFunction)
+):
     raise ImportError("coderay.reward and coderay.config disagree on the reward function names")
 
 
@@ -42,4 +44,5 @@ def reward(spec: RewardSpec, acc_avg: float, th_ratio: float, *, acc_local: floa
     if th_ratio <= 0:
         return 0.0
     return max(0.0, ACCURACY_FUNCTIONS[spec.accuracy](acc_avg, spec.alpha)) * max(
-        0.0, THROUGHPUT_FUNCTIONS[spec.throughput](th_ratio, spec.beta))
+        0.0, THROUGHPUT_FUNCTIONS[spec.throughput](th_ratio, spec.beta)
+    )

@@ -5,6 +5,7 @@ once one runs) unless an operator pinned one (`PUT /route`, a config deploy); a 
 released (`DELETE /route`). Every switch is validated against the reward table first and applied whole
 or not at all. `choose` spreads a route's cooperative share evenly over requests.
 """
+
 from __future__ import annotations
 
 import logging
@@ -80,7 +81,7 @@ class Router:
         for svc, route in initial_routes(cfg, list(self.rows.values())).items():
             try:
                 self.auto[svc] = self.validate(svc, route["path"], route["coop_fraction"])
-            except InvalidRouteError as e:   # e.g. the host's guest quota was set to 0 after the search
+            except InvalidRouteError as e:  # e.g. the host's guest quota was set to 0 after the search
                 log.warning("%s: cannot start on %s (%s); starting local-only", svc, route["path"], e)
                 self.auto[svc] = Route(PathSpec.local_only(svc), 0.0)
 
@@ -108,33 +109,43 @@ class Router:
         if spec.kind != "local":
             row = self.rows.get(spec.id)
             if row is None:
-                raise InvalidRouteError(f"path: {path_id!r} is not in the reward table of {svc!r}; "
-                                        f"GET /v1/services/{svc}/paths lists them")
+                raise InvalidRouteError(
+                    f"path: {path_id!r} is not in the reward table of {svc!r}; GET /v1/services/{svc}/paths lists them"
+                )
             if not row.links_file:
-                raise InvalidRouteError(f"path: {path_id!r} has no trained links (stage 1 only predicted it); "
-                                        "choose a row with trained: true")
+                raise InvalidRouteError(
+                    f"path: {path_id!r} has no trained links (stage 1 only predicted it); "
+                    "choose a row with trained: true"
+                )
             if spec.kind == "coop":
                 if spec.host not in self.services:
                     raise InvalidRouteError(f"path: host {spec.host!r} is not a service of this config")
                 if self.cfg.service(spec.host).grant(svc) < 1:
-                    raise InvalidRouteError(f"path: host {spec.host!r} does not admit {svc!r} as a guest "
-                                            "(guest_quota 0, or not among its guests)")
+                    raise InvalidRouteError(
+                        f"path: host {spec.host!r} does not admit {svc!r} as a guest "
+                        "(guest_quota 0, or not among its guests)"
+                    )
         if coop_fraction is None:
             coop_fraction = 0.0 if spec.kind == "local" else 1.0
-        if isinstance(coop_fraction, bool) or not isinstance(coop_fraction, (int, float)) \
-                or not 0.0 <= coop_fraction <= 1.0:
+        if (
+            isinstance(coop_fraction, bool)
+            or not isinstance(coop_fraction, (int, float))
+            or not 0.0 <= coop_fraction <= 1.0
+        ):
             raise InvalidRouteError(f"coop_fraction: must be a number in [0, 1], got {coop_fraction!r}")
         return Route(spec, float(coop_fraction))
 
     def _validate_all(self, routes: Mapping[str, Mapping]) -> dict[str, Route]:
         if not isinstance(routes, Mapping):
-            raise InvalidRouteError(f"routes: expected a mapping service -> {{path, coop_fraction}}, got "
-                                    f"{type(routes).__name__}")
+            raise InvalidRouteError(
+                f"routes: expected a mapping service -> {{path, coop_fraction}}, got {type(routes).__name__}"
+            )
         new = {}
         for svc, r in routes.items():
             if not isinstance(r, Mapping) or "path" not in r or set(r) - {"path", "coop_fraction"}:
-                raise InvalidRouteError(f"routes.{svc}: expected {{'path': <path id>, 'coop_fraction': 0..1}}, "
-                                        f"got {r!r}")
+                raise InvalidRouteError(
+                    f"routes.{svc}: expected {{'path': <path id>, 'coop_fraction': 0..1}}, got {r!r}"
+                )
             new[svc] = self.validate(svc, r["path"], r.get("coop_fraction"))
         return new
 

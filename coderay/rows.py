@@ -6,6 +6,7 @@ new measurements or a new reward shape without torch. Rows read like mappings (`
 `row.get("error")`), which is how JSON, CSV and HTTP consumers see them; engine-specific facts (which node
 ran a Tune trial, where ASHA stopped it) live in `extra` and read the same way.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,7 @@ from coderay.throughput import PathCosts, path_throughput
 
 __all__ = ["PATH_KINDS", "Row", "BaselineRow", "score", "rescore", "row_from_dict", "csv_columns"]
 
-PATH_KINDS = ("local", "skip", "coop")   # what a service may run; any other kind is a baseline
+PATH_KINDS = ("local", "skip", "coop")  # what a service may run; any other kind is a baseline
 
 
 @dataclass(frozen=True)
@@ -30,48 +31,48 @@ class Row(Mapping):
 
     path_id: str
     local: str
-    kind: str                               # 'local', 'skip', 'coop' (BaselineRow: 'edge-early')
+    kind: str  # 'local', 'skip', 'coop' (BaselineRow: 'edge-early')
     host: str | None = None
     lout: int | None = 0
     hin: int | None = None
     hout: int | None = None
     lin: int | None = None
-    local_node: str = ""                    # where the local part runs
-    host_node: str = ""                     # where the host part runs ('' for local and skip paths)
-    link_out_on: str | None = None          # 'host' or 'local': which node runs a cooperative path's link_out
-    encoding: str = "float32"               # how activations crossing nodes travel (coderay.paths.WIRE_DTYPES)
-    link_variant: str | None = None         # the links' build and training (config LinkVariant.name)
+    local_node: str = ""  # where the local part runs
+    host_node: str = ""  # where the host part runs ('' for local and skip paths)
+    link_out_on: str | None = None  # 'host' or 'local': which node runs a cooperative path's link_out
+    encoding: str = "float32"  # how activations crossing nodes travel (coderay.paths.WIRE_DTYPES)
+    link_variant: str | None = None  # the links' build and training (config LinkVariant.name)
     # accuracy (fractions in [0, 1])
-    acc_local_val: float | None = None      # the local-only model's, for A^av and the reward's floor
+    acc_local_val: float | None = None  # the local-only model's, for A^av and the reward's floor
     acc_local_test: float | None = None
-    pred_acc: float | None = None           # stage 1: validation accuracy of the quickly fitted links
-    val_acc: float | None = None            # stage 2: after training (ranks paths)
-    test_acc: float | None = None           # stage 2: reported, never used to choose
+    pred_acc: float | None = None  # stage 1: validation accuracy of the quickly fitted links
+    val_acc: float | None = None  # stage 2: after training (ranks paths)
+    test_acc: float | None = None  # stage 2: reported, never used to choose
     trained: bool = False
     # the throughput model's inputs
     costs: PathCosts | None = None
     # outputs of `score`
-    th_local: float | None = None           # Th^l, samples/s answered on the local-only model
-    th_host: float | None = None            # Th^h, samples/s answered through the path
+    th_local: float | None = None  # Th^l, samples/s answered on the local-only model
+    th_host: float | None = None  # Th^h, samples/s answered through the path
     th_total: float | None = None
-    th_ratio: float | None = None           # Th / Th of local-only
+    th_ratio: float | None = None  # Th / Th of local-only
     host_own_before: float | None = None
     host_own_after: float | None = None
     latency_ms: float | None = None
     bottleneck: str | None = None
-    acc_avg: float | None = None            # A^av on validation data (measured rows)
+    acc_avg: float | None = None  # A^av on validation data (measured rows)
     acc_avg_test: float | None = None
-    pred_reward: float | None = None        # the reward stage 1 predicts
-    reward: float | None = None             # the reward measured in stage 2
+    pred_reward: float | None = None  # the reward stage 1 predicts
+    reward: float | None = None  # the reward measured in stage 2
     # the paper's parameter budget
     link_params: int = 0
     local_skipped_params: int = 0
     host_added_params: int = 0
-    mirrored_params: int = 0                # local parameters copied to the host (baselines only)
+    mirrored_params: int = 0  # local parameters copied to the host (baselines only)
     # bookkeeping
     train_seconds: float | None = None
     links_file: str | None = None
-    error: str | None = None                # why this candidate has no result
+    error: str | None = None  # why this candidate has no result
     extra: dict = field(default_factory=dict, compare=False)
 
     _hidden: ClassVar[frozenset] = frozenset({"extra"})
@@ -106,8 +107,17 @@ class Row(Mapping):
     @classmethod
     def failed(cls, spec: Any, error: str) -> Row:
         """A candidate (a `PathSpec`) with no result: its identity and why."""
-        return cls(path_id=spec.id, local=spec.local, kind=spec.kind, host=spec.host, lout=spec.lout,
-                   hin=spec.hin, hout=spec.hout, lin=spec.lin, error=error)
+        return cls(
+            path_id=spec.id,
+            local=spec.local,
+            kind=spec.kind,
+            host=spec.host,
+            lout=spec.lout,
+            hin=spec.hin,
+            hout=spec.hout,
+            lin=spec.lin,
+            error=error,
+        )
 
     def with_extra(self, **extra: Any) -> Row:
         return replace(self, extra=self.extra | extra)
@@ -144,8 +154,13 @@ def score(row: Row, reward_spec: RewardSpec, network: NetworkSpec) -> Row:
     network: the one place a row is scored. A row without costs (a failed candidate) is returned as is."""
     if row.costs is None:
         return row
-    th = path_throughput(row.costs, kind="coop" if row.host else row.kind, network=network,
-                         local_node=row.local_node, host_node=row.host_node)
+    th = path_throughput(
+        row.costs,
+        kind="coop" if row.host else row.kind,
+        network=network,
+        local_node=row.local_node,
+        host_node=row.host_node,
+    )
 
     def avg(acc_local: float | None, acc: float | None) -> float | None:
         if acc is None or acc_local is None:
@@ -156,11 +171,21 @@ def score(row: Row, reward_spec: RewardSpec, network: NetworkSpec) -> Row:
         return None if acc_avg is None else reward(reward_spec, acc_avg, th.ratio, acc_local=row.acc_local_val)
 
     acc_avg = avg(row.acc_local_val, row.val_acc)
-    return replace(row, th_local=th.local, th_host=th.host, th_total=th.total, th_ratio=th.ratio,
-                   host_own_before=th.host_own_before, host_own_after=th.host_own_after,
-                   latency_ms=th.latency_ms, bottleneck=th.bottleneck, acc_avg=acc_avg,
-                   acc_avg_test=avg(row.acc_local_test, row.test_acc),
-                   pred_reward=rew(avg(row.acc_local_val, row.pred_acc)), reward=rew(acc_avg))
+    return replace(
+        row,
+        th_local=th.local,
+        th_host=th.host,
+        th_total=th.total,
+        th_ratio=th.ratio,
+        host_own_before=th.host_own_before,
+        host_own_after=th.host_own_after,
+        latency_ms=th.latency_ms,
+        bottleneck=th.bottleneck,
+        acc_avg=acc_avg,
+        acc_avg_test=avg(row.acc_local_test, row.test_acc),
+        pred_reward=rew(avg(row.acc_local_val, row.pred_acc)),
+        reward=rew(acc_avg),
+    )
 
 
 def rescore(row: Row, factors: Mapping[str, float], reward_spec: RewardSpec, network: NetworkSpec) -> Row:
@@ -170,8 +195,13 @@ def rescore(row: Row, factors: Mapping[str, float], reward_spec: RewardSpec, net
     if c is None:
         return row
     fl, fh = factors.get(row.local_node, 1.0), factors.get(row.host_node, 1.0)
-    costs = replace(c, local_full=c.local_full * fl, local_part=c.local_part * fl,
-                    host_full=c.host_full * fh, host_part=c.host_part * fh)
+    costs = replace(
+        c,
+        local_full=c.local_full * fl,
+        local_part=c.local_part * fl,
+        host_full=c.host_full * fh,
+        host_part=c.host_part * fh,
+    )
     return score(replace(row, costs=costs), reward_spec, network)
 
 

@@ -9,6 +9,7 @@ nodes that own the blocks. Both produce the same table: same candidates, same se
     stage 2   train and measure the selected, score the baselines  (executor.measure)
     merge     candidates in enumeration order, then baselines; summary; save; plot
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,17 @@ from coderay.services import PROFILE_METHOD
 from coderay.store import node_store, relative
 from coderay.table import RewardTable
 
-__all__ = ["Executor", "InProcess", "staged_search", "run_search", "search_dir", "stage2_selection",
-           "finish_table", "load_table", "spearman"]
+__all__ = [
+    "Executor",
+    "InProcess",
+    "staged_search",
+    "run_search",
+    "search_dir",
+    "stage2_selection",
+    "finish_table",
+    "load_table",
+    "spearman",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +57,9 @@ class Executor(Protocol):
     def predict(self, specs: Sequence[PathSpec]) -> dict[str, Row]:
         """Stage 1 for every spec (a candidate that fails for good gets a row with `error`)."""
 
-    def measure(self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
-                ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
+    def measure(
+        self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
+    ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
         """Stage 2 for the chosen stage-1 rows (links saved under `links_dir`, relative to the store of each node
         that runs them; rows name them so), and the baseline rows of each local service in `baselines`."""
 
@@ -70,8 +81,9 @@ class InProcess:
         bar = tqdm(specs, desc="stage 1 (predict)", unit="path", disable=not self.progress)
         return {spec.id: predict_path(self.ctx, spec) for spec in bar}
 
-    def measure(self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
-                ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
+    def measure(
+        self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
+    ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
         cfg = self.ctx.cfg
         measured = {}
         for row in chosen:
@@ -79,8 +91,9 @@ class InProcess:
                 log.info("stage 2 trains %s", row.path_id)
             spec = PathSpec.parse(row.path_id)
             owner = cfg.service(link_owner(spec)).node
-            done, _ = train_path(self.ctx, spec, progress=self.progress, links_dir=node_store(cfg, owner) / links_dir,
-                                 predicted=row)
+            done, _ = train_path(
+                self.ctx, spec, progress=self.progress, links_dir=node_store(cfg, owner) / links_dir, predicted=row
+            )
             if done.links_file:
                 name = relative(Path(done.links_file), cfg, owner)
                 for svc in link_services(spec, link_out=done.link_out_on or "host"):
@@ -98,9 +111,20 @@ class InProcess:
 
 def search_dir(cfg: CoderayConfig, *, exhaustive: bool) -> Path:
     """Results keyed by everything that changes them: the services, the search settings, the mode."""
-    network = cfg.network if cfg.emulation.local else cfg.network.encoding   # a real cluster's is measured anew
-    key = cfg.fingerprint(cfg.services, cfg.search, cfg.reward, cfg.nodes, network, cfg.emulation, cfg.seed,
-                          exhaustive, cfg.serving.call_overhead_ms, cfg.serving.max_batch_size, PROFILE_METHOD)
+    network = cfg.network if cfg.emulation.local else cfg.network.encoding  # a real cluster's is measured anew
+    key = cfg.fingerprint(
+        cfg.services,
+        cfg.search,
+        cfg.reward,
+        cfg.nodes,
+        network,
+        cfg.emulation,
+        cfg.seed,
+        exhaustive,
+        cfg.serving.call_overhead_ms,
+        cfg.serving.max_batch_size,
+        PROFILE_METHOD,
+    )
     return cfg.root / "search" / f"{'exhaustive' if exhaustive else 'staged'}-{key}"
 
 
@@ -140,11 +164,17 @@ def staged_search(ctx: SearchContext, executor: Executor, *, exhaustive: bool, o
     for local in locals_:
         rows += [measured.get(spec.id, preds[spec.id]) for spec in cands[local]]
         rows += baselines.get(local, [])
-    meta = {"config": cfg.name, "mode": "exhaustive" if exhaustive else "staged", "engine": executor.name,
-            "seconds": round(time.perf_counter() - start, 1), "emulation": describe(cfg),
-            "profiles": _profiles_how(cfg), "network": cfg.network.model_dump(mode="json"),
-            "network_source": "emulated (the config's)" if cfg.emulation.local else "measured between the nodes",
-            **executor.meta()}
+    meta = {
+        "config": cfg.name,
+        "mode": "exhaustive" if exhaustive else "staged",
+        "engine": executor.name,
+        "seconds": round(time.perf_counter() - start, 1),
+        "emulation": describe(cfg),
+        "profiles": _profiles_how(cfg),
+        "network": cfg.network.model_dump(mode="json"),
+        "network_source": "emulated (the config's)" if cfg.emulation.local else "measured between the nodes",
+        **executor.meta(),
+    }
     table = finish_table(rows, meta)
     table.meta["dir"] = str(out)
     table.save(out)
@@ -158,8 +188,11 @@ def _profiles_how(cfg: CoderayConfig) -> str:
     if not cfg.emulation.local:
         return "timed by each node on its own hardware"
     mechanism = describe(cfg)["mechanism"]
-    return f"timed under per-node CPU caps ({mechanism})" if mechanism.startswith("cgroup") else \
-        "timed on this machine, divided by node speeds"
+    return (
+        f"timed under per-node CPU caps ({mechanism})"
+        if mechanism.startswith("cgroup")
+        else "timed on this machine, divided by node speeds"
+    )
 
 
 def finish_table(rows: list[Row], meta: dict) -> RewardTable:
@@ -171,30 +204,36 @@ def finish_table(rows: list[Row], meta: dict) -> RewardTable:
         trained = [r for r in svc_rows if r.measured and r.kind != "local"]
         base = [r for r in table.baselines(local) if r.measured]
         summary[local] = {
-            "candidates": len(svc_rows), "trained": len(trained),
-            "trained_fraction": len(trained) / max(len(svc_rows), 1), "best": table.best(local).path_id,
+            "candidates": len(svc_rows),
+            "trained": len(trained),
+            "trained_fraction": len(trained) / max(len(svc_rows), 1),
+            "best": table.best(local).path_id,
             "spearman_pred_vs_measured": spearman([r.pred_reward for r in trained], [r.reward for r in trained])
-            if len(trained) > 2 else None,
+            if len(trained) > 2
+            else None,
             "best_edge_early": max(base, key=lambda r: r.reward).path_id if base else None,
         }
     table.meta["summary"] = summary
     return table
 
 
-def run_search(cfg: CoderayConfig, *, exhaustive: bool | None = None, progress: bool = True,
-               use_cache: bool = True) -> RewardTable:
+def run_search(
+    cfg: CoderayConfig, *, exhaustive: bool | None = None, progress: bool = True, use_cache: bool = True
+) -> RewardTable:
     """The in-process search for every local service in the config (loaded from disk when already run)."""
     exhaustive = cfg.search.exhaustive if exhaustive is None else exhaustive
     cached = load_table(cfg, exhaustive=exhaustive) if use_cache else None
     if cached is not None:
         return cached
     ctx = SearchContext.load(cfg, progress=progress)
-    return staged_search(ctx, InProcess(ctx, progress=progress), exhaustive=exhaustive,
-                         out=search_dir(cfg, exhaustive=exhaustive))
+    return staged_search(
+        ctx, InProcess(ctx, progress=progress), exhaustive=exhaustive, out=search_dir(cfg, exhaustive=exhaustive)
+    )
 
 
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman rank correlation (average ranks for ties)."""
+
     def ranks(v):
         order = sorted(range(len(v)), key=lambda i: v[i])
         r = [0.0] * len(v)
@@ -207,6 +246,7 @@ def spearman(a: list[float], b: list[float]) -> float:
                 r[order[k]] = (i + j) / 2
             i = j + 1
         return r
+
     ra, rb = ranks(a), ranks(b)
     ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))

@@ -1,4 +1,5 @@
 """A trained service as the rest of coderay sees it: frozen blocks, their profiles, its node."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ __all__ = ["PROFILE_METHOD", "ServiceModel", "load_services", "split_service", "
 
 Shape = tuple[int, ...]
 log = logging.getLogger(__name__)
-PROFILE_METHOD = "chain-cpu"    # how capped blocks are timed; part of every cache key built on profiles
+PROFILE_METHOD = "chain-cpu"  # how capped blocks are timed; part of every cache key built on profiles
 
 
 @dataclass
@@ -30,8 +31,8 @@ class ServiceModel:
     task: TaskData
     model: StagedModel
     blocks: list[Block]
-    infos: list[BlockInfo]      # measured on this machine, under the node's CPU cap where one is in force
-    metrics: dict               # from training: val_acc, test_acc, ...
+    infos: list[BlockInfo]  # measured on this machine, under the node's CPU cap where one is in force
+    metrics: dict  # from training: val_acc, test_acc, ...
     divisor: float | None = None  # profiled seconds / divisor = seconds on the node (None: node.speed)
 
     @property
@@ -74,14 +75,20 @@ def _profile(cfg: CoderayConfig, spec: ServiceSpec, blocks: Sequence[Block], inp
         infos = profile_blocks(blocks, input_shape, measure_latency=False)
         for info, ms in zip(infos, sustained_block_ms(cfg, spec, blocks, input_shape)):
             info.latency_ms = {b: ms}
-        log.info("%s: blocks profiled under %s at %.3f CPU (node %s)", spec.name, cap.mechanism, cap.share,
-                 spec.node)
+        log.info("%s: blocks profiled under %s at %.3f CPU (node %s)", spec.name, cap.mechanism, cap.share, spec.node)
     path.write_text(json.dumps([i.to_dict() for i in infos], indent=2))
     return infos
 
 
-def sustained_block_ms(cfg: CoderayConfig, spec: ServiceSpec, blocks: Sequence[Block], input_shape: Shape,
-                       *, seconds: float = 1.5, cpu_clock: Callable[[], float] = time.thread_time) -> list[float]:
+def sustained_block_ms(
+    cfg: CoderayConfig,
+    spec: ServiceSpec,
+    blocks: Sequence[Block],
+    input_shape: Shape,
+    *,
+    seconds: float = 1.5,
+    cpu_clock: Callable[[], float] = time.thread_time,
+) -> list[float]:
     """Milliseconds per batch of B for each block on the service's node: its CPU time inside the composed chain
     (the blocks run back to back as a replica runs them, one torch thread, a fresh batch each pass, for
     `seconds`), divided by the node's CPU share. A node with share c runs a CPU second in 1/c seconds; wall
@@ -110,8 +117,9 @@ def sustained_block_ms(cfg: CoderayConfig, spec: ServiceSpec, blocks: Sequence[B
     return [1e3 * c / runs / share for c in cpu]
 
 
-def load_services(cfg: CoderayConfig, names: Sequence[str] | None = None, *, train_missing: bool = True,
-                  progress: bool = True) -> dict[str, ServiceModel]:
+def load_services(
+    cfg: CoderayConfig, names: Sequence[str] | None = None, *, train_missing: bool = True, progress: bool = True
+) -> dict[str, ServiceModel]:
     """Trained, split and profiled services; trains what is missing unless `train_missing` is False."""
     out = {}
     for spec in cfg.services:
@@ -120,6 +128,14 @@ def load_services(cfg: CoderayConfig, names: Sequence[str] | None = None, *, tra
         trained = train_service(cfg, spec, progress=progress) if train_missing else load_service(cfg, spec.name)
         blocks = split_service(spec, trained.model)
         infos = _profile(cfg, spec, blocks, trained.task.input_shape)
-        out[spec.name] = ServiceModel(spec, cfg.node(spec.node), trained.task, trained.model, blocks, infos,
-                                      trained.metrics, speed_divisor(cfg, spec.node))
+        out[spec.name] = ServiceModel(
+            spec,
+            cfg.node(spec.node),
+            trained.task,
+            trained.model,
+            blocks,
+            infos,
+            trained.metrics,
+            speed_divisor(cfg, spec.node),
+        )
     return out

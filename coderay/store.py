@@ -9,6 +9,7 @@ The local cluster of `coderay up` gives each emulated node `<workdir>/stores/<no
 for that node's raylet), so the demo takes the same code path as a real cluster. A process with no
 `CODERAY_STORE` on a local configuration (the in-process search) finds a node's store by that layout.
 """
+
 from __future__ import annotations
 
 import os

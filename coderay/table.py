@@ -1,4 +1,5 @@
 """The reward table: the typed rows of every candidate path, persisted as JSON and CSV, plotted as a Pareto front."""
+
 from __future__ import annotations
 
 import csv
@@ -49,9 +50,16 @@ class RewardTable:
     def pareto(self, local: str) -> list[Row]:
         """Measured paths no other measured path beats on both average test accuracy and throughput."""
         pts = [r for r in self.for_service(local) if r.acc_avg_test is not None]
-        front = [r for r in pts if not any(
-            o.acc_avg_test >= r.acc_avg_test and o.th_total >= r.th_total
-            and (o.acc_avg_test > r.acc_avg_test or o.th_total > r.th_total) for o in pts)]
+        front = [
+            r
+            for r in pts
+            if not any(
+                o.acc_avg_test >= r.acc_avg_test
+                and o.th_total >= r.th_total
+                and (o.acc_avg_test > r.acc_avg_test or o.th_total > r.th_total)
+                for o in pts
+            )
+        ]
         return sorted(front, key=lambda r: r.th_total)
 
     def rescored(self, reward_spec: RewardSpec, network: NetworkSpec) -> RewardTable:
@@ -73,55 +81,94 @@ class RewardTable:
         return cls([row_from_dict(r) for r in data["rows"]], data.get("meta", {}))
 
     def format(self, local: str, *, limit: int | None = None) -> str:
-        rows = sorted(self.for_service(local), key=lambda r: -(r.reward if r.reward is not None
-                                                                else -1 + (r.pred_reward or 0) / 1e6))
-        head = (f"{'path':<34} {'kind':<5} {'trained':<7} {'pred acc':>8} {'val acc':>7} {'test acc':>8} "
-                f"{'A^av':>6} {'Th/s':>7} {'×local':>6} {'reward':>7}")
+        rows = sorted(
+            self.for_service(local),
+            key=lambda r: -(r.reward if r.reward is not None else -1 + (r.pred_reward or 0) / 1e6),
+        )
+        head = (
+            f"{'path':<34} {'kind':<5} {'trained':<7} {'pred acc':>8} {'val acc':>7} {'test acc':>8} "
+            f"{'A^av':>6} {'Th/s':>7} {'×local':>6} {'reward':>7}"
+        )
         lines = [head, "-" * len(head)]
         for r in rows[:limit]:
-            lines.append(f"{r['path_id']:<34} {r['kind']:<5} {'yes' if r['trained'] else 'no':<7} "
-                         f"{_f(r['pred_acc'])} {_f(r['val_acc'], 7)} {_f(r['test_acc'])} {_f(r['acc_avg_test'], 6)} "
-                         f"{_f(r['th_total'], 7, 0)} {_f(r['th_ratio'], 6, 2)} {_f(r['reward'], 7, 3)}")
+            lines.append(
+                f"{r['path_id']:<34} {r['kind']:<5} {'yes' if r['trained'] else 'no':<7} "
+                f"{_f(r['pred_acc'])} {_f(r['val_acc'], 7)} {_f(r['test_acc'])} {_f(r['acc_avg_test'], 6)} "
+                f"{_f(r['th_total'], 7, 0)} {_f(r['th_ratio'], 6, 2)} {_f(r['reward'], 7, 3)}"
+            )
         return "\n".join(lines)
 
     def plot(self, path: Path) -> Path:
         """Accuracy vs throughput of every path, one panel per local service, the Pareto front drawn."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         locals_ = self.locals
         fig, axes = plt.subplots(1, len(locals_), figsize=(6 * len(locals_), 4.5), squeeze=False)
         for ax, local in zip(axes[0], locals_):
-            rows = [r for r in self.for_service(local) if r.th_total is not None]   # failed candidates: no point
+            rows = [r for r in self.for_service(local) if r.th_total is not None]  # failed candidates: no point
             a_local = self.row(f"{local}:local")["val_acc"]
             ys = []
             for kind, marker in (("coop", "o"), ("skip", "s"), ("local", "*")):
                 pts = [r for r in rows if r["kind"] == kind]
                 pred = [r for r in pts if r.get("acc_avg_test") is None and r.pred_acc is not None]
                 meas = [r for r in pts if r.get("acc_avg_test") is not None]
-                if pred:   # A^av estimated from the stage-1 prediction
+                if pred:  # A^av estimated from the stage-1 prediction
                     y = [average_accuracy(a_local, r["pred_acc"], r["th_local"], r["th_host"]) for r in pred]
-                    ax.scatter([r["th_total"] for r in pred], y, marker=marker, facecolors="none",
-                               edgecolors="grey", alpha=0.5, label=f"{kind} (predicted)")
+                    ax.scatter(
+                        [r["th_total"] for r in pred],
+                        y,
+                        marker=marker,
+                        facecolors="none",
+                        edgecolors="grey",
+                        alpha=0.5,
+                        label=f"{kind} (predicted)",
+                    )
                 if meas:
                     ys += [r["acc_avg_test"] for r in meas]
-                    ax.scatter([r["th_total"] for r in meas], [r["acc_avg_test"] for r in meas], marker=marker,
-                               s=90 if kind == "local" else 35, zorder=3, label=f"{kind} (measured)")
+                    ax.scatter(
+                        [r["th_total"] for r in meas],
+                        [r["acc_avg_test"] for r in meas],
+                        marker=marker,
+                        s=90 if kind == "local" else 35,
+                        zorder=3,
+                        label=f"{kind} (measured)",
+                    )
             base = self.baselines(local)
             if base:
-                ax.scatter([r["th_total"] for r in base], [r["acc_avg_test"] for r in base], marker="x",
-                           color="tab:red", alpha=0.6, label="edge-early baseline")
+                ax.scatter(
+                    [r["th_total"] for r in base],
+                    [r["acc_avg_test"] for r in base],
+                    marker="x",
+                    color="tab:red",
+                    alpha=0.6,
+                    label="edge-early baseline",
+                )
             front = self.pareto(local)
-            ax.plot([r["th_total"] for r in front], [r["acc_avg_test"] for r in front], "k--", lw=1,
-                    label="Pareto front (measured)")
+            ax.plot(
+                [r["th_total"] for r in front],
+                [r["acc_avg_test"] for r in front],
+                "k--",
+                lw=1,
+                label="Pareto front (measured)",
+            )
             best = self.best(local)
-            ax.annotate(f"best: {best['path_id']}", (best["th_total"], best["acc_avg_test"]),
-                        textcoords="offset points", xytext=(6, -14), fontsize=8)
+            ax.annotate(
+                f"best: {best['path_id']}",
+                (best["th_total"], best["acc_avg_test"]),
+                textcoords="offset points",
+                xytext=(6, -14),
+                fontsize=8,
+            )
             ax.set_xscale("log")
             ax.set_ylim(max(0.0, min(ys) - 0.12), 1.005)
-            ax.set(title=f"{local}: accuracy vs throughput", xlabel="throughput Th (samples/s, modelled; log)",
-                   ylabel="average accuracy A^av (test)")
+            ax.set(
+                title=f"{local}: accuracy vs throughput",
+                xlabel="throughput Th (samples/s, modelled; log)",
+                ylabel="average accuracy A^av (test)",
+            )
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7, loc="lower left")
         fig.tight_layout()

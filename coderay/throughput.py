@@ -11,6 +11,7 @@ A skip path runs every request of the service on the local node at its (cheaper)
 Times are this machine's profiles (under each node's CPU quota, or divided by its `speed` where emulation is
 arithmetic) plus each replica call's fixed cost shared by the B samples of a chain: what serving pays.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -19,31 +20,32 @@ from coderay.config import NetworkSpec
 
 __all__ = ["BYTES_PER_VALUE", "PathCosts", "Throughput", "path_throughput"]
 
-BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}   # activations on the wire, by encoding
+BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}  # activations on the wire, by encoding
 
 
 @dataclass(frozen=True)
 class PathCosts:
     """Per-sample seconds and bytes of one path, on the nodes where each part runs."""
-    local_full: float           # c_local: local-only, on the local node
-    local_part: float           # c_ht: the local head + tail (+ skip link) of this path, on the local node
-    host_full: float = 0.0      # c_host_full: the host's own model, on the host node
-    host_part: float = 0.0      # c_guest: links + host blocks of this path, on the host node
-    batch: int = 1              # B: the host's batch
-    guest_quota: int = 0        # s
-    bytes_out: int = 0          # activation bytes sent to the host per sample
-    bytes_back: int = 0         # activation bytes returned per sample
+
+    local_full: float  # c_local: local-only, on the local node
+    local_part: float  # c_ht: the local head + tail (+ skip link) of this path, on the local node
+    host_full: float = 0.0  # c_host_full: the host's own model, on the host node
+    host_part: float = 0.0  # c_guest: links + host blocks of this path, on the host node
+    batch: int = 1  # B: the host's batch
+    guest_quota: int = 0  # s
+    bytes_out: int = 0  # activation bytes sent to the host per sample
+    bytes_back: int = 0  # activation bytes returned per sample
 
 
 @dataclass(frozen=True)
 class Throughput:
-    local: float                # Th^l, samples/s answered by the local-only model
-    host: float                 # Th^h, samples/s answered through the path (via the host; a skip path: itself)
-    local_only: float           # the service's throughput without cooperation
-    host_own_before: float      # the host's own throughput before it admits guests
-    host_own_after: float       # ... and with this path's guests
-    latency_ms: float           # one sample's modelled latency along the path, network included
-    bottleneck: str             # which limit bound Th^h: 'quota', 'network', 'local', or '-'
+    local: float  # Th^l, samples/s answered by the local-only model
+    host: float  # Th^h, samples/s answered through the path (via the host; a skip path: itself)
+    local_only: float  # the service's throughput without cooperation
+    host_own_before: float  # the host's own throughput before it admits guests
+    host_own_after: float  # ... and with this path's guests
+    latency_ms: float  # one sample's modelled latency along the path, network included
+    bottleneck: str  # which limit bound Th^h: 'quota', 'network', 'local', or '-'
 
     @property
     def total(self) -> float:
@@ -57,8 +59,9 @@ class Throughput:
         return asdict(self) | {"total": self.total, "ratio": self.ratio}
 
 
-def path_throughput(c: PathCosts, *, kind: str, network: NetworkSpec | None = None, local_node: str = "",
-                    host_node: str = "") -> Throughput:
+def path_throughput(
+    c: PathCosts, *, kind: str, network: NetworkSpec | None = None, local_node: str = "", host_node: str = ""
+) -> Throughput:
     local_only = 1.0 / c.local_full
     if kind == "local":
         return Throughput(local_only, 0.0, local_only, 0.0, 0.0, c.local_full * 1e3, "-")
@@ -66,9 +69,11 @@ def path_throughput(c: PathCosts, *, kind: str, network: NetworkSpec | None = No
         return Throughput(0.0, 1.0 / c.local_part, local_only, 0.0, 0.0, c.local_part * 1e3, "-")
     bandwidth, rtt_ms = (network or NetworkSpec()).between(local_node, host_node)
     t_batch = (c.batch - c.guest_quota) * c.host_full + c.guest_quota * c.host_part
-    caps = {"quota": c.guest_quota / t_batch if t_batch > 0 else 0.0,
-            "network": bandwidth * 1e6 / 8 / max(c.bytes_out + c.bytes_back, 1),
-            "local": 1.0 / c.local_part if c.local_part > 0 else float("inf")}
+    caps = {
+        "quota": c.guest_quota / t_batch if t_batch > 0 else 0.0,
+        "network": bandwidth * 1e6 / 8 / max(c.bytes_out + c.bytes_back, 1),
+        "local": 1.0 / c.local_part if c.local_part > 0 else float("inf"),
+    }
     bottleneck = min(caps, key=caps.get)
     host = caps[bottleneck]
     local = max(0.0, 1.0 - host * c.local_part) / c.local_full

@@ -2,6 +2,7 @@
 
 `fit` and `evaluate` are the one training loop of coderay; path links train through them too.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,16 @@ from coderay.errors import NotTrainedError
 from coderay.models import StagedModel, get_model
 from coderay.store import node_store
 
-__all__ = ["TrainedService", "fit", "evaluate", "build_model", "service_dir", "train_service", "train_all",
-           "load_service"]
+__all__ = [
+    "TrainedService",
+    "fit",
+    "evaluate",
+    "build_model",
+    "service_dir",
+    "train_service",
+    "train_all",
+    "load_service",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +42,9 @@ log = logging.getLogger(__name__)
 class TrainedService:
     spec: ServiceSpec
     task: TaskData
-    model: StagedModel          # in eval mode, weights loaded
-    metrics: dict               # val/test accuracy, epochs, seconds, from_cache
-    path: Path                  # the checkpoint
+    model: StagedModel  # in eval mode, weights loaded
+    metrics: dict  # val/test accuracy, epochs, seconds, from_cache
+    path: Path  # the checkpoint
 
 
 @torch.inference_mode()
@@ -51,12 +60,25 @@ def evaluate(module: nn.Module, data: Dataset, *, batch_size: int = 256) -> floa
     return correct / max(total, 1)
 
 
-def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: Dataset, *, epochs: int,
-        lr: float, batch_size: int, weight_decay: float = 0.0, seed: int = 0, desc: str = "train",
-        progress: bool = True, validate: bool = True,
-        on_epoch: Callable[[int, float, float], None] | None = None,
-        aux_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[dict]:
-    """Adam (one-cycle learning rate) on cross-entropy over `params` only; one line per epoch. Returns the per-epoch history
+def fit(
+    module: nn.Module,
+    params: Iterable[nn.Parameter],
+    train: Dataset,
+    val: Dataset,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    desc: str = "train",
+    progress: bool = True,
+    validate: bool = True,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+    aux_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> list[dict]:
+    """Adam (one-cycle learning rate) on cross-entropy over `params` only; one line per epoch. Returns the per-epoch
+    history
     (validation accuracy is None when `validate` is False). `aux_loss(x)`, called after the forward pass on
     the batch `x`, is added to the loss (links' feature matching)."""
     params = [p for p in params if p.requires_grad]
@@ -67,14 +89,20 @@ def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: 
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen)
     total = epochs * len(loader)
     # one-cycle needs a few steps to warm up over; a run of a handful of steps (a stage-1 probe) keeps lr constant
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2) \
-        if total >= 10 else None
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2) if total >= 10 else None
+    )
     history = []
     for epoch in range(1, epochs + 1):
         module.train()
         total, n = 0.0, 0
-        bar = tqdm(loader, desc=f"{desc} {epoch}/{epochs}", leave=False, unit="batch",
-                   disable=not progress or not sys.stderr.isatty())
+        bar = tqdm(
+            loader,
+            desc=f"{desc} {epoch}/{epochs}",
+            leave=False,
+            unit="batch",
+            disable=not progress or not sys.stderr.isatty(),
+        )
         for x, y in bar:
             loss = nn.functional.cross_entropy(module(x), y)
             if aux_loss is not None:
@@ -98,8 +126,9 @@ def fit(module: nn.Module, params: Iterable[nn.Parameter], train: Dataset, val: 
 
 
 def build_model(spec: ServiceSpec, task: TaskData) -> StagedModel:
-    return get_model(spec.arch, num_classes=task.num_classes, input_shape=task.input_shape,
-                     weights=spec.weights, **spec.arch_kwargs)
+    return get_model(
+        spec.arch, num_classes=task.num_classes, input_shape=task.input_shape, weights=spec.weights, **spec.arch_kwargs
+    )
 
 
 def service_dir(cfg: CoderayConfig, spec: ServiceSpec) -> Path:
@@ -121,8 +150,14 @@ def _load(cfg: CoderayConfig, spec: ServiceSpec, task: TaskData, out: Path) -> T
     return TrainedService(spec, task, model, metrics, ckpt)
 
 
-def train_service(cfg: CoderayConfig, spec: ServiceSpec, *, progress: bool = True, force: bool = False,
-                  on_epoch: Callable[[int, float, float], None] | None = None) -> TrainedService:
+def train_service(
+    cfg: CoderayConfig,
+    spec: ServiceSpec,
+    *,
+    progress: bool = True,
+    force: bool = False,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> TrainedService:
     """Train one service's model on its task, or load it when this exact configuration was trained before."""
     task = get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed)
     out = service_dir(cfg, spec)
@@ -132,17 +167,33 @@ def train_service(cfg: CoderayConfig, spec: ServiceSpec, *, progress: bool = Tru
     torch.manual_seed(cfg.seed)
     model = build_model(spec, task)
     start = time.perf_counter()
-    if spec.train.epochs == 0:               # the provider's own trained weights (loaded by build_model, here)
+    if spec.train.epochs == 0:  # the provider's own trained weights (loaded by build_model, here)
         history = [{"epoch": 0, "loss": None, "val_acc": evaluate(model, task.val)}]
     else:
-        history = fit(model, model.parameters(), task.train, task.val, epochs=spec.train.epochs, lr=spec.train.lr,
-                      batch_size=spec.train.batch_size, weight_decay=spec.train.weight_decay, seed=cfg.seed,
-                      desc=f"{spec.name} ({spec.arch} on {spec.task})", progress=progress, on_epoch=on_epoch)
+        history = fit(
+            model,
+            model.parameters(),
+            task.train,
+            task.val,
+            epochs=spec.train.epochs,
+            lr=spec.train.lr,
+            batch_size=spec.train.batch_size,
+            weight_decay=spec.train.weight_decay,
+            seed=cfg.seed,
+            desc=f"{spec.name} ({spec.arch} on {spec.task})",
+            progress=progress,
+            on_epoch=on_epoch,
+        )
     metrics = {
-        "service": spec.name, "arch": spec.arch, "task": spec.task,
-        "val_acc": history[-1]["val_acc"], "test_acc": evaluate(model, task.test),
-        "epochs": spec.train.epochs, "train_seconds": round(time.perf_counter() - start, 2),
-        "params": sum(p.numel() for p in model.parameters()), "history": history,
+        "service": spec.name,
+        "arch": spec.arch,
+        "task": spec.task,
+        "val_acc": history[-1]["val_acc"],
+        "test_acc": evaluate(model, task.test),
+        "epochs": spec.train.epochs,
+        "train_seconds": round(time.perf_counter() - start, 2),
+        "params": sum(p.numel() for p in model.parameters()),
+        "history": history,
     }
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "model.pt")
@@ -160,6 +211,8 @@ def load_service(cfg: CoderayConfig, name: str) -> TrainedService:
     out = service_dir(cfg, spec)
     loaded = _load(cfg, spec, get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed), out)
     if loaded is None:
-        raise NotTrainedError(f"service {name!r} is not trained yet: node {spec.node!r} has no checkpoint in its "
-                              f"store ({out}); run `coderay train CONFIG` (with `--address` on a cluster) first")
+        raise NotTrainedError(
+            f"service {name!r} is not trained yet: node {spec.node!r} has no checkpoint in its "
+            f"store ({out}); run `coderay train CONFIG` (with `--address` on a cluster) first"
+        )
     return loaded

@@ -8,6 +8,7 @@ Every candidate path's blocks stay deployed (they are the services' block groups
 flip of the ingress's routing map: `PUT /v1/services/{svc}/route`, or a config deploy that changes the
 Ingress's `user_config` (in-place `reconfigure`, no replica restart).
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,13 +29,25 @@ from coderay.errors import NotSearchedError
 from coderay.routing import initial_routes, link_files
 from coderay.search import load_table
 from coderay.table import RewardTable
-
 from deployments.blocks import BlockGroup
 from deployments.ingress import Ingress
 from deployments.placement import block_options, check_placement, cpu_shares, ingress_options, serve_logging
 
-__all__ = ["APP_NAME", "INGRESS", "build_app", "app_builder", "deploy", "base_url", "serve_config_doc",
-           "write_serve_config", "Served", "start_serving", "direct_url", "served_table", "free_port"]
+__all__ = [
+    "APP_NAME",
+    "INGRESS",
+    "build_app",
+    "app_builder",
+    "deploy",
+    "base_url",
+    "serve_config_doc",
+    "write_serve_config",
+    "Served",
+    "start_serving",
+    "direct_url",
+    "served_table",
+    "free_port",
+]
 
 log = logging.getLogger(__name__)
 INGRESS = "Ingress"
@@ -45,33 +58,44 @@ def build_app(cfg: CoderayConfig, table: RewardTable) -> Application:
     """The Serve application for `cfg` serving the paths of `table` (initial routes: each service's best path)."""
     cfg = cfg.portable()
     rows = table.rows
-    files = link_files(rows)               # store-relative names: each block group reads its own node's store
+    files = link_files(rows)  # store-relative names: each block group reads its own node's store
     shares = cpu_shares(cfg)
     # max_ongoing_requests ≥ the batch (in samples, so in calls too); no request outlives request_timeout_s, so
     # a replica being replaced (or stuck on a lost node) need not be waited for longer than that.
     # at least two batches of one-sample calls in flight per replica, so a batch can fill while one runs
-    opts = {"num_replicas": 1,
-            "max_ongoing_requests": 2 * max(min(s.batch_size, cfg.serving.max_batch_size) for s in cfg.services),
-            "graceful_shutdown_timeout_s": min(20.0, max(2.0, cfg.serving.request_timeout_s)),
-            "logging_config": serve_logging(cfg)}
-    blocks = {s.name: BlockGroup.options(name=f"blocks-{s.name}", ray_actor_options=block_options(cfg, s.name),
-                                         **opts).bind(cfg, s.name, shares[s.name], files.get(s.name, {}))
-              for s in cfg.services}
+    opts = {
+        "num_replicas": 1,
+        "max_ongoing_requests": 2 * max(min(s.batch_size, cfg.serving.max_batch_size) for s in cfg.services),
+        "graceful_shutdown_timeout_s": min(20.0, max(2.0, cfg.serving.request_timeout_s)),
+        "logging_config": serve_logging(cfg),
+    }
+    blocks = {
+        s.name: BlockGroup.options(name=f"blocks-{s.name}", ray_actor_options=block_options(cfg, s.name), **opts).bind(
+            cfg, s.name, shares[s.name], files.get(s.name, {})
+        )
+        for s in cfg.services
+    }
     # One ingress replica by default: PUT /route changes the replica it reaches; a config deploy reaches every
     # replica, and so do the controller's routes (each replica polls it: coderay.controller).
     # No routes in its user_config: routes given there are pins (an operator's), and none is set yet.
-    return Ingress.options(name=INGRESS, num_replicas=cfg.serving.ingress_replicas,
-                           max_ongoing_requests=cfg.serving.max_ongoing_requests,
-                           ray_actor_options=ingress_options(), logging_config=serve_logging(cfg),
-                           user_config={"routes": {}}).bind(cfg, rows, blocks, load_keyring(cfg).as_args())
+    return Ingress.options(
+        name=INGRESS,
+        num_replicas=cfg.serving.ingress_replicas,
+        max_ongoing_requests=cfg.serving.max_ongoing_requests,
+        ray_actor_options=ingress_options(),
+        logging_config=serve_logging(cfg),
+        user_config={"routes": {}},
+    ).bind(cfg, rows, blocks, load_keyring(cfg).as_args())
 
 
 def served_table(cfg: CoderayConfig) -> RewardTable:
     """The search's reward table from disk; serving never searches (nor trains)."""
     table = load_table(cfg)
     if table is None:
-        raise NotSearchedError(f"no reward table for config {cfg.name!r} under {cfg.root / 'search'}: run "
-                               "`coderay search CONFIG` (or `coderay up`) first")
+        raise NotSearchedError(
+            f"no reward table for config {cfg.name!r} under {cfg.root / 'search'}: run "
+            "`coderay search CONFIG` (or `coderay up`) first"
+        )
     return table
 
 
@@ -106,8 +130,11 @@ def _start_serve(cfg: CoderayConfig, port: int | None) -> int:
     port = cfg.serving.port if port is None else port
     if port == 0:
         port = free_port(cfg.serving.host if cfg.serving.host != "0.0.0.0" else "127.0.0.1")
-    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.serving.host, "port": port},
-                logging_config=serve_logging(cfg))
+    serve.start(
+        proxy_location="HeadOnly",
+        http_options={"host": cfg.serving.host, "port": port},
+        logging_config=serve_logging(cfg),
+    )
     actual = _get_global_client().http_config.port
     if actual != port:
         log.warning("Serve already runs with HTTP on port %d; %d is ignored", actual, port)
@@ -134,8 +161,14 @@ def deploy(cfg: CoderayConfig, table: RewardTable, *, port: int | None = None, b
     return url
 
 
-def serve_config_doc(cfg: CoderayConfig, config_path: str | Path, *, port: int | None = None,
-                     workdir: str | Path | None = None, working_dir: str | Path | None = None) -> dict:
+def serve_config_doc(
+    cfg: CoderayConfig,
+    config_path: str | Path,
+    *,
+    port: int | None = None,
+    workdir: str | Path | None = None,
+    working_dir: str | Path | None = None,
+) -> dict:
     """The Serve config (`serve deploy`'s schema, KubeRay's `serveConfigV2`) that describes this application.
 
     `workdir` (the builder's) and `working_dir` (where coderay is importable) are paths as the cluster's nodes see
@@ -158,23 +191,28 @@ def serve_config_doc(cfg: CoderayConfig, config_path: str | Path, *, port: int |
     }
     if table is not None:
         app["deployments"] = [{"name": INGRESS, "user_config": {"routes": initial_routes(cfg, table.rows)}}]
-    return {"proxy_location": "HeadOnly",
-            "http_options": {"host": cfg.serving.host, "port": port or 8000},
-            "applications": [app]}
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": cfg.serving.host, "port": port or 8000},
+        "applications": [app],
+    }
 
 
-def write_serve_config(cfg: CoderayConfig, config_path: str | Path, out_path: str | Path, *,
-                       port: int | None = None) -> Path:
+def write_serve_config(
+    cfg: CoderayConfig, config_path: str | Path, out_path: str | Path, *, port: int | None = None
+) -> Path:
     """`serve_config_doc` as a YAML file for `serve deploy` (or Serve's REST API), with how to use it.
 
     The builder loads `config_path` with `workdir` made absolute."""
     doc = serve_config_doc(cfg, config_path, port=port)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# Serve config for coderay config {cfg.name!r}, written by coderay.\n"
-              "# Deploy: `serve deploy <this file>` (needs the Ray dashboard). Switch a path in place: edit\n"
-              "# deployments[Ingress].user_config.routes and deploy again. coderay must be importable on every\n"
-              f"# node: working_dir is {REPO_ROOT} there (a local:// URI: the directory must exist on each node).\n")
+    header = (
+        f"# Serve config for coderay config {cfg.name!r}, written by coderay.\n"
+        "# Deploy: `serve deploy <this file>` (needs the Ray dashboard). Switch a path in place: edit\n"
+        "# deployments[Ingress].user_config.routes and deploy again. coderay must be importable on every\n"
+        f"# node: working_dir is {REPO_ROOT} there (a local:// URI: the directory must exist on each node).\n"
+    )
     out.write_text(header + yaml.safe_dump(doc, sort_keys=False))
     return out
 
@@ -198,9 +236,15 @@ class Served:
             self.cluster.shutdown()
 
 
-def start_serving(cfg: CoderayConfig, *, config_path: str | Path, address: str | None = None,
-                  port: int | None = None, controller: bool | None = None,
-                  cluster: LocalCluster | None = None) -> Served:
+def start_serving(
+    cfg: CoderayConfig,
+    *,
+    config_path: str | Path,
+    address: str | None = None,
+    port: int | None = None,
+    controller: bool | None = None,
+    cluster: LocalCluster | None = None,
+) -> Served:
     """Connect (or start a local cluster, or use `cluster`), check that every node's store holds its service
     and the links it runs, deploy, start the controller (unless `controller` is False, or None and the config's
     `controller.enabled` is off), and write the Serve config under the workdir. The driver reads the reward
@@ -208,7 +252,7 @@ def start_serving(cfg: CoderayConfig, *, config_path: str | Path, address: str |
     from coderay.provider import check_stores
 
     if address:
-        cfg = cfg.on_real_cluster()                      # real nodes: no CPU caps, no emulated delays
+        cfg = cfg.on_real_cluster()  # real nodes: no CPU caps, no emulated delays
     table = served_table(cfg)
     if cluster is None:
         cluster = connect(cfg, address)

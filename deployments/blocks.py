@@ -2,7 +2,8 @@
 links that run on that node.
 
 Weights are loaded inside the replica, from its node's store (`load_service` + `split_service`; links from the
-reward table's `links_file`s, store-relative), never shipped from the driver. A call runs one stage of a path's plan: the consecutive
+reward table's `links_file`s, store-relative), never shipped from the driver. A call runs one stage of a path's
+plan: the consecutive
 hops on this service's node (`coderay.plan.stages`), e.g. link_in → blocks hin..hout → link_out on a host, so a
 request pays one call per node it visits. Block ranges are batched across calls; one batch may mix calls for
 different ranges (grouped by range, one forward per group). Batches are counted in samples (the service's
@@ -18,6 +19,7 @@ stops reporting (its process died, its node is gone) is what the controller coun
 replica every `HEALTH_CHECK_PERIOD_S` (its default is 10 s), so a crashed group is replaced within a request's
 deadline rather than after it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,32 +43,37 @@ from coderay.plan import TO_END, Hop
 from coderay.services import split_service
 from coderay.store import resolve
 from coderay.train import load_service
-
 from deployments.placement import capacity_info, replica_location, torch_threads
-
 from deployments.routing import Activation, hop_delay_s
 
-__all__ = ["BlockGroup", "Chunk", "HEALTH_CHECK_PERIOD_S", "HealthReporter", "batch_samples", "latency_summary",
-           "run_grouped"]
+__all__ = [
+    "BlockGroup",
+    "Chunk",
+    "HEALTH_CHECK_PERIOD_S",
+    "HealthReporter",
+    "batch_samples",
+    "latency_summary",
+    "run_grouped",
+]
 
 log = logging.getLogger(__name__)
 
-HEALTH_CHECK_PERIOD_S = 2.0     # how often Serve checks a block-group replica's liveness: a crashed one is found,
-                                # and replaced, within about this (the check takes no request slot; its timeout stays
-                                # Serve's 30 s, so a busy replica is not mistaken for a dead one)
+HEALTH_CHECK_PERIOD_S = 2.0  # how often Serve checks a block-group replica's liveness: a crashed one is found,
+# and replaced, within about this (the check takes no request slot; its timeout stays
+# Serve's 30 s, so a busy replica is not mistaken for a dead one)
 
 
 @dataclass(frozen=True)
 class Chunk:
     """Part of one call: at most B samples of the owner's requests, at most s of a guest's."""
 
-    x: torch.Tensor             # (n, ...) activations entering block `first`
+    x: torch.Tensor  # (n, ...) activations entering block `first`
     first: int
     last: int
     guest: bool
-    quota: int                  # s of the group (the same in every chunk: batch_size_fn sees no `self`)
-    capacity: int               # B of the group
-    owner: str = ""             # a guest chunk's service, and the slots of a batch its grant gives it
+    quota: int  # s of the group (the same in every chunk: batch_size_fn sees no `self`)
+    capacity: int  # B of the group
+    owner: str = ""  # a guest chunk's service, and the slots of a batch its grant gives it
     grant: int = 0
 
     def __len__(self) -> int:
@@ -95,7 +102,7 @@ def run_grouped(blocks: list[torch.nn.Module], chunks: list[Chunk]) -> list[torc
     with torch.inference_mode():
         for (first, last), idx in groups.items():
             x = chunks[idx[0]].x if len(idx) == 1 else torch.cat([chunks[i].x for i in idx])
-            for block in blocks[first - 1:last]:
+            for block in blocks[first - 1 : last]:
                 x = block(x)
             if len(idx) == 1:
                 out[idx[0]] = x
@@ -120,8 +127,10 @@ def load_path_links(cfg: CoderayConfig, node: str, files: dict[str, str]) -> dic
     for path_id, file in files.items():
         stored_id, links = load_links(resolve(file, cfg, node))
         if stored_id != path_id:
-            raise ValueError(f"{file} holds the links of {stored_id!r}, not {path_id!r}: the reward table and the "
-                             "links directory disagree; rerun the search")
+            raise ValueError(
+                f"{file} holds the links of {stored_id!r}, not {path_id!r}: the reward table and the "
+                "links directory disagree; rerun the search"
+            )
         out[path_id] = links
     return out
 
@@ -149,7 +158,7 @@ class HealthReporter:
                 if sent is not None:
                     if not ray.wait([sent], timeout=0)[0]:
                         continue
-                    ray.get(sent)                     # raises if the controller it went to is gone
+                    ray.get(sent)  # raises if the controller it went to is gone
                 if actor is None:
                     actor = ctl.get_controller()
                 sent = actor.report_blocks.remote(self.service, self.health())
@@ -167,24 +176,43 @@ class BlockGroup:
         self.cfg, self.service = cfg, service
         spec = self.spec = cfg.service(service)
         self.node, self.quota = spec.node, spec.guest_quota
-        self.capacity = min(spec.batch_size, cfg.serving.max_batch_size)   # B, in samples
+        self.capacity = min(spec.batch_size, cfg.serving.max_batch_size)  # B, in samples
         self.threads = torch_threads(cpus)
-        self.cap = work_as(cfg, self.node)            # the node's real CPU quota, where emulation has one
+        self.cap = work_as(cfg, self.node)  # the node's real CPU quota, where emulation has one
         trained = load_service(cfg, service)
         self.blocks = split_service(spec, trained.model)
         self.n_blocks = len(self.blocks)
         self.links = load_path_links(cfg, self.node, link_files or {})
-        self.in_flight = 0                            # calls received and not yet answered: this hop's queue
-        self.latencies_ms: collections.deque[float] = collections.deque(maxlen=512)   # recent calls, wait included
+        self.in_flight = 0  # calls received and not yet answered: this hop's queue
+        self.latencies_ms: collections.deque[float] = collections.deque(maxlen=512)  # recent calls, wait included
         self._run_batch.set_max_batch_size(self.capacity)
         self._run_batch.set_batch_wait_timeout_s(cfg.serving.batch_wait_timeout_s)
-        self.stats = {"calls": 0, "batches": 0, "samples": 0, "own_samples": 0, "guest_samples": 0,
-                      "max_batch_samples": 0, "max_guest_samples_in_batch": 0, "mixed_range_batches": 0,
-                      "compute_s": 0.0, "compute_cpu_s": 0.0, "link_calls": 0}
+        self.stats = {
+            "calls": 0,
+            "batches": 0,
+            "samples": 0,
+            "own_samples": 0,
+            "guest_samples": 0,
+            "max_batch_samples": 0,
+            "max_guest_samples_in_batch": 0,
+            "mixed_range_batches": 0,
+            "compute_s": 0.0,
+            "compute_cpu_s": 0.0,
+            "link_calls": 0,
+        }
         self.reporter = HealthReporter(service, self.health) if _in_replica() else None
-        log.info("block group %s: %d blocks on %s (CPU: %s, share %s), %d torch thread(s), B=%d, s=%d, links of %s",
-                 service, self.n_blocks, self.node, self.cap.mechanism, self.cap.share, self.threads, self.capacity,
-                 self.quota, sorted(self.links) or "no path")
+        log.info(
+            "block group %s: %d blocks on %s (CPU: %s, share %s), %d torch thread(s), B=%d, s=%d, links of %s",
+            service,
+            self.n_blocks,
+            self.node,
+            self.cap.mechanism,
+            self.cap.share,
+            self.threads,
+            self.capacity,
+            self.quota,
+            sorted(self.links) or "no path",
+        )
 
     def __del__(self) -> None:
         reporter = getattr(self, "reporter", None)
@@ -209,7 +237,7 @@ class BlockGroup:
         delay = hop_delay_s(self.cfg, a.node, self.node, a.x.nbytes)
         if delay:
             await asyncio.sleep(delay)
-        x = a.x.float()                               # a no-op unless it crossed the wire as float16/bfloat16
+        x = a.x.float()  # a no-op unless it crossed the wire as float16/bfloat16
         for hop, step in zip(hops, steps):
             if hop.kind == "links":
                 self.stats["link_calls"] += 1
@@ -222,8 +250,9 @@ class BlockGroup:
             owner = PathSpec.parse(hop.path_id).local if hop.guest else ""
             grant = self.spec.grant(owner) if hop.guest else 0
             size = grant if hop.guest else self.capacity
-            chunks = [Chunk(part, first, last, hop.guest, self.quota, self.capacity, owner, grant)
-                      for part in x.split(size)]
+            chunks = [
+                Chunk(part, first, last, hop.guest, self.quota, self.capacity, owner, grant) for part in x.split(size)
+            ]
             parts = await asyncio.gather(*(self._run_batch(c) for c in chunks))
             x = parts[0] if len(parts) == 1 else torch.cat(parts)
         return a.moved(to_wire(x, send) if send else x, self.node, delay_s=delay, crossed=a.node != self.node)
@@ -237,8 +266,10 @@ class BlockGroup:
             try:
                 return self.links[hop.path_id][hop.link]
             except KeyError:
-                raise ValueError(f"blocks-{self.service} has no {hop.link!r} link for {hop.path_id!r}; it holds "
-                                 f"the links of {sorted(self.links)}") from None
+                raise ValueError(
+                    f"blocks-{self.service} has no {hop.link!r} link for {hop.path_id!r}; it holds "
+                    f"the links of {sorted(self.links)}"
+                ) from None
         last = self.n_blocks if hop.last == TO_END else hop.last
         if not 1 <= hop.first <= last <= self.n_blocks:
             raise ValueError(f"{self.service}: block range {hop.first}..{last} outside 1..{self.n_blocks}")
@@ -260,22 +291,34 @@ class BlockGroup:
         s["max_batch_samples"] = max(s["max_batch_samples"], total)
         s["max_guest_samples_in_batch"] = max(s["max_guest_samples_in_batch"], guests)
         s["mixed_range_batches"] += len({(c.first, c.last) for c in chunks}) > 1
-        s["compute_s"] += time.perf_counter() - start           # wall: stretched by the node's quota
-        s["compute_cpu_s"] += time.thread_time() - cpu          # the model's own CPU (the rest is per-call cost)
+        s["compute_s"] += time.perf_counter() - start  # wall: stretched by the node's quota
+        s["compute_cpu_s"] += time.thread_time() - cpu  # the model's own CPU (the rest is per-call cost)
         return out
 
     def health(self) -> dict:
         """What the controller reads each interval: the batching figures, the node's CPU under its cap, this hop's
         queue. Copies only, no Ray call: `HealthReporter` runs it off the event loop, beside the batches."""
-        return {"service": self.service, "pid": os.getpid(), "stats": dict(self.stats),
-                "capacity": capacity_info(self.cfg, self.cap),
-                "queue": {"in_flight": self.in_flight, **latency_summary(self.latencies_ms)}}
+        return {
+            "service": self.service,
+            "pid": os.getpid(),
+            "stats": dict(self.stats),
+            "capacity": capacity_info(self.cfg, self.cap),
+            "queue": {"in_flight": self.in_flight, **latency_summary(self.latencies_ms)},
+        }
 
     def info(self) -> dict:
         """Where this replica runs (checked from inside it), its batching figures and its settings."""
-        return {"deployment": f"blocks-{self.service}", **self.health(), **replica_location(self.node),
-                "torch_threads": torch.get_num_threads(), "blocks": self.n_blocks, "batch_size": self.capacity,
-                "guest_quota": self.quota, "paths": sorted(self.links), "process_cpu_s": time.process_time()}
+        return {
+            "deployment": f"blocks-{self.service}",
+            **self.health(),
+            **replica_location(self.node),
+            "torch_threads": torch.get_num_threads(),
+            "blocks": self.n_blocks,
+            "batch_size": self.capacity,
+            "guest_quota": self.quota,
+            "paths": sorted(self.links),
+            "process_cpu_s": time.process_time(),
+        }
 
 
 def _in_replica() -> bool:

@@ -59,33 +59,49 @@ from coderay.paths import PathSpec, to_wire
 from coderay.plan import crossings, plan_hops, stages
 from coderay.routing import Router
 from coderay.rows import Row
-
 from deployments.blocks import latency_summary
 from deployments.merging import DeadlineExceeded, Merger
 from deployments.placement import direct_http_port
 from deployments.routing import Activation
 from deployments.schemas import (
-    ApiError, ErrorBody, InferResponse, RouteInfo, RouteRequest, ServiceInfo, body_kind, check_top_k, decode_body,
-    echo, format_validation, infer_openapi_body,
+    ApiError,
+    ErrorBody,
+    InferResponse,
+    RouteInfo,
+    RouteRequest,
+    ServiceInfo,
+    body_kind,
+    check_top_k,
+    decode_body,
+    echo,
+    format_validation,
+    infer_openapi_body,
 )
 
 __all__ = ["Ingress", "api", "read_body", "InflightBytes", "Claim", "decode_request", "INLINE_DECODE_BYTES"]
 
 log = logging.getLogger(__name__)
 
-INLINE_DECODE_BYTES = 32 * 2**10   # bodies up to this size decode on the event loop: a thread hop costs more
-DECODE_THREADS = 2                 # decoding threads per ingress replica (bounds the memory decoding holds too)
-MAX_HEADER_BYTES = 16 * 2**10      # request headers past these (HAProxy's own limits, tune.bufsize and maxhdr) get
-MAX_HEADERS = 100                  # a 431 on the direct port too, whose server takes headers of any size
+INLINE_DECODE_BYTES = 32 * 2**10  # bodies up to this size decode on the event loop: a thread hop costs more
+DECODE_THREADS = 2  # decoding threads per ingress replica (bounds the memory decoding holds too)
+MAX_HEADER_BYTES = 16 * 2**10  # request headers past these (HAProxy's own limits, tune.bufsize and maxhdr) get
+MAX_HEADERS = 100  # a 431 on the direct port too, whose server takes headers of any size
 
 api = FastAPI(
     title="coderay",
     version="1",
     description="Coordinated DNN services at the edge (CoDE) on Ray Serve: each service answers on its active "
-                "path, local-only or through another provider's frozen blocks joined by trained links.",
+    "path, local-only or through another provider's frozen blocks joined by trained links.",
 )
-_ERRORS = {401: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody},
-           422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+_ERRORS = {
+    401: {"model": ErrorBody},
+    403: {"model": ErrorBody},
+    404: {"model": ErrorBody},
+    413: {"model": ErrorBody},
+    415: {"model": ErrorBody},
+    422: {"model": ErrorBody},
+    503: {"model": ErrorBody},
+}
 
 
 class ErrorJSON(JSONResponse):
@@ -93,8 +109,9 @@ class ErrorJSON(JSONResponse):
     a JSON string escape) cannot be encoded as UTF-8, which would turn the refusal into a 500."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(_json_safe(content), ensure_ascii=True, allow_nan=False,
-                          separators=(",", ":")).encode("ascii")
+        return json.dumps(_json_safe(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode(
+            "ascii"
+        )
 
 
 @api.exception_handler(ApiError)
@@ -134,8 +151,10 @@ class HeaderBound:
         headers = (scope.get("headers") or ()) if scope["type"] == "http" else ()
         size = sum(len(k) + len(v) + 4 for k, v in headers)
         if size > MAX_HEADER_BYTES or len(headers) > MAX_HEADERS:
-            reason = (f"request headers too large: {len(headers)} headers, {size} bytes; the limit is "
-                      f"{MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes")
+            reason = (
+                f"request headers too large: {len(headers)} headers, {size} bytes; the limit is "
+                f"{MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes"
+            )
             await ErrorJSON({"error": reason}, status_code=431)(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -166,14 +185,22 @@ class InflightBytes:
 
     def take(self, claim: "Claim", n: int) -> None:
         if claim.bytes + n > self.limit:
-            raise ApiError(413, f"body of {claim.bytes + n} bytes is above the {self.limit} bytes this ingress "
-                                "holds for all requests in flight (serving.max_inflight_bytes); send fewer samples "
-                                "per request", limit=self.limit)
+            raise ApiError(
+                413,
+                f"body of {claim.bytes + n} bytes is above the {self.limit} bytes this ingress "
+                "holds for all requests in flight (serving.max_inflight_bytes); send fewer samples "
+                "per request",
+                limit=self.limit,
+            )
         if self.held + n > self.limit:
             self.refused += 1
-            raise ApiError(503, f"the ingress holds {self.held} bytes of request bodies in flight; {n} more would "
-                                f"pass its bound of {self.limit} (serving.max_inflight_bytes): retry shortly",
-                           headers={"Retry-After": "1"}, limit=self.limit)
+            raise ApiError(
+                503,
+                f"the ingress holds {self.held} bytes of request bodies in flight; {n} more would "
+                f"pass its bound of {self.limit} (serving.max_inflight_bytes): retry shortly",
+                headers={"Retry-After": "1"},
+                limit=self.limit,
+            )
         self.held += n
         claim.bytes += n
 
@@ -202,8 +229,12 @@ async def read_body(request: Request, limit: int, claim: Claim | None = None) ->
         if size < 0:
             raise ApiError(400, f"Content-Length: negative ({size})")
         if size > limit:
-            raise ApiError(413, f"body of {size} bytes is above the limit of {limit} (serving.max_body_bytes); "
-                                "send fewer samples per request", limit=limit)
+            raise ApiError(
+                413,
+                f"body of {size} bytes is above the limit of {limit} (serving.max_body_bytes); "
+                "send fewer samples per request",
+                limit=limit,
+            )
         if claim is not None:
             claim.cover(size)
     parts, total = [], 0
@@ -211,8 +242,7 @@ async def read_body(request: Request, limit: int, claim: Claim | None = None) ->
         async for chunk in request.stream():
             total += len(chunk)
             if total > limit:
-                raise ApiError(413, f"body is above the limit of {limit} bytes (serving.max_body_bytes)",
-                               limit=limit)
+                raise ApiError(413, f"body is above the limit of {limit} bytes (serving.max_body_bytes)", limit=limit)
             if claim is not None:
                 claim.cover(total)
             parts.append(chunk)
@@ -221,8 +251,15 @@ async def read_body(request: Request, limit: int, claim: Claim | None = None) ->
     return b"".join(parts)
 
 
-async def decode_request(raw: bytes, kind: str, headers: Mapping[str, str], input_shape: tuple[int, ...], *,
-                         max_samples: int, executor: Executor | None) -> tuple[torch.Tensor, int | None]:
+async def decode_request(
+    raw: bytes,
+    kind: str,
+    headers: Mapping[str, str],
+    input_shape: tuple[int, ...],
+    *,
+    max_samples: int,
+    executor: Executor | None,
+) -> tuple[torch.Tensor, int | None]:
     """`decode_body` off the event loop (on `executor`) for a body above `INLINE_DECODE_BYTES`, so the loop goes on
     serving the replica's other requests wherever decoding releases the GIL; small ones decode in place."""
     decode = functools.partial(decode_body, raw, kind, headers, input_shape, max_samples=max_samples)
@@ -231,9 +268,9 @@ async def decode_request(raw: bytes, kind: str, headers: Mapping[str, str], inpu
     return await asyncio.get_running_loop().run_in_executor(executor, decode)
 
 
-COOP_SHARE = 0.5        # of a request's time left, what its cooperative path may take: the rest is the fallback's
-RETRY_FIRST_S = 0.05    # back-off before the first retry of a call lost with its replica, doubled each time ...
-RETRY_MAX_S = 1.0       # ... up to this
+COOP_SHARE = 0.5  # of a request's time left, what its cooperative path may take: the rest is the fallback's
+RETRY_FIRST_S = 0.05  # back-off before the first retry of a call lost with its replica, doubled each time ...
+RETRY_MAX_S = 1.0  # ... up to this
 
 
 class HostGone(RuntimeError):
@@ -292,18 +329,20 @@ class Ingress:
     def __init__(self, cfg: CoderayConfig, rows: list[Row], blocks: dict, keys: dict | None = None):
         self.cfg = cfg
         self.rows = rows
-        self.keys = KeyRing.from_args(keys) if keys else KeyRing(False)   # digests only (coderay.auth)
+        self.keys = KeyRing.from_args(keys) if keys else KeyRing(False)  # digests only (coderay.auth)
         self.router = Router(cfg, rows)
         self.tasks = {s.name: get_task(s.task, data_root=cfg.data_root, seed=cfg.seed) for s in cfg.services}
         self.blocks = {name: h.options(method_name="run") for name, h in blocks.items()}
         self._info_handles = [h.options(method_name="info") for h in blocks.values()]
         self.mergers: dict[str, Merger] = {}
         self._direct_port: int | None = None
-        self.stats = {s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "retries": 0, "latency_s": 0.0,
-                               "by_path": {}} for s in cfg.services}
-        self.suspended: dict[str, float] = {}   # path id -> time.monotonic() until which it is skipped
-        self.gone: set[str] = set()             # nodes the controller reports gone: their guests' calls fail fast
-        self._gone_watch: dict[str, asyncio.Future] = {}   # node -> resolved when it is reported gone
+        self.stats = {
+            s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "retries": 0, "latency_s": 0.0, "by_path": {}}
+            for s in cfg.services
+        }
+        self.suspended: dict[str, float] = {}  # path id -> time.monotonic() until which it is skipped
+        self.gone: set[str] = set()  # nodes the controller reports gone: their guests' calls fail fast
+        self._gone_watch: dict[str, asyncio.Future] = {}  # node -> resolved when it is reported gone
         self._plans: dict[str, tuple] = {}
         self.config_errors: dict[str, str] = {}  # the last reconfigure's rejected entries
         self.inflight = InflightBytes(cfg.serving.max_inflight_bytes)
@@ -351,17 +390,22 @@ class Ingress:
         try:
             self.keys.check(key, action, svc)
         except Denied as e:
-            raise ApiError(e.status, e.reason, headers={"WWW-Authenticate": "Bearer"} if e.status == 401
-                           else None) from None
+            raise ApiError(
+                e.status, e.reason, headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+            ) from None
 
     @api.get("/healthz", summary="liveness")
     async def healthz(self) -> dict:
         """`direct_http_port`: where this ingress replica also answers HTTP itself, without the proxy (Serve's
         throughput-optimized mode, `serving.throughput_optimized`), or null."""
         if self._direct_port is None:
-            self._direct_port = direct_http_port()    # kept once found (the server may start after the replica)
-        return {"status": "ok", "services": self.router.services, "config_errors": self.config_errors,
-                "direct_http_port": self._direct_port}
+            self._direct_port = direct_http_port()  # kept once found (the server may start after the replica)
+        return {
+            "status": "ok",
+            "services": self.router.services,
+            "config_errors": self.config_errors,
+            "direct_http_port": self._direct_port,
+        }
 
     @api.get("/v1/services", response_model=list[ServiceInfo], summary="every service and its active route")
     async def services(self, request: Request) -> list[dict]:
@@ -369,11 +413,21 @@ class Ingress:
         out = []
         for s in self.cfg.services:
             task, route = self.tasks[s.name], self.router.routes[s.name]
-            out.append({"name": s.name, "task": s.task, "classes": list(task.class_names),
-                        "input_shape": list(task.input_shape), "node": s.node, "guest_quota": s.guest_quota,
-                        "batch_size": s.batch_size, "active_path": route.path.id,
-                        "coop_fraction": route.coop_fraction, "pinned": self.router.is_pinned(s.name),
-                        "stats": self.stats[s.name] | {"suspended_paths": self._suspended_paths(s.name)}})
+            out.append(
+                {
+                    "name": s.name,
+                    "task": s.task,
+                    "classes": list(task.class_names),
+                    "input_shape": list(task.input_shape),
+                    "node": s.node,
+                    "guest_quota": s.guest_quota,
+                    "batch_size": s.batch_size,
+                    "active_path": route.path.id,
+                    "coop_fraction": route.coop_fraction,
+                    "pinned": self.router.is_pinned(s.name),
+                    "stats": self.stats[s.name] | {"suspended_paths": self._suspended_paths(s.name)},
+                }
+            )
         return out
 
     def _suspended_paths(self, svc: str) -> dict[str, float]:
@@ -387,15 +441,32 @@ class Ingress:
         self.router.check_service(svc)
         route = self.router.routes[svc]
         mine = [r for r in self.rows if r.local == svc]
-        rows = [{k: _clean(v) for k, v in r.to_dict().items()} | {
-                    "active": r.path_id == route.path.id, "servable": r.kind == "local" or bool(r.links_file)}
-                for r in mine if r.is_path]
+        rows = [
+            {k: _clean(v) for k, v in r.to_dict().items()}
+            | {"active": r.path_id == route.path.id, "servable": r.kind == "local" or bool(r.links_file)}
+            for r in mine
+            if r.is_path
+        ]
         if not any(r["active"] for r in rows):  # a service without a table still runs local-only
-            rows.insert(0, {"path_id": PathSpec.local_only(svc).id, "local": svc, "kind": "local", "active": True,
-                            "servable": True})
+            rows.insert(
+                0,
+                {
+                    "path_id": PathSpec.local_only(svc).id,
+                    "local": svc,
+                    "kind": "local",
+                    "active": True,
+                    "servable": True,
+                },
+            )
         baselines = [{k: _clean(v) for k, v in r.to_dict().items()} for r in mine if not r.is_path]
-        return {"service": svc, "active_path": route.path.id, "coop_fraction": route.coop_fraction,
-                "pinned": self.router.is_pinned(svc), "paths": rows, "baselines": baselines}
+        return {
+            "service": svc,
+            "active_path": route.path.id,
+            "coop_fraction": route.coop_fraction,
+            "pinned": self.router.is_pinned(svc),
+            "paths": rows,
+            "baselines": baselines,
+        }
 
     @api.get("/v1/services/{svc}/route", response_model=RouteInfo, responses=_ERRORS, summary="the active route")
     async def get_route(self, svc: str, request: Request) -> dict:
@@ -403,8 +474,12 @@ class Ingress:
         self.router.check_service(svc)
         return self._route_info(svc)
 
-    @api.put("/v1/services/{svc}/route", response_model=RouteInfo, responses=_ERRORS,
-             summary="pin the active path and the cooperative share, live, until DELETE releases it")
+    @api.put(
+        "/v1/services/{svc}/route",
+        response_model=RouteInfo,
+        responses=_ERRORS,
+        summary="pin the active path and the cooperative share, live, until DELETE releases it",
+    )
     async def put_route(self, svc: str, body: RouteRequest, request: Request) -> dict:
         self._allow(request, "operate")
         self.router.check_service(svc)
@@ -412,8 +487,12 @@ class Ingress:
         log.info("route %s pinned -> %s", svc, self.router.routes[svc].to_dict())
         return self._route_info(svc)
 
-    @api.delete("/v1/services/{svc}/route", response_model=RouteInfo, responses=_ERRORS,
-                summary="release a pinned route: the service answers on coderay's own choice again")
+    @api.delete(
+        "/v1/services/{svc}/route",
+        response_model=RouteInfo,
+        responses=_ERRORS,
+        summary="release a pinned route: the service answers on coderay's own choice again",
+    )
     async def delete_route(self, svc: str, request: Request) -> dict:
         self._allow(request, "operate")
         self.router.release(svc)
@@ -424,11 +503,19 @@ class Ingress:
         r = self.router.routes[svc]
         return {"service": svc, "path": r.path.id, "path_kind": r.path.kind, "coop_fraction": r.coop_fraction}
 
-    @api.post("/v1/services/{svc}/infer", response_model=InferResponse, responses=_ERRORS,
-              openapi_extra=infer_openapi_body(), summary="classify a batch on the service's active path")
-    async def infer(self, svc: str, request: Request,
-                    top_k: int | None = Query(None, ge=1, description="classes per sample (default 3)")
-                    ) -> JSONResponse:
+    @api.post(
+        "/v1/services/{svc}/infer",
+        response_model=InferResponse,
+        responses=_ERRORS,
+        openapi_extra=infer_openapi_body(),
+        summary="classify a batch on the service's active path",
+    )
+    async def infer(
+        self,
+        svc: str,
+        request: Request,
+        top_k: int | None = Query(None, ge=1, description="classes per sample (default 3)"),
+    ) -> JSONResponse:
         self._allow(request, "infer", svc)
         self.router.check_service(svc)
         kind = body_kind(request.headers.get("content-type"))
@@ -437,10 +524,16 @@ class Ingress:
 
     async def _infer(self, svc: str, request: Request, kind: str, top_k: int | None, claim: Claim) -> JSONResponse:
         serving, task = self.cfg.serving, self.tasks[svc]
-        deadline = time.monotonic() + serving.request_timeout_s     # the request's one deadline, from arrival
+        deadline = time.monotonic() + serving.request_timeout_s  # the request's one deadline, from arrival
         raw = await read_body(request, serving.max_body_bytes, claim)
-        x01, body_k = await decode_request(raw, kind, request.headers, task.input_shape,
-                                           max_samples=serving.max_request_samples, executor=self._decoder)
+        x01, body_k = await decode_request(
+            raw,
+            kind,
+            request.headers,
+            task.input_shape,
+            max_samples=serving.max_request_samples,
+            executor=self._decoder,
+        )
         del raw
         k = check_top_k(top_k if top_k is not None else body_k, task.num_classes)
         start = time.perf_counter()
@@ -456,32 +549,63 @@ class Ingress:
         probs = torch.softmax(out.x.float(), dim=1)
         top_p, top_i = probs.topk(k, dim=1)
         names = task.class_names
-        preds = [{"class_index": int(i[0]), "class_name": names[int(i[0])], "prob": float(p[0]),
-                  "top_k": [{"class_index": int(c), "class_name": names[int(c)], "prob": float(q)}
-                            for c, q in zip(i.tolist(), p.tolist())]}
-                 for p, i in zip(top_p, top_i)]
-        return JSONResponse({
-            "service": svc, "path": spec.id, "path_kind": spec.kind, "fallback": fallback,
-            "latency_ms": round(latency_ms, 3), "samples": len(x01), "predictions": preds,
-            "network": {"emulated": serving.emulate_network, "cross_node_hops": out.hops,
-                        "delay_ms": round(out.delay_ms, 3), "wire_bytes": out.wire_bytes}})
+        preds = [
+            {
+                "class_index": int(i[0]),
+                "class_name": names[int(i[0])],
+                "prob": float(p[0]),
+                "top_k": [
+                    {"class_index": int(c), "class_name": names[int(c)], "prob": float(q)}
+                    for c, q in zip(i.tolist(), p.tolist())
+                ],
+            }
+            for p, i in zip(top_p, top_i)
+        ]
+        return JSONResponse(
+            {
+                "service": svc,
+                "path": spec.id,
+                "path_kind": spec.kind,
+                "fallback": fallback,
+                "latency_ms": round(latency_ms, 3),
+                "samples": len(x01),
+                "predictions": preds,
+                "network": {
+                    "emulated": serving.emulate_network,
+                    "cross_node_hops": out.hops,
+                    "delay_ms": round(out.delay_ms, 3),
+                    "wire_bytes": out.wire_bytes,
+                },
+            }
+        )
 
     @api.get("/v1/debug/replicas", summary="where each replica runs (asked from inside it) and its batching figures")
     async def replicas(self, request: Request) -> dict:
         self._allow(request, "operate")
-        infos = await asyncio.gather(*(asyncio.wait_for(_resolve(h.remote()), self.cfg.serving.request_timeout_s)
-                                       for h in self._info_handles), return_exceptions=True)
+        infos = await asyncio.gather(
+            *(asyncio.wait_for(_resolve(h.remote()), self.cfg.serving.request_timeout_s) for h in self._info_handles),
+            return_exceptions=True,
+        )
         import os
 
         import ray
 
-        return {"replicas": [i if isinstance(i, dict) else {"error": repr(i)} for i in infos],
-                "ingress": {"pid": os.getpid(), "cores": cores_of(),
-                            "node_id": ray.get_runtime_context().get_node_id(),
-                            "merged": {p: dict(m.stats) for p, m in self.mergers.items()},
-                            "inflight_bytes": {"held": self.inflight.held, "limit": self.inflight.limit,
-                                               "refused": self.inflight.refused}},
-                "routes": self.router.snapshot(), "config_errors": self.config_errors}
+        return {
+            "replicas": [i if isinstance(i, dict) else {"error": repr(i)} for i in infos],
+            "ingress": {
+                "pid": os.getpid(),
+                "cores": cores_of(),
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "merged": {p: dict(m.stats) for p, m in self.mergers.items()},
+                "inflight_bytes": {
+                    "held": self.inflight.held,
+                    "limit": self.inflight.limit,
+                    "refused": self.inflight.refused,
+                },
+            },
+            "routes": self.router.snapshot(),
+            "config_errors": self.config_errors,
+        }
 
     # ------------------------------------------------------------------ the controller (coderay.controller)
     # Each replica pulls: every POLL_S seconds one call hands the controller this replica's figures and brings
@@ -507,7 +631,7 @@ class Ingress:
             return
         try:
             self._controller_task = asyncio.get_running_loop().create_task(self._controller_loop())
-        except RuntimeError:   # no loop yet: the next health check starts it
+        except RuntimeError:  # no loop yet: the next health check starts it
             self._controller_task = None
 
     async def check_health(self) -> None:
@@ -519,11 +643,22 @@ class Ingress:
         out = {}
         for svc, st in self.stats.items():
             lat = latency_summary(self._latencies[svc])
-            out[svc] = {"requests": st["requests"], "samples": st["samples"], "fallbacks": st["fallbacks"],
-                        "latency_s": st["latency_s"], "by_path": dict(st["by_path"]), "p50_ms": lat["p50_ms"],
-                        "p99_ms": lat["p99_ms"], "suspended_paths": self._suspended_paths(svc)}
-        return {"replica_id": self.replica_id, "services": out, "pinned": sorted(self.router.pinned),
-                "routes": self.router.snapshot()}
+            out[svc] = {
+                "requests": st["requests"],
+                "samples": st["samples"],
+                "fallbacks": st["fallbacks"],
+                "latency_s": st["latency_s"],
+                "by_path": dict(st["by_path"]),
+                "p50_ms": lat["p50_ms"],
+                "p99_ms": lat["p99_ms"],
+                "suspended_paths": self._suspended_paths(svc),
+            }
+        return {
+            "replica_id": self.replica_id,
+            "services": out,
+            "pinned": sorted(self.router.pinned),
+            "routes": self.router.snapshot(),
+        }
 
     async def _controller_call(self, method: str, *args, timeout_s: float) -> Any:
         import ray
@@ -534,8 +669,8 @@ class Ingress:
         try:
             ref = getattr(self._controller_actor, method).remote(*args)
             return await asyncio.wait_for(ref, timeout_s)
-        except (asyncio.TimeoutError, ray.exceptions.RayActorError):
-            self._controller_actor = None   # look it up again next time (it may have been replaced)
+        except (TimeoutError, ray.exceptions.RayActorError):
+            self._controller_actor = None  # look it up again next time (it may have been replaced)
             raise
 
     def _metrics_init(self) -> None:
@@ -545,17 +680,26 @@ class Ingress:
 
         tags = ("service", "path")
         self._metrics = {
-            "requests": metrics.Counter("coderay_requests", description="requests answered, by service and path",
-                                        tag_keys=tags),
-            "samples": metrics.Counter("coderay_samples", description="samples answered, by service",
-                                       tag_keys=("service",)),
-            "fallbacks": metrics.Counter("coderay_fallbacks", description="requests answered on the local-only "
-                                         "path after their path failed", tag_keys=("service",)),
-            "latency": metrics.Histogram("coderay_latency_ms", description="request latency in the ingress (ms)",
-                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
-                                         tag_keys=("service",)),
-            "share": metrics.Gauge("coderay_coop_share", description="cooperative share of the active route",
-                                   tag_keys=tags),
+            "requests": metrics.Counter(
+                "coderay_requests", description="requests answered, by service and path", tag_keys=tags
+            ),
+            "samples": metrics.Counter(
+                "coderay_samples", description="samples answered, by service", tag_keys=("service",)
+            ),
+            "fallbacks": metrics.Counter(
+                "coderay_fallbacks",
+                description="requests answered on the local-only path after their path failed",
+                tag_keys=("service",),
+            ),
+            "latency": metrics.Histogram(
+                "coderay_latency_ms",
+                description="request latency in the ingress (ms)",
+                boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
+                tag_keys=("service",),
+            ),
+            "share": metrics.Gauge(
+                "coderay_coop_share", description="cooperative share of the active route", tag_keys=tags
+            ),
         }
         self._metrics_prev: dict = {}
 
@@ -572,12 +716,16 @@ class Ingress:
                 if n > p["by_path"].get(path, 0):
                     m["requests"].inc(n - p["by_path"].get(path, 0), tags={"service": svc, "path": path})
             new = min(st["requests"] - p["requests"], len(self._latencies[svc]))
-            for ms in list(self._latencies[svc])[len(self._latencies[svc]) - new:] if new > 0 else []:
+            for ms in list(self._latencies[svc])[len(self._latencies[svc]) - new :] if new > 0 else []:
                 m["latency"].observe(ms, tags={"service": svc})
             route = self.router.routes[svc]
             m["share"].set(route.coop_fraction, tags={"service": svc, "path": route.path.id})
-            prev[svc] = {"samples": st["samples"], "fallbacks": st["fallbacks"], "requests": st["requests"],
-                         "by_path": dict(st["by_path"])}
+            prev[svc] = {
+                "samples": st["samples"],
+                "fallbacks": st["fallbacks"],
+                "requests": st["requests"],
+                "by_path": dict(st["by_path"]),
+            }
 
     async def _controller_loop(self) -> None:
         while True:
@@ -587,17 +735,20 @@ class Ingress:
             except Exception as e:  # noqa: BLE001 — metrics never stop the sync
                 log.debug("metrics: %s", e)
             try:
-                got = await self._controller_call("sync", self.replica_id, self.controller_stats(),
-                                                  timeout_s=max(2.0, 2 * ctl.POLL_S))
+                got = await self._controller_call(
+                    "sync", self.replica_id, self.controller_stats(), timeout_s=max(2.0, 2 * ctl.POLL_S)
+                )
                 self._apply_auto(got["routes"])
                 self._apply_gone(set(got.get("gone") or ()))
-                self.controller_sync.update(ok=self.controller_sync["ok"] + 1, last_ok=time.time(),
-                                            version=got.get("version"))
+                self.controller_sync.update(
+                    ok=self.controller_sync["ok"] + 1, last_ok=time.time(), version=got.get("version")
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 — no controller (yet), or it is restarting: keep the routes
-                self.controller_sync.update(failed=self.controller_sync["failed"] + 1,
-                                            last_error=f"{type(e).__name__}: {e}"[:300])
+                self.controller_sync.update(
+                    failed=self.controller_sync["failed"] + 1, last_error=f"{type(e).__name__}: {e}"[:300]
+                )
                 delay = 5 * ctl.POLL_S if isinstance(e, ValueError) else ctl.POLL_S
             await asyncio.sleep(delay)
 
@@ -611,8 +762,10 @@ class Ingress:
         applied, rejected = {}, {}
         for svc, route in (routes or {}).items():
             current = self.router.auto.get(svc)
-            if current is not None and current.to_dict() == {"path": route.get("path"),
-                                                             "coop_fraction": route.get("coop_fraction")}:
+            if current is not None and current.to_dict() == {
+                "path": route.get("path"),
+                "coop_fraction": route.get("coop_fraction"),
+            }:
                 continue
             try:
                 self.router.set_auto({svc: route})
@@ -625,26 +778,45 @@ class Ingress:
             log.warning("controller route for %s rejected: %s", svc, reason)
         return {"applied": applied, "rejected": rejected, "routes": self.router.snapshot()}
 
-    @api.get("/v1/controller", responses={503: {"model": ErrorBody}},
-             summary="the controller's live table: routes, shares, queues and its last decisions with reasons")
+    @api.get(
+        "/v1/controller",
+        responses={503: {"model": ErrorBody}},
+        summary="the controller's live table: routes, shares, queues and its last decisions with reasons",
+    )
     async def controller(self, request: Request) -> JSONResponse:
         self._allow(request, "operate")
         try:
             status = await self._controller_call("status", timeout_s=5.0)
         except Exception as e:  # noqa: BLE001
-            reason = "no controller is running (started by `coderay up`/`serve` unless --no-controller)" \
-                if isinstance(e, ValueError) else f"the controller did not answer ({type(e).__name__})"
-            return JSONResponse({"error": reason, "ingress": {"replica_id": self.replica_id,
-                                                              "routes": self.router.snapshot(),
-                                                              "sync": self.controller_sync}}, status_code=503)
-        status["ingress"] = {"replica_id": self.replica_id, "routes": self.router.snapshot(),
-                             "pinned": sorted(self.router.pinned), "sync": self.controller_sync}
+            reason = (
+                "no controller is running (started by `coderay up`/`serve` unless --no-controller)"
+                if isinstance(e, ValueError)
+                else f"the controller did not answer ({type(e).__name__})"
+            )
+            return JSONResponse(
+                {
+                    "error": reason,
+                    "ingress": {
+                        "replica_id": self.replica_id,
+                        "routes": self.router.snapshot(),
+                        "sync": self.controller_sync,
+                    },
+                },
+                status_code=503,
+            )
+        status["ingress"] = {
+            "replica_id": self.replica_id,
+            "routes": self.router.snapshot(),
+            "pinned": sorted(self.router.pinned),
+            "sync": self.controller_sync,
+        }
         return JSONResponse(_json_safe(status))
 
     # ------------------------------------------------------------------ running a path
 
-    async def answer(self, svc: str, x: torch.Tensor, deadline: float | None = None
-                     ) -> tuple[PathSpec, bool, Activation]:
+    async def answer(
+        self, svc: str, x: torch.Tensor, deadline: float | None = None
+    ) -> tuple[PathSpec, bool, Activation]:
         """(path used, fell back?, output activation) for the model input `x` of service `svc`, by `deadline`
         (`time.monotonic()`; default: `serving.request_timeout_s` from now)."""
         if deadline is None:
@@ -660,8 +832,14 @@ class Ingress:
                 return spec, False, out
             except Exception as exc:  # noqa: BLE001 — any failure of a cooperative path falls back
                 self.suspended[spec.id] = time.monotonic() + self.cooldown_s
-                log.warning("%s: path %s failed (%s: %s); answering on the local-only path and skipping it for "
-                            "%.0f s", svc, spec.id, type(exc).__name__, exc, self.cooldown_s)
+                log.warning(
+                    "%s: path %s failed (%s: %s); answering on the local-only path and skipping it for %.0f s",
+                    svc,
+                    spec.id,
+                    type(exc).__name__,
+                    exc,
+                    self.cooldown_s,
+                )
         local = PathSpec.local_only(svc)
         return local, True, await self.run_retrying(svc, local, x, deadline)
 
@@ -684,8 +862,12 @@ class Ingress:
             tries += 1
             self.stats[svc]["retries"] += 1
             if tries == 1:
-                log.warning("%s: a call of path %s was lost with its replica (%s); retrying until the request's "
-                            "deadline", svc, spec.id, type(lost).__name__)
+                log.warning(
+                    "%s: a call of path %s was lost with its replica (%s); retrying until the request's deadline",
+                    svc,
+                    spec.id,
+                    type(lost).__name__,
+                )
             pause = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (tries - 1))
             await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
@@ -699,7 +881,7 @@ class Ingress:
             hops = plan_hops(spec, link_out=link_out)
             cross = {i for i, _, _ in crossings(spec, link_out=link_out)}
             runs = stages(hops)
-            ends = [sum(map(len, runs[:k + 1])) for k in range(len(runs))]   # hop index after each stage
+            ends = [sum(map(len, runs[: k + 1])) for k in range(len(runs))]  # hop index after each stage
             sends = [encoding if end in cross else None for end in ends]
             self._plans[spec.id] = (runs, encoding if 0 in cross else None, sends)
         return self._plans[spec.id]
@@ -715,8 +897,9 @@ class Ingress:
         merger = self.mergers.get(spec.id)
         if merger is None:
             b = min(self.cfg.service(svc).batch_size, self.cfg.serving.max_batch_size)
-            merger = self.mergers[spec.id] = Merger(lambda batch: self.run_path(svc, spec, batch), max_samples=b,
-                                                    depth=len(self.plan(spec)[0]) + 1)
+            merger = self.mergers[spec.id] = Merger(
+                lambda batch: self.run_path(svc, spec, batch), max_samples=b, depth=len(self.plan(spec)[0]) + 1
+            )
         return await merger.submit(x, deadline)
 
     async def run_path(self, svc: str, spec: PathSpec, x: torch.Tensor) -> Activation:
@@ -773,12 +956,17 @@ class Ingress:
         504 if the path was merely slow."""
         timeout = self.cfg.serving.request_timeout_s
         if lost is not None:
-            return ApiError(503, f"service {svc!r}: no live replica answered path {spec.id} within {timeout:g} s "
-                                 f"(serving.request_timeout_s): a call was lost with its replica "
-                                 f"({type(lost).__name__}) and {tries} retr{'y' if tries == 1 else 'ies'} found "
-                                 "none back in time", headers={"Retry-After": "1"})
-        return ApiError(504, f"service {svc!r}: path {spec.id} gave no answer within {timeout:g} s "
-                             "(serving.request_timeout_s)")
+            return ApiError(
+                503,
+                f"service {svc!r}: no live replica answered path {spec.id} within {timeout:g} s "
+                f"(serving.request_timeout_s): a call was lost with its replica "
+                f"({type(lost).__name__}) and {tries} retr{'y' if tries == 1 else 'ies'} found "
+                "none back in time",
+                headers={"Retry-After": "1"},
+            )
+        return ApiError(
+            504, f"service {svc!r}: path {spec.id} gave no answer within {timeout:g} s (serving.request_timeout_s)"
+        )
 
     def _unavailable(self, svc: str, spec: PathSpec, exc: BaseException) -> ApiError:
         return ApiError(503, f"service {svc!r}: path {spec.id} is unavailable ({type(exc).__name__})")

@@ -10,6 +10,7 @@
 `python -m deployments.manifests [CONFIG] [-o OUT]` writes the manifest; k8s/rayservice.yaml is its output for
 configs/demo.yaml, and a test keeps it so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,17 +24,26 @@ import yaml
 from coderay.cluster import HEAD_RESOURCE, serve_env
 from coderay.config import CoderayConfig, load_config
 from coderay.store import STORE_ENV
-
 from deployments.app import REPO_ROOT, serve_config_doc
 
-__all__ = ["APP_ROOT", "STORE_MOUNT", "TOKEN_SECRET", "NODE_LABEL", "cluster_node_types", "pod_config", "rayservice",
-           "rayservice_yaml", "rayservice_manifest", "main"]
+__all__ = [
+    "APP_ROOT",
+    "STORE_MOUNT",
+    "TOKEN_SECRET",
+    "NODE_LABEL",
+    "cluster_node_types",
+    "pod_config",
+    "rayservice",
+    "rayservice_yaml",
+    "rayservice_manifest",
+    "main",
+]
 
-APP_ROOT = "/app"                      # the checkout inside the image (`pip install -e /app`), its working dir
-STORE_MOUNT = "/coderay-store"         # each pod's own store (CODERAY_STORE)
-TOKEN_SECRET = "coderay-ray-auth"      # the Secret holding the cluster's Ray token ...
-TOKEN_KEY = "auth_token"               # ... under KubeRay's key for it
-NODE_LABEL = "coderay/node"            # the Kubernetes node label that names a provider's server
+APP_ROOT = "/app"  # the checkout inside the image (`pip install -e /app`), its working dir
+STORE_MOUNT = "/coderay-store"  # each pod's own store (CODERAY_STORE)
+TOKEN_SECRET = "coderay-ray-auth"  # the Secret holding the cluster's Ray token ...
+TOKEN_KEY = "auth_token"  # ... under KubeRay's key for it
+NODE_LABEL = "coderay/node"  # the Kubernetes node label that names a provider's server
 IMAGE = f"coderay:{version('coderay')}"
 SERVE_MODE = ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY")
 _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -80,8 +90,10 @@ def _k8s_name(name: str, what: str) -> str:
 def cluster_node_types(cfg: CoderayConfig) -> dict[str, dict]:
     """`available_node_types` entries of a cloud cluster: exactly one server per coderay node, carrying the CPUs
     the config gives the node and its name as a custom resource (what replicas and trials pin to)."""
-    return {n.name: {"min_workers": 1, "max_workers": 1, "resources": {"CPU": _number(n.cpus), n.name: 1}}
-            for n in cfg.nodes}
+    return {
+        n.name: {"min_workers": 1, "max_workers": 1, "resources": {"CPU": _number(n.cpus), n.name: 1}}
+        for n in cfg.nodes
+    }
 
 
 def pod_config(cfg: CoderayConfig, *, app_root: str = APP_ROOT) -> CoderayConfig:
@@ -91,8 +103,9 @@ def pod_config(cfg: CoderayConfig, *, app_root: str = APP_ROOT) -> CoderayConfig
     if not workdir.is_absolute():
         workdir = PurePosixPath(app_root) / workdir
     cfg = cfg.on_real_cluster()
-    return cfg.model_copy(update={"workdir": str(workdir),
-                                  "serving": cfg.serving.model_copy(update={"host": "0.0.0.0"})})
+    return cfg.model_copy(
+        update={"workdir": str(workdir), "serving": cfg.serving.model_copy(update={"host": "0.0.0.0"})}
+    )
 
 
 def _ray_resources(resources: dict[str, int]) -> str:
@@ -103,25 +116,46 @@ def _ray_resources(resources: dict[str, int]) -> str:
 def _env(cfg: CoderayConfig) -> list[dict]:
     """Every Ray container's environment: Serve's mode as coderay sets it (not the local cluster's 2 s drain: a
     RayService upgrade drains replicas for real), no usage stats, token auth from the Secret, the pod's store."""
-    plain = {"RAY_USAGE_STATS_ENABLED": "0",
-             **{k: v for k, v in serve_env(cfg).items() if k in SERVE_MODE},
-             "RAY_AUTH_MODE": "token",
-             STORE_ENV: STORE_MOUNT}
+    plain = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        **{k: v for k, v in serve_env(cfg).items() if k in SERVE_MODE},
+        "RAY_AUTH_MODE": "token",
+        STORE_ENV: STORE_MOUNT,
+    }
     return [{"name": k, "value": v} for k, v in plain.items()] + [
-        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}}]
+        {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}}
+    ]
 
 
-def _pod(cfg: CoderayConfig, container: str, *, image: str, app_root: str, cpus: float, memory: str,
-         ports: list[dict] | None = None, extra_volumes: dict[str, str] | None = None,
-         node: str | None = None) -> dict:
+def _pod(
+    cfg: CoderayConfig,
+    container: str,
+    *,
+    image: str,
+    app_root: str,
+    cpus: float,
+    memory: str,
+    ports: list[dict] | None = None,
+    extra_volumes: dict[str, str] | None = None,
+    node: str | None = None,
+) -> dict:
     """A Ray pod template: one container, its store volume (plus `extra_volumes`: name → mount path), and, for
     a provider's node, the Kubernetes node it must run on."""
     mounts = {"coderay-store": STORE_MOUNT, **(extra_volumes or {})}
     quantity = {"cpu": str(_number(cpus)), "memory": memory}
-    spec: dict = {"containers": [{"name": container, "image": image, "workingDir": app_root, "env": _env(cfg),
-                                  "resources": {"requests": dict(quantity), "limits": dict(quantity)},
-                                  "volumeMounts": [{"name": k, "mountPath": v} for k, v in mounts.items()]}],
-                  "volumes": [{"name": k, "emptyDir": {}} for k in mounts]}
+    spec: dict = {
+        "containers": [
+            {
+                "name": container,
+                "image": image,
+                "workingDir": app_root,
+                "env": _env(cfg),
+                "resources": {"requests": dict(quantity), "limits": dict(quantity)},
+                "volumeMounts": [{"name": k, "mountPath": v} for k, v in mounts.items()],
+            }
+        ],
+        "volumes": [{"name": k, "emptyDir": {}} for k in mounts],
+    }
     if ports:
         spec["containers"][0]["ports"] = ports
     if node is not None:
@@ -129,53 +163,108 @@ def _pod(cfg: CoderayConfig, container: str, *, image: str, app_root: str, cpus:
     return {"spec": spec} if node is None else {"metadata": {"labels": {NODE_LABEL: node}}, "spec": spec}
 
 
-def rayservice(cfg: CoderayConfig, config_path: str, *, app_root: str = APP_ROOT, image: str = IMAGE,
-               memory: str = "2Gi", head_memory: str = "4Gi") -> dict:
+def rayservice(
+    cfg: CoderayConfig,
+    config_path: str,
+    *,
+    app_root: str = APP_ROOT,
+    image: str = IMAGE,
+    memory: str = "2Gi",
+    head_memory: str = "4Gi",
+) -> dict:
     """The RayService for `cfg`; `config_path` is the config file's path inside the image."""
     served = pod_config(cfg, app_root=app_root)
     serve_doc = serve_config_doc(served, config_path, working_dir=app_root)
     port = serve_doc["http_options"]["port"]
-    head_ports = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
-                  {"containerPort": 10001, "name": "client"}, {"containerPort": port, "name": "serve"}]
-    head = {"rayStartParams": {"resources": _ray_resources({HEAD_RESOURCE: 1})},
-            "template": _pod(cfg, "ray-head", image=image, app_root=app_root, cpus=1, memory=head_memory,
-                             ports=head_ports, extra_volumes={"coderay-workdir": served.workdir})}
-    workers = [{"groupName": _k8s_name(n.name, "node"), "replicas": 1, "minReplicas": 1, "maxReplicas": 1,
-                "rayStartParams": {"resources": _ray_resources({n.name: 1})},
-                "template": _pod(cfg, "ray-worker", image=image, app_root=app_root, cpus=n.cpus, memory=memory,
-                                 node=n.name)}
-               for n in cfg.nodes]
-    return {"apiVersion": "ray.io/v1",
-            "kind": "RayService",
-            "metadata": {"name": _k8s_name(f"coderay-{cfg.name}", "config name")},
-            "spec": {"serveConfigV2": yaml.safe_dump(serve_doc, sort_keys=False),
-                     "rayClusterConfig": {"rayVersion": version("ray"),
-                                          "authOptions": {"mode": "token", "secretName": TOKEN_SECRET},
-                                          "headGroupSpec": head,
-                                          "workerGroupSpecs": workers}}}
+    head_ports = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+        {"containerPort": port, "name": "serve"},
+    ]
+    head = {
+        "rayStartParams": {"resources": _ray_resources({HEAD_RESOURCE: 1})},
+        "template": _pod(
+            cfg,
+            "ray-head",
+            image=image,
+            app_root=app_root,
+            cpus=1,
+            memory=head_memory,
+            ports=head_ports,
+            extra_volumes={"coderay-workdir": served.workdir},
+        ),
+    }
+    workers = [
+        {
+            "groupName": _k8s_name(n.name, "node"),
+            "replicas": 1,
+            "minReplicas": 1,
+            "maxReplicas": 1,
+            "rayStartParams": {"resources": _ray_resources({n.name: 1})},
+            "template": _pod(
+                cfg, "ray-worker", image=image, app_root=app_root, cpus=n.cpus, memory=memory, node=n.name
+            ),
+        }
+        for n in cfg.nodes
+    ]
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": _k8s_name(f"coderay-{cfg.name}", "config name")},
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_doc, sort_keys=False),
+            "rayClusterConfig": {
+                "rayVersion": version("ray"),
+                "authOptions": {"mode": "token", "secretName": TOKEN_SECRET},
+                "headGroupSpec": head,
+                "workerGroupSpecs": workers,
+            },
+        },
+    }
 
 
-def rayservice_yaml(cfg: CoderayConfig, config_path: str, *, source: str, app_root: str = APP_ROOT,
-                    image: str = IMAGE) -> str:
+def rayservice_yaml(
+    cfg: CoderayConfig, config_path: str, *, source: str, app_root: str = APP_ROOT, image: str = IMAGE
+) -> str:
     """`rayservice` as the manifest file: a header saying how to use it (`source`: the config it came from)."""
-    header = HEADER.format(name=cfg.name, config=source, label=NODE_LABEL, image=image, app_root=app_root,
-                           ray=version("ray"), secret=TOKEN_SECRET, key=TOKEN_KEY)
-    return header + yaml.dump(rayservice(cfg, config_path, app_root=app_root, image=image), Dumper=_Dumper,
-                              sort_keys=False)
+    header = HEADER.format(
+        name=cfg.name,
+        config=source,
+        label=NODE_LABEL,
+        image=image,
+        app_root=app_root,
+        ray=version("ray"),
+        secret=TOKEN_SECRET,
+        key=TOKEN_KEY,
+    )
+    return header + yaml.dump(
+        rayservice(cfg, config_path, app_root=app_root, image=image), Dumper=_Dumper, sort_keys=False
+    )
 
 
 def rayservice_manifest(config_file: str | Path, *, app_root: str = APP_ROOT, image: str = IMAGE) -> str:
     """The manifest for a config file of this checkout: the image holds it at the same place under `app_root`."""
     relative = Path(config_file).resolve().relative_to(REPO_ROOT)
-    return rayservice_yaml(load_config(config_file), str(PurePosixPath(app_root) / relative.as_posix()),
-                           source=relative.as_posix(), app_root=app_root, image=image)
+    return rayservice_yaml(
+        load_config(config_file),
+        str(PurePosixPath(app_root) / relative.as_posix()),
+        source=relative.as_posix(),
+        app_root=app_root,
+        image=image,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m deployments.manifests",
-                                description="write the KubeRay RayService manifest of a coderay config")
-    p.add_argument("config", nargs="?", default=str(REPO_ROOT / "configs" / "demo.yaml"),
-                   help="a config file of this checkout (default: configs/demo.yaml)")
+    p = argparse.ArgumentParser(
+        prog="python -m deployments.manifests", description="write the KubeRay RayService manifest of a coderay config"
+    )
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=str(REPO_ROOT / "configs" / "demo.yaml"),
+        help="a config file of this checkout (default: configs/demo.yaml)",
+    )
     p.add_argument("-o", "--out", type=Path, default=REPO_ROOT / "k8s" / "rayservice.yaml", help="where to write it")
     p.add_argument("--image", default=IMAGE, help=f"the coderay image (default: {IMAGE})")
     args = p.parse_args(argv)

@@ -14,6 +14,7 @@ Each request may bring a deadline, which bounds its whole stay: waiting in the q
 request whose deadline passes leaves (`DeadlineExceeded`) wherever it is; a chain that no request waits for any
 more is cancelled, so its replica calls stop instead of computing answers nobody reads.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,7 +47,7 @@ class _Waiting:
 class _Chain:
     requests: list[_Waiting]
     task: asyncio.Task | None = None
-    abandoned: bool = False                 # cancelled because no request waits for it
+    abandoned: bool = False  # cancelled because no request waits for it
 
 
 class Merger:
@@ -55,7 +56,7 @@ class Merger:
     def __init__(self, run: Callable[[torch.Tensor], Awaitable[Activation]], *, max_samples: int, depth: int):
         self.run, self.max_samples, self.depth = run, max_samples, depth
         self.queue: deque[_Waiting] = deque()
-        self.waiting = 0                # samples in the queue
+        self.waiting = 0  # samples in the queue
         self.in_flight = 0
         self.stats = {"chains": 0, "requests": 0, "max_requests_in_chain": 0, "expired": 0, "chains_cancelled": 0}
 
@@ -71,11 +72,12 @@ class Merger:
         try:
             return await asyncio.wait_for(asyncio.shield(request.future), timeout)
         except TimeoutError:
-            if request.future.done():           # the chain's own failure, not the deadline
+            if request.future.done():  # the chain's own failure, not the deadline
                 raise
             self.stats["expired"] += 1
-            raise DeadlineExceeded(f"no answer before the request's deadline ({timeout:.3g} s after it was "
-                                   "submitted)") from None
+            raise DeadlineExceeded(
+                f"no answer before the request's deadline ({timeout:.3g} s after it was submitted)"
+            ) from None
         finally:
             if not request.future.done():
                 request.future.cancel()
@@ -88,7 +90,7 @@ class Merger:
             try:
                 self.queue.remove(request)
                 self.waiting -= len(request.x)
-            except ValueError:      # already taken off by _pump (it skips requests no longer waiting)
+            except ValueError:  # already taken off by _pump (it skips requests no longer waiting)
                 pass
             return
         if chain.task is not None and not chain.task.done() and all(r.future.done() for r in chain.requests):
@@ -97,14 +99,15 @@ class Merger:
             chain.task.cancel()
 
     def _pump(self) -> None:
-        while self.queue and (self.in_flight == 0 or
-                              (self.in_flight < self.depth and self.waiting >= self.max_samples)):
+        while self.queue and (
+            self.in_flight == 0 or (self.in_flight < self.depth and self.waiting >= self.max_samples)
+        ):
             taken: list[_Waiting] = []
             n = 0
             while self.queue and (not taken or n + len(self.queue[0].x) <= self.max_samples):
                 request = self.queue.popleft()
                 self.waiting -= len(request.x)
-                if not request.future.done():           # a request that stopped waiting is not sent
+                if not request.future.done():  # a request that stopped waiting is not sent
                     taken.append(request)
                     n += len(request.x)
             if not taken:
@@ -123,8 +126,11 @@ class Merger:
         try:
             xs = [r.x for r in taken]
             out = await self.run(xs[0] if len(xs) == 1 else torch.cat(xs))
-            parts = [out] if len(xs) == 1 else [out.part(y, len(x), len(out.x))
-                                                 for x, y in zip(xs, out.x.split([len(x) for x in xs]))]
+            parts = (
+                [out]
+                if len(xs) == 1
+                else [out.part(y, len(x), len(out.x)) for x, y in zip(xs, out.x.split([len(x) for x in xs]))]
+            )
             for request, part in zip(taken, parts):
                 if not request.future.done():
                     request.future.set_result(part)

@@ -3,6 +3,7 @@
 A deploy that asks for a node no alive Ray node offers, or for more CPUs than the node has, fails here with a
 ValueError naming the node, before `serve.run` (which would otherwise wait forever for the replica to fit).
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,19 @@ from coderay.cluster import HEAD_RESOURCE, alive_resources, check_nodes, pin
 from coderay.config import CoderayConfig
 from coderay.emulation import cores_of
 
-__all__ = ["direct_http_port", "listening_sockets", "open_files", "cpu_shares", "block_options",
-           "serve_logging", "ingress_options", "check_placement", "torch_threads", "replica_location", "capacity_info"]
+__all__ = [
+    "direct_http_port",
+    "listening_sockets",
+    "open_files",
+    "cpu_shares",
+    "block_options",
+    "serve_logging",
+    "ingress_options",
+    "check_placement",
+    "torch_threads",
+    "replica_location",
+    "capacity_info",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +58,7 @@ def listening_sockets() -> dict[str, int]:
             with open(table) as f:
                 for line in f.readlines()[1:]:
                     cols = line.split()
-                    if cols[3] == "0A":                                              # 0A: LISTEN
+                    if cols[3] == "0A":  # 0A: LISTEN
                         out[f"socket:[{cols[9]}]"] = int(cols[1].rsplit(":", 1)[1], 16)
     except OSError:
         return {}
@@ -63,7 +75,7 @@ def open_files(pid: int | str = "self") -> set[str]:
     for fd in fds:
         try:
             out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:                     # closed since the listing
+        except OSError:  # closed since the listing
             continue
     return out
 
@@ -107,9 +119,11 @@ def check_placement(cfg: CoderayConfig) -> None:
     for name in nodes:
         want = sum(shares[s.name] for s in cfg.services if s.node == name)
         if want > offered.get(name, 0.0) + 1e-9:
-            raise ValueError(f"node {name!r} offers {offered.get(name, 0.0):g} CPUs but its services' replicas ask "
-                             f"for {want:g}: give the node more CPUs (`ray start --num-cpus`) or lower "
-                             f"nodes[{name}].cpus in the config")
+            raise ValueError(
+                f"node {name!r} offers {offered.get(name, 0.0):g} CPUs but its services' replicas ask "
+                f"for {want:g}: give the node more CPUs (`ray start --num-cpus`) or lower "
+                f"nodes[{name}].cpus in the config"
+            )
 
 
 def torch_threads(cpus: float) -> int:
@@ -139,5 +153,11 @@ def replica_location(node: str) -> dict:
 
     here = ray.get_runtime_context().get_node_id()
     expected = sorted(nid for nid, res in alive_resources().items() if node in res)
-    return {"node": node, "node_id": here, "expected_node_ids": expected, "on_pinned_node": here in expected,
-            "pid": os.getpid(), "cores": cores_of()}
+    return {
+        "node": node,
+        "node_id": here,
+        "expected_node_ids": expected,
+        "on_pinned_node": here in expected,
+        "pid": os.getpid(),
+        "cores": cores_of(),
+    }

@@ -4,6 +4,7 @@
 - `hop_delay_s`: the emulated one-way delay of a cross-node hop.
 The path plan is `coderay.plan.plan_hops`; the routing state is `coderay.routing.Router`.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,15 +22,21 @@ class Activation:
     """A batch between two replicas: `x` (B, ...) and the node that produced it."""
 
     x: torch.Tensor
-    node: str                   # where `x` was produced (the receiver emulates the hop from here)
-    hops: int = 0               # cross-node hops so far
-    delay_ms: float = 0.0       # emulated network delay so far
-    wire_bytes: int = 0         # bytes that crossed between nodes so far (as encoded on the wire)
+    node: str  # where `x` was produced (the receiver emulates the hop from here)
+    hops: int = 0  # cross-node hops so far
+    delay_ms: float = 0.0  # emulated network delay so far
+    wire_bytes: int = 0  # bytes that crossed between nodes so far (as encoded on the wire)
 
     def moved(self, x: torch.Tensor, node: str, *, delay_s: float, crossed: bool) -> Activation:
         """The output `x` of the hop on `node` that received this activation (across the wire if `crossed`)."""
-        return replace(self, x=x, node=node, hops=self.hops + int(crossed), delay_ms=self.delay_ms + delay_s * 1e3,
-                       wire_bytes=self.wire_bytes + (self.x.nbytes if crossed else 0))
+        return replace(
+            self,
+            x=x,
+            node=node,
+            hops=self.hops + int(crossed),
+            delay_ms=self.delay_ms + delay_s * 1e3,
+            wire_bytes=self.wire_bytes + (self.x.nbytes if crossed else 0),
+        )
 
     def part(self, x: torch.Tensor, n: int, total: int) -> Activation:
         """Rows `x` of this batch (`n` of its `total` samples), with their share of the bytes on the wire."""

@@ -9,6 +9,7 @@ the ingress turns it into `{"error": reason, ...}`. Three encodings of the same 
 - `application/octet-stream`: raw little-endian float32 with an `X-Shape: B,C,H,W` (or `B,H,W`) header,
   the fast one (no JSON parsing of a large nested list).
 """
+
 from __future__ import annotations
 
 import base64
@@ -26,14 +27,34 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from coderay.errors import CoderayError, InvalidRouteError, UnknownServiceError
 
 __all__ = [
-    "ApiError", "InferRequest", "ClassScore", "Prediction", "NetworkInfo", "InferResponse", "RouteRequest",
-    "RouteInfo", "ServiceInfo", "ErrorBody", "PIXEL_TOLERANCE", "DEFAULT_TOP_K", "parse_json", "format_validation",
-    "decode_json_body", "decode_binary", "decode_images", "check_pixels", "to_batch", "check_top_k",
-    "infer_openapi_body", "body_kind", "decode_body", "echo",
+    "ApiError",
+    "InferRequest",
+    "ClassScore",
+    "Prediction",
+    "NetworkInfo",
+    "InferResponse",
+    "RouteRequest",
+    "RouteInfo",
+    "ServiceInfo",
+    "ErrorBody",
+    "PIXEL_TOLERANCE",
+    "DEFAULT_TOP_K",
+    "parse_json",
+    "format_validation",
+    "decode_json_body",
+    "decode_binary",
+    "decode_images",
+    "check_pixels",
+    "to_batch",
+    "check_top_k",
+    "infer_openapi_body",
+    "body_kind",
+    "decode_body",
+    "echo",
 ]
 
-ECHO_CHARS = 80          # at most this much of the client's own text is quoted back in a reason
-PIXEL_TOLERANCE = 1e-4   # pixels this far outside [0, 1] (float rounding) are clamped; further out is an error
+ECHO_CHARS = 80  # at most this much of the client's own text is quoted back in a reason
+PIXEL_TOLERANCE = 1e-4  # pixels this far outside [0, 1] (float rounding) are clamped; further out is an error
 DEFAULT_TOP_K = 3
 BINARY_TYPES = ("application/octet-stream",)
 JSON_TYPES = ("", "application/json", "text/json")
@@ -72,11 +93,15 @@ class _Model(BaseModel):
 class InferRequest(_Model):
     """A batch to classify: exactly one of `inputs` and `images`."""
 
-    inputs: list[Any] | None = Field(None, description="pixels in [0, 1], nested lists shaped (B, C, H, W) or "
-                                                       "(B, H, W) for one-channel tasks")
+    inputs: list[Any] | None = Field(
+        None, description="pixels in [0, 1], nested lists shaped (B, C, H, W) or (B, H, W) for one-channel tasks"
+    )
     images: list[str] | None = Field(None, description="base64-encoded PNG images, one per sample")
-    top_k: int | None = Field(None, ge=1, description=f"how many classes to return per sample (default "
-                                                      f"{DEFAULT_TOP_K}); the query parameter wins")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description=f"how many classes to return per sample (default {DEFAULT_TOP_K}); the query parameter wins",
+    )
 
 
 class ClassScore(_Model):
@@ -86,36 +111,42 @@ class ClassScore(_Model):
 
 
 class Prediction(_Model):
-    class_index: int                  # argmax
+    class_index: int  # argmax
     class_name: str
     prob: float
     top_k: list[ClassScore]
 
 
 class NetworkInfo(_Model):
-    emulated: bool                    # True: the delays below were added on purpose (one machine emulating the edge)
-    cross_node_hops: int              # hops of this request's activations between different nodes
-    delay_ms: float                   # emulated delay added on those hops (0 when not emulated)
-    wire_bytes: int                   # bytes of activations that crossed between nodes (the wire encoding's)
+    emulated: bool  # True: the delays below were added on purpose (one machine emulating the edge)
+    cross_node_hops: int  # hops of this request's activations between different nodes
+    delay_ms: float  # emulated delay added on those hops (0 when not emulated)
+    wire_bytes: int  # bytes of activations that crossed between nodes (the wire encoding's)
 
 
 class InferResponse(_Model):
     service: str
-    path: str                         # the path id that answered (the local-only path after a fallback)
-    path_kind: str                    # local, skip or coop
-    fallback: bool                    # True: the chosen cooperative path failed and local-only answered
-    latency_ms: float                 # time spent running the path (decoding and encoding excluded)
+    path: str  # the path id that answered (the local-only path after a fallback)
+    path_kind: str  # local, skip or coop
+    fallback: bool  # True: the chosen cooperative path failed and local-only answered
+    latency_ms: float  # time spent running the path (decoding and encoding excluded)
     samples: int
     predictions: list[Prediction]
     network: NetworkInfo
 
 
 class RouteRequest(_Model):
-    path: str = Field(description="a path id of this service from GET /v1/services/{svc}/paths, e.g. "
-                                  "'digits:local' or 'digits:mnist:0:1:2:3'")
-    coop_fraction: float | None = Field(None, ge=0.0, le=1.0,
-                                        description="share of requests sent on `path` when it is not local-only "
-                                                    "(the rest run local-only); default 1.0, or 0.0 for local")
+    path: str = Field(
+        description="a path id of this service from GET /v1/services/{svc}/paths, e.g. "
+        "'digits:local' or 'digits:mnist:0:1:2:3'"
+    )
+    coop_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="share of requests sent on `path` when it is not local-only "
+        "(the rest run local-only); default 1.0, or 0.0 for local",
+    )
 
 
 class RouteInfo(_Model):
@@ -135,7 +166,7 @@ class ServiceInfo(_Model):
     batch_size: int
     active_path: str
     coop_fraction: float
-    pinned: bool                      # True: set by PUT (or a config deploy), held until DELETE releases it
+    pinned: bool  # True: set by PUT (or a config deploy), held until DELETE releases it
     stats: dict
 
 
@@ -158,13 +189,14 @@ def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except UnicodeDecodeError:
-        raise ApiError(422, "body is not UTF-8 text; send JSON, or raw float32 with "
-                            "Content-Type: application/octet-stream") from None
+        raise ApiError(
+            422, "body is not UTF-8 text; send JSON, or raw float32 with Content-Type: application/octet-stream"
+        ) from None
     except json.JSONDecodeError as e:
         raise ApiError(422, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise ApiError(422, "malformed JSON: nested too deeply") from None
-    except ValueError:   # Python refuses integer literals of more than 4300 digits (sys.get_int_max_str_digits)
+    except ValueError:  # Python refuses integer literals of more than 4300 digits (sys.get_int_max_str_digits)
         raise ApiError(422, "malformed JSON: an integer literal with too many digits") from None
 
 
@@ -192,12 +224,16 @@ def body_kind(content_type: str | None) -> str:
         return "binary"
     if ctype in JSON_TYPES or ctype.endswith("+json"):
         return "json"
-    raise ApiError(415, f"Content-Type {echo(ctype)} not supported: send application/json ({{'inputs': ...}} or "
-                        "{'images': ...}) or application/octet-stream with X-Shape")
+    raise ApiError(
+        415,
+        f"Content-Type {echo(ctype)} not supported: send application/json ({{'inputs': ...}} or "
+        "{'images': ...}) or application/octet-stream with X-Shape",
+    )
 
 
-def decode_body(raw: bytes, kind: str, headers: Mapping[str, str], input_shape: tuple[int, ...], *,
-                max_samples: int) -> tuple[torch.Tensor, int | None]:
+def decode_body(
+    raw: bytes, kind: str, headers: Mapping[str, str], input_shape: tuple[int, ...], *, max_samples: int
+) -> tuple[torch.Tensor, int | None]:
     """(pixels (B, C, H, W), top_k from a JSON body or None): the whole decoding of an infer request's body, pure
     and blocking (the ingress runs large ones off its event loop)."""
     if kind == "binary":
@@ -225,8 +261,12 @@ def _check_count(n: int, max_samples: int, field: str) -> None:
     if n == 0:
         raise ApiError(422, f"{field}: empty batch; send at least one sample")
     if n > max_samples:
-        raise ApiError(413, f"{field}: batch of {n} samples is above the limit of {max_samples} per request "
-                            "(serving.max_request_samples); split it", limit=max_samples)
+        raise ApiError(
+            413,
+            f"{field}: batch of {n} samples is above the limit of {max_samples} per request "
+            "(serving.max_request_samples); split it",
+            limit=max_samples,
+        )
 
 
 def _expected(input_shape: tuple[int, ...]) -> str:
@@ -238,10 +278,13 @@ def _expected(input_shape: tuple[int, ...]) -> str:
 def _shape_batch(arr: np.ndarray, input_shape: tuple[int, ...], field: str) -> np.ndarray:
     c, h, w = input_shape
     if arr.ndim == 3 and c == 1 and arr.shape[1:] == (h, w):
-        arr = arr[:, None]                                            # (B, H, W) -> (B, 1, H, W)
+        arr = arr[:, None]  # (B, H, W) -> (B, 1, H, W)
     if arr.ndim != 4 or tuple(arr.shape[1:]) != (c, h, w):
-        raise ApiError(422, f"{field}: expected a batch shaped {_expected(input_shape)}, got {tuple(arr.shape)}",
-                       expected=[c, h, w])
+        raise ApiError(
+            422,
+            f"{field}: expected a batch shaped {_expected(input_shape)}, got {tuple(arr.shape)}",
+            expected=[c, h, w],
+        )
     return arr
 
 
@@ -252,41 +295,54 @@ def to_batch(inputs: list, input_shape: tuple[int, ...], *, max_samples: int, fi
     try:
         arr = np.asarray(inputs)
     except (ValueError, TypeError, OverflowError, RecursionError):
-        raise ApiError(422, f"{field}: ragged nested lists (or nested deeper than a batch); every sample must "
-                            f"have the same shape, the batch {_expected(input_shape)}") from None
+        raise ApiError(
+            422,
+            f"{field}: ragged nested lists (or nested deeper than a batch); every sample must "
+            f"have the same shape, the batch {_expected(input_shape)}",
+        ) from None
     if arr.dtype.kind not in "iuf":
-        what = {"b": "booleans", "U": "strings", "S": "strings",
-                "O": "null, objects, ragged lists or integers beyond 64 bits"}.get(
-            arr.dtype.kind, f"values of dtype {arr.dtype}")
+        what = {
+            "b": "booleans",
+            "U": "strings",
+            "S": "strings",
+            "O": "null, objects, ragged lists or integers beyond 64 bits",
+        }.get(arr.dtype.kind, f"values of dtype {arr.dtype}")
         raise ApiError(422, f"{field}: pixels must be numbers in [0, 1]; found {what}")
     arr = _shape_batch(arr, input_shape, field)
     return check_pixels(arr, field)
 
 
-def decode_binary(raw: bytes, headers: Mapping[str, str], input_shape: tuple[int, ...], *, max_samples: int
-                  ) -> torch.Tensor:
+def decode_binary(
+    raw: bytes, headers: Mapping[str, str], input_shape: tuple[int, ...], *, max_samples: int
+) -> torch.Tensor:
     """Raw little-endian float32 + `X-Shape: B,C,H,W` (or `B,H,W`) → a checked pixel batch."""
     dtype = headers.get("x-dtype", "float32").strip().lower()
     if dtype not in FLOAT32_NAMES:
-        raise ApiError(422, f"X-Dtype: unsupported dtype {echo(dtype)}; the binary body must be little-endian "
-                            "float32")
+        raise ApiError(422, f"X-Dtype: unsupported dtype {echo(dtype)}; the binary body must be little-endian float32")
     text = headers.get("x-shape")
     if text is None:
-        raise ApiError(422, f"X-Shape header missing: a binary body needs its shape, e.g. "
-                            f"'X-Shape: 8,{','.join(map(str, input_shape))}'")
+        raise ApiError(
+            422,
+            f"X-Shape header missing: a binary body needs its shape, e.g. "
+            f"'X-Shape: 8,{','.join(map(str, input_shape))}'",
+        )
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
-        raise ApiError(422, f"X-Shape: expected comma-separated integers such as 8,{','.join(map(str, input_shape))}"
-                            f", got {echo(text)}") from None
+        raise ApiError(
+            422,
+            f"X-Shape: expected comma-separated integers such as 8,{','.join(map(str, input_shape))}, got {echo(text)}",
+        ) from None
     if min(shape) < 0:
         raise ApiError(422, f"X-Shape: dimensions must be non-negative integers, got {echo(text)}")
-    shape = _binary_shape(shape, input_shape, text)   # before any array exists: numpy refuses some shapes itself
+    shape = _binary_shape(shape, input_shape, text)  # before any array exists: numpy refuses some shapes itself
     _check_count(shape[0], max_samples, "X-Shape")
     need = BODY_DTYPE.itemsize * math.prod(shape)
     if len(raw) != need:
-        raise ApiError(422, f"body has {len(raw)} bytes but X-Shape {echo(text)} needs {need} "
-                            f"(4-byte little-endian float32 per value)")
+        raise ApiError(
+            422,
+            f"body has {len(raw)} bytes but X-Shape {echo(text)} needs {need} (4-byte little-endian float32 per value)",
+        )
     return check_pixels(np.frombuffer(raw, dtype=BODY_DTYPE).reshape(shape), "body")
 
 
@@ -298,8 +354,7 @@ def _binary_shape(shape: tuple[int, ...], input_shape: tuple[int, ...], text: st
         shape = (shape[0], 1, h, w)
     if len(shape) != 4 or shape[1:] != (c, h, w):
         got = f"rank {len(shape)}" if len(shape) > 8 else echo(text)
-        raise ApiError(422, f"X-Shape: expected a batch shaped {_expected(input_shape)}, got {got}",
-                       expected=[c, h, w])
+        raise ApiError(422, f"X-Shape: expected a batch shaped {_expected(input_shape)}, got {got}", expected=[c, h, w])
     return shape
 
 
@@ -325,9 +380,10 @@ def decode_images(images: list[str], input_shape: tuple[int, ...], *, max_sample
             if img.format != "PNG":
                 raise ApiError(422, f"images[{i}]: expected a PNG image, got {img.format}")
             if img.size != (w, h):
-                raise ApiError(422, f"images[{i}]: expected {w}x{h} pixels, got {img.size[0]}x{img.size[1]}",
-                               expected=[c, h, w])
-            pixels = np.asarray(img.convert(mode), dtype=np.float32) / 255.0   # (H, W) or (H, W, 3)
+                raise ApiError(
+                    422, f"images[{i}]: expected {w}x{h} pixels, got {img.size[0]}x{img.size[1]}", expected=[c, h, w]
+                )
+            pixels = np.asarray(img.convert(mode), dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
         except ApiError:
             raise
         except Exception:  # noqa: BLE001 — PIL raises many types (UnidentifiedImageError, DecompressionBomb...)
@@ -345,8 +401,11 @@ def check_pixels(arr: np.ndarray, field: str) -> torch.Tensor:
         raise ApiError(422, f"{field}: pixels must be finite; found {arr[idx]} at index {list(idx)}")
     lo, hi = float(arr.min()), float(arr.max())
     if lo < -PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:
-        raise ApiError(422, f"{field}: pixels must lie in [0, 1] (raw pixels, not normalised ones); "
-                            f"found values in [{lo:.4g}, {hi:.4g}]")
+        raise ApiError(
+            422,
+            f"{field}: pixels must lie in [0, 1] (raw pixels, not normalised ones); "
+            f"found values in [{lo:.4g}, {hi:.4g}]",
+        )
     return torch.from_numpy(np.clip(arr, 0.0, 1.0).astype(np.float32))  # a copy: frombuffer arrays are read-only
 
 
@@ -360,9 +419,19 @@ def check_top_k(top_k: int | None, num_classes: int) -> int:
 def infer_openapi_body() -> dict:
     """The request body of POST /infer for /docs: the JSON model and the binary encoding."""
     schema = InferRequest.model_json_schema()
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": schema, "example": {"inputs": [[[0.0, 0.5], [1.0, 0.25]]], "top_k": 3}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary",
-                                                "description": "little-endian float32 pixels in [0, 1]; "
-                                                               "shape in the X-Shape header, e.g. 8,1,28,28"}},
-    }}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schema, "example": {"inputs": [[[0.0, 0.5], [1.0, 0.25]]], "top_k": 3}},
+                "application/octet-stream": {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "little-endian float32 pixels in [0, 1]; "
+                        "shape in the X-Shape header, e.g. 8,1,28,28",
+                    }
+                },
+            },
+        }
+    }

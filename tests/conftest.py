@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny two-node config on the bundled data, trained and searched once per session."""
+
 import os
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -6,6 +6,7 @@ new group with the kernel's files, its writes to ``cgroup.procs`` (a whole proce
 v1) move tasks and update /proc, and its rmdir refuses a group that holds tasks or groups, as the kernel does.
 It records every change, so a test can say where coderay wrote, not only what it read.
 """
+
 from __future__ import annotations
 
 import errno
@@ -15,11 +16,21 @@ from pathlib import Path
 
 from coderay import capacity
 
-V1_FILES = {"cgroup.procs": "", "tasks": "", "cpu.cfs_quota_us": "-1\n", "cpu.cfs_period_us": "100000\n",
-            "cpu.shares": "1024\n", "cpu.stat": "nr_periods 0\nnr_throttled 0\nthrottled_time 0\n",
-            "cpuacct.usage": "0\n"}
-V2_FILES = {"cgroup.procs": "", "cgroup.threads": "", "cgroup.subtree_control": "\n",
-            "cpu.stat": "usage_usec 0\nnr_periods 0\nnr_throttled 0\nthrottled_usec 0\n"}
+V1_FILES = {
+    "cgroup.procs": "",
+    "tasks": "",
+    "cpu.cfs_quota_us": "-1\n",
+    "cpu.cfs_period_us": "100000\n",
+    "cpu.shares": "1024\n",
+    "cpu.stat": "nr_periods 0\nnr_throttled 0\nthrottled_time 0\n",
+    "cpuacct.usage": "0\n",
+}
+V2_FILES = {
+    "cgroup.procs": "",
+    "cgroup.threads": "",
+    "cgroup.subtree_control": "\n",
+    "cpu.stat": "usage_usec 0\nnr_periods 0\nnr_throttled 0\nthrottled_usec 0\n",
+}
 V2_CONTROLLERS = "cpuset cpu io memory pids"
 
 
@@ -33,7 +44,7 @@ class FakeKernel(capacity.Cgroupfs):
         self.version, self.view = version, view
         self.root = base / ("cpu" if version == 1 else "unified")
         self.proc = base / "proc"
-        self.threads: dict[int, tuple[int, Path]] = {}      # tid -> (pid, group directory)
+        self.threads: dict[int, tuple[int, Path]] = {}  # tid -> (pid, group directory)
         self.starts: dict[int, int] = {}
         self.made: list[Path] = []
         self.written: list[tuple[Path, str]] = []
@@ -63,7 +74,7 @@ class FakeKernel(capacity.Cgroupfs):
         """The directory of a hierarchy path; missing groups on the way are made (as an administrator would)."""
         rel = posixpath.relpath(where, self.view)
         d = self.root
-        for part in ([] if rel == "." else rel.split("/")):
+        for part in [] if rel == "." else rel.split("/"):
             d = d / part
             if not d.is_dir():
                 d.mkdir()
@@ -145,12 +156,13 @@ class FakeKernel(capacity.Cgroupfs):
         kind = "cgroup cgroup rw,cpu,cpuacct" if self.version == 1 else "cgroup2 cgroup2 rw"
         (self.proc / "self").mkdir(exist_ok=True)
         (self.proc / "self" / "mountinfo").write_text(
-            f"23 1 0:21 / /sys rw,nosuid - sysfs sysfs rw\n"
-            f"32 23 0:29 {self.view} {self.root} {flags} - {kind}\n")
+            f"23 1 0:21 / /sys rw,nosuid - sysfs sysfs rw\n32 23 0:29 {self.view} {self.root} {flags} - {kind}\n"
+        )
 
     def _stat(self, pid: int, state: str) -> None:
         (self.proc / str(pid) / "stat").write_text(
-            f"{pid} (fake worker) {state} " + " ".join(["0"] * 18) + f" {self.starts[pid]} 0 0\n")
+            f"{pid} (fake worker) {state} " + " ".join(["0"] * 18) + f" {self.starts[pid]} 0 0\n"
+        )
 
     def _move(self, tids: list[int], group: Path) -> None:
         for tid in tids:
@@ -167,7 +179,8 @@ class FakeKernel(capacity.Cgroupfs):
             members = [(t, p) for t, (p, g) in self.threads.items() if g == d]
             (d / "cgroup.procs").write_text("".join(f"{p}\n" for p in sorted({p for _, p in members})))
             (d / ("tasks" if self.version == 1 else "cgroup.threads")).write_text(
-                "".join(f"{t}\n" for t, _ in sorted(members)))
+                "".join(f"{t}\n" for t, _ in sorted(members))
+            )
         for tid, (pid, group) in self.threads.items():
             (self.proc / str(pid) / "task" / str(tid) / "cgroup").write_text(self._line(group))
             if tid == pid:

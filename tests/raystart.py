@@ -8,6 +8,7 @@ SIGTERM. Several Ray clusters may share this machine: every fixed default port i
 or set to 0, each node keeps its own temp dir, and `stop()` signals only the processes this cluster started
 (never `ray stop`, which stops every Ray process on the machine).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,13 @@ HEAD_IP = "127.0.0.2"
 MARKER = "CODERAY_RAYSTART"  # in every node's environment, so every process of the cluster carries it
 RAY = str(Path(sys.executable).with_name("ray"))
 # Inherited settings that would point a node or driver at another cluster, token or address.
-_FOREIGN = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS",
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+_FOREIGN = (
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_AUTH_MODE",
+    "RAY_ADDRESS",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+)
 
 
 def worker_ip(index: int) -> str:
@@ -79,8 +85,15 @@ class RayStartCluster:
     drain_timeout_s: Ray's drain on SIGTERM (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S); None keeps Ray's 30 s.
     """
 
-    def __init__(self, nodes: Mapping[str, int], *, head_cpus: int = 1, object_store_mb: int = 90,
-                 drain_timeout_s: float | None = None, start_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        nodes: Mapping[str, int],
+        *,
+        head_cpus: int = 1,
+        object_store_mb: int = 90,
+        drain_timeout_s: float | None = None,
+        start_timeout_s: float = 120.0,
+    ):
         if len(nodes) > 250:
             raise ValueError("at most 250 worker nodes fit on 127.0.0.0/24 after the head")
         self.nodes = dict(nodes)
@@ -116,9 +129,19 @@ class RayStartCluster:
             gcs_port, client_port, dash_port = free_ports(3)
             self.address = f"{HEAD_IP}:{gcs_port}"
             self.dashboard_url = f"http://{HEAD_IP}:{dash_port}"
-            self._spawn("head", ["--head", f"--port={gcs_port}", f"--ray-client-server-port={client_port}",
-                                 "--include-dashboard=true", f"--dashboard-host={HEAD_IP}",
-                                 f"--dashboard-port={dash_port}", f"--num-cpus={self.head_cpus}"], {"head": 1})
+            self._spawn(
+                "head",
+                [
+                    "--head",
+                    f"--port={gcs_port}",
+                    f"--ray-client-server-port={client_port}",
+                    "--include-dashboard=true",
+                    f"--dashboard-host={HEAD_IP}",
+                    f"--dashboard-port={dash_port}",
+                    f"--num-cpus={self.head_cpus}",
+                ],
+                {"head": 1},
+            )
             self._wait_tcp("head", HEAD_IP, gcs_port)
             for name, cpus in self.nodes.items():
                 self._spawn(name, [f"--address={self.address}", f"--num-cpus={cpus}"], {name: 1})
@@ -139,8 +162,12 @@ class RayStartCluster:
         self.token = path.read_text().strip()
         # What a driver (or `serve deploy`, `ray job submit`) adds to its environment to join. The token itself
         # too: an inherited RAY_AUTH_TOKEN would win over the file. The nodes read only the file, as servers would.
-        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path), "RAY_AUTH_TOKEN": self.token,
-                    "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env = {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(path),
+            "RAY_AUTH_TOKEN": self.token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
 
     @staticmethod
     def _base_env() -> dict[str, str]:
@@ -156,19 +183,32 @@ class RayStartCluster:
         store = self.root / "stores" / name
         store.mkdir(parents=True)
         self.stores[name] = store
-        cmd = [RAY, "start", "--block", f"--node-ip-address={ip}", *args,
-               f"--resources={json.dumps(resources)}", f"--object-store-memory={self.object_store_mb * 2**20}",
-               f"--temp-dir={self.root / name}", "--node-manager-port=0", "--object-manager-port=0",
-               "--dashboard-agent-listen-port=0", "--dashboard-agent-grpc-port=0", "--metrics-export-port=0",
-               "--runtime-env-agent-port=0", "--disable-usage-stats"]
+        cmd = [
+            RAY,
+            "start",
+            "--block",
+            f"--node-ip-address={ip}",
+            *args,
+            f"--resources={json.dumps(resources)}",
+            f"--object-store-memory={self.object_store_mb * 2**20}",
+            f"--temp-dir={self.root / name}",
+            "--node-manager-port=0",
+            "--object-manager-port=0",
+            "--dashboard-agent-listen-port=0",
+            "--dashboard-agent-grpc-port=0",
+            "--metrics-export-port=0",
+            "--runtime-env-agent-port=0",
+            "--disable-usage-stats",
+        ]
         env = self._base_env() | {k: v for k, v in self.env.items() if k != "RAY_AUTH_TOKEN"}
         env |= {"CODERAY_STORE": str(store), MARKER: str(self.root)}
         if self.drain_timeout_s is not None:
             env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = str(self.drain_timeout_s)
         self.commands[name] = cmd
         with open(self.root / "logs" / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
 
     def log_tail(self, name: str, lines: int = 25) -> str:
         """The last lines of a node's `ray start` output."""
@@ -182,8 +222,10 @@ class RayStartCluster:
     def _check_running(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
-                raise RuntimeError(f"ray start for node {name!r} exited with {proc.returncode} (logs under "
-                                   f"{self.root}):\n{self.log_tail(name)}")
+                raise RuntimeError(
+                    f"ray start for node {name!r} exited with {proc.returncode} (logs under "
+                    f"{self.root}):\n{self.log_tail(name)}"
+                )
 
     def _wait_tcp(self, name: str, host: str, port: int) -> None:
         deadline = time.monotonic() + self.start_timeout_s
@@ -194,13 +236,16 @@ class RayStartCluster:
                 if s.connect_ex((host, port)) == 0:
                     return
             time.sleep(0.3)
-        raise TimeoutError(f"node {name!r}: nothing listens on {host}:{port} after {self.start_timeout_s:.0f} s:\n"
-                           f"{self.log_tail(name)}")
+        raise TimeoutError(
+            f"node {name!r}: nothing listens on {host}:{port} after {self.start_timeout_s:.0f} s:\n"
+            f"{self.log_tail(name)}"
+        )
 
     def alive_nodes(self) -> dict[str, dict[str, Any]]:
         """Alive nodes by IP, from the dashboard's state API (with the token; raises if it does not answer)."""
-        req = urllib.request.Request(f"{self.dashboard_url}/api/v0/nodes?limit=1000",
-                                     headers={"Authorization": f"Bearer {self.token}"})
+        req = urllib.request.Request(
+            f"{self.dashboard_url}/api/v0/nodes?limit=1000", headers={"Authorization": f"Bearer {self.token}"}
+        )
         with urllib.request.urlopen(req, timeout=5) as resp:
             rows = json.load(resp)["data"]["result"]["result"]
         return {r["node_ip"]: r for r in rows if r["state"] == "ALIVE"}
@@ -214,8 +259,9 @@ class RayStartCluster:
                 nodes = self.alive_nodes()
             except (OSError, urllib.error.URLError, KeyError, ValueError):
                 nodes = {}
-            missing = {n: ip for n, ip in self.ips().items()
-                       if ip not in nodes or nodes[ip]["resources_total"].get(n) != 1}
+            missing = {
+                n: ip for n, ip in self.ips().items() if ip not in nodes or nodes[ip]["resources_total"].get(n) != 1
+            }
             if not missing:
                 return
             time.sleep(0.5)

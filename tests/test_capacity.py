@@ -1,4 +1,5 @@
 """CPU caps for emulated nodes: real busy processes under a node's quota, clean-up, the budget, refusal."""
+
 import json
 import logging
 import os
@@ -70,9 +71,16 @@ def session(monkeypatch):
 def _children(node: str, share: float, n: int, threads: int = 0) -> list[dict]:
     env = os.environ | {"PYTHONPATH": str(REPO)}
     start = time.time() + 0.5  # every child has joined by then (they import only the stdlib)
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, node, str(share), str(start), str(BURN_S),
-                               str(threads)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, node, str(share), str(start), str(BURN_S), str(threads)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(n)
+    ]
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=30)
@@ -93,8 +101,9 @@ def _measured(node: str, share: float, n: int, threads: int = 0, attempts: int =
         name = f"{node}-{i}"
         rs = _children(name, share, n, threads)
         got = sum(r["cpu"] / r["wall"] for r in rs)
-        assert got <= share * 1.2, f"attempt {i}: {got:.3f} CPU used above a {share} CPU quota; joins: " + \
-            "; ".join(json.dumps(r["join"]) for r in rs)
+        assert got <= share * 1.2, f"attempt {i}: {got:.3f} CPU used above a {share} CPU quota; joins: " + "; ".join(
+            json.dumps(r["join"]) for r in rs
+        )
         if share * 0.8 <= got:
             break
     return name, rs
@@ -132,12 +141,23 @@ def test_processes_of_one_node_share_its_quota(session):
 
 def test_cleanup_removes_groups(session):
     det = _skip_unless_caps()
-    gone = subprocess.run([sys.executable, "-c", "from coderay import capacity; capacity.join('edge-gone', 0.2)"],
-                          env=os.environ | {"PYTHONPATH": str(REPO)}, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "from coderay import capacity; capacity.join('edge-gone', 0.2)"],
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+        check=True,
+    )
     assert gone.returncode == 0
-    alive = subprocess.Popen([sys.executable, "-c", "import sys, time; from coderay import capacity; "
-                              "capacity.join('edge-alive', 0.2); print('in', flush=True); time.sleep(60)"],
-                             env=os.environ | {"PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    alive = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from coderay import capacity; "
+            "capacity.join('edge-alive', 0.2); print('in', flush=True); time.sleep(60)",
+        ],
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert alive.stdout.readline().strip() == "in"
         groups = det.cpu_root / capacity.PARENT / session
@@ -199,16 +219,22 @@ def test_ray_actor_joined_in_init_gets_node_share(monkeypatch):
     det = _skip_unless_caps()
     monkeypatch.delenv(capacity.SESSION_ENV, raising=False)
     try:
-        run = subprocess.run([sys.executable, str(REPO / "bench" / "capacity_check.py"), "--json", "--share",
-                              "0.3", "--burn-s", "1.2"], capture_output=True, text=True, timeout=120,
-                             env=os.environ | {"PYTHONPATH": str(REPO)})
+        run = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "capacity_check.py"), "--json", "--share", "0.3", "--burn-s", "1.2"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ | {"PYTHONPATH": str(REPO)},
+        )
     finally:
         capacity.sweep()  # had the script died: its owner is gone and its groups are empty, remove them
     assert run.returncode in (0, 1), run.stderr[-2000:]
     r = json.loads(run.stdout.strip().splitlines()[-1])
     one, two = r["one_actor"], r["two_actors"]
-    print(f"{r['mechanism']}: Ray actor share 0.3 asked, {one['got']:.3f} got ({one['threads_inside']}/"
-          f"{one['threads']} threads in group); 2 actors of one node {two['got']:.3f} together")
+    print(
+        f"{r['mechanism']}: Ray actor share 0.3 asked, {one['got']:.3f} got ({one['threads_inside']}/"
+        f"{one['threads']} threads in group); 2 actors of one node {two['got']:.3f} together"
+    )
     assert r["mechanism"] == det.kind
     assert one["threads_inside"] == one["threads"] > 5  # gRPC and Ray's own threads moved with the worker
     assert two["threads_inside"] == two["threads"]
@@ -229,8 +255,9 @@ def test_v2_layout_on_a_fake_tree(tmp_path, monkeypatch):
     r = capacity.join("edge-v2", 0.3)
     group = tmp_path / capacity.PARENT / "fake" / "edge-v2"
     assert (group / "cpu.max").read_text() == "6000 20000"
-    assert all((d / "cgroup.subtree_control").read_text() == "+cpu"
-               for d in (tmp_path, group.parent.parent, group.parent))
+    assert all(
+        (d / "cgroup.subtree_control").read_text() == "+cpu" for d in (tmp_path, group.parent.parent, group.parent)
+    )
     assert r.mechanism.startswith("none: cgroup-v2 refused") and "stayed outside" in r.mechanism
     (group / "cpu.stat").write_text("usage_usec 1500000\nnr_periods 10\nnr_throttled 4\nthrottled_usec 250000\n")
     used = capacity.usage("edge-v2")
@@ -275,8 +302,9 @@ def test_capped_profile_is_the_node_time_of_each_blocks_cpu(session):
             return x + 1
 
     before = _thread_group()
-    node_ms = sustained_block_ms(cfg, spec, [Costly(0.002), Costly(0.005)], (1, 28, 28), seconds=0.05,
-                                 cpu_clock=lambda: clock["cpu_s"])
+    node_ms = sustained_block_ms(
+        cfg, spec, [Costly(0.002), Costly(0.005)], (1, 28, 28), seconds=0.05, cpu_clock=lambda: clock["cpu_s"]
+    )
     assert share < 1 and node_ms == pytest.approx([2 / share, 5 / share])
     inside = f"/{capacity.PARENT}/{session}/{spec.node}"
     assert len(seen) >= 6 and all(g.rstrip("/").endswith(inside) for g in seen), set(seen)
@@ -369,11 +397,12 @@ def test_fake_groups_nest_under_coderay_and_leave_goes_home(fake):
     before_leave = len(fake.written)
     fake.add_thread(pid, 4243)
     assert capacity.join("edge-b", 0.2, pid=pid).capped and fake.where(4243) == "/coderay/fake/edge-b"
-    assert capacity.join("edge-a", 0.5, pid=pid).capped            # timing_as's way back to the previous node
+    assert capacity.join("edge-a", 0.5, pid=pid).capped  # timing_as's way back to the previous node
     assert capacity.leave(pid) is True
     assert fake.where(pid) == fake.where(4243) == "/system.slice/app.service"
-    assert [w for w in fake.written[before_leave:] if not w[0].is_relative_to(coderay)] == \
-        [(home / "cgroup.procs", str(pid))]
+    assert [w for w in fake.written[before_leave:] if not w[0].is_relative_to(coderay)] == [
+        (home / "cgroup.procs", str(pid))
+    ]
     assert (fake.root / "cgroup.procs").read_text() == ""
     assert capacity.leave(pid) is False and fake.where(pid) == "/system.slice/app.service"  # no record: stays
 
@@ -387,8 +416,12 @@ def test_fake_v1_leave_returns_each_thread_to_its_own_group(tmp_path, monkeypatc
     fake.add_thread(pid, 503)
     assert capacity.leave(pid)
     assert [fake.where(t) for t in (500, 501, 502, 503)] == ["/app", "/app", "/app/io", "/app"]
-    assert sorted((p.relative_to(fake.root).as_posix(), t) for p, t in fake.written if p.name == "tasks") == \
-        [("app/io/tasks", "502"), ("app/tasks", "500"), ("app/tasks", "501"), ("app/tasks", "503")]
+    assert sorted((p.relative_to(fake.root).as_posix(), t) for p, t in fake.written if p.name == "tasks") == [
+        ("app/io/tasks", "502"),
+        ("app/tasks", "500"),
+        ("app/tasks", "501"),
+        ("app/tasks", "503"),
+    ]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="detection reads the mount table on Linux only")
@@ -437,10 +470,16 @@ def test_fake_sweep_removes_only_stale_sessions(fake):
     fake.spawn(100, "/user", start=5000)
     fake.spawn(104, "/user", start=4000)
     fake.zombie(104)
-    dead, reused, live = "20260101-000000-101-4000-aaaaaa", "20260101-000000-100-4999-bbbbbb", \
-        "20260101-000000-100-5000-cccccc"
-    orphans, old_style, zombie = "20260101-000000-102-4000-dddddd", "20260101-000000-103-eeeeee", \
-        "20260101-000000-104-4000-ffffff"
+    dead, reused, live = (
+        "20260101-000000-101-4000-aaaaaa",
+        "20260101-000000-100-4999-bbbbbb",
+        "20260101-000000-100-5000-cccccc",
+    )
+    orphans, old_style, zombie = (
+        "20260101-000000-102-4000-dddddd",
+        "20260101-000000-103-eeeeee",
+        "20260101-000000-104-4000-ffffff",
+    )
     for i, name in enumerate([dead, reused, live, orphans, old_style, zombie, "by-hand"]):
         fake.spawn(200 + i, "/user")
         assert capacity.join("edge-a", 0.3, pid=200 + i, session=name).capped
@@ -453,8 +492,9 @@ def test_fake_sweep_removes_only_stale_sessions(fake):
     assert {capacity.session_owner(n) for n in (live, old_style, "by-hand")} == {(100, 5000), (103, None), None}
 
     removed = capacity.sweep()
-    assert sorted(Path(p).name for p in removed if Path(p).parent == coderay) == sorted([dead, reused, old_style,
-                                                                                          zombie])
+    assert sorted(Path(p).name for p in removed if Path(p).parent == coderay) == sorted(
+        [dead, reused, old_style, zombie]
+    )
     assert sorted(p.name for p in coderay.iterdir() if p.is_dir()) == sorted([live, orphans, "by-hand"])
     assert (coderay / orphans / "edge-b").is_dir()  # a session in use is kept whole
     assert (fake.root / "user").is_dir() and all(p.is_relative_to(coderay) for p in fake.removed)
@@ -484,8 +524,12 @@ def test_session_names_cannot_climb_out_of_coderays_group(fake, monkeypatch):
     """A session named ".." would put <root>/coderay/.. = the root in clean-up's hands: refused before any path."""
     outside = fake.group("/system.slice")
     monkeypatch.setenv(capacity.SESSION_ENV, "..")
-    for call in (capacity.cleanup, lambda: capacity.usage("system.slice"), lambda: capacity.group_pids("x"),
-                 lambda: capacity.threads_in_group("x")):
+    for call in (
+        capacity.cleanup,
+        lambda: capacity.usage("system.slice"),
+        lambda: capacity.group_pids("x"),
+        lambda: capacity.threads_in_group("x"),
+    ):
         with pytest.raises(ValueError, match="session name"):
             call()
     assert outside.is_dir() and fake.removed == []
@@ -535,8 +579,14 @@ def test_leave_returns_each_thread_to_its_group_on_this_machine(session):
     main_home, side_home = homes / "main", homes / ("side" if det.kind == capacity.V1 else "main")
     for d in (main_home, side_home):
         d.mkdir(parents=True, exist_ok=True)
-    run = subprocess.run([sys.executable, "-c", HOMES_CHILD, str(main_home), str(side_home)], capture_output=True,
-                         text=True, timeout=60, check=False, env=os.environ | {"PYTHONPATH": str(REPO)})
+    run = subprocess.run(
+        [sys.executable, "-c", HOMES_CHILD, str(main_home), str(side_home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+    )
     assert run.returncode == 0, run.stderr
     r = json.loads(run.stdout.strip().splitlines()[-1])
     rel = f"/{capacity.PARENT}/{session}"
@@ -577,8 +627,9 @@ def test_sweep_on_this_machine_keeps_live_sessions(session):
     env = os.environ | {"PYTHONPATH": str(REPO)}
 
     def driver(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", SESSION_CHILD, mode], capture_output=True, text=True,
-                             timeout=60, env=env, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", SESSION_CHILD, mode], capture_output=True, text=True, timeout=60, env=env, check=True
+        ).stdout.split()
         return out[0], int(out[1])
 
     orphan, worker = driver("orphan")  # drivers sweep at start-up: the one to be swept here starts last

@@ -1,5 +1,6 @@
 """`coderay up` as a user runs it: a separate process that loads the cached training and search, starts its
 own local Ray cluster, serves over HTTP until it is told to stop, and then shuts everything down."""
+
 import json
 import os
 import re
@@ -19,8 +20,13 @@ def test_up_serves_until_sigterm_then_exits_cleanly(trained_cfg, searched_table,
     the workdir; `coderay status` finds it, a driver without it is refused."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env |= {"PYTHONUNBUFFERED": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "coderay.cli", "up", str(tiny_config_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coderay.cli", "up", str(tiny_config_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines, url = [], None
     try:
         deadline = time.monotonic() + 240
@@ -46,12 +52,21 @@ def test_up_serves_until_sigterm_then_exits_cleanly(trained_cfg, searched_table,
         address = re.search(r"Ray: +(\S+), token authentication, token in (\S+) ", out)
         assert address and address.group(2) == str(token) and token.stat().st_mode & 0o077 == 0, out[-3000:]
         address = address.group(1)
-        status = subprocess.run([sys.executable, "-m", "coderay.cli", "status", str(tiny_config_path), "--json",
-                                 "--address", address], env=env, capture_output=True, text=True, timeout=120)
+        status = subprocess.run(
+            [sys.executable, "-m", "coderay.cli", "status", str(tiny_config_path), "--json", "--address", address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert status.returncode == 0 and "digits" in json.loads(status.stdout)["services"], status.stderr[-2000:]
-        refused = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{address}')"], timeout=120,
-                                 env=env | {"RAY_AUTH_MODE": "disabled", "RAY_gcs_server_port_wait_time_s": "3"},
-                                 capture_output=True, text=True)
+        refused = subprocess.run(
+            [sys.executable, "-c", f"import ray; ray.init(address='{address}')"],
+            timeout=120,
+            env=env | {"RAY_AUTH_MODE": "disabled", "RAY_gcs_server_port_wait_time_s": "3"},
+            capture_output=True,
+            text=True,
+        )
         assert refused.returncode != 0 and "Authentication" in refused.stderr, refused.stderr[-2000:]
 
         proc.send_signal(signal.SIGTERM)

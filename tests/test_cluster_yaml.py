@@ -1,4 +1,5 @@
 """cluster.yaml is a valid `ray up` file, and names the resource scheme coderay pins to."""
+
 import json
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Config validation: the demo loads; every bad file names the file and the field."""
+
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ def test_demo_config_is_valid():
     cfg = load_config(DEFAULT_CONFIG)
     assert len(cfg.services) >= 3
     assert len({s.node for s in cfg.services}) >= 2
-    assert len({n.speed for n in cfg.nodes}) >= 2          # heterogeneous capacity
+    assert len({n.speed for n in cfg.nodes}) >= 2  # heterogeneous capacity
     assert cfg.service("digits").task == "digits"
 
 
@@ -23,27 +24,58 @@ services: [{name: s, arch: small_cnn, task: digits, node: a}]
 """
 
 
-@pytest.mark.parametrize("text, field, expected", [
-    ("nodes: [{name: a, cpus: lots}]\nservices: [{name: s, arch: small_cnn, task: digits, node: a}]",
-     "nodes[0].cpus", "number"),
-    ("nodes: [{name: a}]\nservices: [{name: s, arch: small_cnn, task: digits, node: b}]",
-     "services[0].node", "expected one of ['a']"),
-    ("nodes: [{name: a}]\nservices: [{name: s, arch: vgg99, task: digits, node: a}]",
-     "services[0].arch", "small_cnn"),
-    ("nodes: [{name: a}]\nservices: [{name: s, arch: small_cnn, task: cats, node: a}]",
-     "services[0].task", "mnist5k"),
-    ("nodes: [{name: a}]\nservices: [{name: s, arch: small_cnn, task: digits, node: a, guest_quota: 40}]",
-     "services[0]", "must not exceed batch_size"),
-    ("nodes: [{name: a}]\nservices: [{name: s, arch: small_cnn, task: digits, node: a, colour: red}]",
-     "services[0].colour", "Extra inputs"),
-    ("nodes: [{name: a}, {name: a}]\nservices: [{name: s, arch: small_cnn, task: digits, node: a}]",
-     "nodes[1].name", "duplicate"),
-    ("nodes: [{name: a}]\nservices: [{name: s, arch: small_cnn, task: digits, node: a}]\nsearch: {top_k: 0}",
-     "search.top_k", "greater than or equal to 1"),
-    ("nodes: [{name: a}]\nservices: [{name: s, arch: small_cnn, task: digits, node: a}]\nreward: {accuracy: cubic}",
-     "reward.accuracy", "power"),
-    ("services: [{name: s, arch: small_cnn, task: digits, node: a}]", "nodes", "Field required"),
-])
+@pytest.mark.parametrize(
+    "text, field, expected",
+    [
+        (
+            "nodes: [{name: a, cpus: lots}]\nservices: [{name: s, arch: small_cnn, task: digits, node: a}]",
+            "nodes[0].cpus",
+            "number",
+        ),
+        (
+            "nodes: [{name: a}]\nservices: [{name: s, arch: small_cnn, task: digits, node: b}]",
+            "services[0].node",
+            "expected one of ['a']",
+        ),
+        (
+            "nodes: [{name: a}]\nservices: [{name: s, arch: vgg99, task: digits, node: a}]",
+            "services[0].arch",
+            "small_cnn",
+        ),
+        (
+            "nodes: [{name: a}]\nservices: [{name: s, arch: small_cnn, task: cats, node: a}]",
+            "services[0].task",
+            "mnist5k",
+        ),
+        (
+            "nodes: [{name: a}]\nservices: [{name: s, arch: small_cnn, task: digits, node: a, guest_quota: 40}]",
+            "services[0]",
+            "must not exceed batch_size",
+        ),
+        (
+            "nodes: [{name: a}]\nservices: [{name: s, arch: small_cnn, task: digits, node: a, colour: red}]",
+            "services[0].colour",
+            "Extra inputs",
+        ),
+        (
+            "nodes: [{name: a}, {name: a}]\nservices: [{name: s, arch: small_cnn, task: digits, node: a}]",
+            "nodes[1].name",
+            "duplicate",
+        ),
+        (
+            "nodes: [{name: a}]\nservices: [{name: s, arch: small_cnn, task: digits, node: a}]\nsearch: {top_k: 0}",
+            "search.top_k",
+            "greater than or equal to 1",
+        ),
+        (
+            "nodes: [{name: a}]\nservices: [{name: s, arch: small_cnn, task: digits, node: a}]\n"
+            "reward: {accuracy: cubic}",
+            "reward.accuracy",
+            "power",
+        ),
+        ("services: [{name: s, arch: small_cnn, task: digits, node: a}]", "nodes", "Field required"),
+    ],
+)
 def test_bad_config_names_file_and_field(tmp_path, text, field, expected):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -81,13 +113,25 @@ def test_fingerprint_is_stable_and_sensitive():
     cfg = load_config(DEFAULT_CONFIG)
     svc = cfg.services[0]
     here = cfg.fingerprint(svc, cfg.seed)
-    code = ("import sys; from coderay.config import CoderayConfig; c = CoderayConfig.model_validate_json(sys.stdin.read()); "
-            "print(c.fingerprint(c.services[0], c.seed))")
+    code = (
+        "import sys; from coderay.config import CoderayConfig; "
+        "c = CoderayConfig.model_validate_json(sys.stdin.read()); print(c.fingerprint(c.services[0], c.seed))"
+    )
     seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"
-    there = subprocess.run([sys.executable, "-c", code], input=cfg.model_dump_json(), capture_output=True, text=True,
-                           env=os.environ | {"PYTHONHASHSEED": seed}, timeout=60, check=True).stdout.strip()
+    there = subprocess.run(
+        [sys.executable, "-c", code],
+        input=cfg.model_dump_json(),
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONHASHSEED": seed},
+        timeout=60,
+        check=True,
+    ).stdout.strip()
     assert there == here
-    for update in ({"task": "digits-parity"}, {"arch_kwargs": {**svc.arch_kwargs, "widths": [4, 8, 16, 16]}},
-                   {"train": svc.train.model_copy(update={"epochs": svc.train.epochs + 1})}):
+    for update in (
+        {"task": "digits-parity"},
+        {"arch_kwargs": {**svc.arch_kwargs, "widths": [4, 8, 16, 16]}},
+        {"train": svc.train.model_copy(update={"epochs": svc.train.epochs + 1})},
+    ):
         assert cfg.fingerprint(svc.model_copy(update=update), cfg.seed) != here, update
     assert cfg.fingerprint(svc, cfg.seed + 1) != here

@@ -3,6 +3,7 @@ one controller for the whole module. Tests run in file order; the last one remov
 
 Every bound is generous (a loaded 2-core machine); each test prints the seconds it measured.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,17 +28,18 @@ def ctl(trained_cfg, searched_table):
 
     # a request timeout longer than Ray takes to declare a crashed node dead (~12 s), so that the lost-host test
     # sees the ingress end calls through it when the controller says so, not when either of those runs out
-    serving = trained_cfg.serving.model_copy(update={"request_timeout_s": 20.0, "ingress_replicas": 2,
-                                                     "fallback_cooldown_s": 10.0})
+    serving = trained_cfg.serving.model_copy(
+        update={"request_timeout_s": 20.0, "ingress_replicas": 2, "fallback_cooldown_s": 10.0}
+    )
     emulation = trained_cfg.emulation.model_copy(update={"cpu_caps": True})
     # a small hysteresis: the tiny services gain little from cooperating (a share's reward differs by a few %)
-    controller = trained_cfg.controller.model_copy(update={"interval_s": 1.0, "min_dwell_s": 2.0,
-                                                           "hysteresis": 0.02})
+    controller = trained_cfg.controller.model_copy(update={"interval_s": 1.0, "min_dwell_s": 2.0, "hysteresis": 0.02})
     # accuracy weighs less than in the search (α 1, not 8), so that cooperating pays at idle whatever the tiny
     # search measured (the table's best may be local-only: profiles vary); the controller re-scores every row
     reward = trained_cfg.reward.model_copy(update={"alpha": 1.0})
-    cfg = trained_cfg.model_copy(update={"serving": serving, "emulation": emulation, "controller": controller,
-                                         "reward": reward})
+    cfg = trained_cfg.model_copy(
+        update={"serving": serving, "emulation": emulation, "controller": controller, "reward": reward}
+    )
     if ray.is_initialized():
         ray.shutdown()
     cluster = LocalCluster(cfg)
@@ -47,8 +49,7 @@ def ctl(trained_cfg, searched_table):
         actor = start_controller(cfg, searched_table.rows)
         print(f"\ndeployed with the controller in {time.perf_counter() - start:.1f} s at {url}")
         with httpx.Client(base_url=url, timeout=60) as client:
-            yield SimpleNamespace(cfg=cfg, cluster=cluster, url=url, client=client, table=searched_table,
-                                  actor=actor)
+            yield SimpleNamespace(cfg=cfg, cluster=cluster, url=url, client=client, table=searched_table, actor=actor)
     finally:
         stop_controller()
         serve.shutdown()
@@ -77,8 +78,11 @@ def wait_for(what, cond, timeout_s: float, every: float = 0.5):
 
 def post(client, svc: str, n: int = 2) -> httpx.Response:
     x = np.full((n, 1, 28, 28), 0.5, dtype="<f4")
-    return client.post(f"/v1/services/{svc}/infer", content=x.tobytes(),
-                       headers={"Content-Type": "application/octet-stream", "X-Shape": f"{n},1,28,28"})
+    return client.post(
+        f"/v1/services/{svc}/infer",
+        content=x.tobytes(),
+        headers={"Content-Type": "application/octet-stream", "X-Shape": f"{n},1,28,28"},
+    )
 
 
 def replica_routes(ctl) -> dict:
@@ -87,8 +91,9 @@ def replica_routes(ctl) -> dict:
 
 
 def test_routes_reach_every_ingress_replica_and_status_is_served(ctl):
-    replicas, secs = wait_for("both ingress replicas syncing",
-                              lambda: (r := replica_routes(ctl)) and len(r) == 2 and r, 90)
+    replicas, secs = wait_for(
+        "both ingress replicas syncing", lambda: (r := replica_routes(ctl)) and len(r) == 2 and r, 90
+    )
     print(f"\nboth ingress replicas synced after {secs:.1f} s: {sorted(replicas)}")
     st, secs = wait_for("every replica on the controller's routes", lambda: _all_on_routes(ctl), 60)
     print(f"every replica on the controller's routes after {secs:.1f} s more: {st['routes']}")
@@ -108,40 +113,64 @@ def test_routes_reach_every_ingress_replica_and_status_is_served(ctl):
         t0 = time.perf_counter()
         assert post(ctl.client, "mnist").status_code == 200
         sent.append((time.perf_counter() - t0) * 1e3)
-    seen, secs = wait_for("the host's own latency measured",
-                          lambda: (s := status(ctl))["hosts"][node]["own_latency_ms"] > 0 and s, 30)
-    measured = seen["hosts"][node]["own_latency_ms"]      # a moving average over the intervals
-    print(f"{len(sent)} mnist requests, {np.mean(sent):.1f} ms each at the client; the controller measured "
-          f"{measured:.1f} ms in the ingress; hosts: {seen['hosts']}")
+    seen, secs = wait_for(
+        "the host's own latency measured", lambda: (s := status(ctl))["hosts"][node]["own_latency_ms"] > 0 and s, 30
+    )
+    measured = seen["hosts"][node]["own_latency_ms"]  # a moving average over the intervals
+    print(
+        f"{len(sent)} mnist requests, {np.mean(sent):.1f} ms each at the client; the controller measured "
+        f"{measured:.1f} ms in the ingress; hosts: {seen['hosts']}"
+    )
     assert 0 < measured <= max(sent) and node in seen["hosts"] and not seen["hosts"][node]["waiting"]
 
 
 def _all_on_routes(ctl):
     s = status(ctl)
     live = {rid: r for rid, r in s["ingress_replicas"].items() if r["age_s"] < 5}
-    return s if s["controller"]["ticks"] >= 3 and len(live) == 2 and all(
-        r["routes"] == s["routes"] for r in live.values()) else None
+    return (
+        s
+        if s["controller"]["ticks"] >= 3 and len(live) == 2 and all(r["routes"] == s["routes"] for r in live.values())
+        else None
+    )
 
 
 def test_the_controller_switches_a_route_by_itself_when_the_host_is_flooded(ctl, keep_busy):
     """mnist's block group kept busy with its own samples: the controller sees mnist's node taken by its own
     load and lowers digits' guest share (or leaves the host); once the flood stops, the share comes back."""
+
     def digits_route():
         return status(ctl)["routes"]["digits"]
 
-    before, secs = wait_for("an idle cooperative choice", lambda: (r := digits_route())["path"] != "digits:local"
-                            and r["coop_fraction"] > 0 and r, 60)
+    before, secs = wait_for(
+        "an idle cooperative choice",
+        lambda: (r := digits_route())["path"] != "digits:local" and r["coop_fraction"] > 0 and r,
+        60,
+    )
     print(f"\nidle: digits on {before['path']} at {before['coop_fraction']} ({secs:.1f} s)")
     with keep_busy("mnist", "edge-b", 128):
-        low, secs = wait_for("the guest share dropping", lambda: (r := digits_route())["coop_fraction"]
-                             <= before["coop_fraction"] / 2 and r, 60, every=1.0)
+        low, secs = wait_for(
+            "the guest share dropping",
+            lambda: (r := digits_route())["coop_fraction"] <= before["coop_fraction"] / 2 and r,
+            60,
+            every=1.0,
+        )
     st = status(ctl)
     why = next(d for d in reversed(st["switches"]) if d["service"] == "digits")
-    print(f"flooded: share {before['coop_fraction']} -> {low['coop_fraction']} on {low['path']} after {secs:.1f} s "
-          f"({why['reason']}; own_util {why['figures']['own_util']}, slowdown {why['figures']['slowdown']})")
+    print(
+        f"flooded: share {before['coop_fraction']} -> {low['coop_fraction']} on {low['path']} after {secs:.1f} s "
+        f"({why['reason']}; own_util {why['figures']['own_util']}, slowdown {why['figures']['slowdown']})"
+    )
     assert secs < 30
-    back, secs = wait_for("the share coming back", lambda: (r := digits_route())["coop_fraction"]
-                          >= before["coop_fraction"] * 0.75 and r["path"] != "digits:local" and r, 90, every=1.0)
+    back, secs = wait_for(
+        "the share coming back",
+        lambda: (
+            (r := digits_route())["coop_fraction"] >= before["coop_fraction"] * 0.75
+            and r["path"] != "digits:local"
+            and r
+        ),
+        90,
+        every=1.0,
+    )
     print(f"after the flood: back to {back['path']} at {back['coop_fraction']} after {secs:.1f} s")
     assert secs < 60
 
@@ -149,8 +178,11 @@ def test_the_controller_switches_a_route_by_itself_when_the_host_is_flooded(ctl,
 def test_a_pinned_route_is_left_alone_until_delete(ctl):
     c = ctl.client
     auto = status(ctl)["routes"]["digits"]
-    pin = "digits:local" if auto["path"] != "digits:local" else next(
-        r["path"] for r in status(ctl)["table"] if r["path"] != "digits:local")
+    pin = (
+        "digits:local"
+        if auto["path"] != "digits:local"
+        else next(r["path"] for r in status(ctl)["table"] if r["path"] != "digits:local")
+    )
 
     def on_every_replica(pinned: bool):
         if pinned:
@@ -166,8 +198,8 @@ def test_a_pinned_route_is_left_alone_until_delete(ctl):
     time.sleep(3 * ctl.cfg.controller.interval_s)
     paths += [post(c, "digits").json()["path"] for _ in range(12)]
     st = status(ctl)
-    assert st["controller"]["ticks"] > ticks       # the controller kept deciding meanwhile
-    hop = st["hops"]["digits"]                      # digits' block group: its queue and its recent calls
+    assert st["controller"]["ticks"] > ticks  # the controller kept deciding meanwhile
+    hop = st["hops"]["digits"]  # digits' block group: its queue and its recent calls
     # reported after this test's first 12 requests, each one call there (two on a cooperative path); the test
     # sends one request at a time, which calls digits' group once at a time: at most one call in flight
     assert hop["calls"] >= 12 and hop["in_flight"] in (0, 1) and 0 < hop["p50_ms"] <= hop["p99_ms"], hop
@@ -178,7 +210,7 @@ def test_a_pinned_route_is_left_alone_until_delete(ctl):
     route = st["routes"]["digits"]
     expected = route["path"] if route["coop_fraction"] > 0 else "digits:local"
     used: set[str] = set()
-    for _ in range(200):        # the share is spread over each replica's requests: 0.1 takes ten per replica
+    for _ in range(200):  # the share is spread over each replica's requests: 0.1 takes ten per replica
         used.add(post(c, "digits").json()["path"])
         if expected in used:
             break
@@ -208,15 +240,17 @@ def test_a_killed_controller_comes_back_with_its_table_and_log(ctl):
         done.set()
         for f in futures:
             f.result()
-    print(f"\ncontroller back after {secs:.1f} s (pid {before['controller']['pid']} -> {after['controller']['pid']}, "
-          f"restarts {after['controller']['restarts']}); {len(codes)} requests meanwhile")
+    print(
+        f"\ncontroller back after {secs:.1f} s (pid {before['controller']['pid']} -> {after['controller']['pid']}, "
+        f"restarts {after['controller']['restarts']}); {len(codes)} requests meanwhile"
+    )
     assert after["controller"]["reloaded"] and after["controller"]["restarts"] == before["controller"]["restarts"] + 1
     old = [(d["t"], d["service"], d["path"]) for d in before["switches"]]
     new = [(d["t"], d["service"], d["path"]) for d in after["switches"]]
-    assert old[-1] in new                                   # the decision log survived
+    assert old[-1] in new  # the decision log survived
     assert after["controller"]["ticks"] >= before["controller"]["ticks"]
     assert {r["path"] for r in after["table"]} == {r["path"] for r in before["table"]}
-    assert codes and set(codes) == {200}                    # serving never waited on it
+    assert codes and set(codes) == {200}  # serving never waited on it
 
 
 def _restarted(before):
@@ -253,22 +287,31 @@ def test_coderay_status_prints_the_live_table(ctl):
 
     address = ctl.cluster.cluster.address
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "coderay.cli", "status", "--address", address], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "coderay.cli", "status", "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     secs = time.perf_counter() - start
     print(f"\n`coderay status --address {address}` in {secs:.1f} s:\n{out.stdout}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "controller coderay-controller" in out.stdout and "last switches:" in out.stdout
     assert "digits" in out.stdout and "ingress replicas syncing: 2" in out.stdout
-    js = subprocess.run([sys.executable, "-m", "coderay.cli", "status", "--address", address, "--json"],
-                        capture_output=True, text=True, timeout=120)
+    js = subprocess.run(
+        [sys.executable, "-m", "coderay.cli", "status", "--address", address, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert js.returncode == 0 and json.loads(js.stdout)["routes"]["digits"]["path"].startswith("digits:")
 
 
 def test_a_lost_host_node_answers_guests_locally_and_the_controller_sets_share_zero(ctl):
     """Last: removes edge-b under load. No digits request is lost; the controller leaves the host."""
-    st, _ = wait_for("a cooperative route", lambda: (s := status(ctl))["routes"]["digits"]["path"] != "digits:local"
-                     and s, 60)
+    st, _ = wait_for(
+        "a cooperative route", lambda: (s := status(ctl))["routes"]["digits"]["path"] != "digits:local" and s, 60
+    )
     done = threading.Event()
     results: list[tuple[int, str | None, bool | None, float]] = []
 
@@ -284,9 +327,10 @@ def test_a_lost_host_node_answers_guests_locally_and_the_controller_sets_share_z
         futures = [pool.submit(clients) for _ in range(2)]
         time.sleep(2)
         start = time.perf_counter()
-        removing = pool.submit(ctl.cluster.remove, "edge-b")     # returns once Ray reports the node dead
-        route, secs = wait_for("share 0", lambda: (r := _status_quick()["routes"]["digits"])["coop_fraction"] == 0
-                               and r, 90, every=0.25)
+        removing = pool.submit(ctl.cluster.remove, "edge-b")  # returns once Ray reports the node dead
+        route, secs = wait_for(
+            "share 0", lambda: (r := _status_quick()["routes"]["digits"])["coop_fraction"] == 0 and r, 90, every=0.25
+        )
         removing.result()
         dead = time.perf_counter() - start
         time.sleep(2)
@@ -295,10 +339,12 @@ def test_a_lost_host_node_answers_guests_locally_and_the_controller_sets_share_z
             f.result()
     s = _status_quick()
     why = next(d for d in reversed(s["switches"]) if d["service"] == "digits")
-    print(f"\nedge-b removed (Ray reported it dead after {dead:.1f} s); controller: {route} after {secs:.1f} s "
-          f"({why['reason']}); {len(results)} requests, {sum(1 for r in results if r[2])} fallbacks, the slowest "
-          f"{max(r[3] for r in results):.1f} s")
-    assert [r for r in results if r[0] != 200] == []             # 0 lost
+    print(
+        f"\nedge-b removed (Ray reported it dead after {dead:.1f} s); controller: {route} after {secs:.1f} s "
+        f"({why['reason']}); {len(results)} requests, {sum(1 for r in results if r[2])} fallbacks, the slowest "
+        f"{max(r[3] for r in results):.1f} s"
+    )
+    assert [r for r in results if r[0] != 200] == []  # 0 lost
     # those caught in flight were answered once the controller reported the node gone (~5 s): not after the
     # request timeout (20 s), nor once Ray declared the node dead (~12 s)
     assert max(r[3] for r in results) < 10.0

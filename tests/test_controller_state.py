@@ -2,6 +2,7 @@
 `Controller` run in-process, a real killed writer. A file that does not fit is set aside and the controller starts
 fresh; a good file comes back exactly; a write leaves the old or the new state, never a part; silent ingress
 replicas are forgotten."""
+
 from __future__ import annotations
 
 import json
@@ -39,30 +40,79 @@ from coderay.throughput import PathCosts
 
 REPO = Path(__file__).resolve().parents[1]
 COOP = "digits:mnist:0:1:3:4"
-STATS = {"services": {"digits": {"requests": 4, "samples": 8, "fallbacks": 0, "latency_s": 0.2, "by_path": {}}},
-         "pinned": [], "routes": {}}
+STATS = {
+    "services": {"digits": {"requests": 4, "samples": 8, "fallbacks": 0, "latency_s": 0.2, "by_path": {}}},
+    "pinned": [],
+    "routes": {},
+}
 
 
 @pytest.fixture
 def cfg(tmp_path) -> CoderayConfig:
-    return CoderayConfig.model_validate({
-        "workdir": str(tmp_path / "work"), "nodes": [{"name": "edge-a"}, {"name": "edge-b"}],
-        "network": {"bandwidth_mbps": 1000, "rtt_ms": 1},
-        "services": [{"name": "digits", "arch": "small_cnn", "task": "digits", "node": "edge-a"},
-                     {"name": "mnist", "arch": "small_cnn", "task": "mnist5k", "node": "edge-b", "guest_quota": 8}]})
+    return CoderayConfig.model_validate(
+        {
+            "workdir": str(tmp_path / "work"),
+            "nodes": [{"name": "edge-a"}, {"name": "edge-b"}],
+            "network": {"bandwidth_mbps": 1000, "rtt_ms": 1},
+            "services": [
+                {"name": "digits", "arch": "small_cnn", "task": "digits", "node": "edge-a"},
+                {"name": "mnist", "arch": "small_cnn", "task": "mnist5k", "node": "edge-b", "guest_quota": 8},
+            ],
+        }
+    )
 
 
 def table(cfg: CoderayConfig) -> list[Row]:
     """digits: local-only (10 ms a sample) and one cooperative path through mnist's blocks; mnist: local-only."""
-    costs = PathCosts(local_full=0.01, local_part=0.002, host_full=0.004, host_part=0.003, batch=16, guest_quota=8,
-                      bytes_out=1568, bytes_back=2048)
-    rows = [Row(path_id="digits:local", local="digits", kind="local", local_node="edge-a", acc_local_val=0.99,
-                val_acc=0.99, trained=True, costs=PathCosts(local_full=0.01, local_part=0.01)),
-            Row(path_id=COOP, local="digits", kind="coop", host="mnist", lout=0, hin=1, hout=3, lin=4,
-                local_node="edge-a", host_node="edge-b", acc_local_val=0.99, val_acc=0.975, trained=True,
-                links_file="/links/coop.pt", costs=costs),
-            Row(path_id="mnist:local", local="mnist", kind="local", local_node="edge-b", acc_local_val=0.98,
-                val_acc=0.98, trained=True, costs=PathCosts(local_full=0.004, local_part=0.004))]
+    costs = PathCosts(
+        local_full=0.01,
+        local_part=0.002,
+        host_full=0.004,
+        host_part=0.003,
+        batch=16,
+        guest_quota=8,
+        bytes_out=1568,
+        bytes_back=2048,
+    )
+    rows = [
+        Row(
+            path_id="digits:local",
+            local="digits",
+            kind="local",
+            local_node="edge-a",
+            acc_local_val=0.99,
+            val_acc=0.99,
+            trained=True,
+            costs=PathCosts(local_full=0.01, local_part=0.01),
+        ),
+        Row(
+            path_id=COOP,
+            local="digits",
+            kind="coop",
+            host="mnist",
+            lout=0,
+            hin=1,
+            hout=3,
+            lin=4,
+            local_node="edge-a",
+            host_node="edge-b",
+            acc_local_val=0.99,
+            val_acc=0.975,
+            trained=True,
+            links_file="/links/coop.pt",
+            costs=costs,
+        ),
+        Row(
+            path_id="mnist:local",
+            local="mnist",
+            kind="local",
+            local_node="edge-b",
+            acc_local_val=0.98,
+            val_acc=0.98,
+            trained=True,
+            costs=PathCosts(local_full=0.004, local_part=0.004),
+        ),
+    ]
     return [score(r, cfg.reward, cfg.network) for r in rows]
 
 
@@ -74,9 +124,15 @@ def lived(cfg: CoderayConfig) -> Controller:
     c.policy.since.clear()
     t0 = time.time()
     for i in range(3):
-        m = Measurements(t=t0 + i, dt=1.0, arrivals={"digits": 100.0, "mnist": 10.0},
-                         nodes={"edge-a": NodeLoad(own_samples=100, compute_s=1.5),
-                                "edge-b": NodeLoad(own_samples=10, compute_s=0.04)})
+        m = Measurements(
+            t=t0 + i,
+            dt=1.0,
+            arrivals={"digits": 100.0, "mnist": 10.0},
+            nodes={
+                "edge-a": NodeLoad(own_samples=100, compute_s=1.5),
+                "edge-b": NodeLoad(own_samples=10, compute_s=0.04),
+            },
+        )
         decisions = c.policy.step(m)
         c.decisions.extend(decisions)
         c.switches.extend(d for d in decisions if d.switched)
@@ -89,7 +145,7 @@ def lived(cfg: CoderayConfig) -> Controller:
 def good_doc(cfg: CoderayConfig) -> dict:
     """A state file's contents as a controller with a history writes them, through JSON."""
     doc = json.loads(json.dumps(lived(cfg).state_doc()))
-    assert doc["switches"] and doc["policy"]["slowdown"] and doc["ticks"] == 3   # not a fresh state
+    assert doc["switches"] and doc["policy"]["slowdown"] and doc["ticks"] == 3  # not a fresh state
     return doc
 
 
@@ -109,32 +165,47 @@ def _mutated(change: Callable[[dict], object]) -> Callable[[dict], bytes]:
     def apply(doc: dict) -> bytes:
         change(doc)
         return json.dumps(doc).encode()
+
     return apply
 
 
-BAD = {   # case: (how the good file is spoilt, what the warning must say)
+BAD = {  # case: (how the good file is spoilt, what the warning must say)
     "truncated": (_truncated, "not valid JSON"),
     "not an object": (lambda doc: b"[1, 2]", "expected a JSON object"),
     "ticks a string": (_mutated(lambda d: d.update(ticks="3")), "ticks is '3', not int"),
-    "a queue a string": (_mutated(lambda d: d["policy"]["q_local"].update(digits="lots")),
-                         "policy.q_local['digits'] is 'lots'"),
+    "a queue a string": (
+        _mutated(lambda d: d["policy"]["q_local"].update(digits="lots")),
+        "policy.q_local['digits'] is 'lots'",
+    ),
     "a row's reward a string": (_mutated(lambda d: d["rows"][0].update(reward="high")), "rows[0]: reward is 'high'"),
     "a row's costs incomplete": (_mutated(lambda d: d["rows"][1]["costs"].pop("local_part")), "rows[1]: costs"),
-    "a decision's share a string": (_mutated(lambda d: d["decisions"][0].update(share="0.5")),
-                                    "decisions[0]: share is '0.5'"),
+    "a decision's share a string": (
+        _mutated(lambda d: d["decisions"][0].update(share="0.5")),
+        "decisions[0]: share is '0.5'",
+    ),
     "older code: no schema": (_mutated(lambda d: d.pop("schema")), "schema None"),
     "older code: no switches": (_mutated(lambda d: d.pop("switches")), "switches missing"),
-    "older code: decisions renamed": (_mutated(lambda d: d.update(decision_log=d.pop("decisions"))),
-                                      "decisions missing"),
-    "older code: a decision field missing": (_mutated(lambda d: d["decisions"][0].pop("previous_share")),
-                                             "decisions[0]: previous_share missing"),
+    "older code: decisions renamed": (
+        _mutated(lambda d: d.update(decision_log=d.pop("decisions"))),
+        "decisions missing",
+    ),
+    "older code: a decision field missing": (
+        _mutated(lambda d: d["decisions"][0].pop("previous_share")),
+        "decisions[0]: previous_share missing",
+    ),
     "another table": (_mutated(lambda d: d.update(table_key="0123abcd")), "another reward table"),
-    "a row not in the table": (_mutated(lambda d: d["rows"][0].update(path_id="digits:gone")),
-                               "not the reward table's paths"),
-    "a current path not in the table": (_mutated(lambda d: d["policy"]["current"].update(digits=["digits:x", 0.5])),
-                                        "'digits:x', not in the reward table"),
-    "a service not configured": (_mutated(lambda d: d["policy"]["current"].update(cifar=["cifar:local", 0.0])),
-                                 "service 'cifar'"),
+    "a row not in the table": (
+        _mutated(lambda d: d["rows"][0].update(path_id="digits:gone")),
+        "not the reward table's paths",
+    ),
+    "a current path not in the table": (
+        _mutated(lambda d: d["policy"]["current"].update(digits=["digits:x", 0.5])),
+        "'digits:x', not in the reward table",
+    ),
+    "a service not configured": (
+        _mutated(lambda d: d["policy"]["current"].update(cifar=["cifar:local", 0.0])),
+        "service 'cifar'",
+    ),
 }
 
 
@@ -146,7 +217,7 @@ def test_a_state_file_that_does_not_fit_is_set_aside_and_the_actor_starts_fresh(
     bad = spoil(good_doc(cfg))
     path.write_bytes(bad)
     caplog.set_level(logging.WARNING, logger="coderay.controller")
-    c = Controller(cfg, table(cfg), run=True)     # the actor's path: set aside, then write a fresh state
+    c = Controller(cfg, table(cfg), run=True)  # the actor's path: set aside, then write a fresh state
     c.stop()
     assert not c.reloaded and c.ticks == 0 and not c.decisions and not c.switches
     assert c.policy.routes == {svc: dict(r) for svc, r in initial_routes(cfg, table(cfg)).items()}
@@ -154,8 +225,9 @@ def test_a_state_file_that_does_not_fit_is_set_aside_and_the_actor_starts_fresh(
     assert len(aside) == 1 and aside[0].read_bytes() == bad
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(path) in w and reason in w and aside[0].name in w for w in warned), warned
-    fresh = parse_state(json.loads(path.read_text()), key=c.key, services=c.services,
-                        path_ids=[r.path_id for r in c.base_rows])
+    fresh = parse_state(
+        json.loads(path.read_text()), key=c.key, services=c.services, path_ids=[r.path_id for r in c.base_rows]
+    )
     assert fresh.ticks == 0 and fresh.decisions == []
 
 
@@ -169,8 +241,7 @@ def test_parse_state_names_the_misfit_for_every_spoilt_file(cfg):
             assert case == "truncated"
             continue
         with pytest.raises(StateMismatch) as err:
-            parse_state(doc, key=table_key(cfg, rows), services={"digits", "mnist"},
-                        path_ids=[r.path_id for r in rows])
+            parse_state(doc, key=table_key(cfg, rows), services={"digits", "mnist"}, path_ids=[r.path_id for r in rows])
         assert reason in str(err.value), (case, str(err.value))
 
 
@@ -197,9 +268,10 @@ def test_a_good_state_file_round_trips_exactly(cfg, caplog):
     after = Controller(cfg, table(cfg), run=False)
     assert after.reloaded and not caplog.records
     again = json.loads(json.dumps(after.state_doc()))
-    volatile = {"saved_at", "version", "measurements"}     # a new write time; the routes' version moves on
+    volatile = {"saved_at", "version", "measurements"}  # a new write time; the routes' version moves on
     assert {k: v for k, v in again.items() if k not in volatile} == {
-        k: v for k, v in written.items() if k not in volatile}
+        k: v for k, v in written.items() if k not in volatile
+    }
     assert again["version"] == written["version"] + 1
     assert after.live_rows == before.live_rows and list(after.switches) == list(before.switches)
     assert after.policy.state() == json.loads(json.dumps(before.policy.state()))
@@ -250,17 +322,20 @@ def test_a_writer_killed_before_the_rename_leaves_the_old_state_and_its_temp_is_
     path = tmp_path / "state.json"
     old = {"schema": STATE_SCHEMA, "ticks": 1}
     write_state(path, old)
-    script = ("import os, signal, sys\n"
-              "from pathlib import Path\n"
-              "from coderay import controller\n"
-              "controller.os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)\n"
-              "controller.write_state(Path(sys.argv[1]), {'schema': 2, 'ticks': 2, 'big': ['z' * 100] * 100})\n")
-    done = subprocess.run([sys.executable, "-c", script, str(path)], cwd=REPO, capture_output=True, timeout=120,
-                          check=False)
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from coderay import controller\n"
+        "controller.os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "controller.write_state(Path(sys.argv[1]), {'schema': 2, 'ticks': 2, 'big': ['z' * 100] * 100})\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], cwd=REPO, capture_output=True, timeout=120, check=False
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
     assert json.loads(path.read_text()) == old
     left = [p for p in tmp_path.iterdir() if p.name != "state.json"]
-    assert len(left) == 1 and json.loads(left[0].read_text())["ticks"] == 2   # the new state, complete, unrenamed
+    assert len(left) == 1 and json.loads(left[0].read_text())["ticks"] == 2  # the new state, complete, unrenamed
     assert remove_stale_temps(path) == left and files(tmp_path) == ["state.json"]
 
 
@@ -268,7 +343,7 @@ def test_the_actor_clears_a_killed_writers_temp_file_at_start(cfg):
     path = state_path(cfg)
     write_state(path, good_doc(cfg))
     leftover = path.parent / f".{path.name}.k1ll3d.tmp"
-    leftover.write_text("{\"partial")
+    leftover.write_text('{"partial')
     c = Controller(cfg, table(cfg), run=True)
     c.stop()
     assert c.reloaded and files(path.parent) == ["state.json"]
@@ -294,10 +369,10 @@ def test_the_controller_forgets_replicas_gone_silent_and_keeps_live_ones(cfg):
     c = Controller(cfg, table(cfg), run=False)
     for rid in ("r-live", "r-gone"):
         c.sync(rid, STATS)
-    c.ingress["r-gone"]["seen"] -= REPLICA_GONE_S + 1     # its last call, long ago
-    c._prev_ingress.update({"r-live": STATS, "r-gone": STATS, "r-older": STATS})   # what the last tick kept
+    c.ingress["r-gone"]["seen"] -= REPLICA_GONE_S + 1  # its last call, long ago
+    c._prev_ingress.update({"r-live": STATS, "r-gone": STATS, "r-older": STATS})  # what the last tick kept
     assert c.prune_replicas(time.time()) == ["r-gone"]
     assert set(c.ingress) == {"r-live"} and set(c._prev_ingress) == {"r-live"}
     assert set(c.status()["ingress_replicas"]) == {"r-live"}
-    c.sync("r-gone", STATS)                                # a replica that comes back is counted again
+    c.sync("r-gone", STATS)  # a replica that comes back is counted again
     assert c.prune_replicas(time.time()) == [] and set(c.ingress) == {"r-live", "r-gone"}

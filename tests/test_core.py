@@ -1,4 +1,5 @@
 """CoDE core: links, paths, throughput, reward, training a path, the staged search."""
+
 import itertools
 import json
 import math
@@ -8,16 +9,15 @@ import pytest
 import torch
 
 from coderay.blocks import split_model
+from coderay.candidate import build_path, candidates, predict_path, train_path
 from coderay.cli import main
 from coderay.config import NetworkSpec, RewardSpec
-from coderay.links import Link, link_kind
+from coderay.links import Link, link_kind, load_links
 from coderay.models import get_model, list_models
 from coderay.paths import PathModule, PathSpec, enumerate_paths, path_budget
 from coderay.reward import ACCURACY_FUNCTIONS, THROUGHPUT_FUNCTIONS, average_accuracy, reward
-from coderay.candidate import build_path, candidates, predict_path, train_path
-from coderay.links import load_links
-from coderay.store import node_store
 from coderay.search import spearman
+from coderay.store import node_store
 from coderay.throughput import PathCosts, path_throughput
 from coderay.train import evaluate
 
@@ -63,7 +63,7 @@ def test_least_squares_init_recovers_a_linear_map():
     link = Link((6, 5, 5), (4, 5, 5), relu=False)
     assert link.init_lstsq(src, dst, ridge=1e-8) < 1e-3
     flat = Link((6, 5, 5), (3,), relu=False)
-    pooled = torch.nn.functional.adaptive_avg_pool2d(src, 2).flatten(1)             # (64, 24)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(src, 2).flatten(1)  # (64, 24)
     assert flat.init_lstsq(src, pooled @ torch.randn(24, 3), ridge=1e-8) < 1e-3
 
 
@@ -85,23 +85,41 @@ def test_enumeration_counts_on_a_small_case():
 def test_path_budget_counts_skipped_and_added():
     spec = PathSpec("l", lout=1, lin=4, host="h", hin=2, hout=3)
     assert path_budget(spec, [1, 10, 100, 1000], [5, 50, 500], 7) == {
-        "link_params": 7, "local_skipped_params": 110, "host_added_params": 550}
+        "link_params": 7,
+        "local_skipped_params": 110,
+        "host_added_params": 550,
+    }
 
 
 def test_throughput_model():
-    base = PathCosts(local_full=0.01, local_part=0.002, host_full=0.004, host_part=0.003, batch=32,
-                     guest_quota=0, bytes_out=100, bytes_back=100)
+    base = PathCosts(
+        local_full=0.01,
+        local_part=0.002,
+        host_full=0.004,
+        host_part=0.003,
+        batch=32,
+        guest_quota=0,
+        bytes_out=100,
+        bytes_back=100,
+    )
     none = path_throughput(base, kind="coop", local_node="a", host_node="b")
     assert none.host == 0 and math.isclose(none.total, 100) and math.isclose(none.ratio, 1)
-    th = [path_throughput(PathCosts(**{**base.__dict__, "guest_quota": s}), kind="coop", local_node="a",
-                          host_node="b") for s in (4, 8, 16)]
+    th = [
+        path_throughput(PathCosts(**{**base.__dict__, "guest_quota": s}), kind="coop", local_node="a", host_node="b")
+        for s in (4, 8, 16)
+    ]
     assert th[0].host < th[1].host < th[2].host
     assert all(t.host_own_after < t.host_own_before for t in th)
     # Th^l: the local node's time left after the offloaded samples' head and tail
     t = th[1]
     assert math.isclose(t.local, (1 - t.host * 0.002) / 0.01)
-    slow = path_throughput(PathCosts(**{**base.__dict__, "guest_quota": 16}), kind="coop",
-                           network=NetworkSpec(bandwidth_mbps=0.01), local_node="a", host_node="b")
+    slow = path_throughput(
+        PathCosts(**{**base.__dict__, "guest_quota": 16}),
+        kind="coop",
+        network=NetworkSpec(bandwidth_mbps=0.01),
+        local_node="a",
+        host_node="b",
+    )
     assert slow.bottleneck == "network" and slow.host < th[2].host
     skip = path_throughput(PathCosts(0.01, 0.005), kind="skip")
     assert skip.local == 0 and math.isclose(skip.host, 200)
@@ -137,17 +155,20 @@ def test_training_a_path_trains_only_links_and_beats_untrained(search_ctx):
     spec = PathSpec("digits", lout=0, lin=4, host="mnist", hin=1, hout=3)
     local, host = search_ctx.services["digits"], search_ctx.services["mnist"]
     before = _state(search_ctx.services)
-    links = {"in": Link(local.boundaries[0], host.boundaries[0], relu=False),
-             "out": Link(host.boundaries[3], local.boundaries[3], relu=True)}
+    links = {
+        "in": Link(local.boundaries[0], host.boundaries[0], relu=False),
+        "out": Link(host.boundaries[3], local.boundaries[3], relu=True),
+    }
     module = PathModule(spec, local.blocks, host.blocks, links)
     untrained = evaluate(module, local.task.val)
     seen = []
-    row, module = train_path(search_ctx, spec, epochs=5, progress=False, module=module,
-                             on_epoch=lambda e, loss, acc: seen.append(acc))
+    row, module = train_path(
+        search_ctx, spec, epochs=5, progress=False, module=module, on_epoch=lambda e, loss, acc: seen.append(acc)
+    )
     assert row["val_acc"] > untrained + 0.3
     assert len(seen) == 5 and row["trained"]
     after = _state(search_ctx.services)
-    for name in before:                       # every frozen block bit-identical
+    for name in before:  # every frozen block bit-identical
         for k in before[name]:
             assert torch.equal(before[name][k], after[name][k]), (name, k)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -168,8 +189,9 @@ def test_predicted_path_is_better_than_chance_and_has_throughput(search_ctx):
     target = search_ctx.fit_activations("digits", spec.lin - 1)
     constant = float((target - target.mean((0, 2, 3), keepdim=True)).norm() / target.norm())
     assert residuals["out"] < 0.8 * constant, (residuals["out"], constant)
-    assert len(candidates(search_ctx, "digits")) == len(enumerate_paths(
-        "digits", {n: s.boundaries for n, s in search_ctx.services.items()}, lout=[0], hin=[1]))
+    assert len(candidates(search_ctx, "digits")) == len(
+        enumerate_paths("digits", {n: s.boundaries for n, s in search_ctx.services.items()}, lout=[0], hin=[1])
+    )
 
 
 def test_the_model_charges_one_replica_call_per_stage_per_chain(search_ctx):
@@ -184,15 +206,20 @@ def test_the_model_charges_one_replica_call_per_stage_per_chain(search_ctx):
     module, _ = build_path(search_ctx, spec)
     cfg0 = search_ctx.cfg
     cfg12 = cfg0.model_copy(update={"serving": cfg0.serving.model_copy(update={"call_overhead_ms": 12.0})})
-    free = path_costs(dataclasses.replace(search_ctx, cfg=cfg0.model_copy(update={"serving": cfg0.serving.model_copy(
-        update={"call_overhead_ms": 0.0})})), module)
+    free = path_costs(
+        dataclasses.replace(
+            search_ctx,
+            cfg=cfg0.model_copy(update={"serving": cfg0.serving.model_copy(update={"call_overhead_ms": 0.0})}),
+        ),
+        module,
+    )
     paid = path_costs(dataclasses.replace(search_ctx, cfg=cfg12), module)
     local, host = cfg12.service("digits").node, cfg12.service("mnist").node
     b = min(cfg12.service("digits").batch_size, cfg12.serving.max_batch_size)
     one_call = call_seconds(cfg12, local, "digits")
     assert one_call == pytest.approx(0.012 / node_rate(cfg12, local) / b)
-    assert paid.local_full - free.local_full == pytest.approx(one_call)       # local-only: one call
-    assert paid.local_part - free.local_part == pytest.approx(one_call)       # lout = 0: only the tail stage
+    assert paid.local_full - free.local_full == pytest.approx(one_call)  # local-only: one call
+    assert paid.local_part - free.local_part == pytest.approx(one_call)  # lout = 0: only the tail stage
     assert paid.host_full - free.host_full == pytest.approx(call_seconds(cfg12, host, "mnist"))
 
 
@@ -244,8 +271,12 @@ def test_search_json_is_pure_json_on_stdout(searched_table, tiny_config_path):
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-m", "coderay.cli", "search", str(tiny_config_path), "--in-process",
-                          "--json", "--force"], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "coderay.cli", "search", str(tiny_config_path), "--in-process", "--json", "--force"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     data = json.loads(run.stdout)
     assert not data["meta"]["from_cache"] and "stage 2 trains" in run.stderr
@@ -259,9 +290,9 @@ def test_wider_links_start_as_their_least_squares_fit():
     r0 = base.init_lstsq(src, dst)
     for capacity in ("3x3", "bottleneck"):
         wide = Link((6, 5, 5), (4, 5, 5), relu=True, capacity=capacity)
-        assert wide.init_lstsq(src, dst) == pytest.approx(r0, rel=1e-5)      # the residual branch starts at 0
+        assert wide.init_lstsq(src, dst) == pytest.approx(r0, rel=1e-5)  # the residual branch starts at 0
         assert wide.num_params > base.num_params
-    assert Link((6, 5, 5), (3,), relu=False, capacity="3x3").capacity == "1x1"   # flat targets stay linear
+    assert Link((6, 5, 5), (3,), relu=False, capacity="3x3").capacity == "1x1"  # flat targets stay linear
 
 
 def test_stage2_keeps_the_best_link_variant(search_ctx, tmp_path):
@@ -272,19 +303,22 @@ def test_stage2_keeps_the_best_link_variant(search_ctx, tmp_path):
     from coderay.candidate import SearchContext
     from coderay.config import LinkVariant
 
-    search = search_ctx.cfg.search.model_copy(update={"link_variants": [
-        LinkVariant(), LinkVariant(capacity="bottleneck", distill=0.5)]})
+    search = search_ctx.cfg.search.model_copy(
+        update={"link_variants": [LinkVariant(), LinkVariant(capacity="bottleneck", distill=0.5)]}
+    )
     ctx = SearchContext(search_ctx.cfg.model_copy(update={"search": search}), search_ctx.services)
     spec = PathSpec("digits", lout=0, lin=4, host="mnist", hin=1, hout=3)
     seen = []
-    row, module = train_path(ctx, spec, epochs=1, progress=False, links_dir=tmp_path,
-                             on_epoch=lambda e, loss, acc: seen.append((e, acc)))
-    assert [e for e, _ in seen] == [1, 2]                  # epochs count across the variants
+    row, module = train_path(
+        ctx, spec, epochs=1, progress=False, links_dir=tmp_path, on_epoch=lambda e, loss, acc: seen.append((e, acc))
+    )
+    assert [e for e, _ in seen] == [1, 2]  # epochs count across the variants
     assert row.link_variant == ("1x1" if seen[0][1] >= seen[1][1] else "bottleneck+distill0.5")
     assert row.val_acc == max(acc for _, acc in seen)
     _, links = load_links(row.links_file)
     local = search_ctx.services["digits"]
-    rebuilt = PathModule(spec, local.blocks, search_ctx.services["mnist"].blocks, links,
-                         link_out=row.link_out_on, encoding=row.encoding).eval()
+    rebuilt = PathModule(
+        spec, local.blocks, search_ctx.services["mnist"].blocks, links, link_out=row.link_out_on, encoding=row.encoding
+    ).eval()
     assert evaluate(rebuilt, local.task.test) == row.test_acc
     assert replace(row, link_variant=None) != row

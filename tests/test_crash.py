@@ -5,6 +5,7 @@ Every request a client sends counts: answered (200 within the request's deadline
 first tests are fast unit checks of the pieces: the merger's deadline, every stage of a failed chain cancelled,
 which failures are retried.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,7 +32,7 @@ from deployments.routing import Activation
 # a killed replica here (8-16 s measured on this loaded 2-core machine: a new worker process, its imports, the
 # weights), or the retries of the requests caught by the crash would have nothing to find in time
 TIMEOUT_S = 30.0
-INTERVAL_S = 1.0            # controller.interval_s
+INTERVAL_S = 1.0  # controller.interval_s
 # a killed group replaced sooner than this may never be reported gone: the controller waits REPORT_STALE_S for a
 # report, then UNREACHABLE_AFTER intervals of misses
 BACK_BEFORE_GONE_S = REPORT_STALE_S + UNREACHABLE_AFTER * INTERVAL_S
@@ -55,9 +56,9 @@ def test_a_request_leaves_the_merger_at_its_deadline_and_an_abandoned_chain_is_c
     async def main():
         m = Merger(run, max_samples=8, depth=1)
         now = time.monotonic()
-        first = asyncio.ensure_future(m.submit(torch.zeros(2, 1), now + 0.2))     # rides the only chain
+        first = asyncio.ensure_future(m.submit(torch.zeros(2, 1), now + 0.2))  # rides the only chain
         await asyncio.sleep(0.01)
-        queued = asyncio.ensure_future(m.submit(torch.zeros(3, 1), now + 0.1))    # waits behind it
+        queued = asyncio.ensure_future(m.submit(torch.zeros(3, 1), now + 0.1))  # waits behind it
         results = await asyncio.gather(first, queued, return_exceptions=True)
         await asyncio.sleep(0.01)
         return m, results, time.monotonic() - now
@@ -106,9 +107,13 @@ def test_a_chain_that_fails_or_is_cancelled_cancels_every_stage(tiny_cfg):
             return made[-1]
 
         handle = SimpleNamespace(remote=remote)
-        me = SimpleNamespace(cfg=tiny_cfg, gone=set(), blocks={"digits": handle, "mnist": handle},
-                             plan=lambda _: (runs, None, [None] * len(runs)),
-                             _gone_future=lambda _: asyncio.get_running_loop().create_future())
+        me = SimpleNamespace(
+            cfg=tiny_cfg,
+            gone=set(),
+            blocks={"digits": handle, "mnist": handle},
+            plan=lambda _: (runs, None, [None] * len(runs)),
+            _gone_future=lambda _: asyncio.get_running_loop().create_future(),
+        )
         try:
             await asyncio.wait_for(Ingress.func_or_class.run_path(me, "digits", spec, torch.zeros(2, 1, 28, 28)), 0.2)
         except BaseException as e:  # noqa: BLE001 — what the chain ended with is the point
@@ -219,8 +224,11 @@ def best_coop(table) -> str:
 def post(client: httpx.Client, svc: str, n: int = 2) -> httpx.Response:
     """One infer request in the binary encoding (the cheapest to send: the clients must not be the limit)."""
     x = np.full((n, 1, 28, 28), 0.5, dtype="<f4")
-    return client.post(f"/v1/services/{svc}/infer", content=x.tobytes(),
-                       headers={"Content-Type": "application/octet-stream", "X-Shape": f"{n},1,28,28"})
+    return client.post(
+        f"/v1/services/{svc}/infer",
+        content=x.tobytes(),
+        headers={"Content-Type": "application/octet-stream", "X-Shape": f"{n},1,28,28"},
+    )
 
 
 def replicas(crash) -> dict[str, dict]:
@@ -240,10 +248,11 @@ def controller_status() -> dict:
 @dataclass
 class Outcome:
     """One request as its client saw it."""
+
     service: str
-    sent: float                 # time.monotonic() when sent
+    sent: float  # time.monotonic() when sent
     seconds: float
-    status: int | None          # None: no HTTP answer at all
+    status: int | None  # None: no HTTP answer at all
     path: str | None = None
     fallback: bool | None = None
     error: str | None = None
@@ -252,8 +261,9 @@ class Outcome:
 @dataclass
 class Load:
     """What a closed-loop load saw: every request sent, and the controller's view of the nodes meanwhile."""
+
     outcomes: list[Outcome] = field(default_factory=list)
-    alive: list[tuple[float, dict[str, bool]]] = field(default_factory=list)    # (time.monotonic(), nodes_alive)
+    alive: list[tuple[float, dict[str, bool]]] = field(default_factory=list)  # (time.monotonic(), nodes_alive)
 
     def lost(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status != 200 or o.seconds > TIMEOUT_S]
@@ -262,8 +272,10 @@ class Load:
         mine = [o for o in self.outcomes if o.service == service]
         answered = [o for o in mine if o.status == 200]
         slowest = max((o.seconds for o in mine), default=0.0)
-        return (f"{service}: {len(mine)} sent, {len(answered)} answered, {len(mine) - len(answered)} lost, "
-                f"{sum(1 for o in answered if o.fallback)} fallbacks, slowest {slowest:.2f} s")
+        return (
+            f"{service}: {len(mine)} sent, {len(answered)} answered, {len(mine) - len(answered)} lost, "
+            f"{sum(1 for o in answered if o.fallback)} fallbacks, slowest {slowest:.2f} s"
+        )
 
 
 @contextmanager
@@ -281,8 +293,15 @@ def load(url: str, clients: dict[str, int]) -> Iterator[Load]:
                 try:
                     r = post(own, svc)
                     body = r.json()
-                    o = Outcome(svc, t0, time.monotonic() - t0, r.status_code, body.get("path"),
-                                body.get("fallback"), body.get("error"))
+                    o = Outcome(
+                        svc,
+                        t0,
+                        time.monotonic() - t0,
+                        r.status_code,
+                        body.get("path"),
+                        body.get("fallback"),
+                        body.get("error"),
+                    )
                 except (httpx.HTTPError, ValueError) as e:
                     o = Outcome(svc, t0, time.monotonic() - t0, None, error=f"{type(e).__name__}: {e}")
                 with lock:
@@ -313,7 +332,7 @@ def kill_block_group(crash, service: str) -> tuple[int, float]:
     reports it, checked to be on this cluster's node for it. (pid, time.monotonic() of the kill)."""
     me = replicas(crash)[f"blocks-{service}"]
     node = crash.cfg.service(service).node
-    assert me["node_id"] == crash.cluster.nodes[node].node_id, me      # this cluster's replica, nobody else's
+    assert me["node_id"] == crash.cluster.nodes[node].node_id, me  # this cluster's replica, nobody else's
     os.kill(me["pid"], signal.SIGKILL)
     return me["pid"], time.monotonic()
 
@@ -347,7 +366,7 @@ def crash_under_load(crash, service: str) -> tuple[Load, float, float, dict[str,
     before = retries(crash)
     with load(crash.url, {"digits": 3, "mnist": 2}) as seen:
         time.sleep(2.0)
-        handle.remote(long_call, (Hop("blocks", service, 1, TO_END),))   # dies with the group: nobody awaits it
+        handle.remote(long_call, (Hop("blocks", service, 1, TO_END),))  # dies with the group: nobody awaits it
         time.sleep(0.5)
         pid, killed_at = kill_block_group(crash, service)
         back = wait_replaced(crash, service, pid)
@@ -385,10 +404,12 @@ def test_a_killed_local_block_group_loses_no_request(crash):
     node gone while it is down, and back once it reports again."""
     seen, back, killed_at, retried = crash_under_load(crash, "digits")
     gone, alive_again = reported_gone(seen, crash.cfg.service("digits").node, killed_at)
-    print(f"\nblocks-digits killed: replaced after {back:.1f} s; the controller reported edge-a gone after "
-          f"{_secs(gone)}, alive at the end: {alive_again}; calls retried: {retried}\n  {seen.summary('digits')}"
-          f"\n  {seen.summary('mnist')}\n  digits requests in flight at the kill: "
-          f"{len(caught(seen, 'digits', killed_at))}")
+    print(
+        f"\nblocks-digits killed: replaced after {back:.1f} s; the controller reported edge-a gone after "
+        f"{_secs(gone)}, alive at the end: {alive_again}; calls retried: {retried}\n  {seen.summary('digits')}"
+        f"\n  {seen.summary('mnist')}\n  digits requests in flight at the kill: "
+        f"{len(caught(seen, 'digits', killed_at))}"
+    )
     assert seen.lost() == []
     assert caught(seen, "digits", killed_at)
     assert any(o.sent > killed_at + back and o.service == "digits" for o in seen.outcomes)
@@ -400,10 +421,12 @@ def test_a_killed_host_block_group_loses_no_request(crash):
     that path fall back to its local path, mnist's own are retried until the group is back."""
     seen, back, killed_at, retried = crash_under_load(crash, "mnist")
     gone, alive_again = reported_gone(seen, crash.cfg.service("mnist").node, killed_at)
-    print(f"\nblocks-mnist killed: replaced after {back:.1f} s; the controller reported edge-b gone after "
-          f"{_secs(gone)}, alive at the end: {alive_again}; calls retried: {retried}\n  {seen.summary('digits')}"
-          f"\n  {seen.summary('mnist')}\n  requests in flight at the kill: "
-          f"digits {len(caught(seen, 'digits', killed_at))}, mnist {len(caught(seen, 'mnist', killed_at))}")
+    print(
+        f"\nblocks-mnist killed: replaced after {back:.1f} s; the controller reported edge-b gone after "
+        f"{_secs(gone)}, alive at the end: {alive_again}; calls retried: {retried}\n  {seen.summary('digits')}"
+        f"\n  {seen.summary('mnist')}\n  requests in flight at the kill: "
+        f"digits {len(caught(seen, 'digits', killed_at))}, mnist {len(caught(seen, 'mnist', killed_at))}"
+    )
     assert seen.lost() == []
     assert caught(seen, "mnist", killed_at)
     assert any(o.fallback for o in seen.outcomes if o.service == "digits" and o.sent > killed_at)
@@ -461,7 +484,7 @@ def test_a_saturated_block_group_is_never_reported_gone(crash):
     limit = 2 * max(min(s.batch_size, crash.cfg.serving.max_batch_size) for s in crash.cfg.services)
     info = serve.get_deployment_handle("blocks-mnist", APP_NAME).options(method_name="info")
     views: list[tuple[bool | None, int | None]] = []
-    through_serve: list[float | None] = []      # seconds info() took through Serve; None: over 1.5 s
+    through_serve: list[float | None] = []  # seconds info() took through Serve; None: over 1.5 s
     stop = threading.Event()
 
     def probe() -> None:
@@ -489,9 +512,11 @@ def test_a_saturated_block_group_is_never_reported_gone(crash):
             prober.result()
     full = sum(1 for _, n in views if (n or 0) >= limit // 2)
     missed = sum(t is None for t in through_serve)
-    print(f"\nblocks-mnist flooded by {limit + 8} calls of 1024 samples (max_ongoing_requests {limit}): "
-          f"{len(views)} controller views, {full} with its queue at least half full, reported gone "
-          f"{sum(a is False for a, _ in views)} times; info() through Serve missed 1.5 s {missed} of "
-          f"{len(through_serve)} times")
+    print(
+        f"\nblocks-mnist flooded by {limit + 8} calls of 1024 samples (max_ongoing_requests {limit}): "
+        f"{len(views)} controller views, {full} with its queue at least half full, reported gone "
+        f"{sum(a is False for a, _ in views)} times; info() through Serve missed 1.5 s {missed} of "
+        f"{len(through_serve)} times"
+    )
     assert len(views) >= 8 and all(alive is True for alive, _ in views)
-    assert full >= len(views) // 2          # it was saturated, not idle, while the controller looked
+    assert full >= len(views) // 2  # it was saturated, not idle, while the controller looked

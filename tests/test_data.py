@@ -91,9 +91,9 @@ def test_split_fractions():
     assert sizes == {"train": 3500, "val": 750, "test": 750}
 
 
-@pytest.mark.parametrize(("base", "derived"), [("digits", "digits-parity"),
-                                               ("mnist5k", "mnist5k-rotation"),
-                                               ("mnist5k", "mnist5k-low")])
+@pytest.mark.parametrize(
+    ("base", "derived"), [("digits", "digits-parity"), ("mnist5k", "mnist5k-rotation"), ("mnist5k", "mnist5k-low")]
+)
 def test_derived_tasks_share_source_partition(base, derived):
     b, d = get_task(base, seed=7), get_task(derived, seed=7)
     for s in SPLITS:  # every derived index sits in the same split of the base task
@@ -132,7 +132,7 @@ def test_denormalize_gives_back_the_pixels():
     task = get_task("digits")
     x01 = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(task.denormalize(task.normalize(x01)), x01, atol=1e-5)
-    x = task.test.tensors[0]                                  # normalised digits: their pixels were in [0, 1]
+    x = task.test.tensors[0]  # normalised digits: their pixels were in [0, 1]
     assert torch.allclose(task.normalize(task.denormalize(x)), x, atol=1e-4)
 
 

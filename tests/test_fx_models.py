@@ -31,14 +31,22 @@ SAMPLE = {
     "efficientnet_b0": ({}, SMALL),
     "googlenet": ({}, SMALL),
     "torchvision.models:resnet18": ({"small_input": True}, SMALL),  # the traced twin of the registered one
-    "torchvision.models.densenet:DenseNet": ({"growth_rate": 8, "block_config": (2, 2, 2),
-                                              "num_init_features": 16}, SMALL),
-    "torchvision.models:VisionTransformer": ({"image_size": 28, "patch_size": 7, "num_layers": 2, "num_heads": 2,
-                                              "hidden_dim": 16, "mlp_dim": 32}, SMALL),
-    "torchvision.models:SwinTransformer": ({"patch_size": [4, 4], "embed_dim": 16, "depths": [1, 1],
-                                            "num_heads": [1, 2], "window_size": [7, 7]}, SMALL),
-    "torchvision.models.convnext:ConvNeXt": ({"block_setting": [CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)]},
-                                             (1, 32, 32)),
+    "torchvision.models.densenet:DenseNet": (
+        {"growth_rate": 8, "block_config": (2, 2, 2), "num_init_features": 16},
+        SMALL,
+    ),
+    "torchvision.models:VisionTransformer": (
+        {"image_size": 28, "patch_size": 7, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32},
+        SMALL,
+    ),
+    "torchvision.models:SwinTransformer": (
+        {"patch_size": [4, 4], "embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": [7, 7]},
+        SMALL,
+    ),
+    "torchvision.models.convnext:ConvNeXt": (
+        {"block_setting": [CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)]},
+        (1, 32, 32),
+    ),
 }
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,8 +144,13 @@ def test_token_boundaries_get_links():
     assert (16, 16) in tokens and (17, 16) in tokens  # 4x4 patches, then with the class token; dim 16
     convs = [(32, 7, 7), (8, 14, 14)]
     x = batch((17, 16), 64)
-    for src, dst in [((17, 16), (17, 16)), ((17, 16), (8, 4, 4)), ((17, 16), (5,)), ((32, 7, 7), (17, 16)),
-                     ((17, 16), (50, 24))]:
+    for src, dst in [
+        ((17, 16), (17, 16)),
+        ((17, 16), (8, 4, 4)),
+        ((17, 16), (5,)),
+        ((32, 7, 7), (17, 16)),
+        ((17, 16), (50, 24)),
+    ]:
         link = Link(src, dst, relu=False)
         inp = batch(src, 64) if src != (17, 16) else x
         with torch.no_grad():

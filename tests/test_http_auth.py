@@ -1,6 +1,7 @@
 """API keys over real HTTP (serving.auth): 401 without or with an unknown key, 403 for a key not allowed, the
 operator alone changes routes and reads the debug views, a client only the services it is admitted to; no
 response ever carries a key."""
+
 import time
 
 import httpx
@@ -24,8 +25,15 @@ def served(trained_cfg, tmp_path_factory):
     from deployments.app import deploy, free_port
 
     keys = tmp_path_factory.mktemp("auth") / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"operator": [OPERATOR], "providers": {"digits": [DIGITS], "mnist": [MNIST]},
-                                    "clients": {"alice": {"keys": [ALICE], "services": ["digits"]}}}))
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "operator": [OPERATOR],
+                "providers": {"digits": [DIGITS], "mnist": [MNIST]},
+                "clients": {"alice": {"keys": [ALICE], "services": ["digits"]}},
+            }
+        )
+    )
     serving = trained_cfg.serving.model_copy(update={"auth": AuthSpec(enabled=True, keys_file=str(keys))})
     cfg = trained_cfg.model_copy(update={"serving": serving})
     if ray.is_initialized():
@@ -55,7 +63,7 @@ def test_infer_needs_a_key_of_the_service(served):
     assert missing.headers["www-authenticate"] == "Bearer"
     assert unknown.status_code == 401 and unknown.json()["error"] == "unknown API key"
     assert _infer(c, "digits", DIGITS).status_code == 200
-    assert _infer(c, "digits", ALICE, how="header").status_code == 200      # a client digits admits
+    assert _infer(c, "digits", ALICE, how="header").status_code == 200  # a client digits admits
     assert _infer(c, "digits", OPERATOR).status_code == 200
     other = _infer(c, "mnist", DIGITS)
     assert other.status_code == 403 and "may not infer on 'mnist'" in other.json()["error"]
@@ -91,8 +99,12 @@ def test_no_response_carries_a_key(served):
     seen = []
     for key in (OPERATOR, DIGITS, "wrong-" + "w" * 30):
         headers = {"Authorization": f"Bearer {key}"}
-        for r in (c.get("/v1/services", headers=headers), c.get("/v1/debug/replicas", headers=headers),
-                  _infer(c, "mnist", key), c.get("/healthz")):
+        for r in (
+            c.get("/v1/services", headers=headers),
+            c.get("/v1/debug/replicas", headers=headers),
+            _infer(c, "mnist", key),
+            c.get("/healthz"),
+        ):
             seen.append(r.text + str(dict(r.headers)))
     time.sleep(0.1)
     assert not any(k in text for text in seen for k in (OPERATOR, DIGITS, MNIST, ALICE, "w" * 30))

@@ -8,6 +8,7 @@ bounded number of examples of each kind: bodies, numbers, shapes, dtypes, encodi
 then the ingress replica must still be the same process and still answer a good request. Every run draws the same
 examples (`derandomize`, no example database), so a CI failure repeats here.
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,15 +31,23 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from deployments.schemas import (
-    ECHO_CHARS, FLOAT32_NAMES, PIXEL_TOLERANCE, ApiError, body_kind, decode_binary, decode_body, decode_images, echo,
+    ECHO_CHARS,
+    FLOAT32_NAMES,
+    PIXEL_TOLERANCE,
+    ApiError,
+    body_kind,
+    decode_binary,
+    decode_body,
+    decode_images,
+    echo,
     format_validation,
 )
 
 SHAPE = (1, 28, 28)
-MAX_SAMPLES = 8                      # the served fixture's serving.max_request_samples, and the unit tests'
-MAX_BODY = 64 * 2**10                # ... its serving.max_body_bytes
-MAX_INFLIGHT = 48 * 2**10            # ... its serving.max_inflight_bytes: below the body limit, so that a body can
-                                     # pass one and not the other
+MAX_SAMPLES = 8  # the served fixture's serving.max_request_samples, and the unit tests'
+MAX_BODY = 64 * 2**10  # ... its serving.max_body_bytes
+MAX_INFLIGHT = 48 * 2**10  # ... its serving.max_inflight_bytes: below the body limit, so that a body can
+# pass one and not the other
 INFER = "/v1/services/digits/infer"
 BINARY = "application/octet-stream"
 
@@ -51,14 +60,18 @@ SERVED = settings(max_examples=60, deadline=None, derandomize=True, database=Non
 
 
 json_leaves = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
-json_docs = st.recursive(json_leaves, lambda kids: st.lists(kids, max_size=4)
-                         | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=24)
+json_docs = st.recursive(
+    json_leaves,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=24,
+)
 infer_docs = st.one_of(
     json_docs,
     st.fixed_dictionaries({"inputs": json_docs}),
     st.fixed_dictionaries({"images": json_docs}),
-    st.fixed_dictionaries({"inputs": json_docs}, optional={"images": json_docs, "top_k": json_docs,
-                                                           "extra": json_docs}),
+    st.fixed_dictionaries(
+        {"inputs": json_docs}, optional={"images": json_docs, "top_k": json_docs, "extra": json_docs}
+    ),
 )
 
 
@@ -72,8 +85,11 @@ def json_numbers(draw: st.DrawFn) -> str:
     if draw(st.booleans()):
         return repr(draw(st.floats(-0.01, 1.01) | st.floats(allow_nan=False, allow_infinity=False)))
     sign = draw(st.sampled_from(["", "-"]))
-    whole = draw(st.just("0") | st.from_regex(r"[1-9][0-9]{0,40}", fullmatch=True)
-                 | st.integers(4290, 4400).map(lambda n: "9" * n))
+    whole = draw(
+        st.just("0")
+        | st.from_regex(r"[1-9][0-9]{0,40}", fullmatch=True)
+        | st.integers(4290, 4400).map(lambda n: "9" * n)
+    )
     frac = draw(st.just("") | st.from_regex(r"\.[0-9]{1,25}", fullmatch=True))
     exp = draw(st.just("") | st.from_regex(r"[eE][+-]?[0-9]{1,7}", fullmatch=True))
     return f"{sign}{whole}{frac}{exp}"
@@ -96,7 +112,7 @@ def json_batch(literal: str, row: int, col: int) -> bytes:
     return ('{"inputs": [[' + ",".join(rows) + "]]}").encode()
 
 
-dims = st.integers(-2, 40) | st.sampled_from([0, 1, 3, 28, 29]) | st.integers(-2**70, 2**70)
+dims = st.integers(-2, 40) | st.sampled_from([0, 1, 3, 28, 29]) | st.integers(-(2**70), 2**70)
 
 
 @st.composite
@@ -142,8 +158,27 @@ def x_shape(shape: list[int], sep: str = ",") -> str:
 
 
 header_text = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30)
-dtype_names = st.sampled_from(["float32", "f4", "<f4", "float", "FLOAT32", "float64", "f8", ">f4", "int8",
-                               "uint8", "float16", "bfloat16", "complex64", ""]) | header_text
+dtype_names = (
+    st.sampled_from(
+        [
+            "float32",
+            "f4",
+            "<f4",
+            "float",
+            "FLOAT32",
+            "float64",
+            "f8",
+            ">f4",
+            "int8",
+            "uint8",
+            "float16",
+            "bfloat16",
+            "complex64",
+            "",
+        ]
+    )
+    | header_text
+)
 
 
 @st.composite
@@ -158,14 +193,15 @@ def images(draw: st.DrawFn) -> tuple[str, bool | None]:
         blob = draw(st.binary(max_size=300))
     else:
         w, h = draw(st.sampled_from([28]) | st.integers(1, 40)), draw(st.sampled_from([28]) | st.integers(1, 40))
-        img = Image.new(draw(st.sampled_from(["L", "RGB", "RGBA", "P", "1", "LA", "I;16"])), (w, h),
-                        color=draw(st.integers(0, 255)))
+        img = Image.new(
+            draw(st.sampled_from(["L", "RGB", "RGBA", "P", "1", "LA", "I;16"])), (w, h), color=draw(st.integers(0, 255))
+        )
         fmt = "PNG" if kind != "format" else draw(st.sampled_from(["GIF", "BMP", "JPEG", "TIFF"]))
         buf = io.BytesIO()
         (img if fmt == "PNG" else img.convert("RGB")).save(buf, format=fmt)
         blob = buf.getvalue()
         if kind == "truncated":
-            blob = blob[:draw(st.integers(0, max(0, len(blob) - 13)))]   # the IEND chunk and more cut off
+            blob = blob[: draw(st.integers(0, max(0, len(blob) - 13)))]  # the IEND chunk and more cut off
         else:
             valid = kind == "png" and (w, h) == (28, 28)
     text = base64.b64encode(blob).decode()
@@ -185,7 +221,7 @@ def outcome(fn, *args, **kwargs) -> torch.Tensor | ApiError:
         return out[0] if isinstance(out, tuple) else out
     except ApiError as e:
         assert 400 <= e.status < 500 and e.reason, e
-        json.dumps(e.body(), ensure_ascii=True, allow_nan=False)   # the error body is JSON
+        json.dumps(e.body(), ensure_ascii=True, allow_nan=False)  # the error body is JSON
         return e
 
 
@@ -199,8 +235,12 @@ def a_batch(out: torch.Tensor | ApiError) -> bool:
 
 
 @UNIT
-@given(raw=st.binary(max_size=2048), kind=st.sampled_from(["json", "binary"]), shape=header_text,
-       dtype=st.none() | dtype_names)
+@given(
+    raw=st.binary(max_size=2048),
+    kind=st.sampled_from(["json", "binary"]),
+    shape=header_text,
+    dtype=st.none() | dtype_names,
+)
 def test_random_bytes_decode_or_are_refused_with_a_4xx(raw, kind, shape, dtype):
     headers = {"x-shape": shape} | ({} if dtype is None else {"x-dtype": dtype})
     a_batch(outcome(decode_body, raw, kind, headers, SHAPE, max_samples=MAX_SAMPLES))
@@ -238,8 +278,13 @@ def test_binary_shapes_of_any_rank_get_the_status_the_shape_deserves(req, sep):
 @UNIT
 @given(dtype=dtype_names)
 def test_only_float32_dtypes_are_read(dtype):
-    out = outcome(decode_binary, np.full(784, 0.5, "<f4").tobytes(), {"x-shape": "1,1,28,28", "x-dtype": dtype},
-                  SHAPE, max_samples=MAX_SAMPLES)
+    out = outcome(
+        decode_binary,
+        np.full(784, 0.5, "<f4").tobytes(),
+        {"x-shape": "1,1,28,28", "x-dtype": dtype},
+        SHAPE,
+        max_samples=MAX_SAMPLES,
+    )
     assert a_batch(out) == (dtype.strip().lower() in FLOAT32_NAMES), (dtype, out)
 
 
@@ -257,9 +302,22 @@ def test_images_decode_exactly_when_they_are_pngs_of_the_tasks_size(items):
 
 
 @UNIT
-@given(ctype=st.none() | st.text(max_size=40) | st.sampled_from(
-    ["application/json", "application/json; charset=utf-8", "APPLICATION/OCTET-STREAM", "text/json",
-     "application/problem+json", "text/plain", "multipart/form-data; boundary=x", ""]))
+@given(
+    ctype=st.none()
+    | st.text(max_size=40)
+    | st.sampled_from(
+        [
+            "application/json",
+            "application/json; charset=utf-8",
+            "APPLICATION/OCTET-STREAM",
+            "text/json",
+            "application/problem+json",
+            "text/plain",
+            "multipart/form-data; boundary=x",
+            "",
+        ]
+    )
+)
 def test_content_types_are_json_binary_or_415(ctype):
     try:
         kind = body_kind(ctype)
@@ -331,9 +389,14 @@ def served(trained_cfg):
     from coderay.table import RewardTable
     from deployments.app import deploy, direct_url, free_port
 
-    serving = trained_cfg.serving.model_copy(update={
-        "request_timeout_s": 8.0, "max_request_samples": MAX_SAMPLES, "max_body_bytes": MAX_BODY,
-        "max_inflight_bytes": MAX_INFLIGHT})
+    serving = trained_cfg.serving.model_copy(
+        update={
+            "request_timeout_s": 8.0,
+            "max_request_samples": MAX_SAMPLES,
+            "max_body_bytes": MAX_BODY,
+            "max_inflight_bytes": MAX_INFLIGHT,
+        }
+    )
     cfg = trained_cfg.model_copy(update={"serving": serving})
     if ray.is_initialized():
         ray.shutdown()
@@ -365,18 +428,24 @@ def answered(r: httpx.Response, samples: int) -> None:
 
 
 def good_binary(samples: int = 2) -> dict:
-    return {"content": np.full((samples, 1, 28, 28), 0.5, "<f4").tobytes(),
-            "headers": {"Content-Type": BINARY, "X-Shape": f"{samples},1,28,28"}}
+    return {
+        "content": np.full((samples, 1, 28, 28), 0.5, "<f4").tobytes(),
+        "headers": {"Content-Type": BINARY, "X-Shape": f"{samples},1,28,28"},
+    }
 
 
 @SERVED
-@given(raw=st.binary(max_size=4096), ctype=st.none() | st.sampled_from(
-    ["application/json", BINARY, "text/plain", "application/x-www-form-urlencoded"]) | header_text,
-    shape=st.none() | header_text)
+@given(
+    raw=st.binary(max_size=4096),
+    ctype=st.none()
+    | st.sampled_from(["application/json", BINARY, "text/plain", "application/x-www-form-urlencoded"])
+    | header_text,
+    shape=st.none() | header_text,
+)
 def test_served_random_bodies_are_refused_with_a_json_4xx(served, raw, ctype, shape):
     headers = ({} if ctype is None else {"Content-Type": ctype}) | ({} if shape is None else {"X-Shape": shape})
     r = served.client.post(INFER, content=raw, headers=headers)
-    if r.status_code == 200:        # random bytes that happen to be a valid batch: answered, not refused
+    if r.status_code == 200:  # random bytes that happen to be a valid batch: answered, not refused
         assert r.json()["predictions"]
     else:
         refusal(r)
@@ -386,8 +455,11 @@ def test_served_random_bodies_are_refused_with_a_json_4xx(served, raw, ctype, sh
 @given(doc=infer_docs, encoding=st.sampled_from(["utf-8", "utf-16"]), top_k=st.none() | header_text)
 def test_served_random_json_is_refused_with_a_json_4xx(served, doc, encoding, top_k):
     params = {} if top_k is None else {"top_k": top_k}
-    refusal(served.client.post(INFER, content=json.dumps(doc).encode(encoding), params=params,
-                               headers={"Content-Type": "application/json"}))
+    refusal(
+        served.client.post(
+            INFER, content=json.dumps(doc).encode(encoding), params=params, headers={"Content-Type": "application/json"}
+        )
+    )
 
 
 @SERVED
@@ -429,16 +501,35 @@ def test_served_images(served, items):
         refusal(r, 422)
 
 
-reserved = {"content-type", "content-length", "transfer-encoding", "host", "x-shape", "x-dtype", "connection",
-            "expect", "upgrade", "te", "trailer", "keep-alive", "proxy-connection", "cookie", "authorization",
-            "x-request-id", "x-forwarded-for"}
+reserved = {
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "x-shape",
+    "x-dtype",
+    "connection",
+    "expect",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+    "cookie",
+    "authorization",
+    "x-request-id",
+    "x-forwarded-for",
+}
 header_names = st.text(string.ascii_letters + string.digits + "-", min_size=1, max_size=20).filter(
-    lambda n: n.lower() not in reserved)
+    lambda n: n.lower() not in reserved
+)
 
 
 @SERVED
-@given(extra=st.lists(st.tuples(header_names, header_text), max_size=8),
-       dup=st.lists(st.tuples(st.sampled_from(["Content-Type", "X-Shape", "X-Dtype"]), header_text), max_size=3))
+@given(
+    extra=st.lists(st.tuples(header_names, header_text), max_size=8),
+    dup=st.lists(st.tuples(st.sampled_from(["Content-Type", "X-Shape", "X-Dtype"]), header_text), max_size=3),
+)
 def test_served_headers_unknown_and_duplicated(served, extra, dup):
     """Unknown headers never change the answer to a good request; a duplicated Content-Type, X-Shape or X-Dtype
     answers from its first value (HTTP's rule for single-valued fields) and never fails the server."""
@@ -451,15 +542,20 @@ def test_served_headers_unknown_and_duplicated(served, extra, dup):
 
 
 @SERVED
-@given(svc=st.text(max_size=30) | st.sampled_from(["digits", "mnist", "nope"]),
-       body=infer_docs | st.fixed_dictionaries({"path": st.text(max_size=30) | st.just("digits:local")},
-                                               optional={"coop_fraction": json_leaves}),
-       method=st.sampled_from(["GET", "PUT", "DELETE", "POST"]))
+@given(
+    svc=st.text(max_size=30) | st.sampled_from(["digits", "mnist", "nope"]),
+    body=infer_docs
+    | st.fixed_dictionaries(
+        {"path": st.text(max_size=30) | st.just("digits:local")}, optional={"coop_fraction": json_leaves}
+    ),
+    method=st.sampled_from(["GET", "PUT", "DELETE", "POST"]),
+)
 def test_served_routes_with_wrong_services_and_bodies(served, svc, body, method):
     url = f"/v1/services/{quote(svc, safe='')}/route"
-    r = served.client.request(method, url, content=json.dumps(body).encode(),
-                              headers={"Content-Type": "application/json"})
-    if r.status_code == 200:       # a valid service and body: the route changed; hand it back
+    r = served.client.request(
+        method, url, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    if r.status_code == 200:  # a valid service and body: the route changed; hand it back
         assert svc in ("digits", "mnist") and r.json()["service"] == svc
         assert served.client.delete(f"/v1/services/{svc}/route").status_code == 200
     else:
@@ -474,14 +570,16 @@ def test_served_huge_headers_are_refused(served):
     431 JSON refusal. Below the bound, a huge X-Shape is the app's 422."""
     good = good_binary()
     for size in (1000, 8000):
-        refusal(served.client.post(INFER, content=good["content"], headers=good["headers"] | {"X-Shape": "1" * size}),
-                422)
+        refusal(
+            served.client.post(INFER, content=good["content"], headers=good["headers"] | {"X-Shape": "1" * size}), 422
+        )
     for headers in ({"X-Big": "a" * 20_000}, {"X-Big": "a" * 1_000_000}, {f"X-H{i}": "v" for i in range(150)}):
         r = httpx.post(served.url + INFER, content=good["content"], headers=good["headers"] | headers, timeout=30)
         assert 400 <= r.status_code < 500, r.text[:200]
         if served.direct:
-            r = httpx.post(served.direct + INFER, content=good["content"], headers=good["headers"] | headers,
-                           timeout=30)
+            r = httpx.post(
+                served.direct + INFER, content=good["content"], headers=good["headers"] | headers, timeout=30
+            )
             assert "headers too large" in refusal(r, 431)
     answered(served.client.post(INFER, **good), 2)
 
@@ -491,15 +589,20 @@ def test_served_body_limits_and_inflight_bound(served):
     while a slow upload holds most of the bound, another body that would pass it gets a 503 with Retry-After,
     and the bound is given back when that upload ends (here: the client goes away)."""
     c = served.client
-    assert "max_body_bytes" in refusal(c.post(INFER, content=bytes(MAX_BODY + 4),
-                                              headers={"Content-Type": BINARY, "X-Shape": "1,1,28,28"}), 413)
-    assert "max_inflight_bytes" in refusal(c.post(INFER, content=bytes(MAX_INFLIGHT + 4),
-                                                  headers={"Content-Type": BINARY, "X-Shape": "1,1,28,28"}), 413)
+    assert "max_body_bytes" in refusal(
+        c.post(INFER, content=bytes(MAX_BODY + 4), headers={"Content-Type": BINARY, "X-Shape": "1,1,28,28"}), 413
+    )
+    assert "max_inflight_bytes" in refusal(
+        c.post(INFER, content=bytes(MAX_INFLIGHT + 4), headers={"Content-Type": BINARY, "X-Shape": "1,1,28,28"}), 413
+    )
     host, port = served.url.removeprefix("http://").rsplit(":", 1)
     hold = MAX_INFLIGHT - 4096
     with socket.create_connection((host, int(port)), timeout=30) as slow:
-        slow.sendall(f"POST {INFER} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {BINARY}\r\nX-Shape: 1,1,28,28\r\n"
-                     f"Content-Length: {hold}\r\n\r\n".encode() + bytes(1024))
+        slow.sendall(
+            f"POST {INFER} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {BINARY}\r\nX-Shape: 1,1,28,28\r\n"
+            f"Content-Length: {hold}\r\n\r\n".encode()
+            + bytes(1024)
+        )
         held = wait_for(lambda: inflight(c)["held"] >= hold)
         assert held, f"the slow upload never reached the ingress: {inflight(c)}"
         r = c.post(INFER, **good_binary(2))

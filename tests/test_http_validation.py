@@ -1,4 +1,5 @@
 """The serving logic that needs no Ray: input decoding and validation, path plans, routing, batching, placement."""
+
 from __future__ import annotations
 
 import base64
@@ -8,9 +9,9 @@ import math
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from coderay.config import CoderayConfig
 from coderay.errors import CoderayError
@@ -22,7 +23,13 @@ from deployments.merging import Merger
 from deployments.placement import cpu_shares
 from deployments.routing import Activation, hop_delay_s
 from deployments.schemas import (
-    ApiError, check_top_k, decode_binary, decode_images, decode_json_body, infer_openapi_body, to_batch,
+    ApiError,
+    check_top_k,
+    decode_binary,
+    decode_images,
+    decode_json_body,
+    infer_openapi_body,
+    to_batch,
 )
 
 SHAPE = (1, 28, 28)
@@ -33,8 +40,13 @@ ROWS = [
     {"path_id": "digits:mnist:0:1:1:2", "local": "digits", "kind": "coop", "reward": 0.62, "links_file": "/x/b.pt"},
     {"path_id": "digits:mnist:0:1:3:4", "local": "digits", "kind": "coop", "reward": None, "links_file": None},
     {"path_id": "digits:skip:0:3", "local": "digits", "kind": "skip", "reward": 0.5, "links_file": "/x/skip.pt"},
-    {"path_id": "digits:edge-early:mnist:2:1", "local": "digits", "kind": "edge-early", "reward": 0.9,
-     "links_file": None},
+    {
+        "path_id": "digits:edge-early:mnist:2:1",
+        "local": "digits",
+        "kind": "edge-early",
+        "reward": 0.9,
+        "links_file": None,
+    },
 ]
 
 
@@ -99,7 +111,7 @@ BAD_JSON = [
     (b'{"images": ["%%%"]}', 422, "images[0]: not valid base64"),
     (b'{"images": ["aGVsbG8="]}', 422, "images[0]: not a readable PNG"),
     (b'{"inputs": [[[0.5]]], "top_k": 0}', 422, "top_k"),
-    (b"{\"inputs\": \"\xc3\x28\"}", 422, "UTF-8"),
+    (b'{"inputs": "\xc3\x28"}', 422, "UTF-8"),
     (b"[" * 100_000 + b"]" * 100_000, 422, "nested too deeply"),
     (b'{"inputs": ' + b"[" * 100 + b"0.5" + b"]" * 100 + b"}", 422, "nested deeper than a batch"),
     # were 500s: Python's json refuses integer literals past 4300 digits with a ValueError
@@ -124,8 +136,12 @@ def test_non_finite_and_out_of_range_pixels():
     raw = b'{"inputs": [[[NaN]]]}'  # Python's json reads NaN/Infinity literals: still refused
     x = np.full((1, 28, 28), 0.5).tolist()
     x[0][0][0] = float("nan")
-    assert "finite" in error_of(decode_json_body, str({"inputs": x}).replace("'", '"').replace("nan", "NaN").encode(),
-                                SHAPE, max_samples=4).reason
+    assert (
+        "finite"
+        in error_of(
+            decode_json_body, str({"inputs": x}).replace("'", '"').replace("nan", "NaN").encode(), SHAPE, max_samples=4
+        ).reason
+    )
     assert error_of(decode_json_body, raw, SHAPE, max_samples=4).status == 422
 
 
@@ -136,20 +152,23 @@ def test_batch_above_the_limit_is_413():
     assert error_of(decode_images, [png()] * 5, SHAPE, max_samples=4).status == 413
 
 
-@pytest.mark.parametrize("headers,nbytes,reason", [
-    ({}, 4 * 784, "X-Shape header missing"),
-    ({"x-shape": "1,1,28,x"}, 4 * 784, "comma-separated integers"),
-    ({"x-shape": "1,1,28,28"}, 2 * 784, "needs 3136"),
-    ({"x-shape": "1,1,28,28", "x-dtype": "float64"}, 8 * 784, "unsupported dtype"),
-    ({"x-shape": "1,3,28,28"}, 4 * 3 * 784, "expected a batch shaped"),
-    ({"x-shape": "0,1,28,28"}, 0, "empty batch"),
-    ({"x-shape": "1,-1,28,28"}, 0, "non-negative"),
-    ({"x-shape": "1,1,28,28,1"}, 4 * 784, "expected a batch shaped"),
-    # were 500s: numpy's reshape refused these shapes itself (rank above 64, dimensions beyond its index range)
-    ({"x-shape": ",".join(["1"] * 70)}, 4, "rank 70"),
-    ({"x-shape": "1,0,99999999999999999999999"}, 0, "expected a batch shaped"),
-    ({"x-shape": "1,0,4611686018427387904,4"}, 0, "expected a batch shaped"),
-])
+@pytest.mark.parametrize(
+    "headers,nbytes,reason",
+    [
+        ({}, 4 * 784, "X-Shape header missing"),
+        ({"x-shape": "1,1,28,x"}, 4 * 784, "comma-separated integers"),
+        ({"x-shape": "1,1,28,28"}, 2 * 784, "needs 3136"),
+        ({"x-shape": "1,1,28,28", "x-dtype": "float64"}, 8 * 784, "unsupported dtype"),
+        ({"x-shape": "1,3,28,28"}, 4 * 3 * 784, "expected a batch shaped"),
+        ({"x-shape": "0,1,28,28"}, 0, "empty batch"),
+        ({"x-shape": "1,-1,28,28"}, 0, "non-negative"),
+        ({"x-shape": "1,1,28,28,1"}, 4 * 784, "expected a batch shaped"),
+        # were 500s: numpy's reshape refused these shapes itself (rank above 64, dimensions beyond its index range)
+        ({"x-shape": ",".join(["1"] * 70)}, 4, "rank 70"),
+        ({"x-shape": "1,0,99999999999999999999999"}, 0, "expected a batch shaped"),
+        ({"x-shape": "1,0,4611686018427387904,4"}, 0, "expected a batch shaped"),
+    ],
+)
 def test_bad_binary_bodies(headers, nbytes, reason):
     err = error_of(decode_binary, bytes(nbytes), headers, SHAPE, max_samples=4)
     assert err.status == 422 and reason in err.reason, err.reason
@@ -200,12 +219,12 @@ def test_inflight_bytes_refuse_instead_of_buffering_and_are_given_back():
     bound = InflightBytes(1000)
     with bound.claim() as first:
         first.cover(600)
-        first.cover(700)                                   # a chunked body growing: only the new bytes are taken
+        first.cover(700)  # a chunked body growing: only the new bytes are taken
         assert (bound.held, first.bytes) == (700, 700)
         with pytest.raises(ApiError) as busy, bound.claim() as second:
             second.cover(400)
         assert busy.value.status == 503 and busy.value.headers == {"Retry-After": "1"} and bound.refused == 1
-        assert bound.held == 700                           # the refused claim holds nothing
+        assert bound.held == 700  # the refused claim holds nothing
     assert bound.held == 0
     with pytest.raises(ApiError) as alone, bound.claim() as big:
         big.cover(1001)
@@ -213,7 +232,7 @@ def test_inflight_bytes_refuse_instead_of_buffering_and_are_given_back():
     with pytest.raises(RuntimeError), bound.claim() as failing:
         failing.cover(500)
         raise RuntimeError("the path failed")
-    assert bound.held == 0                                 # given back however the request ends
+    assert bound.held == 0  # given back however the request ends
 
 
 def test_openapi_body_documents_both_encodings():
@@ -229,9 +248,12 @@ def test_plans_chain_blocks_and_links_on_the_right_services():
     assert plan_hops(PathSpec.local_only("digits")) == [Hop("blocks", "digits", 1, TO_END)]
     coop = PathSpec.parse("digits:mnist:2:1:3:4")
     assert plan_hops(coop) == [
-        Hop("blocks", "digits", 1, 2), Hop("links", "mnist", path_id=coop.id, link="in"),
-        Hop("blocks", "mnist", 1, 3, guest=True, path_id=coop.id), Hop("links", "mnist", path_id=coop.id, link="out"),
-        Hop("blocks", "digits", 4, TO_END)]
+        Hop("blocks", "digits", 1, 2),
+        Hop("links", "mnist", path_id=coop.id, link="in"),
+        Hop("blocks", "mnist", 1, 3, guest=True, path_id=coop.id),
+        Hop("links", "mnist", path_id=coop.id, link="out"),
+        Hop("blocks", "digits", 4, TO_END),
+    ]
     skip = PathSpec.parse("digits:skip:0:3")
     assert [h.kind for h in plan_hops(skip)] == ["links", "blocks"] and plan_hops(skip)[0].service == "digits"
 
@@ -264,15 +286,16 @@ def test_merger_sends_concurrent_requests_as_one_chain_and_splits_the_answer():
         m = Merger(run, max_samples=8, depth=1)
         xs = [torch.full((n, 1), float(i)) for i, n in enumerate([2, 3, 3, 4, 1])]
         outs = await asyncio.gather(*(m.submit(x) for x in xs))
-        bad = await asyncio.gather(m.submit(torch.ones(2, 1)), m.submit(-torch.ones(1, 1)), m.submit(torch.ones(1, 1)),
-                                   return_exceptions=True)
+        bad = await asyncio.gather(
+            m.submit(torch.ones(2, 1)), m.submit(-torch.ones(1, 1)), m.submit(torch.ones(1, 1)), return_exceptions=True
+        )
         return xs, outs, bad, m.stats
 
     xs, outs, bad, stats = asyncio.run(main())
-    assert sent[:3] == [2, 6, 5]            # the first alone; then as many as fit 8 samples; then the rest
+    assert sent[:3] == [2, 6, 5]  # the first alone; then as many as fit 8 samples; then the rest
     for x, out in zip(xs, outs):
         assert torch.equal(out.x, x * 2) and out.wire_bytes == 10 * len(x) and out.hops == 2
-    assert sent[3:] == [2, 2] and isinstance(bad[0], Activation)   # a failed chain fails its requests only
+    assert sent[3:] == [2, 2] and isinstance(bad[0], Activation)  # a failed chain fails its requests only
     assert all(isinstance(b, RuntimeError) for b in bad[1:]) and stats["max_requests_in_chain"] == 2
 
 
@@ -290,30 +313,34 @@ def test_merger_sends_a_second_chain_only_when_full():
 
     async def main():
         first = asyncio.ensure_future(m.submit(torch.zeros(2, 1)))
-        await asyncio.sleep(0.01)                    # the first chain is in flight
+        await asyncio.sleep(0.01)  # the first chain is in flight
         rest = [asyncio.ensure_future(m.submit(torch.zeros(n, 1))) for n in (3, 3)]
         await asyncio.sleep(0.01)
-        assert len(sent) == 1                        # 6 of 8 samples waiting: not sent beside the first
+        assert len(sent) == 1  # 6 of 8 samples waiting: not sent beside the first
         rest.append(asyncio.ensure_future(m.submit(torch.zeros(2, 1))))
         await asyncio.sleep(0.01)
-        assert sent[1] == (8, 2)                     # full: it leaves while the first is still in flight
+        assert sent[1] == (8, 2)  # full: it leaves while the first is still in flight
         rest.append(asyncio.ensure_future(m.submit(torch.zeros(1, 1))))
         await asyncio.gather(first, *rest)
 
     m = Merger(run, max_samples=8, depth=2)
     asyncio.run(main())
-    assert sent == [(2, 1), (8, 2), (1, 1)]          # the partial remainder left once no chain was in flight
+    assert sent == [(2, 1), (8, 2), (1, 1)]  # the partial remainder left once no chain was in flight
 
 
 def test_link_files_group_by_the_node_that_runs_them():
-    assert link_files(ROWS) == {"mnist": {BEST: "/x/best.pt", "digits:mnist:0:1:1:2": "/x/b.pt"},
-                                "digits": {"digits:skip:0:3": "/x/skip.pt"}}
+    assert link_files(ROWS) == {
+        "mnist": {BEST: "/x/best.pt", "digits:mnist:0:1:1:2": "/x/b.pt"},
+        "digits": {"digits:skip:0:3": "/x/skip.pt"},
+    }
 
 
 def test_initial_routes_are_the_table_best(tiny_cfg):
     routes = initial_routes(tiny_cfg, ROWS)
-    assert routes == {"digits": {"path": BEST, "coop_fraction": 1.0},        # edge-early is not a path
-                      "mnist": {"path": "mnist:local", "coop_fraction": 0.0}}
+    assert routes == {
+        "digits": {"path": BEST, "coop_fraction": 1.0},  # edge-early is not a path
+        "mnist": {"path": "mnist:local", "coop_fraction": 0.0},
+    }
 
 
 def test_router_validates_and_switches(tiny_cfg):
@@ -346,7 +373,7 @@ def test_host_without_guest_quota_is_refused(tiny_cfg):
 
 def test_a_host_admits_only_the_guests_it_grants(tiny_cfg):
     raw = tiny_cfg.model_dump()
-    raw["services"][1]["guests"] = {"digits": 0}                  # mnist lists digits with no slots
+    raw["services"][1]["guests"] = {"digits": 0}  # mnist lists digits with no slots
     cfg = CoderayConfig.model_validate(raw)
     assert cfg.service("mnist").grant("digits") == 0 and tiny_cfg.service("mnist").grant("digits") == 8
     router = Router(cfg, ROWS)
@@ -354,7 +381,7 @@ def test_a_host_admits_only_the_guests_it_grants(tiny_cfg):
     assert "does not admit 'digits'" in error_of(router.validate, "digits", BEST).reason
     raw["services"][1]["guests"] = {"digits": 5}
     assert CoderayConfig.model_validate(raw).service("mnist").grant("digits") == 5
-    raw["services"][1]["guests"] = {"digits": 9}                  # more than its guest_quota 8
+    raw["services"][1]["guests"] = {"digits": 9}  # more than its guest_quota 8
     with pytest.raises(ValidationError, match="guests.digits: 9 slots"):
         CoderayConfig.model_validate(raw)
     raw["services"][1]["guests"] = {"nobody": 1}
@@ -396,7 +423,7 @@ def test_batch_size_counts_samples_and_enforces_the_guest_quota():
     a = Chunk(torch.zeros(4, 1), 1, 2, True, quota=8, capacity=B, owner="digits", grant=5)
     b = Chunk(torch.zeros(3, 1), 1, 2, True, quota=8, capacity=B, owner="parity", grant=3)
     assert batch_samples([a, b]) == 7
-    assert batch_samples([a]) <= B < batch_samples([a, a])   # 8 of digits' samples > its 5, though within s
+    assert batch_samples([a]) <= B < batch_samples([a, a])  # 8 of digits' samples > its 5, though within s
     assert batch_samples([b]) <= B < batch_samples([b, b])
 
 
@@ -404,8 +431,7 @@ def test_mixed_block_ranges_in_one_batch_match_separate_runs():
     torch.manual_seed(0)
     blocks = [torch.nn.Linear(4, 4) for _ in range(3)]
     x = [torch.randn(n, 4) for n in (2, 3, 1)]
-    chunks = [Chunk(x[0], 1, 3, False, 0, 8), Chunk(x[1], 2, 2, True, 4, 8, "g", 4),
-              Chunk(x[2], 1, 3, False, 0, 8)]
+    chunks = [Chunk(x[0], 1, 3, False, 0, 8), Chunk(x[1], 2, 2, True, 4, 8, "g", 4), Chunk(x[2], 1, 3, False, 0, 8)]
     out = run_grouped(blocks, chunks)
     with torch.no_grad():
         assert torch.allclose(out[0], blocks[2](blocks[1](blocks[0](x[0]))), atol=1e-6)

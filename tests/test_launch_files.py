@@ -1,6 +1,7 @@
 """The launch files keep every provider's model on its own server: cluster.yaml and cluster-cloud.yaml are valid
 `ray up` files that copy only code, give every node its own store and token auth; k8s/rayservice.yaml is the
 generator's output, with a worker group per coderay node and the Serve config coderay writes. No cluster needed."""
+
 import copy
 import fnmatch
 import json
@@ -60,8 +61,10 @@ def _start_env(command: str) -> dict[str, str]:
 
 
 def _ray_starts(config: dict) -> list[str]:
-    starts = {key: [c for c in config[key] if " start " in c] for key in
-              ("head_start_ray_commands", "worker_start_ray_commands")}
+    starts = {
+        key: [c for c in config[key] if " start " in c]
+        for key in ("head_start_ray_commands", "worker_start_ray_commands")
+    }
     assert all(len(cmds) == 1 for cmds in starts.values()), starts
     return [cmds[0] for cmds in starts.values()]
 
@@ -69,7 +72,7 @@ def _ray_starts(config: dict) -> list[str]:
 @pytest.mark.parametrize("name", CLUSTER_FILES)
 def test_cluster_files_validate_against_rays_schema(name):
     config = _cluster(name)
-    prepared = prepare_config(copy.deepcopy(config))        # what `ray up` validates: defaults filled in
+    prepared = prepare_config(copy.deepcopy(config))  # what `ray up` validates: defaults filled in
     validate_config(prepared)
     assert prepared["rsync_exclude"] == config["rsync_exclude"]
     assert config["provider"]["type"] == {"cluster.yaml": "local", "cluster-cloud.yaml": "aws"}[name]
@@ -83,15 +86,29 @@ def test_file_mounts_carry_the_code_and_token_never_a_store(name):
     assert set(mounts.values()) - {"."} and token_source == {str(_get_default_token_path())}, mounts
     excludes = config["rsync_exclude"]
     assert all("/" not in p.rstrip("/") and "**" not in p for p in excludes), "the check below reads simple names"
-    code = ["pyproject.toml", "README.md", "configs/demo.yaml",
-            *(p.relative_to(ROOT).as_posix() for d in ("coderay", "deployments", "tuning") for p in
-              (ROOT / d).glob("*.py"))]
-    kept_out = [".coderay/demo/stores/edge-big/mnist/model.pt", "coderay-store/digits/profile.json",
-                "work/stores/edge-small/links.json", "tests/fixtures/a.pt", "bench/model.pth", ".git/config",
-                ".venv/bin/python", "coderay/__pycache__/config.cpython-311.pyc"]
+    code = [
+        "pyproject.toml",
+        "README.md",
+        "configs/demo.yaml",
+        *(
+            p.relative_to(ROOT).as_posix()
+            for d in ("coderay", "deployments", "tuning")
+            for p in (ROOT / d).glob("*.py")
+        ),
+    ]
+    kept_out = [
+        ".coderay/demo/stores/edge-big/mnist/model.pt",
+        "coderay-store/digits/profile.json",
+        "work/stores/edge-small/links.json",
+        "tests/fixtures/a.pt",
+        "bench/model.pth",
+        ".git/config",
+        ".venv/bin/python",
+        "coderay/__pycache__/config.cpython-311.pyc",
+    ]
     for cfg_file in (ROOT / "configs").glob("*.yaml"):
         workdir = Path(yaml.safe_load(cfg_file.read_text()).get("workdir", ".coderay"))
-        if not workdir.is_absolute():                       # every config's workdir (table, stores) stays here
+        if not workdir.is_absolute():  # every config's workdir (table, stores) stays here
             kept_out.append((workdir / "search" / "table.json").as_posix())
     assert [p for p in code if _rsync_excluded(p, excludes)] == []
     assert [p for p in kept_out if not _rsync_excluded(p, excludes)] == []
@@ -120,8 +137,11 @@ def test_cloud_node_types_are_one_server_per_coderay_node(demo):
     config = _cluster("cluster-cloud.yaml")
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
-    workers = {k: {f: v[f] for f in ("min_workers", "max_workers", "resources")} for k, v in types.items()
-               if k != config["head_node_type"]}
+    workers = {
+        k: {f: v[f] for f in ("min_workers", "max_workers", "resources")}
+        for k, v in types.items()
+        if k != config["head_node_type"]
+    }
     assert workers == cluster_node_types(demo)
     for node in demo.nodes:
         assert [k for k, v in types.items() if node.name in v["resources"]] == [node.name]
@@ -167,9 +187,9 @@ def test_serve_config_v2_is_the_serve_config_coderay_writes(demo, manifest):
     assert doc == serve_config_doc(pod_config(demo), IN_IMAGE, working_dir="/app")
     ServeDeploySchema.model_validate(doc)
     app = doc["applications"][0]
-    assert app["args"] == {"config": IN_IMAGE, "workdir": "/app/.coderay/demo", "real_cluster": True}   # no emulation
+    assert app["args"] == {"config": IN_IMAGE, "workdir": "/app/.coderay/demo", "real_cluster": True}  # no emulation
     assert app["runtime_env"]["working_dir"] == "local:///app"
-    assert doc["http_options"]["host"] == "0.0.0.0"          # a Kubernetes Service reaches the head pod's port
+    assert doc["http_options"]["host"] == "0.0.0.0"  # a Kubernetes Service reaches the head pod's port
 
 
 def test_serve_config_doc_is_what_write_serve_config_writes(demo, tmp_path):
@@ -182,8 +202,9 @@ def test_serve_config_doc_is_what_write_serve_config_writes(demo, tmp_path):
 
 
 def test_committed_manifest_is_the_generators_output():
-    assert (ROOT / "k8s" / "rayservice.yaml").read_text() == rayservice_manifest(DEMO), \
+    assert (ROOT / "k8s" / "rayservice.yaml").read_text() == rayservice_manifest(DEMO), (
         "k8s/rayservice.yaml is stale: run `python -m deployments.manifests`"
+    )
 
 
 def test_a_node_name_kubernetes_cannot_take_fails_with_its_name(demo):

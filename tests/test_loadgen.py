@@ -1,4 +1,5 @@
 """bench/loadgen.py against a tiny asyncio HTTP server started in the test (no Ray; a few seconds in all)."""
+
 import asyncio
 import sys
 import time
@@ -37,8 +38,7 @@ class ToyServer:
                     await reader.readexactly(length)
                 self.requests += 1
                 status = await self.behave(path, self.requests)
-                writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
-                             .encode())
+                writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok".encode())
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
@@ -62,7 +62,7 @@ def test_open_loop_achieves_offered_rate_on_a_fast_server():
 
     step = asyncio.run(main())
     assert step.failures == 0 and step.ok == step.scheduled > 35
-    assert 0.7 * 100 <= step.achieved_rps <= 1.3 * 100     # Poisson: ~60 ± 8 arrivals in 0.6 s
+    assert 0.7 * 100 <= step.achieved_rps <= 1.3 * 100  # Poisson: ~60 ± 8 arrivals in 0.6 s
     assert step.p99_ms < 200
     assert step.cpu_s > 0
 
@@ -83,9 +83,9 @@ def test_latency_counts_from_the_scheduled_time_when_the_server_stalls():
     step = asyncio.run(main())
     assert step.failures == 0
     slow = sum(ms > 250 for ms in step.latencies_ms)
-    assert slow >= 10, (slow, step.scheduled)                # ~100/s × 0.25 s of arrivals waited > 250 ms
+    assert slow >= 10, (slow, step.scheduled)  # ~100/s × 0.25 s of arrivals waited > 250 ms
     assert step.p99_ms >= 400
-    assert step.lag_p99_ms >= 250                             # they were sent late: the lag is reported too
+    assert step.lag_p99_ms >= 250  # they were sent late: the lag is reported too
 
 
 def test_failures_and_drops_are_counted_not_waited_for():
@@ -97,8 +97,7 @@ def test_failures_and_drops_are_counted_not_waited_for():
         return 200
 
     async def main():
-        async with ToyServer(every_fourth_fails) as srv, \
-                loadgen.make_client(srv.url, timeout_s=5) as c:
+        async with ToyServer(every_fourth_fails) as srv, loadgen.make_client(srv.url, timeout_s=5) as c:
             failing = await loadgen.open_loop(c, post, 60, 0.6, seed=3)
         async with ToyServer(hang) as srv, loadgen.make_client(srv.url, timeout_s=5) as c:
             start = time.perf_counter()
@@ -114,7 +113,7 @@ def test_failures_and_drops_are_counted_not_waited_for():
     # 2 in flight, each 0.3 s: the generator drops what it cannot send instead of slowing down
     assert bounded.dropped >= 0.5 * bounded.scheduled and bounded.sent + bounded.dropped == bounded.scheduled
     assert bounded_s < 0.6 + 0.3 + 0.3
-    assert cut.failed == cut.sent and cut.ok == 0             # answers that outlive the drain are failures
+    assert cut.failed == cut.sent and cut.ok == 0  # answers that outlive the drain are failures
 
 
 def test_closed_loop_clients_send_back_to_back():
@@ -128,8 +127,8 @@ def test_closed_loop_clients_send_back_to_back():
 
     one, four = asyncio.run(main())
     assert one.failures == four.failures == 0
-    assert 15 <= one.achieved_rps <= 55                        # ~1 / 20 ms
-    assert four.achieved_rps > 2.5 * one.achieved_rps         # the server overlaps its sleeps
+    assert 15 <= one.achieved_rps <= 55  # ~1 / 20 ms
+    assert four.achieved_rps > 2.5 * one.achieved_rps  # the server overlaps its sleeps
 
 
 def test_rate_search_finds_the_capacity_of_a_server_limited_to_k_per_second():
@@ -151,7 +150,10 @@ def test_rate_search_finds_the_capacity_of_a_server_limited_to_k_per_second():
             return await loadgen.rate_search(
                 lambda rate: loadgen.open_loop(c, post, rate, 0.6, drain_s=2, seed=next(seeds)),
                 lambda step: loadgen.step_check(step, p99_ms=300, min_achieved=0.85),
-                start=20, factor=2, resolution=0.1)
+                start=20,
+                factor=2,
+                resolution=0.1,
+            )
 
     res = asyncio.run(main())
     assert res.best_rps is not None and res.first_fail_rps > res.best_rps
@@ -162,12 +164,24 @@ def test_rate_search_finds_the_capacity_of_a_server_limited_to_k_per_second():
 
 def test_rate_search_steps_down_when_the_first_rate_fails():
     async def run(rate):
-        step = loadgen.Step("open", rate, None, 1.0, wall_s=1.0, scheduled=3, sent=3, ok=3, latencies_ms=[1.0] * 3,
-                            first_sched=0.0, last_sched=1.0, first_done=0.1, last_done=1.1)
+        step = loadgen.Step(
+            "open",
+            rate,
+            None,
+            1.0,
+            wall_s=1.0,
+            scheduled=3,
+            sent=3,
+            ok=3,
+            latencies_ms=[1.0] * 3,
+            first_sched=0.0,
+            last_sched=1.0,
+            first_done=0.1,
+            last_done=1.1,
+        )
         if rate > 5:
             step.ok, step.failed = 0, 1
         return step
 
-    res = asyncio.run(loadgen.rate_search(run, lambda s: loadgen.step_check(s, p99_ms=10), start=40,
-                                          resolution=0.05))
+    res = asyncio.run(loadgen.rate_search(run, lambda s: loadgen.step_check(s, p99_ms=10), start=40, resolution=0.05))
     assert 5 * 0.95 / 1.05 <= res.best_rps <= 5 < res.first_fail_rps <= 5 * 1.05 / 0.95

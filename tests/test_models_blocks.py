@@ -84,7 +84,12 @@ def test_balanced_cuts_minimise_the_largest_block():
 def test_alexnet_six_blocks_as_in_the_paper():
     blocks = split_model(shared("alexnet"), blocks=6)
     assert [b.stages for b in blocks] == [
-        ("conv1",), ("conv2",), ("conv3",), ("conv4",), ("conv5", "pool"), ("fc6", "fc7", "fc8")
+        ("conv1",),
+        ("conv2",),
+        ("conv3",),
+        ("conv4",),
+        ("conv5", "pool"),
+        ("fc6", "fc7", "fc8"),
     ]
     x = batch()
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """The controller's drift-plus-penalty policy on synthetic measurements (no Ray, no torch)."""
+
 import dataclasses
 import json
 import random
@@ -14,26 +15,63 @@ from coderay.throughput import PathCosts
 
 NET = NetworkSpec(bandwidth_mbps=1000, rtt_ms=1)
 REWARD = RewardSpec(alpha=8, beta=1)
-SPEC = ControllerSpec(interval_s=1.0, V=50, min_dwell_s=3.0, share_step=0.1)   # hysteresis, smoothing: defaults
+SPEC = ControllerSpec(interval_s=1.0, V=50, min_dwell_s=3.0, share_step=0.1)  # hysteresis, smoothing: defaults
 SERVICES = {"digits": "edge-a", "mnist": "edge-b"}
 # digits: 10 ms a sample locally; through mnist's blocks its node does 2 ms; mnist: 4 ms its own, 3 ms a guest
-COSTS = PathCosts(local_full=0.01, local_part=0.002, host_full=0.004, host_part=0.003, batch=16, guest_quota=8,
-                  bytes_out=1568, bytes_back=2048)
+COSTS = PathCosts(
+    local_full=0.01,
+    local_part=0.002,
+    host_full=0.004,
+    host_part=0.003,
+    batch=16,
+    guest_quota=8,
+    bytes_out=1568,
+    bytes_back=2048,
+)
 COOP = "digits:mnist:0:1:3:4"
 COOP2 = "digits:mnist:0:1:2:4"
 
 
 def local_row() -> Row:
-    return score(Row(path_id="digits:local", local="digits", kind="local", local_node="edge-a", acc_local_val=0.99,
-                     val_acc=0.99, trained=True, costs=PathCosts(local_full=0.01, local_part=0.01)), REWARD, NET)
+    return score(
+        Row(
+            path_id="digits:local",
+            local="digits",
+            kind="local",
+            local_node="edge-a",
+            acc_local_val=0.99,
+            val_acc=0.99,
+            trained=True,
+            costs=PathCosts(local_full=0.01, local_part=0.01),
+        ),
+        REWARD,
+        NET,
+    )
 
 
 def coop_row(path_id: str = COOP, val_acc: float = 0.975, host_part: float = 0.003) -> Row:
     spec = path_id.split(":")
-    return score(Row(path_id=path_id, local="digits", kind="coop", host="mnist", lout=0, hin=1, hout=int(spec[4]),
-                     lin=4, local_node="edge-a", host_node="edge-b", acc_local_val=0.99, val_acc=val_acc,
-                     trained=True, links_file=f"/links/{path_id}.pt",
-                     costs=dataclasses.replace(COSTS, host_part=host_part)), REWARD, NET)
+    return score(
+        Row(
+            path_id=path_id,
+            local="digits",
+            kind="coop",
+            host="mnist",
+            lout=0,
+            hin=1,
+            hout=int(spec[4]),
+            lin=4,
+            local_node="edge-a",
+            host_node="edge-b",
+            acc_local_val=0.99,
+            val_acc=val_acc,
+            trained=True,
+            links_file=f"/links/{path_id}.pt",
+            costs=dataclasses.replace(COSTS, host_part=host_part),
+        ),
+        REWARD,
+        NET,
+    )
 
 
 def policy(rows, spec=SPEC, initial=None) -> Policy:
@@ -43,10 +81,16 @@ def policy(rows, spec=SPEC, initial=None) -> Policy:
 def meas(t, *, digits=100.0, mnist=10.0, alive=True, dt=1.0, failing=()):
     """One interval: `digits` and `mnist` clients' samples/s; mnist's node runs its own at the profiled cost."""
     own = mnist * dt
-    return Measurements(t=t, dt=dt, arrivals={"digits": digits, "mnist": mnist},
-                        nodes={"edge-a": NodeLoad(own_samples=digits * dt, compute_s=digits * dt * 0.01),
-                               "edge-b": NodeLoad(alive=alive, own_samples=own, compute_s=own * COSTS.host_full)},
-                        failing=frozenset(failing))
+    return Measurements(
+        t=t,
+        dt=dt,
+        arrivals={"digits": digits, "mnist": mnist},
+        nodes={
+            "edge-a": NodeLoad(own_samples=digits * dt, compute_s=digits * dt * 0.01),
+            "edge-b": NodeLoad(alive=alive, own_samples=own, compute_s=own * COSTS.host_full),
+        },
+        failing=frozenset(failing),
+    )
 
 
 def run(p, ts, **kw):
@@ -91,8 +135,9 @@ def test_a_host_whose_own_clients_wait_sheds_its_guests_though_its_cpu_is_not_fu
     """What the demo's HTTP flood showed: guests holding their slots of every batch keep the host's own share of
     its CPU at ~60%, under the 90% that admits guests, while its own clients wait seconds. Their mean latency
     above `host_latency_ms` takes the guests off; once they no longer wait the guests come back."""
+
     def waiting(t, latency_ms):
-        m = meas(t, mnist=150.0)      # 60% of edge-b for its own clients
+        m = meas(t, mnist=150.0)  # 60% of edge-b for its own clients
         nodes = dict(m.nodes) | {"edge-b": dataclasses.replace(m.nodes["edge-b"], own_latency_ms=latency_ms)}
         return dataclasses.replace(m, nodes=nodes)
 
@@ -120,8 +165,10 @@ def test_guest_work_stays_within_what_the_host_admits_and_the_queues_stay_bounde
     ds = [digits_of(p.step(meas(t, digits=120.0, mnist=150.0))) for t in range(0, 60)]
     last = ds[-1]
     g, offered = last.figures["chosen"]["guest_rate"], last.share * 120.0
-    print(f"\nshare {last.share}: offered {offered:.0f} guest samples/s, admitted {g:.0f}; Q_l {last.figures['Q_l']}, "
-          f"Q_h {last.figures['Q_h']}")
+    print(
+        f"\nshare {last.share}: offered {offered:.0f} guest samples/s, admitted {g:.0f}; Q_l {last.figures['Q_l']}, "
+        f"Q_h {last.figures['Q_h']}"
+    )
     assert last.path == COOP and offered <= g * 1.05 and last.figures["chosen"]["service_rate"] >= 120
     assert max(d.figures["Q_h"]["mnist"] for d in ds[30:]) < 200 and max(d.figures["Q_l"] for d in ds[30:]) < 200
 
@@ -142,10 +189,14 @@ def test_no_flapping_between_two_near_equal_paths():
     p = policy([local_row(), coop_row(COOP, 0.975), coop_row(COOP2, 0.9749, host_part=0.00301)])
     rng = random.Random(0)
     switches = []
-    for t in range(200):   # measurements with ±20% noise on every figure
+    for t in range(200):  # measurements with ±20% noise on every figure
         m = meas(t, digits=100 * rng.uniform(0.8, 1.2), mnist=10 * rng.uniform(0.8, 1.2))
-        m = dataclasses.replace(m, nodes={n: dataclasses.replace(v, compute_s=v.compute_s * rng.uniform(0.8, 1.2))
-                                          for n, v in m.nodes.items()})
+        m = dataclasses.replace(
+            m,
+            nodes={
+                n: dataclasses.replace(v, compute_s=v.compute_s * rng.uniform(0.8, 1.2)) for n, v in m.nodes.items()
+            },
+        )
         switches += [d for d in p.step(m) if d.switched and d.service == "digits"]
     print(f"\n{len(switches)} switch(es) in 200 noisy intervals: {[(d.t, d.path, d.share) for d in switches]}")
     assert len(switches) <= 2
@@ -155,7 +206,7 @@ def test_dwell_time_holds_a_fresh_choice():
     spec = SPEC.model_copy(update={"min_dwell_s": 10.0, "hysteresis": 0.0})
     p = policy([local_row(), coop_row()], spec)
     p.step(meas(0.0))
-    d = digits_of(p.step(meas(1.0, mnist=2000.0)))   # a flood: the best choice changes at once
+    d = digits_of(p.step(meas(1.0, mnist=2000.0)))  # a flood: the best choice changes at once
     assert not d.switched and "min_dwell_s" in d.reason
 
 
@@ -177,15 +228,19 @@ def test_a_host_whose_node_is_gone_gets_share_zero_at_once():
 
 def test_measured_costs_rescore_the_rows():
     p = policy([local_row(), coop_row()])
-    slow_host = Measurements(t=0, dt=1, arrivals={"digits": 0, "mnist": 200},
-                             nodes={"edge-b": NodeLoad(own_samples=200, compute_s=200 * COSTS.host_full * 3)})
+    slow_host = Measurements(
+        t=0,
+        dt=1,
+        arrivals={"digits": 0, "mnist": 200},
+        nodes={"edge-b": NodeLoad(own_samples=200, compute_s=200 * COSTS.host_full * 3)},
+    )
     before = {r.path_id: r for r in p.live_rows()}
     p.step(slow_host)
     after = {r.path_id: r for r in p.live_rows()}
     assert p.slowdown["edge-b"] == pytest.approx(3.0)
     assert after[COOP].th_host < before[COOP].th_host and after[COOP].reward < before[COOP].reward
     assert after[COOP]["slowdown_host"] == pytest.approx(3.0)
-    for t in range(1, 20):   # idle afterwards: the profile stands again
+    for t in range(1, 20):  # idle afterwards: the profile stands again
         p.step(Measurements(t=t, dt=1, arrivals={}, nodes={"edge-b": NodeLoad(own_samples=5, compute_s=0.02)}))
     assert p.slowdown["edge-b"] == pytest.approx(1.0, abs=0.01)
     # light load teaches nothing (small batches would pass for a slow node)
@@ -229,17 +284,20 @@ def test_the_grafana_dashboard_queries_exactly_the_metrics_coderay_exports(monke
                 kinds[name] = kind
 
             def inc(self, *args, **kwargs): ...
+
             set = observe = inc
+
         return Metric
 
     fake = types.SimpleNamespace(**{k: recorder(k) for k in ("Counter", "Gauge", "Histogram")})
-    monkeypatch.setattr(serve, "metrics", fake)                      # the ingress: `from ray.serve import metrics`
-    monkeypatch.setitem(sys.modules, "ray.util.metrics", fake)       # the controller: `from ray.util.metrics ...`
+    monkeypatch.setattr(serve, "metrics", fake)  # the ingress: `from ray.serve import metrics`
+    monkeypatch.setitem(sys.modules, "ray.util.metrics", fake)  # the controller: `from ray.util.metrics ...`
     Ingress.func_or_class._metrics_init(types.SimpleNamespace())
     ingress = set(kinds)
-    Controller._record_metrics(types.SimpleNamespace(policy=types.SimpleNamespace(arrivals={}, q_local={}, q_host={}),
-                                                     live_rows=[]), [])
-    assert ingress and set(kinds) - ingress, kinds                   # both made theirs
+    Controller._record_metrics(
+        types.SimpleNamespace(policy=types.SimpleNamespace(arrivals={}, q_local={}, q_host={}), live_rows=[]), []
+    )
+    assert ingress and set(kinds) - ingress, kinds  # both made theirs
     dash = json.loads((Path(__file__).resolve().parent.parent / "deployments" / "grafana_dashboard.json").read_text())
     queried = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"\bray_(coderay_\w+)", t["expr"])}
     suffix = {"Counter": "_total", "Histogram": "_bucket", "Gauge": ""}

@@ -2,6 +2,7 @@
 as a real deployment must: drivers with the token see every node and run on it with that node's store,
 drivers without it are refused, and stopping it leaves nothing behind. Drivers run as subprocesses, so the
 pytest process never holds a Ray connection. The last test stops the module's cluster."""
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,9 @@ print("CONNECTED", len(ray.nodes()))
 
 
 def run_driver(script: str, env: dict[str, str], *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout_s)
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=timeout_s
+    )
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict:
@@ -88,8 +90,10 @@ def test_driver_with_token_runs_on_every_node_with_its_store(raystart: RayStartC
 @pytest.mark.parametrize("auth", ["no token", "wrong token"])
 def test_driver_without_the_token_is_refused(raystart: RayStartCluster, auth: str, tmp_path):
     env = {k: v for k, v in raystart.driver_env().items() if not k.startswith("RAY_AUTH")}
-    env |= {"HOME": str(tmp_path),  # no ~/.ray/auth_token of this machine's user to fall back on
-            "RAY_gcs_server_port_wait_time_s": "3"}  # the driver gives up after 3 connection attempts, not 20
+    env |= {
+        "HOME": str(tmp_path),  # no ~/.ray/auth_token of this machine's user to fall back on
+        "RAY_gcs_server_port_wait_time_s": "3",
+    }  # the driver gives up after 3 connection attempts, not 20
     if auth == "no token":
         env["RAY_AUTH_MODE"] = "disabled"
     else:
@@ -97,21 +101,37 @@ def test_driver_without_the_token_is_refused(raystart: RayStartCluster, auth: st
     t0 = time.monotonic()
     proc = run_driver(CONNECT, env, raystart.address, timeout_s=60)
     assert proc.returncode != 0 and "CONNECTED" not in proc.stdout, proc.stdout
-    assert "AuthenticationError" in proc.stderr and "Authentication token is missing or incorrect" in proc.stderr, \
+    assert "AuthenticationError" in proc.stderr and "Authentication token is missing or incorrect" in proc.stderr, (
         proc.stderr[-3000:]
+    )
     assert time.monotonic() - t0 < 60
 
 
 def test_coderay_without_the_token_says_what_to_set(raystart: RayStartCluster, tmp_path):
     env = {k: v for k, v in raystart.driver_env().items() if not k.startswith("RAY_AUTH")}
     env |= {"HOME": str(tmp_path), "RAY_gcs_server_port_wait_time_s": "3"}
-    run = subprocess.run([str(Path(sys.executable).with_name("coderay")), "train", str(REPO / "configs" /
-                          "own-servers.yaml"), "--address", raystart.address, "--workdir", str(tmp_path / "w")],
-                         env=env, capture_output=True, text=True, timeout=90)
+    run = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("coderay")),
+            "train",
+            str(REPO / "configs" / "own-servers.yaml"),
+            "--address",
+            raystart.address,
+            "--workdir",
+            str(tmp_path / "w"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert run.returncode == 2, run.stderr[-3000:]
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: the Ray cluster at {raystart.address} refused this driver") and \
-        "RAY_AUTH_TOKEN_PATH" in last and "ray get-auth-token --generate" in last, last
+    assert (
+        last.startswith(f"error: the Ray cluster at {raystart.address} refused this driver")
+        and "RAY_AUTH_TOKEN_PATH" in last
+        and "ray get-auth-token --generate" in last
+    ), last
     assert "Traceback" not in run.stderr
 
 
@@ -140,8 +160,12 @@ def _infer(url: str) -> dict:
     import numpy as np
 
     x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
-    r = httpx.post(f"{url}/v1/services/digits/infer", content=x.tobytes(), timeout=60,
-                   headers={"Content-Type": "application/octet-stream", "X-Shape": "4,1,28,28"})
+    r = httpx.post(
+        f"{url}/v1/services/digits/infer",
+        content=x.tobytes(),
+        timeout=60,
+        headers={"Content-Type": "application/octet-stream", "X-Shape": "4,1,28,28"},
+    )
     assert r.status_code == 200 and len(r.json()["predictions"]) == 4, r.text
     return r.json()
 
@@ -153,7 +177,7 @@ def test_providers_train_search_and_serve_on_their_own_servers(raystart: RayStar
     the driver's workdir none."""
     coderay = str(Path(sys.executable).with_name("coderay"))
     env = raystart.driver_env()
-    env.pop("CODERAY_STORE", None)                  # the driver is no provider: it has no store
+    env.pop("CODERAY_STORE", None)  # the driver is no provider: it has no store
     work, port = tmp_path / "driver-work", free_ports(1)[0]
     common = [str(OWN), "--address", raystart.address, "--workdir", str(work)]
     times = {}
@@ -175,10 +199,19 @@ def test_providers_train_search_and_serve_on_their_own_servers(raystart: RayStar
     assert set(json.loads(status.stdout)["services"]) == {"digits", "mnist", "rotation"}
     serve_config = work / "serve-config.yaml"
     assert f"Serve config: {serve_config}" in served.stdout
-    _, times["serve deploy"] = _run([str(Path(sys.executable).with_name("serve")), "deploy", str(serve_config),
-                                     "--address", raystart.dashboard_url], env, 120)
+    _, times["serve deploy"] = _run(
+        [
+            str(Path(sys.executable).with_name("serve")),
+            "deploy",
+            str(serve_config),
+            "--address",
+            raystart.dashboard_url,
+        ],
+        env,
+        120,
+    )
     deadline = time.monotonic() + 120
-    while True:                                      # the redeployed application answers again
+    while True:  # the redeployed application answers again
         try:
             _infer(url)
             break
@@ -195,8 +228,11 @@ def test_providers_train_search_and_serve_on_their_own_servers(raystart: RayStar
     assert links, "the search trained no links"
     for service, node in (("digits", "edge-small"), ("mnist", "edge-big"), ("rotation", "edge-mid")):
         store = raystart.stores[node]
-        files = {p.relative_to(store).as_posix() for p in store.rglob("*.pt")
-                 if not p.relative_to(store).as_posix().startswith("checkpoints/")}
+        files = {
+            p.relative_to(store).as_posix()
+            for p in store.rglob("*.pt")
+            if not p.relative_to(store).as_posix().startswith("checkpoints/")
+        }
         models = {f for f in files if f.startswith("services/")}
         assert models and all(f.startswith(f"services/{service}-") for f in models), (node, files)
         assert files - models == links.get(service, set()), (node, files)
@@ -226,4 +262,3 @@ def test_stop_leaves_no_process_and_frees_the_ports(raystart: RayStartCluster):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("", port))  # raises if any process still listens on it
     print(f"started in {raystart.started_in_s:.1f} s, stopped in {raystart.stopped_in_s:.1f} s")
-

@@ -1,4 +1,5 @@
 """Typed reward-table rows: one scoring function, a lossless JSON/CSV round trip, re-scoring without torch."""
+
 import csv
 import dataclasses
 import json
@@ -12,15 +13,40 @@ from coderay.rows import BaselineRow, Row, csv_columns, row_from_dict, score
 from coderay.table import RewardTable
 from coderay.throughput import PathCosts
 
-COSTS = PathCosts(local_full=0.01, local_part=0.002, host_full=0.004, host_part=0.003, batch=32, guest_quota=8,
-                  bytes_out=3136, bytes_back=12544)
+COSTS = PathCosts(
+    local_full=0.01,
+    local_part=0.002,
+    host_full=0.004,
+    host_part=0.003,
+    batch=32,
+    guest_quota=8,
+    bytes_out=3136,
+    bytes_back=12544,
+)
 NET = NetworkSpec(bandwidth_mbps=200, rtt_ms=1)
 
 
 def coop(**kw) -> Row:
-    return Row(path_id="d:m:0:1:2:3", local="d", kind="coop", host="m", lout=0, hin=1, hout=2, lin=3,
-               local_node="a", host_node="b", acc_local_val=0.99, acc_local_test=0.98, pred_acc=0.9, val_acc=0.97,
-               test_acc=0.96, trained=True, costs=COSTS, **kw)
+    return Row(
+        path_id="d:m:0:1:2:3",
+        local="d",
+        kind="coop",
+        host="m",
+        lout=0,
+        hin=1,
+        hout=2,
+        lin=3,
+        local_node="a",
+        host_node="b",
+        acc_local_val=0.99,
+        acc_local_test=0.98,
+        pred_acc=0.9,
+        val_acc=0.97,
+        test_acc=0.96,
+        trained=True,
+        costs=COSTS,
+        **kw,
+    )
 
 
 def test_score_derives_every_output_from_the_inputs():
@@ -31,16 +57,17 @@ def test_score_derives_every_output_from_the_inputs():
     t_batch = 24 * 0.004 + 8 * 0.003
     th_host = 8 / t_batch
     assert th_host < 200e6 / 8 / (3136 + 12544) and th_host < 1 / 0.002
-    th_local = (1 - th_host * 0.002) / 0.01             # the local node's time left, at 10 ms a sample
-    ratio = (th_local + th_host) / (1 / 0.01)           # over local-only's 100 samples/s
+    th_local = (1 - th_host * 0.002) / 0.01  # the local node's time left, at 10 ms a sample
+    ratio = (th_local + th_host) / (1 / 0.01)  # over local-only's 100 samples/s
     assert (th_host, th_local, ratio) == pytest.approx((200 / 3, 260 / 3, 23 / 15))
     assert (row.th_host, row.th_local, row.th_total, row.th_ratio) == pytest.approx(
-        (th_host, th_local, th_local + th_host, ratio)) and row.bottleneck == "quota"
+        (th_host, th_local, th_local + th_host, ratio)
+    ) and row.bottleneck == "quota"
     assert (row.host_own_before, row.host_own_after) == pytest.approx((1 / 0.004, 24 / t_batch))
     assert row.latency_ms == pytest.approx((0.002 + 0.003 + (3136 + 12544) * 8 / 200e6) * 1e3 + 1)
     a_val = (th_local * 0.99 + th_host * 0.97) / (th_local + th_host)
     assert row.acc_avg == pytest.approx(a_val) and row.reward == pytest.approx(a_val**8 * ratio)
-    assert row.pred_reward < row.reward                        # predicted accuracy 0.90 < measured 0.97
+    assert row.pred_reward < row.reward  # predicted accuracy 0.90 < measured 0.97
     # new measurements re-score the row: a slower host part lowers Th^h and the reward
     slower = score(dataclasses.replace(row, costs=dataclasses.replace(COSTS, host_part=0.03)), RewardSpec(alpha=8), NET)
     assert slower.th_host < row.th_host and slower.reward < row.reward
@@ -58,11 +85,30 @@ def test_rows_read_as_mappings_and_carry_engine_facts_in_extra():
 
 
 def test_table_round_trips_through_json_and_csv(tmp_path):
-    base = BaselineRow(path_id="d:edge-early:m:1:3", local="d", kind="edge-early", host="m", lout=1, hin=2, hout=3,
-                       lin=None, exit_after=3, local_node="a", host_node="b", acc_local_val=0.99,
-                       acc_local_test=0.98, val_acc=0.95, test_acc=0.94, costs=COSTS, mirrored_params=1234)
-    rows = [score(coop(), RewardSpec(), NET).with_extra(node="b"), score(base, RewardSpec(), NET),
-            Row(path_id="d:m:0:1:1:1", local="d", kind="coop", host="m", error="injected fault")]
+    base = BaselineRow(
+        path_id="d:edge-early:m:1:3",
+        local="d",
+        kind="edge-early",
+        host="m",
+        lout=1,
+        hin=2,
+        hout=3,
+        lin=None,
+        exit_after=3,
+        local_node="a",
+        host_node="b",
+        acc_local_val=0.99,
+        acc_local_test=0.98,
+        val_acc=0.95,
+        test_acc=0.94,
+        costs=COSTS,
+        mirrored_params=1234,
+    )
+    rows = [
+        score(coop(), RewardSpec(), NET).with_extra(node="b"),
+        score(base, RewardSpec(), NET),
+        Row(path_id="d:m:0:1:1:1", local="d", kind="coop", host="m", error="injected fault"),
+    ]
     table = RewardTable(rows, {"engine": "test"})
     table.save(tmp_path)
     back = RewardTable.load(tmp_path)
@@ -79,8 +125,7 @@ def test_table_round_trips_through_json_and_csv(tmp_path):
 
 
 def test_reward_table_needs_no_torch():
-    code = ("import sys, coderay.table, coderay.rows, coderay.plan; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = "import sys, coderay.table, coderay.rows, coderay.plan; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

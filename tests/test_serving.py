@@ -3,6 +3,7 @@
 The tiny config (conftest) puts `digits` on edge-a and `mnist` on edge-b; the search's best digits path runs
 through mnist's blocks. Tests run in file order; the last one removes edge-b (a lost host node).
 """
+
 from __future__ import annotations
 
 import threading
@@ -29,9 +30,10 @@ def served(trained_cfg, searched_table):
     from coderay.cluster import LocalCluster
     from deployments.app import deploy, free_port
 
-    serving = trained_cfg.serving.model_copy(update={"request_timeout_s": 8.0, "max_request_samples": 128,
-                                                     "max_body_bytes": 2 * 2**20})
-    emulation = trained_cfg.emulation.model_copy(update={"cpu_caps": True})   # real CPU caps per node
+    serving = trained_cfg.serving.model_copy(
+        update={"request_timeout_s": 8.0, "max_request_samples": 128, "max_body_bytes": 2 * 2**20}
+    )
+    emulation = trained_cfg.emulation.model_copy(update={"cpu_caps": True})  # real CPU caps per node
     cfg = trained_cfg.model_copy(update={"serving": serving, "emulation": emulation})
     if ray.is_initialized():  # LocalCluster's ray.init would otherwise keep a connection some other test left
         ray.shutdown()
@@ -41,8 +43,15 @@ def served(trained_cfg, searched_table):
         url = deploy(cfg, searched_table, port=free_port())
         print(f"\ndeployed in {time.perf_counter() - start:.1f} s at {url}")
         with httpx.Client(base_url=url, timeout=60) as client:
-            yield SimpleNamespace(cfg=cfg, cluster=cluster, url=url, client=client, table=searched_table,
-                                  best=searched_table.best("digits")["path_id"], coop=best_coop(searched_table))
+            yield SimpleNamespace(
+                cfg=cfg,
+                cluster=cluster,
+                url=url,
+                client=client,
+                table=searched_table,
+                best=searched_table.best("digits")["path_id"],
+                coop=best_coop(searched_table),
+            )
     finally:
         serve.shutdown()
         cluster.shutdown()
@@ -56,9 +65,12 @@ def best_coop(table) -> str:
 
 
 def post_binary(client: httpx.Client, svc: str, x: np.ndarray, **params) -> httpx.Response:
-    return client.post(f"/v1/services/{svc}/infer", content=np.ascontiguousarray(x, dtype="<f4").tobytes(),
-                       params=params, headers={"Content-Type": "application/octet-stream",
-                                               "X-Shape": ",".join(map(str, x.shape))})
+    return client.post(
+        f"/v1/services/{svc}/infer",
+        content=np.ascontiguousarray(x, dtype="<f4").tobytes(),
+        params=params,
+        headers={"Content-Type": "application/octet-stream", "X-Shape": ",".join(map(str, x.shape))},
+    )
 
 
 def route(client: httpx.Client, path: str, coop_fraction: float | None = None) -> dict:
@@ -80,10 +92,10 @@ def test_replicas_run_on_their_pinned_nodes(served):
     replicas = {r["deployment"]: r for r in info["replicas"]}
     from coderay.routing import link_files
 
-    assert set(replicas) == {"blocks-digits", "blocks-mnist"}, info   # links run in their node's block group
+    assert set(replicas) == {"blocks-digits", "blocks-mnist"}, info  # links run in their node's block group
     for r in replicas.values():
         assert r["on_pinned_node"], r
-        assert r["node_id"] == served.cluster.nodes[r["node"]].node_id, r   # asked inside the replica
+        assert r["node_id"] == served.cluster.nodes[r["node"]].node_id, r  # asked inside the replica
         assert r["node"] == served.cfg.service(r["service"]).node
     assert replicas["blocks-digits"]["torch_threads"] == 1 and replicas["blocks-digits"]["blocks"] == 5
     assert served.coop in replicas["blocks-mnist"]["paths"]
@@ -98,8 +110,14 @@ def test_listing_health_and_docs(served):
     assert c.get("/healthz").json()["status"] == "ok"
     services = {s["name"]: s for s in c.get("/v1/services").json()}
     assert services["digits"] | {"stats": None} == services["digits"] | {
-        "task": "digits", "classes": [str(d) for d in range(10)], "input_shape": [1, 28, 28], "node": "edge-a",
-        "active_path": served.best, "coop_fraction": model_share(served.table.row(served.best)), "stats": None}
+        "task": "digits",
+        "classes": [str(d) for d in range(10)],
+        "input_shape": [1, 28, 28],
+        "node": "edge-a",
+        "active_path": served.best,
+        "coop_fraction": model_share(served.table.row(served.best)),
+        "stats": None,
+    }
     assert services["mnist"]["active_path"] == "mnist:local" and services["mnist"]["node"] == "edge-b"
     paths = c.get("/v1/services/digits/paths").json()
     assert [r["path_id"] for r in paths["paths"] if r["active"]] == [served.best] == [paths["active_path"]]
@@ -122,7 +140,7 @@ def listener(port: int) -> str:
         if sockets & open_files(pid):
             try:
                 return open(f"/proc/{pid}/comm").read().strip()
-            except OSError:          # gone since
+            except OSError:  # gone since
                 continue
     return ""
 
@@ -146,8 +164,8 @@ def test_the_ingress_answers_on_its_own_port_as_through_the_proxy(served):
 
 
 def test_held_out_predictions_match_the_in_process_path(served, search_ctx):
-    from coderay.paths import PathModule, PathSpec
     from coderay.links import load_links
+    from coderay.paths import PathModule, PathSpec
 
     local = search_ctx.services["digits"]
     x01, y = pixels(local.task)
@@ -161,18 +179,26 @@ def test_held_out_predictions_match_the_in_process_path(served, search_ctx):
             assert (body["path"], body["fallback"], body["samples"]) == (path_id, False, len(batch))
             hops.add(body["network"]["cross_node_hops"])
             wire.add(body["network"]["wire_bytes"] / len(batch))
-            probs += [[dict((s["class_index"], s["prob"]) for s in p["top_k"])[k] for k in range(10)]
-                      for p in body["predictions"]]
+            probs += [
+                [dict((s["class_index"], s["prob"]) for s in p["top_k"])[k] for k in range(10)]
+                for p in body["predictions"]
+            ]
         served_probs = torch.tensor(probs)
         spec = PathSpec.parse(path_id)
         if spec.kind == "coop":
             row = served.table.row(path_id)
             _, links = load_links(node_store(search_ctx.cfg, row["host_node"]) / row["links_file"])
-            module = PathModule(spec, local.blocks, search_ctx.services[spec.host].blocks, links,
-                                link_out=row.link_out_on, encoding=row.encoding).eval()
-            assert hops == {2}                      # local node -> host node -> local node
-            assert row.encoding == "float16"        # the tiny config's wire: the table measured it so
-            assert wire == {row.costs.bytes_out + row.costs.bytes_back}   # the model's bytes, as served
+            module = PathModule(
+                spec,
+                local.blocks,
+                search_ctx.services[spec.host].blocks,
+                links,
+                link_out=row.link_out_on,
+                encoding=row.encoding,
+            ).eval()
+            assert hops == {2}  # local node -> host node -> local node
+            assert row.encoding == "float16"  # the tiny config's wire: the table measured it so
+            assert wire == {row.costs.bytes_out + row.costs.bytes_back}  # the model's bytes, as served
         else:
             module = PathModule(spec, local.blocks).eval()
             assert hops == {0}
@@ -222,36 +248,67 @@ def _bad_requests(served) -> list[tuple[str, int, dict]]:
 
     return [
         ("wrong shape", 422, {"url": digits, "json": {"inputs": np.zeros((1, 1, 10, 10)).tolist()}}),
-        ("wrong channels", 422, {"url": digits, "content": bytes(4 * 3 * 784),
-                                 "headers": binary | {"X-Shape": "1,3,28,28"}}),
-        ("wrong dtype header", 422, {"url": digits, "content": ok.astype("<f8").tobytes(),
-                                     "headers": binary | {"X-Shape": "2,1,28,28", "X-Dtype": "float64"}}),
-        ("float64 bytes as float32", 422, {"url": digits, "content": ok.astype("<f8").tobytes(),
-                                           "headers": binary | {"X-Shape": "2,1,28,28"}}),
+        (
+            "wrong channels",
+            422,
+            {"url": digits, "content": bytes(4 * 3 * 784), "headers": binary | {"X-Shape": "1,3,28,28"}},
+        ),
+        (
+            "wrong dtype header",
+            422,
+            {
+                "url": digits,
+                "content": ok.astype("<f8").tobytes(),
+                "headers": binary | {"X-Shape": "2,1,28,28", "X-Dtype": "float64"},
+            },
+        ),
+        (
+            "float64 bytes as float32",
+            422,
+            {"url": digits, "content": ok.astype("<f8").tobytes(), "headers": binary | {"X-Shape": "2,1,28,28"}},
+        ),
         ("missing X-Shape", 422, {"url": digits, "content": ok.tobytes(), "headers": binary}),
         ("NaN", 422, {"url": digits, "content": nan.tobytes(), "headers": binary | {"X-Shape": "2,1,28,28"}}),
         ("inf", 422, {"url": digits, "content": inf.tobytes(), "headers": binary | {"X-Shape": "2,1,28,28"}}),
-        ("NaN in JSON", 422, {"url": digits, "content": b'{"inputs": [[[NaN]]]}',
-                              "headers": {"Content-Type": "application/json"}}),
+        (
+            "NaN in JSON",
+            422,
+            {"url": digits, "content": b'{"inputs": [[[NaN]]]}', "headers": {"Content-Type": "application/json"}},
+        ),
         ("normalised, not raw, pixels", 422, {"url": digits, "json": {"inputs": np.full((1, 28, 28), -0.8).tolist()}}),
         ("non-numeric", 422, {"url": digits, "json": {"inputs": [[["a", "b"]]]}}),
         ("booleans", 422, {"url": digits, "json": {"inputs": [[[True]]]}}),
         ("empty batch", 422, {"url": digits, "json": {"inputs": []}}),
         ("empty binary", 422, {"url": digits, "content": b"", "headers": binary | {"X-Shape": "0,1,28,28"}}),
-        ("batch above the limit", 413, {"url": digits, "content": big.tobytes(),
-                                        "headers": binary | {"X-Shape": ",".join(map(str, big.shape))}}),
-        ("body above the size limit", 413, {"url": digits, "content": bytes(limit + 4),
-                                            "headers": binary | {"X-Shape": f"{(limit + 4) // 4}"}}),
-        ("chunked body above the size limit", 413, {"url": digits, "content": chunks(),
-                                                    "headers": binary | {"X-Shape": "1,1,28,28"}}),
+        (
+            "batch above the limit",
+            413,
+            {"url": digits, "content": big.tobytes(), "headers": binary | {"X-Shape": ",".join(map(str, big.shape))}},
+        ),
+        (
+            "body above the size limit",
+            413,
+            {"url": digits, "content": bytes(limit + 4), "headers": binary | {"X-Shape": f"{(limit + 4) // 4}"}},
+        ),
+        (
+            "chunked body above the size limit",
+            413,
+            {"url": digits, "content": chunks(), "headers": binary | {"X-Shape": "1,1,28,28"}},
+        ),
         ("unknown service", 404, {"url": "/v1/services/nope/infer", "json": {"inputs": ok.tolist()}}),
-        ("malformed JSON", 422, {"url": digits, "content": b'{"inputs": [[[0.5]', "headers":
-                                 {"Content-Type": "application/json"}}),
+        (
+            "malformed JSON",
+            422,
+            {"url": digits, "content": b'{"inputs": [[[0.5]', "headers": {"Content-Type": "application/json"}},
+        ),
         ("no inputs", 422, {"url": digits, "json": {"top_k": 3}}),
         ("bad base64", 422, {"url": digits, "json": {"images": ["not base64 !!"]}}),
         ("bad PNG", 422, {"url": digits, "json": {"images": ["aGVsbG8gd29ybGQ="]}}),
-        ("unsupported content type", 415, {"url": digits, "content": b"0.5",
-                                           "headers": {"Content-Type": "text/plain"}}),
+        (
+            "unsupported content type",
+            415,
+            {"url": digits, "content": b"0.5", "headers": {"Content-Type": "text/plain"}},
+        ),
         ("top_k zero", 422, {"url": digits + "?top_k=0", "json": {"inputs": ok.tolist()}}),
         ("top_k above classes", 422, {"url": digits + "?top_k=11", "json": {"inputs": ok.tolist()}}),
         ("top_k not a number", 422, {"url": digits + "?top_k=many", "json": {"inputs": ok.tolist()}}),
@@ -276,8 +333,9 @@ def test_bad_input_gets_a_4xx_naming_it_and_serving_goes_on(served):
 
 def test_route_switch_is_validated_and_splits_traffic(served):
     c = served.client
-    untrained = next(r["path_id"] for r in served.table.for_service("digits") if r["kind"] == "coop"
-                     and not r.get("links_file"))
+    untrained = next(
+        r["path_id"] for r in served.table.for_service("digits") if r["kind"] == "coop" and not r.get("links_file")
+    )
     for body, status, reason in [
         ({"path": untrained}, 422, "no trained links"),
         ({"path": "digits:nowhere"}, 422, "not a path id"),
@@ -290,8 +348,12 @@ def test_route_switch_is_validated_and_splits_traffic(served):
     assert c.put("/v1/services/nope/route", json={"path": "nope:local"}).status_code == 404
     assert c.get("/v1/services/digits/route").json()["path"] != untrained
 
-    assert route(c, served.coop, 0.5) == {"service": "digits", "path": served.coop, "path_kind": "coop",
-                                          "coop_fraction": 0.5}
+    assert route(c, served.coop, 0.5) == {
+        "service": "digits",
+        "path": served.coop,
+        "path_kind": "coop",
+        "coop_fraction": 0.5,
+    }
     used = [post_binary(c, "digits", np.full((1, 1, 28, 28), 0.5)).json()["path"] for _ in range(6)]
     assert used.count(served.coop) == 3 and used.count("digits:local") == 3
     route(c, served.coop)
@@ -333,7 +395,7 @@ def test_reconfigure_switches_routes_in_place(served):
     ingress.reconfigure.remote({"routes": {"digits": {"path": served.coop, "coop_fraction": 1.0}}}).result(timeout_s=30)
     assert ingress.get_routes.remote().result(timeout_s=30)["digits"] == {"path": served.coop, "coop_fraction": 1.0}
     assert served.client.get("/healthz").json()["config_errors"] == {}
-    assert served.client.get("/v1/debug/replicas").json()["ingress"]["pid"] == pid   # same replica throughout
+    assert served.client.get("/v1/debug/replicas").json()["ingress"]["pid"] == pid  # same replica throughout
 
 
 def test_host_batches_admit_at_most_s_guest_samples(served):
@@ -359,7 +421,7 @@ def test_host_batches_admit_at_most_s_guest_samples(served):
     assert 0 < stats["max_guest_samples_in_batch"] <= quota
     assert stats["max_batch_samples"] <= served.cfg.service("mnist").batch_size
     assert stats["guest_samples"] >= 20 * 3 * quota and stats["own_samples"] >= 20 * 4
-    assert stats["mixed_range_batches"] > 0   # the host's own 1..N beside guests' hin..hout in one batch
+    assert stats["mixed_range_batches"] > 0  # the host's own 1..N beside guests' hin..hout in one batch
 
 
 def test_switching_paths_under_concurrent_load_fails_no_request(served):
@@ -402,8 +464,8 @@ def test_serve_config_file_is_deployable(served, trained_cfg, tiny_config_path, 
     from ray.serve import Application
     from ray.serve.schema import ServeDeploySchema
 
-    from deployments.app import app_builder, write_serve_config
     from coderay.routing import initial_routes
+    from deployments.app import app_builder, write_serve_config
 
     # the config file as searched (the fixture serves it with CPU caps on: another search key)
     out = write_serve_config(trained_cfg, tiny_config_path, tmp_path / "serve-config.yaml", port=8123)
@@ -432,7 +494,7 @@ def test_deploy_to_a_missing_node_fails_fast(served):
     with pytest.raises(ValueError, match="offers 1 CPUs"):
         deploy(CoderayConfig.model_validate(raw), served.table, port=0)
     assert time.perf_counter() - start < 10
-    assert served.client.get("/healthz").status_code == 200   # the running app is untouched
+    assert served.client.get("/healthz").status_code == 200  # the running app is untouched
 
 
 def test_capped_replicas_get_their_nodes_share(served, keep_busy):
@@ -450,7 +512,7 @@ def test_capped_replicas_get_their_nodes_share(served, keep_busy):
         return blocks["capacity"]["cpu_s"], blocks["capacity"]
 
     with keep_busy("digits", "edge-a", 256):
-        time.sleep(1.5)                                   # warm: the replica's queue is full
+        time.sleep(1.5)  # warm: the replica's queue is full
         cpu0, info = digits_cpu()
         t0 = time.perf_counter()
         time.sleep(4.0)
@@ -468,7 +530,7 @@ def test_a_lost_host_node_falls_back_to_the_local_path(served):
     route(c, served.coop)
     served.cluster.remove("edge-b")
     x = np.full((2, 1, 28, 28), 0.5)
-    for _ in range(3):   # a request racing the node's death may still finish on the cooperative path
+    for _ in range(3):  # a request racing the node's death may still finish on the cooperative path
         start = time.perf_counter()
         r = post_binary(c, "digits", x)
         assert r.status_code == 200, r.text
@@ -476,11 +538,11 @@ def test_a_lost_host_node_falls_back_to_the_local_path(served):
             break
     assert r.json()["path"] == "digits:local"
     assert time.perf_counter() - start < served.cfg.serving.request_timeout_s + 10
-    start = time.perf_counter()      # the failed path is now skipped for a while: no second timeout
+    start = time.perf_counter()  # the failed path is now skipped for a while: no second timeout
     again = post_binary(c, "digits", x)
     assert (again.status_code, again.json()["fallback"]) == (200, True)
     assert time.perf_counter() - start < 2
     suspended = {s["name"]: s for s in c.get("/v1/services").json()}["digits"]["stats"]["suspended_paths"]
     assert served.coop in suspended
-    lost = post_binary(c, "mnist", x)                 # the host's own service has no other path
+    lost = post_binary(c, "mnist", x)  # the host's own service has no other path
     assert lost.status_code in (503, 504) and "mnist" in lost.json()["error"]

@@ -1,5 +1,6 @@
 """SIGTERM at any moment of `coderay up` stops it cleanly: one line, no stack dump, and nothing left behind (no
 process of its Ray cluster, no CPU-cap group of its session, its HTTP port free)."""
+
 import os
 import re
 import signal
@@ -59,7 +60,7 @@ def capped_config(trained_cfg, searched_table, tmp_path_factory):
     path.write_text(yaml.safe_dump(doc))
     from coderay.config import load_config
 
-    run_search(load_config(path), progress=False)      # cached for `up` (profiles under caps: its own table)
+    run_search(load_config(path), progress=False)  # cached for `up` (profiles under caps: its own table)
     return path
 
 
@@ -70,8 +71,13 @@ def test_sigterm_at_any_phase_stops_cleanly(capped_config, phase):
     marker, port = f"CODERAY_STOP_TEST={uuid.uuid4().hex}", free_port()
     groups_before = _groups()
     env = os.environ | {"PYTHONUNBUFFERED": "1", marker.split("=")[0]: marker.split("=")[1]}
-    proc = subprocess.Popen([sys.executable, "-m", "coderay.cli", "up", str(capped_config), "--port", str(port),
-                             "--no-controller"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coderay.cli", "up", str(capped_config), "--port", str(port), "--no-controller"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     try:
         when = PHASES[phase]

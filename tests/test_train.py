@@ -1,4 +1,5 @@
 """Service training: real data, checkpoints, the cache keyed by config."""
+
 import pytest
 import torch
 

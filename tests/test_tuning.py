@@ -3,6 +3,7 @@
 One search with two injected faults, then the same search again (resumed), compared with the in-process
 search of the same config (`searched_table`, which must run first: both engines write the same search dir).
 """
+
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.timeout(900)
 def cluster(trained_cfg, searched_table):
     from coderay.cluster import LocalCluster
 
-    assert searched_table.meta["engine"] == "in-process"     # computed before Tune rewrites the search dir
+    assert searched_table.meta["engine"] == "in-process"  # computed before Tune rewrites the search dir
     c = LocalCluster(trained_cfg)
     yield c
     c.shutdown()
@@ -73,13 +74,14 @@ def test_split_learning_matches_local_blocks(trained_cfg, search_ctx, cluster):
         yl.backward(g)
         torch.testing.assert_close(xr.grad, xl.grad)
         assert svc.boundaries == search_ctx.services["digits"].boundaries
-        (wider,) = svc.blocks[1:]                                    # 2..5: not the path's tail (lin = 3)
+        (wider,) = svc.blocks[1:]  # 2..5: not the path's tail (lin = 3)
         with pytest.raises(Exception, match="not a range of"):
             wider(torch.randn(2, *svc.boundaries[1]))
-        (head,) = svc.blocks[:2]                                     # 1..lin-1: the link's target, allowed
+        (head,) = svc.blocks[:2]  # 1..lin-1: the link's target, allowed
         svc_input = torch.randn(2, *svc.boundaries[0])
-        torch.testing.assert_close(head(svc_input),
-                                   torch.nn.Sequential(*search_ctx.services["digits"].blocks[:2])(svc_input))
+        torch.testing.assert_close(
+            head(svc_input), torch.nn.Sequential(*search_ctx.services["digits"].blocks[:2])(svc_input)
+        )
         other = remote_service(trained_cfg, "digits", side, "digits:mnist:0:1:1:1")
         with pytest.raises(Exception, match="not a candidate"):
             other.blocks[:1][0](svc_input)
@@ -99,7 +101,7 @@ def test_table_and_links_land_where_serving_loads_them(trained_cfg, searched_tab
         assert set(theirs) <= set(mine)
     trained = [r for r in table.rows if r["trained"] and r["kind"] in ("coop", "skip")]
     assert len(trained) == trained_cfg.search.top_k
-    for r in trained:   # in the store of the node that trained them, named relative to it
+    for r in trained:  # in the store of the node that trained them, named relative to it
         assert r["links_file"].startswith(f"links/{out.name}/")
         owner = r["host_node"] or r["local_node"]
         assert load_links(node_store(trained_cfg, owner) / r["links_file"])[0] == r["path_id"]
@@ -107,7 +109,7 @@ def test_table_and_links_land_where_serving_loads_them(trained_cfg, searched_tab
 
 def test_trials_run_on_the_host_node(trained_cfg, tune_runs, node_ids):
     first, _ = tune_runs
-    assert first.meta["tune"]["split_nodes"] == {"digits": node_ids["edge-a"]}    # local blocks stay local
+    assert first.meta["tune"]["split_nodes"] == {"digits": node_ids["edge-a"]}  # local blocks stay local
     node_of = {s.name: s.node for s in trained_cfg.services}
     for r in first.rows:
         if r["kind"] not in ("coop", "skip", "local") or r.get("error"):
@@ -138,20 +140,20 @@ def test_tune_matches_in_process_search(searched_table, tune_runs):
 def test_failing_trial_is_retried_then_reported(tune_runs, faults):
     first, _ = tune_runs
     tune = first.meta["tune"]
-    best = first.row(faults["best"])                           # failed once per stage, then succeeded
+    best = first.row(faults["best"])  # failed once per stage, then succeeded
     assert not best.get("error") and best["reward"] is not None
-    worst = first.row(faults["worst"])                         # failed 3 times: reported, no reward
+    worst = first.row(faults["worst"])  # failed 3 times: reported, no reward
     assert "injected fault" in worst["error"] and worst["reward"] is None and worst["pred_reward"] is None
     assert tune["errors"] == {faults["worst"]: worst["error"]}
-    assert tune["retries"] == 2 + 2                            # best: 1 per stage; worst: max_failures
+    assert tune["retries"] == 2 + 2  # best: 1 per stage; worst: max_failures
 
 
 def test_resume_runs_no_finished_trial_again(tune_runs, faults):
     first, second = tune_runs
     tune = second.meta["tune"]
     assert tune["resumed"]
-    assert tune["trials_run"] == {"predict": 1, "train": 0}    # only the errored trial, resumed
-    assert tune["reports_run"]["train"] == 0                   # no training epoch at all
+    assert tune["trials_run"] == {"predict": 1, "train": 0}  # only the errored trial, resumed
+    assert tune["reports_run"]["train"] == 0  # no training epoch at all
     assert tune["errors"] == {}
     assert second.row(faults["worst"])["pred_acc"] is not None
     for a in first.rows:

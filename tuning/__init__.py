@@ -41,6 +41,7 @@ Resuming and failures. Experiments live under `<workdir>/tune/`; running the sam
 them (`Tuner.restore`): finished trials are not rerun. A trial that raises is retried twice from its last
 checkpoint (the links after its last epoch); if it still fails its row says so (`error`, no reward).
 """
+
 from tuning.search import run_tune_search
 
 __all__ = ["run_tune_search"]

@@ -14,6 +14,7 @@ unfinished ones continue from their latest checkpoint. A failing trial is retrie
 (row: `pruned_at_epoch`, `pruned_val_acc`, no reward); it is off for exhaustive searches, whose point is to
 measure every candidate.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,9 +48,16 @@ def experiment_dir(cfg: CoderayConfig, stage: str, *, exhaustive: bool) -> Path:
     return cfg.root / "tune" / f"{search_dir(cfg, exhaustive=exhaustive).name}-{stage}"
 
 
-def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustive: bool | None = None,
-                    progress: bool = True, resume: bool = True, early_stop: bool | None = None,
-                    faults: Mapping[str, int] | None = None) -> RewardTable:
+def run_tune_search(
+    cfg: CoderayConfig,
+    *,
+    address: str | None = None,
+    exhaustive: bool | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    early_stop: bool | None = None,
+    faults: Mapping[str, int] | None = None,
+) -> RewardTable:
     """Run the path search on Ray Tune and write its reward table and links where serving finds them.
 
     address: a running cluster to join ('auto', 'HOST:PORT'); None: a local cluster of the config's nodes,
@@ -84,19 +92,28 @@ def run_tune_search(cfg: CoderayConfig, *, address: str | None = None, exhaustiv
         check_nodes(cfg)
     sides = {}
     try:
-        if not cfg.emulation.local:             # a real cluster: the network the model uses is measured
+        if not cfg.emulation.local:  # a real cluster: the network the model uses is measured
             cfg = cfg.model_copy(update={"network": measured_network(cfg, _pairs(cfg, locals_))})
             log.info("network measured: %s", [link.model_dump() for link in cfg.network.links])
         # each node trains (cached) and times its own blocks; this process keeps their metadata only
         train_on_nodes(cfg)
         ctx = SearchContext(cfg, metadata_services(cfg, describe_on_nodes(cfg)))
         if len(cfg.services) > 1:
-            sides = {local: local_side(cfg, local, create=True, paths=[c.id for c in candidates(ctx, local)])
-                     for local in locals_}
+            sides = {
+                local: local_side(cfg, local, create=True, paths=[c.id for c in candidates(ctx, local)])
+                for local in locals_
+            }
         if not resume:
             shutil.rmtree(cfg.root / "tune" / "faults", ignore_errors=True)
-        executor = TuneExecutor(ctx, exhaustive=exhaustive, resume=resume, progress=progress,
-                                early_stop=early_stop, faults=faults, sides=sides)
+        executor = TuneExecutor(
+            ctx,
+            exhaustive=exhaustive,
+            resume=resume,
+            progress=progress,
+            early_stop=early_stop,
+            faults=faults,
+            sides=sides,
+        )
         return staged_search(ctx, executor, exhaustive=exhaustive, out=search_dir(cfg, exhaustive=exhaustive))
     finally:
         for local in sides:
@@ -122,8 +139,17 @@ class TuneExecutor:
 
     name = "tune"
 
-    def __init__(self, ctx: SearchContext, *, exhaustive: bool, resume: bool, progress: bool, early_stop: bool,
-                 faults: Mapping[str, int] | None, sides: dict):
+    def __init__(
+        self,
+        ctx: SearchContext,
+        *,
+        exhaustive: bool,
+        resume: bool,
+        progress: bool,
+        early_stop: bool,
+        faults: Mapping[str, int] | None,
+        sides: dict,
+    ):
         self.ctx, self.cfg = ctx, ctx.cfg
         self.exhaustive, self.resume, self.progress = exhaustive, resume, progress
         self.early_stop, self.faults, self.sides = early_stop, dict(faults or {}), sides
@@ -147,9 +173,14 @@ class TuneExecutor:
         from tuning.trials import predict_trial
 
         stage = self.stages["predict"] = _run_stage(
-            self.cfg, experiment_dir(self.cfg, "predict", exhaustive=self.exhaustive),
-            predict_trial, [self._cand(spec) for spec in specs], resume=self.resume, progress=self.progress,
-            scheduler=None)
+            self.cfg,
+            experiment_dir(self.cfg, "predict", exhaustive=self.exhaustive),
+            predict_trial,
+            [self._cand(spec) for spec in specs],
+            resume=self.resume,
+            progress=self.progress,
+            scheduler=None,
+        )
         rows = {}
         for spec in specs:
             res = stage.results.get(spec.id)
@@ -159,22 +190,42 @@ class TuneExecutor:
                 rows[spec.id] = row_from_dict(res.metrics["row"]).with_extra(**_trial_fields("predict", res.metrics))
         return rows
 
-    def measure(self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
-                ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
-        space = [self._cand(PathSpec.parse(r.path_id)) | {"predicted": r.to_dict(), "links_dir": str(links_dir)}
-                 for r in chosen]
+    def measure(
+        self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
+    ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
+        space = [
+            self._cand(PathSpec.parse(r.path_id)) | {"predicted": r.to_dict(), "links_dir": str(links_dir)}
+            for r in chosen
+        ]
         for local in baselines:
             pid = f"{local}:edge-early"
             node = self.cfg.service(local).node
-            space.append({"path_id": pid, "local": local, "node": node, "cpus": min(1.0, self.cfg.node(node).cpus),
-                          "kind": "baseline",
-                          "hosts": {n: {"infos": [i.to_dict() for i in s.infos], "metrics": s.metrics}
-                                    for n, s in self.ctx.services.items() if n != local}} | self._extra(pid))
+            space.append(
+                {
+                    "path_id": pid,
+                    "local": local,
+                    "node": node,
+                    "cpus": min(1.0, self.cfg.node(node).cpus),
+                    "kind": "baseline",
+                    "hosts": {
+                        n: {"infos": [i.to_dict() for i in s.infos], "metrics": s.metrics}
+                        for n, s in self.ctx.services.items()
+                        if n != local
+                    },
+                }
+                | self._extra(pid)
+            )
         if self.early_stop and self.cfg.search.link_epochs * len(self.cfg.search.link_variants) > 1:
             self.scheduler = _asha(self.cfg)
         stage = self.stages["train"] = _run_stage(
-            self.cfg, experiment_dir(self.cfg, "train", exhaustive=self.exhaustive),
-            _dispatch_train, space, resume=self.resume, progress=self.progress, scheduler=self.scheduler)
+            self.cfg,
+            experiment_dir(self.cfg, "train", exhaustive=self.exhaustive),
+            _dispatch_train,
+            space,
+            resume=self.resume,
+            progress=self.progress,
+            scheduler=self.scheduler,
+        )
         measured = {r.path_id: self._merge(r, stage) for r in chosen}
         base = {}
         for local in baselines:
@@ -182,8 +233,14 @@ class TuneExecutor:
             if res is not None and res.error is None and "rows" in (res.metrics or {}):
                 base[local] = [row_from_dict(d) for d in res.metrics["rows"].values()]
             else:
-                base[local] = [BaselineRow(path_id=f"{local}:edge-early", local=local, kind="edge-early",
-                                           error=stage.error(f"{local}:edge-early") or "no result")]
+                base[local] = [
+                    BaselineRow(
+                        path_id=f"{local}:edge-early",
+                        local=local,
+                        kind="edge-early",
+                        error=stage.error(f"{local}:edge-early") or "no result",
+                    )
+                ]
         return measured, base
 
     def _merge(self, row: Row, stage: _Stage) -> Row:
@@ -199,14 +256,18 @@ class TuneExecutor:
             if measured.trained and measured.links_file:
                 spec = PathSpec.parse(measured.path_id)
                 owner = self.cfg.service(link_owner(spec)).node
-                copy_links(self.cfg, measured.links_file, owner,
-                           {self.cfg.service(s).node for s in link_services(spec, link_out=measured.link_out_on
-                                                                            or "host")})
+                copy_links(
+                    self.cfg,
+                    measured.links_file,
+                    owner,
+                    {self.cfg.service(s).node for s in link_services(spec, link_out=measured.link_out_on or "host")},
+                )
             return measured
         if res is not None and res.error is None and "epoch" in metrics:
             self.pruned.append(row.path_id)
-            return row.with_extra(pruned_at_epoch=metrics["epoch"], pruned_val_acc=metrics["val_acc"],
-                                  **_trial_fields("train", metrics))
+            return row.with_extra(
+                pruned_at_epoch=metrics["epoch"], pruned_val_acc=metrics["val_acc"], **_trial_fields("train", metrics)
+            )
         return replace(row, error=stage.error(row.path_id) or "no result", reward=None)
 
     def meta(self) -> dict:
@@ -215,15 +276,23 @@ class TuneExecutor:
         s1, s2 = self.stages["predict"], self.stages["train"]
         split_nodes = dict(zip(self.sides, ray.get([s.node_id.remote() for s in self.sides.values()])))
         rows_errors = {pid: s.error(pid) for s in (s1, s2) for pid in s.results if s.error(pid)}
-        return {"tune": {"storage": str(self.cfg.root / "tune"), "experiments": [s1.path, s2.path],
-                         "nodes": self.nodes, "split_nodes": split_nodes,
-                         "trials": {"predict": s1.total, "train": s2.total},
-                         "trials_run": {"predict": len(s1.started), "train": len(s2.started)},
-                         "reports_run": {"predict": s1.reports, "train": s2.reports},
-                         "stage_seconds": {"predict": s1.seconds, "train": s2.seconds},
-                         "retries": s1.retries + s2.retries, "resumed": s1.restored or s2.restored,
-                         "early_stop": self.scheduler is not None,
-                         "pruned": self.pruned, "errors": rows_errors}}
+        return {
+            "tune": {
+                "storage": str(self.cfg.root / "tune"),
+                "experiments": [s1.path, s2.path],
+                "nodes": self.nodes,
+                "split_nodes": split_nodes,
+                "trials": {"predict": s1.total, "train": s2.total},
+                "trials_run": {"predict": len(s1.started), "train": len(s2.started)},
+                "reports_run": {"predict": s1.reports, "train": s2.reports},
+                "stage_seconds": {"predict": s1.seconds, "train": s2.seconds},
+                "retries": s1.retries + s2.retries,
+                "resumed": s1.restored or s2.restored,
+                "early_stop": self.scheduler is not None,
+                "pruned": self.pruned,
+                "errors": rows_errors,
+            }
+        }
 
 
 def _dispatch_train(config: dict) -> None:
@@ -234,24 +303,34 @@ def _dispatch_train(config: dict) -> None:
 
 
 def _trial_fields(stage: str, metrics: dict) -> dict:
-    return {"node": metrics.get("node"), f"{stage}_node_id": metrics.get("node_id"),
-            f"{stage}_trial_seconds": metrics.get("trial_seconds")}
+    return {
+        "node": metrics.get("node"),
+        f"{stage}_node_id": metrics.get("node_id"),
+        f"{stage}_trial_seconds": metrics.get("trial_seconds"),
+    }
 
 
 def _asha(cfg: CoderayConfig):
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="epoch", metric="reward", mode="max",
-                         max_t=cfg.search.link_epochs * len(cfg.search.link_variants), grace_period=1,
-                         reduction_factor=2)
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric="reward",
+        mode="max",
+        max_t=cfg.search.link_epochs * len(cfg.search.link_variants),
+        grace_period=1,
+        reduction_factor=2,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- one stage
+
 
 @dataclass
 class _Stage:
     """What a stage's run did, filled by `_Watch` (callbacks are pickled with the experiment, so they
     reach this through `_STAGES` by key)."""
+
     name: str
     progress: bool
     path: str = ""
@@ -260,7 +339,7 @@ class _Stage:
     started: set = field(default_factory=set)
     reports: int = 0
     retries: int = 0
-    results: dict = field(default_factory=dict)      # path id → ray.tune.Result
+    results: dict = field(default_factory=dict)  # path id → ray.tune.Result
     seconds: float = 0.0
     bar: object = None
 
@@ -332,8 +411,13 @@ class _Watch(tune.Callback):
             r = trial.last_result or {}
             row = r.get("row") or {}
             if st.name == "train":
-                what = (f"val acc {row['val_acc']:.4f}, reward {row['reward']:.4f}" if row.get("reward") is not None
-                        else f"stopped at epoch {r.get('epoch')}" if "epoch" in r else "done")
+                what = (
+                    f"val acc {row['val_acc']:.4f}, reward {row['reward']:.4f}"
+                    if row.get("reward") is not None
+                    else f"stopped at epoch {r.get('epoch')}"
+                    if "epoch" in r
+                    else "done"
+                )
                 log.info("train: %s on %s: %s", _path_id(trial), r.get("node"), what)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -350,14 +434,14 @@ class _Watch(tune.Callback):
             st.bar = None
 
 
-
 # Tune's own progress tables off (verbose=0: progress is ours) and no automatic TensorBoard logger, which
 # logs a "Summary name ... is illegal" line for every path-id metric; CSV and JSON results stay (passed below).
 _QUIET = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 
 
-def _run_stage(cfg: CoderayConfig, path: Path, trainable: Callable, space: list[dict], *, resume: bool, progress: bool,
-               scheduler) -> _Stage:
+def _run_stage(
+    cfg: CoderayConfig, path: Path, trainable: Callable, space: list[dict], *, resume: bool, progress: bool, scheduler
+) -> _Stage:
     """Run (or resume) the experiment at `path`: a trial per entry of `space`; results by path id."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
@@ -367,7 +451,7 @@ def _run_stage(cfg: CoderayConfig, path: Path, trainable: Callable, space: list[
     log.debug("%s: stage begins", name)
     key = str(path)
     stage = _STAGES[key] = _Stage(name, progress, path=key, total=len(space))
-    with environ(_QUIET):        # Tune reads them while it runs this stage
+    with environ(_QUIET):  # Tune reads them while it runs this stage
         try:
             fn = tune.with_resources(trainable, trial_resources)
             if resume and tune.Tuner.can_restore(path):
@@ -377,13 +461,19 @@ def _run_stage(cfg: CoderayConfig, path: Path, trainable: Callable, space: list[
                 if path.exists():
                     shutil.rmtree(path)
                 tuner = tune.Tuner(
-                    fn, param_space={"cfg": cfg.model_dump(mode="json"), "cand": tune.grid_search(space)},
-                    tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
-                                                trial_dirname_creator=_trial_dirname),
+                    fn,
+                    param_space={"cfg": cfg.model_dump(mode="json"), "cand": tune.grid_search(space)},
+                    tune_config=tune.TuneConfig(
+                        scheduler=scheduler, reuse_actors=True, trial_dirname_creator=_trial_dirname
+                    ),
                     run_config=tune.RunConfig(
-                        name=path.name, storage_path=str(path.parent), verbose=0,
+                        name=path.name,
+                        storage_path=str(path.parent),
+                        verbose=0,
                         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-                        callbacks=[_Watch(key), CSVLoggerCallback(), JsonLoggerCallback()]))
+                        callbacks=[_Watch(key), CSVLoggerCallback(), JsonLoggerCallback()],
+                    ),
+                )
             began = time.perf_counter()
             log.debug("%s: fit", name)
             grid = tuner.fit()
@@ -393,8 +483,10 @@ def _run_stage(cfg: CoderayConfig, path: Path, trainable: Callable, space: list[
                 stage.results[_path_of(result)] = result
             stage.total = len(grid)
             if grid.num_terminated + grid.num_errors < len(grid):
-                raise RuntimeError(f"the {name} stage stopped with {len(grid) - grid.num_terminated - grid.num_errors} "
-                                   f"of {len(grid)} trials unfinished; run the search again to resume it ({path})")
+                raise RuntimeError(
+                    f"the {name} stage stopped with {len(grid) - grid.num_terminated - grid.num_errors} "
+                    f"of {len(grid)} trials unfinished; run the search again to resume it ({path})"
+                )
             return stage
         finally:
             if stage.bar is not None:

@@ -15,6 +15,7 @@ slices are single `RemoteSegment` modules, so `build_path`, `PathModule`, `fit`,
 Only activations and their gradients cross nodes; no parameter does. Numerically this is the same
 computation as the in-process path (same blocks, same order, one thread each side).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -55,7 +56,7 @@ class LocalSide:
         torch.set_num_threads(1)
         self.cfg = CoderayConfig.model_validate(cfg)
         self.svc = load_services(self.cfg, [local], train_missing=False, progress=False)[local]
-        work_as(self.cfg, self.svc.node.name)          # the local node's CPU cap, where emulation has one
+        work_as(self.cfg, self.svc.node.name)  # the local node's CPU cap, where emulation has one
         self.paths = {p: PathSpec.parse(p) for p in paths}
         self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -64,8 +65,10 @@ class LocalSide:
         if spec is None:
             raise PermissionError(f"{path_id!r} is not a candidate of this search: the local side refuses it")
         if not (1 <= first <= last and (last < spec.lin or (first, last) == (spec.lin, n))):
-            raise PermissionError(f"blocks {first}..{last} are not a range of {path_id} (head or targets "
-                                  f"1..{spec.lin - 1}, tail {spec.lin}..{n}): the local side refuses them")
+            raise PermissionError(
+                f"blocks {first}..{last} are not a range of {path_id} (head or targets "
+                f"1..{spec.lin - 1}, tail {spec.lin}..{n}): the local side refuses them"
+            )
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -78,15 +81,15 @@ class LocalSide:
         """Blocks first..last (1-based) of candidate `path_id` on `x`; with `keep`, remember the graph for
         `backward(key, ...)`."""
         self._check(path_id, first, last)
-        blocks = self.svc.blocks[first - 1:last]
-        x = torch.tensor(x)                  # a copy: what Ray hands over may be read-only
+        blocks = self.svc.blocks[first - 1 : last]
+        x = torch.tensor(x)  # a copy: what Ray hands over may be read-only
         if not keep:
             with torch.inference_mode():
                 for b in blocks:
                     x = b(x)
             return x.numpy()
         x.requires_grad_(True)
-        out = x.clone()                      # a non-leaf, so a block may start with an in-place op
+        out = x.clone()  # a non-leaf, so a block may start with an in-place op
         for b in blocks:
             out = b(out)
         self.pending[key] = (x, out)
@@ -123,8 +126,9 @@ def stop_side(cfg: CoderayConfig, local: str, *, timeout_s: float = 10.0) -> Non
         time.sleep(0.1)
 
 
-def local_side(cfg: CoderayConfig, local: str, *, create: bool = False, paths: Sequence[str] = ()
-               ) -> ray.actor.ActorHandle:
+def local_side(
+    cfg: CoderayConfig, local: str, *, create: bool = False, paths: Sequence[str] = ()
+) -> ray.actor.ActorHandle:
     """The `LocalSide` actor of `local` (pinned to its node), serving the candidates `paths`; the driver
     creates it, trials look it up."""
     name = side_name(cfg, local)
@@ -132,7 +136,8 @@ def local_side(cfg: CoderayConfig, local: str, *, create: bool = False, paths: S
         return ray.get_actor(name, namespace=NAMESPACE)
     node = cfg.node(cfg.service(local).node).name
     return LocalSide.options(name=name, namespace=NAMESPACE, get_if_exists=True, **pin(node)).remote(
-        cfg.model_dump(mode="json"), local, list(paths))
+        cfg.model_dump(mode="json"), local, list(paths)
+    )
 
 
 def _array(x: torch.Tensor) -> np.ndarray:
@@ -162,8 +167,9 @@ class RemoteSegment(nn.Module):
         self.key = f"{os.getpid()}-{id(self)}-{next(self._ids)}"
 
     def call(self, x: torch.Tensor, *, keep: bool) -> torch.Tensor:
-        return torch.tensor(ray.get(self.side.forward.remote(self.path_id, self.key, self.first, self.last,
-                                                             _array(x), keep)))
+        return torch.tensor(
+            ray.get(self.side.forward.remote(self.path_id, self.key, self.first, self.last, _array(x), keep))
+        )
 
     def grad(self, grad: torch.Tensor) -> torch.Tensor:
         return torch.tensor(ray.get(self.side.backward.remote(self.key, _array(grad))))
@@ -182,7 +188,7 @@ class RemoteBlocks(Sequence):
     gives a list of one segment, or none), so each contiguous run of local blocks costs one round trip."""
 
     def __init__(self, side: ray.actor.ActorHandle, n: int, path_id: str):
-        self.side, self.n, self.path_id = side, n, path_id     # the candidate whose ranges it asks for
+        self.side, self.n, self.path_id = side, n, path_id  # the candidate whose ranges it asks for
 
     def __len__(self) -> int:
         return self.n
@@ -207,5 +213,13 @@ def remote_service(cfg: CoderayConfig, local: str, side: ray.actor.ActorHandle, 
     spec = cfg.service(local)
     info = ray.get(side.describe.remote())
     task = get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed)
-    return ServiceModel(spec, cfg.node(spec.node), task, None, RemoteBlocks(side, len(info["infos"]), path_id),
-                        info["infos"], info["metrics"], speed_divisor(cfg, spec.node))
+    return ServiceModel(
+        spec,
+        cfg.node(spec.node),
+        task,
+        None,
+        RemoteBlocks(side, len(info["infos"]), path_id),
+        info["infos"],
+        info["metrics"],
+        speed_divisor(cfg, spec.node),
+    )

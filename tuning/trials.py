@@ -1,7 +1,8 @@
 """The Tune trainables of the path search: one trial per candidate and stage, pinned to the node it trains on.
 
 Every trial rebuilds the config from `config["cfg"]` (a `model_dump`, never a file path), loads the
-services it needs from its node's store (never trains a model; never another node's model) and calls coderay's own per-candidate
+services it needs from its node's store (never trains a model; never another node's model) and calls coderay's own
+per-candidate
 functions (`predict_path`, `build_path`, `train_path`, `edge_early_rows`): one implementation, two engines.
 
 - a cooperative path's trial runs on the host's node with the host's blocks; the local blocks are reached
@@ -13,6 +14,7 @@ Each report carries the node the trial ran on (`node`, `node_id`). Stage-2 trial
 accuracy and the reward it implies after every epoch (what the early-stopping scheduler ranks), with the
 links as a checkpoint; the last report carries the measured row and the final links.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,14 +37,13 @@ from coderay.paths import PathSpec
 from coderay.rows import Row, row_from_dict, score
 from coderay.services import load_services
 from coderay.store import node_store, relative, resolve
-
 from tuning.split import local_side, remote_service
 
 __all__ = ["predict_trial", "train_trial", "baseline_trial", "trial_resources", "STATE_FILE"]
 
 STATE_FILE = "state.json"
-_CONTEXTS: dict[tuple, SearchContext] = {}   # per worker process: reused actors keep their loaded services
-_STARTED: dict[str, float] = {}              # when the current trial began (reported as trial_seconds)
+_CONTEXTS: dict[tuple, SearchContext] = {}  # per worker process: reused actors keep their loaded services
+_STARTED: dict[str, float] = {}  # when the current trial began (reported as trial_seconds)
 
 
 def trial_resources(config: dict) -> tune.PlacementGroupFactory:
@@ -72,17 +73,21 @@ def _context(cfg: CoderayConfig, spec: PathSpec, cand: dict) -> SearchContext:
             services[spec.local] = remote_service(cfg, spec.local, local_side(cfg, spec.local), spec.id)
         else:
             services = load_services(cfg, [spec.local], train_missing=False, progress=False)
-        _CONTEXTS.clear()                     # one search at a time per worker
+        _CONTEXTS.clear()  # one search at a time per worker
         _CONTEXTS[key] = SearchContext(cfg, services)
     ctx = _CONTEXTS[key]
     if spec.kind == "coop":
-        ctx.services[spec.local].blocks.path_id = spec.id   # the side serves this candidate's ranges only
+        ctx.services[spec.local].blocks.path_id = spec.id  # the side serves this candidate's ranges only
     return ctx
 
 
 def _where(cand: dict) -> dict:
-    return {"node": cand["node"], "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-            "trial_seconds": round(time.perf_counter() - _STARTED.get("t", time.perf_counter()), 3)}
+    return {
+        "node": cand["node"],
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "trial_seconds": round(time.perf_counter() - _STARTED.get("t", time.perf_counter()), 3),
+    }
 
 
 def _maybe_fail(cand: dict, stage: str) -> None:
@@ -141,11 +146,11 @@ def train_trial(config: dict) -> None:
 
     module, _ = build_path(ctx, spec)
     node = cand["node"]
-    links_dir = Path(cand["links_dir"])                            # store-relative
+    links_dir = Path(cand["links_dir"])  # store-relative
     work = node_store(cfg, node) / "checkpoints" / links_dir.name / spec.id.replace(":", "__")
     done = 0
     checkpoint = tune.get_checkpoint() if resumable else None
-    if checkpoint is not None:                       # a retry: continue from the last epoch's links
+    if checkpoint is not None:  # a retry: continue from the last epoch's links
         with checkpoint.as_directory() as d:
             state = json.loads((Path(d) / STATE_FILE).read_text())
         done = state["epoch"]
@@ -155,22 +160,37 @@ def train_trial(config: dict) -> None:
 
     def on_epoch(epoch: int, loss: float, val_acc: float) -> None:
         epoch += done
-        if epoch >= epochs:                          # the final report below carries this epoch
+        if epoch >= epochs:  # the final report below carries this epoch
             return
-        report = {"epoch": epoch, "loss": loss, "val_acc": val_acc,
-                  "reward": _epoch_reward(cfg, predicted, val_acc), **_where(cand)}
+        report = {
+            "epoch": epoch,
+            "loss": loss,
+            "val_acc": val_acc,
+            "reward": _epoch_reward(cfg, predicted, val_acc),
+            **_where(cand),
+        }
         if not resumable:
             tune.report(report)
             return
         tune.report(report, checkpoint=_checkpoint(module, epoch, work, cfg, node))
 
-    row, module = train_path(ctx, spec, epochs=max(cfg.search.link_epochs - done, 1), progress=False,
-                             module=module, links_dir=node_store(cfg, node) / links_dir, on_epoch=on_epoch,
-                             predicted=predicted)
+    row, module = train_path(
+        ctx,
+        spec,
+        epochs=max(cfg.search.link_epochs - done, 1),
+        progress=False,
+        module=module,
+        links_dir=node_store(cfg, node) / links_dir,
+        on_epoch=on_epoch,
+        predicted=predicted,
+    )
     row = replace(row, links_file=relative(Path(row.links_file), cfg, node)).with_extra(
-        epochs=epochs, resumed_from_epoch=done)
-    tune.report({"epoch": epochs, "val_acc": row.val_acc, "reward": row.reward, "row": row.to_dict(),
-                 **_where(cand)}, checkpoint=_checkpoint(module, epochs, work, cfg, node))
+        epochs=epochs, resumed_from_epoch=done
+    )
+    tune.report(
+        {"epoch": epochs, "val_acc": row.val_acc, "reward": row.reward, "row": row.to_dict(), **_where(cand)},
+        checkpoint=_checkpoint(module, epochs, work, cfg, node),
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

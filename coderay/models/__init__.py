@@ -14,6 +14,7 @@ it. Three sources, all built by ``get_model`` (``registry``):
 Weights come from disk only (``weights.load_weights``). ``list_models()`` lists the registered names;
 ``is_known_model(name)`` accepts every name ``get_model`` builds (the config checks names with it).
 """
+
 from coderay.models.by_name import list_torchvision_models
 from coderay.models.fx_split import trace_model
 from coderay.models.hand_staged import _TORCHVISION_PAIRS as _TORCHVISION_PAIRS  # registers the builders

@@ -2,6 +2,7 @@
 
 The module is built, adapted to the input (``input_adapt``) and traced into stages (``fx_split``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,9 @@ def _import_builder(name: str) -> Callable[..., nn.Module]:
     return fn
 
 
-def _build_module(fn: Callable[..., nn.Module], name: str, num_classes: int, kwargs: dict,
-                  input_shape: tuple[int, int, int]) -> nn.Module:
+def _build_module(
+    fn: Callable[..., nn.Module], name: str, num_classes: int, kwargs: dict, input_shape: tuple[int, int, int]
+) -> nn.Module:
     """Call a builder with ``num_classes`` where it takes one; TypeError naming the model on bad options,
     ValueError when it refuses them (e.g. ViT: an image size that is not a multiple of the patch size)."""
     params = inspect.signature(fn).parameters
@@ -58,8 +60,10 @@ def _build_module(fn: Callable[..., nn.Module], name: str, num_classes: int, kwa
     except TypeError as err:
         raise TypeError(f"{name}: builder rejected options {sorted(kwargs)}: {err}") from err
     except (AssertionError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{name} cannot take input_shape {input_shape} with options {call}: the builder "
-                         f"refused ({type(err).__name__}: {err}). Try another input size or options.") from err
+        raise ValueError(
+            f"{name} cannot take input_shape {input_shape} with options {call}: the builder "
+            f"refused ({type(err).__name__}: {err}). Try another input size or options."
+        ) from err
     if not isinstance(module, nn.Module):
         raise TypeError(f"{name}: the builder must return an nn.Module, got {type(module).__name__}")
     return module

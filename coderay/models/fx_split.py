@@ -3,6 +3,7 @@
 A stage name is the torch.fx graph node name where it ends; nodes where a residual or a branch crosses are
 recorded as blocked cuts, with the values that cross them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,8 +66,9 @@ def _live_after(nodes: Sequence[torch.fx.Node]) -> list[frozenset[torch.fx.Node]
     return out
 
 
-def _stage_module(root: nn.Module, nodes: Sequence[torch.fx.Node], start: torch.fx.Node | None,
-                  end: torch.fx.Node, name: str) -> torch.fx.GraphModule:
+def _stage_module(
+    root: nn.Module, nodes: Sequence[torch.fx.Node], start: torch.fx.Node | None, end: torch.fx.Node, name: str
+) -> torch.fx.GraphModule:
     """A GraphModule computing ``end`` from ``start`` (or from the model input) with the given nodes.
 
     Its submodules and parameters are the very objects of ``root`` (shared, not copied).
@@ -97,15 +99,24 @@ def _no_inplace(module: nn.Module, graph: torch.fx.Graph) -> None:
     for m in module.modules():
         if isinstance(getattr(m, "inplace", None), bool):
             m.inplace = False
-    swaps = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-             operator.itruediv: operator.truediv}
+    swaps = {
+        operator.iadd: operator.add,
+        operator.isub: operator.sub,
+        operator.imul: operator.mul,
+        operator.itruediv: operator.truediv,
+    }
     for n in graph.nodes:
         if n.op == "call_function" and n.target in swaps:
             n.target = swaps[n.target]
         if n.kwargs.get("inplace") is True:
             n.kwargs = {**n.kwargs, "inplace": False}
-        if n.op == "call_method" and isinstance(n.target, str) and n.target.endswith("_") \
-                and not n.target.startswith("_") and hasattr(torch.Tensor, n.target[:-1]):
+        if (
+            n.op == "call_method"
+            and isinstance(n.target, str)
+            and n.target.endswith("_")
+            and not n.target.startswith("_")
+            and hasattr(torch.Tensor, n.target[:-1])
+        ):
             n.target = n.target[:-1]  # x.relu_() -> x.relu()
 
 
@@ -143,8 +154,10 @@ def trace_model(
     if not isinstance(out_node, torch.fx.Node) or not isinstance(out_node.meta.get("tensor_meta"), TensorMetadata):
         raise TypeError(f"{arch}: the forward must return one tensor (logits); it returns {out_node!r}")
     if num_classes is not None and tuple(out_node.meta["tensor_meta"].shape[1:]) != (num_classes,):
-        raise ValueError(f"{arch}: output shape {tuple(out_node.meta['tensor_meta'].shape[1:])} is not "
-                         f"(num_classes,) = ({num_classes},)")
+        raise ValueError(
+            f"{arch}: output shape {tuple(out_node.meta['tensor_meta'].shape[1:])} is not "
+            f"(num_classes,) = ({num_classes},)"
+        )
     live = _live_after(nodes)
     cuts, blocked = [], {}
     for i, n in enumerate(nodes):
@@ -158,10 +171,10 @@ def trace_model(
     stages: dict[str, nn.Module] = {}
     start, first = None, 0
     for end in [c for c in cuts if c < last] + [last]:
-        stage_nodes = nodes[first:end + 1]  # the first stage starts with the model's placeholder
+        stage_nodes = nodes[first : end + 1]  # the first stage starts with the model's placeholder
         stages[nodes[end].name] = _stage_module(module, stage_nodes, start, nodes[end], nodes[end].name)
         start, first = nodes[end], end + 1
-    trailing = [n.name for n in nodes[last + 1:] if n.op not in ("get_attr",)]
+    trailing = [n.name for n in nodes[last + 1 :] if n.op not in ("get_attr",)]
     if trailing:
         logger.info("%s: nodes after the output are dropped: %s", arch, trailing)
     if num_classes is None:

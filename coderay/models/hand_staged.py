@@ -3,6 +3,7 @@
 The torchvision ones reuse the very module objects of a torchvision model, so the staged forward reproduces
 torchvision's bit for bit (eval mode); each keeps its default cuts per N. Importing this module registers them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

@@ -9,6 +9,7 @@
   Inception blocks and a first patch-embedding conv (kernel = stride) are kept. ViT is built for the image
   size (a multiple of its patch size). The hand-staged models keep their own per-family stems.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,9 +54,16 @@ def adapt_input(module: nn.Module, input_shape: tuple[int, int, int], *, small: 
     if convs:
         first = module.get_submodule(convs[0].target)
         if first.in_channels != input_shape[0]:
-            new = nn.Conv2d(input_shape[0], first.out_channels, first.kernel_size, stride=first.stride,
-                            padding=first.padding, dilation=first.dilation, bias=first.bias is not None,
-                            padding_mode=first.padding_mode)
+            new = nn.Conv2d(
+                input_shape[0],
+                first.out_channels,
+                first.kernel_size,
+                stride=first.stride,
+                padding=first.padding,
+                dilation=first.dilation,
+                bias=first.bias is not None,
+                padding_mode=first.padding_mode,
+            )
             nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
             _set_submodule(module, convs[0].target, new)
             changes.append(f"{convs[0].target}: {first.in_channels} -> {input_shape[0]} input channels")

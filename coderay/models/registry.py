@@ -3,6 +3,7 @@
 Names resolve in order: a registered builder, a torchvision classifier, a 'package.module:function' (the last
 two through ``by_name``); ``weights`` then come from disk (``weights``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -65,8 +66,9 @@ def get_model(
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     weights = _resolve_weights(name, weights)
     if name not in _REGISTRY:
-        model = _traced_model(name, num_classes=num_classes, input_shape=_check_input_shape(input_shape),
-                              kwargs=dict(kwargs))
+        model = _traced_model(
+            name, num_classes=num_classes, input_shape=_check_input_shape(input_shape), kwargs=dict(kwargs)
+        )
         if weights is not None:
             load_weights(model, weights)
         return model

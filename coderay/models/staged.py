@@ -2,6 +2,7 @@
 
 Every source of models (the hand-staged builders, torch.fx tracing) builds one, so it sits below them all.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,9 +72,11 @@ class StagedModel(nn.Sequential):
                     why = "is the last stage"
                 elif cut in self.blocked_cuts or cut.replace(".", "_") in self.blocked_cuts:
                     crossing = self.blocked_cuts.get(cut) or self.blocked_cuts[cut.replace(".", "_")]
-                    why = (f"is not a valid cut: {len(crossing)} values cross it ({', '.join(crossing[:6])}"
-                           f"{', ...' if len(crossing) > 6 else ''}; a residual or a branch) where a cut "
-                           "passes exactly one tensor")
+                    why = (
+                        f"is not a valid cut: {len(crossing)} values cross it ({', '.join(crossing[:6])}"
+                        f"{', ...' if len(crossing) > 6 else ''}; a residual or a branch) where a cut "
+                        "passes exactly one tensor"
+                    )
                 else:
                     why = "is not a stage"
                 shown = valid if len(valid) <= 60 else [*valid[:30], "...", *valid[-10:]]

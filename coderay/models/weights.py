@@ -2,6 +2,7 @@
 
 coderay never downloads; a torchvision weights name is looked up in torch's hub cache only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,13 @@ def _resolve_weights(name: str, weights: str | os.PathLike[str] | None) -> str |
     if path.is_file():
         logger.info("%s: using torchvision weights %s from %s", name, entry, path)
         return path
-    logger.warning("%s: torchvision weights %s are not on disk (%s) and coderay never downloads: starting from "
-                   "a fresh init. Put the file there to use them.", name, entry, path)
+    logger.warning(
+        "%s: torchvision weights %s are not on disk (%s) and coderay never downloads: starting from "
+        "a fresh init. Put the file there to use them.",
+        name,
+        entry,
+        path,
+    )
     return None
 
 
