@@ -17,7 +17,7 @@ from coderay.cluster import pin
 from coderay.config import CoderayConfig
 from coderay.errors import CoderayError, NotTrainedError
 
-__all__ = ["train_on_nodes", "describe_on_nodes", "metadata_services", "check_stores", "copy_links", "read_node"]
+__all__ = ["train_on_nodes", "describe_on_nodes", "metadata_services", "check_stores", "copy_links"]
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +212,3 @@ def copy_links(cfg: CoderayConfig, name: str, src_node: str, dst_nodes: Iterable
     body = cfg.model_dump(mode="json")
     data = _read.options(**pin(src_node)).remote(body, src_node, name)
     _get([_write.options(**pin(dst)).remote(body, dst, name, data) for dst in dst_nodes if dst != src_node])
-
-
-def read_node(cfg: CoderayConfig, node: str, fn: Callable[[CoderayConfig], object]) -> object:
-    """`fn(cfg)` run on `node` (for audits and tests: what that node's processes see)."""
-    cfg = cfg.portable()
-    body = cfg.model_dump(mode="json")
-    task = ray.remote(max_retries=0)(lambda b: fn(CoderayConfig.model_validate(b)))
-    return _get([task.options(**pin(node)).remote(body)])[0]
