@@ -179,11 +179,13 @@ class ServingSpec(_Strict):
     max_body_bytes: int = Field(8 * 2**20, ge=1024)
     max_inflight_bytes: int = Field(64 * 2**20, ge=1024)  # request bodies one ingress replica holds at once (from
     # Content-Length, until answered); one more: 503 + Retry-After
-    request_timeout_s: float = Field(10.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)  # each request's one deadline, arrival to answer: above the time
+    # Serve takes to replace a crashed replica (8-16 s on this 2-core machine), so a request caught by a crash is
+    # retried and answered, not lost
     max_ongoing_requests: int = Field(1024, ge=1)  # requests the ingress holds at once; more wait in Serve's proxy
     fallback_cooldown_s: float | None = Field(
         None, ge=0
-    )  # a failed path is skipped this long; None: max(10, 3 × timeout)
+    )  # a failed path is skipped this long; None: max(10, timeout)
     emulate_network: bool = True  # add RTT + bytes/bandwidth per cross-node hop
     ingress_replicas: int = Field(1, ge=1)  # HTTP ingress replicas (each polls the controller for routes)
     merge_requests: bool = True  # concurrent requests on one path share one chain of replica calls

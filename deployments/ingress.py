@@ -11,7 +11,7 @@ more (deadline, client gone), has every one of its replica calls cancelled, not 
 path gets at most `COOP_SHARE` of the time left; when it fails (a dead replica, a lost node, that budget spent)
 the request is answered on the local-only path with `"fallback": true`, and the path is then skipped (answered
 locally at once, still marked as a fallback) for a cool-down (`serving.fallback_cooldown_s`, default
-`3 × request_timeout_s`, at least 10 s) before it is tried again, so a lost host costs one failure, not one per
+`request_timeout_s`, at least 10 s) before it is tried again, so a lost host costs one failure, not one per
 request. The local-only path has no fallback: a call lost with its replica (the process died, the replica is
 unreachable) is retried, with a short back-off, on a live replica or once Serve has restarted the group, until
 the deadline; inference is idempotent, so a retry is safe. Only a request whose deadline passes unanswered gets
@@ -348,7 +348,7 @@ class Ingress:
         self.inflight = InflightBytes(cfg.serving.max_inflight_bytes)
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="coderay-decode")
         cooldown = cfg.serving.fallback_cooldown_s
-        self.cooldown_s = max(10.0, 3 * cfg.serving.request_timeout_s) if cooldown is None else cooldown
+        self.cooldown_s = max(10.0, cfg.serving.request_timeout_s) if cooldown is None else cooldown
         self._controller_init()
 
     # ------------------------------------------------------------------ routing (config deploys, controller)
