@@ -9,7 +9,8 @@ from the server it measures. The way MLPerf's Server scenario and Triton's perf_
   request's latency runs from its *scheduled* send time, so a late send (the generator or the server
   stalled) is counted as waiting, not hidden (no coordinated omission). At most `max_in_flight` requests are
   outstanding; an arrival that finds the bound hit is *dropped* (counted, never sent, never waited for).
-- `closed_loop`: N clients, each sending its next request as soon as the last one is answered.
+- `closed_loop`: N clients, each sending its next request as soon as the last one is answered, for a time or
+  a number of requests.
 - `rate_search`: the highest offered rate whose step passes a check (`step_check`: p99 under a bound, no
   failure or drop, answers keeping up with arrivals): geometric steps up to the first failing rate, then
   bisection between the last pass and the first fail.
@@ -276,15 +277,28 @@ async def open_loop(
     return step
 
 
-async def closed_loop(client: HttpClient, send: Send, clients: int, duration_s: float, *, first_index: int = 0) -> Step:
-    """`clients` concurrent clients, each sending back to back for `duration_s` (a request started inside the
-    window is awaited to its end). Latency from each send."""
-    step = Step("closed", None, clients, duration_s)
+async def closed_loop(
+    client: HttpClient,
+    send: Send,
+    clients: int,
+    duration_s: float | None = None,
+    *,
+    requests: int | None = None,
+    first_index: int = 0,
+) -> Step:
+    """`clients` concurrent clients, each sending back to back for `duration_s`, or until `requests` requests
+    have been started in all (a request started is awaited to its end). Latency from each send."""
+    if (duration_s is None) == (requests is None):
+        raise ValueError("give exactly one of duration_s and requests")
+    step = Step("closed", None, clients, duration_s or 0.0)
     clock = time.perf_counter
     counter = iter(range(first_index, 2**62))
 
+    def more() -> bool:
+        return clock() < end if requests is None else step.sent < requests
+
     async def client_loop() -> None:
-        while clock() < end:
+        while more():
             start = clock()
             step.scheduled += 1
             step.sent += 1
@@ -296,9 +310,11 @@ async def closed_loop(client: HttpClient, send: Send, clients: int, duration_s: 
 
     cpu0 = time.thread_time()
     t0 = clock()
-    end = t0 + duration_s
+    end = t0 + (duration_s or 0.0)
     await asyncio.gather(*(client_loop() for _ in range(clients)))
     step.wall_s = clock() - t0
+    if requests is not None:
+        step.duration_s = step.wall_s
     step.cpu_s = time.thread_time() - cpu0
     return step
 

@@ -9,6 +9,7 @@ which failures are retried.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -92,7 +93,7 @@ def test_a_chain_that_fails_or_is_cancelled_cancels_every_stage(tiny_cfg):
     host's stage too, not only the one awaited."""
     from ray.exceptions import ActorDiedError
 
-    from coderay.paths import PathSpec
+    from coderay.pathspec import PathSpec
     from coderay.plan import plan_hops, stages
     from deployments.ingress import Ingress
 
@@ -132,7 +133,7 @@ def test_a_lost_replica_is_retried_until_the_deadline_then_a_503_says_why(tiny_c
     the service, the path and what was lost. A model's own error is not retried."""
     from ray.exceptions import ActorDiedError
 
-    from coderay.paths import PathSpec
+    from coderay.pathspec import PathSpec
     from deployments.ingress import Ingress
     from deployments.schemas import ApiError
 
@@ -167,7 +168,7 @@ def test_only_lost_replicas_are_retried():
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
     from ray.serve.exceptions import RayServeException
 
-    from deployments.ingress import replica_lost
+    from deployments.chains import replica_lost
 
     upstream = RayServeException("upstream actor died")
     upstream.__cause__ = ActorDiedError()
@@ -520,3 +521,72 @@ def test_a_saturated_block_group_is_never_reported_gone(crash):
     )
     assert len(views) >= 8 and all(alive is True for alive, _ in views)
     assert full >= len(views) // 2  # it was saturated, not idle, while the controller looked
+
+
+# ---------------------------------------------------------------------------------------------- sustained load
+
+SOAK_REQUESTS = 2000  # CI's size; bench/soak.py runs 20,000 at 32 clients on the demo
+SOAK_CLIENTS = 32
+
+
+def test_the_soak_tells_growth_from_noise():
+    """bench/soak.py's memory rule on hand-made series: ±4 MiB of noise around 900 MiB is flat; 10 KiB a request
+    over 4,000 requests (the last quarter's median 2,000 requests, ~20 MiB, above the second quarter's) is not."""
+    soak = _soak()
+    noise = [(i * 100, (900 + 4 * (-1) ** i) * soak.MIB) for i in range(40)]
+    leak = [(i * 100, 900 * soak.MIB + i * 100 * 10 * 1024) for i in range(40)]
+    flat, grows = soak.growth("a", 1, noise), soak.growth("b", 2, leak)
+    assert flat.flat and abs(flat.growth_mib) <= 8
+    assert not grows.flat and grows.growth_mib == pytest.approx(2000 * 10 / 1024)
+    assert grows.requests == 2000 and grows.per_1k_mib == pytest.approx(10 / 1.024)
+    assert soak.growth("c", 3, noise[:7]) is None  # too few samples to tell
+
+
+def _soak():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import soak
+
+    return soak
+
+
+def test_sustained_load_loses_nothing_and_no_replica_grows(crash):
+    """Closed-loop load of one-sample requests at 32 clients on digits' cooperative path at share 1.0, the
+    controller on: every request answered 200 within the deadline, on that path; the resident memory of every
+    replica process (ingress, both block groups) read twice a second stays flat after its warm-up
+    (bench/soak.py's rule: the last quarter's median within max(16 MiB, 1%) of the second quarter's)."""
+    soak = _soak()
+    body = np.full((1, 1, 28, 28), 0.5, dtype="<f4").tobytes()
+    headers = {"Content-Type": "application/octet-stream", "X-Shape": "1,1,28,28"}
+
+    async def send(client, i):
+        status, _, data = await client.request("POST", "/v1/services/digits/infer", body, headers)
+        return (status, json.loads(data) if status == 200 else None), None
+
+    r = crash.client.put("/v1/services/digits/route", json={"path": crash.coop, "coop_fraction": 1.0})
+    assert r.status_code == 200, r.text
+    start = time.monotonic()  # a path suspended by an earlier test's kill is back after its cool-down
+    while post(crash.client, "digits").json().get("fallback", True):
+        assert time.monotonic() - start < 60, "the cooperative path did not come back"
+        time.sleep(0.5)
+    try:
+        run = asyncio.run(
+            soak.soak(crash.url, send, requests=SOAK_REQUESTS, clients=SOAK_CLIENTS, deadline_s=TIMEOUT_S)
+        )
+    finally:
+        crash.client.put("/v1/services/digits/route", json={"path": crash.coop, "coop_fraction": 0.5})
+    growths = run.growths()
+    print(
+        f"\n{run.step.sent} requests at {SOAK_CLIENTS} clients: {run.lost} lost, {run.fallbacks} fallbacks, "
+        f"{run.step.achieved_rps:.0f} req/s, p50 {run.step.p50_ms:.0f} ms, p99 {run.step.p99_ms:.0f} ms; paths "
+        f"{dict(run.by_path)}\n  "
+        + "\n  ".join(
+            f"{g.name} pid {g.pid}: {g.warm_mib:.1f} → {g.end_mib:.1f} MiB ({g.samples} samples)" for g in growths
+        )
+    )
+    assert run.step.sent == SOAK_REQUESTS and run.lost == 0 and run.statuses == {200: SOAK_REQUESTS}
+    assert run.by_path == {crash.coop: SOAK_REQUESTS} and run.fallbacks == 0
+    assert {"ingress", "blocks-digits", "blocks-mnist"} <= {g.name for g in growths}
+    assert all(g.flat for g in growths), growths

@@ -5,6 +5,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import loadgen  # noqa: E402
@@ -129,6 +131,26 @@ def test_closed_loop_clients_send_back_to_back():
     assert one.failures == four.failures == 0
     assert 15 <= one.achieved_rps <= 55  # ~1 / 20 ms
     assert four.achieved_rps > 2.5 * one.achieved_rps  # the server overlaps its sleeps
+
+
+def test_closed_loop_sends_exactly_the_requests_asked_for():
+    seen: list[str] = []
+
+    async def count(path, n):
+        seen.append(path)
+        await asyncio.sleep(0.005)
+        return 200 if n % 10 else 500  # every tenth request a failure
+
+    async def main():
+        async with ToyServer(count) as srv, loadgen.make_client(srv.url, timeout_s=5) as c:
+            return await loadgen.closed_loop(c, post, 7, requests=100)
+
+    step = asyncio.run(main())
+    assert len(seen) == step.sent == 100  # 7 clients, none overshoots the bound
+    assert (step.ok, step.failed) == (90, 10) and len(step.latencies_ms) == 90
+    assert step.duration_s == step.wall_s > 0
+    with pytest.raises(ValueError):
+        asyncio.run(loadgen.closed_loop(None, post, 1))
 
 
 def test_rate_search_finds_the_capacity_of_a_server_limited_to_k_per_second():
