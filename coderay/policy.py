@@ -31,6 +31,15 @@ busy, so that small batches at light load do not pass for a slow node; an idle n
 which at φ = Th^h/Th is exactly the row's Th (coderay.throughput). The smallest J wins, with hysteresis: the
 current choice stays unless the best improves J by at least `hysteresis`·|J_current| and the current one has
 held `min_dwell_s`; a path whose host node is gone (or that the ingress reports failing) is left at once.
+
+A move the objective makes is checked against what serving measures: once the new choice has settled
+(`VERIFY_INTERVALS` intervals after the one the move happened in, and `min_dwell_s`), a move under which the
+service is answered `verify_tolerance` fewer samples/s than under the choice it left is undone, and for
+`verify_memory_s` both choices' μ is their measured rate (and the host's g_H at least what it was measured to
+admit, unless its own clients wait). A move away from a host measured to need its time back (its own clients wait
+or take all it admits) or a host gone is not checked: serving less is what it is for. The model's μ is a capacity;
+what a chain of merged requests really costs (its batch shrinks when a service's requests are split over two paths,
+and each call costs the same) only serving shows.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ BUSY = 0.3  # a node learns its slowdown only in intervals where it computed at 
 MIN_SAMPLES = 16  # ... and ran at least this many samples
 SLOWDOWN_RANGE = (0.2, 50.0)
 HEADROOM = 0.1  # a host admits guests only up to (1 − HEADROOM) of its time, its own load first
+VERIFY_INTERVALS = 2  # intervals a choice must be measured under (after the one it began in) before its rate counts
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,13 @@ class Policy:
             r = (initial or {}).get(svc) or {"path": f"{svc}:local", "coop_fraction": 0.0}
             self.current[svc] = (r["path"], float(r.get("coop_fraction") or 0.0))
         self.last: dict[str, Decision] = {}
+        self.served: dict[str, float] = {}  # service -> samples/s answered under its current choice, settled (EWMA)
+        self.settled: dict[str, int] = {}  # service -> intervals measured under its current choice
+        self.trial: dict[str, dict] = {}  # service -> the choice its last move left and what it served: {path, share,
+        # rate}, until the move is checked
+        self.measured: dict[str, dict] = {}  # service -> {"rates": {"path@share": samples/s}, "until": t} after an
+        # undone move
+        self._now = -math.inf
 
     # ------------------------------------------------------------------ persistence
 
@@ -177,10 +194,15 @@ class Policy:
             "arrivals": self.arrivals,
             "current": {s: list(c) for s, c in self.current.items()},
             "since": self.since,
+            "served": self.served,
+            "settled": self.settled,
+            "trial": self.trial,
+            "measured": self.measured,
         }
 
     def restore(self, state: Mapping) -> None:
-        for key in ("q_local", "q_host", "slowdown", "own_rate", "own_busy", "own_latency", "arrivals", "since"):
+        keys = ("q_local", "q_host", "slowdown", "own_rate", "own_busy", "own_latency", "arrivals", "since")
+        for key in (*keys, "served", "settled", "trial", "measured"):
             getattr(self, key).update(state.get(key) or {})
         for svc, (path, share) in (state.get("current") or {}).items():
             if svc in self.services and (path in self.rows or path == f"{svc}:local"):
@@ -214,8 +236,14 @@ class Policy:
 
     def _learn(self, m: Measurements) -> None:
         w = self.spec.smoothing
+        self._now = m.t
         for svc, a in m.arrivals.items():
             self.arrivals[svc] = _ewma(self.arrivals.get(svc), max(0.0, float(a)), w)
+        for svc in self.services:
+            n = self.settled.get(svc, 0)
+            self.settled[svc] = n + 1
+            if n >= 1:  # the interval a choice began in is a transition: requests of the last one still drain
+                self.served[svc] = _ewma(self.served.get(svc), max(0.0, float(m.arrivals.get(svc, 0.0))), w)
         for node, load in m.nodes.items():
             if not load.alive:
                 continue
@@ -251,6 +279,10 @@ class Policy:
         """Whether the node's own clients wait longer than `host_latency_ms` (mean over recent intervals)."""
         return self.own_latency.get(node, 0.0) > self.spec.host_latency_ms
 
+    def distressed(self, node: str) -> bool:
+        """Whether a host is measured to need its time back: its own clients wait, or they take all it admits."""
+        return self.waiting(node) or self.own_busy.get(node, 0.0) >= 1.0 - HEADROOM
+
     def _own_util(self, node: str) -> float:
         """u_H: the fraction of the node's time its own services took (measured: compute seconds of its block
         groups per second, in proportion of own samples); all of it while its own clients wait."""
@@ -269,23 +301,36 @@ class Policy:
         if live is None or live.kind == "local" or share <= 0:
             base = live if live is not None and live.costs is not None else self._local_row(svc)
             c_local = base.costs.local_full if base is not None and base.costs is not None else None
-            mu = 1.0 / c_local if c_local else 0.0
+            mu = self._measured_rate(svc, f"{svc}:local", 0.0) or (1.0 / c_local if c_local else 0.0)
             acc = base.acc_local_val if base is not None else None
             f = reward_of(self.reward_spec, acc, 1.0, acc_local=acc) if acc is not None else 0.0
             j = -self.spec.V * f + self.q_local.get(svc, 0.0) * (a - mu)
             return Candidate(f"{svc}:local", 0.0, f, mu, 0.0, j)
         c = live.costs
+        assert c is not None, f"{live.path_id}: a servable path has costs"
+        host = live.host if live.kind == "coop" else None  # a cooperative row always names its host
         mu = 1.0 / ((1 - share) * c.local_full + share * c.local_part)
         g = 0.0
-        if live.kind == "coop":
+        if host is not None:
             g = self.guest_rate(live)
             mu = min(mu, g / share)
+        measured = self._measured_rate(svc, live.path_id, share)
+        if measured is not None:  # served at that rate, so its host admitted share × rate guest samples/s
+            mu = measured
+            g = max(g, share * measured) if host is not None and not self.waiting(live.host_node) else g
         acc = (1 - share) * (live.acc_local_val or 0.0) + share * (live.val_acc or 0.0)
         f = reward_of(self.reward_spec, acc, mu * c.local_full, acc_local=live.acc_local_val)
         j = -self.spec.V * f + self.q_local.get(svc, 0.0) * (a - mu)
-        if live.kind == "coop":
-            j += self.q_host.get(live.host, 0.0) * share * a
-        return Candidate(live.path_id, round(share, 4), f, mu, g, j, live.host if live.kind == "coop" else None)
+        if host is not None:
+            j += self.q_host.get(host, 0.0) * share * a
+        return Candidate(live.path_id, round(share, 4), f, mu, g, j, host)
+
+    def _measured_rate(self, svc: str, path: str, share: float) -> float | None:
+        """The samples/s `svc` was answered at under (path, share) when a move from or to it was undone."""
+        mem = self.measured.get(svc)
+        if mem is None or self._now >= mem["until"]:
+            return None
+        return mem["rates"].get(_key(path, share))
 
     def _local_row(self, svc: str) -> Row | None:
         local = self.rows.get(f"{svc}:local")
@@ -330,7 +375,7 @@ class Policy:
                 self.q_local[svc] = 0.0
                 continue
             self.q_local[svc] = max(0.0, self.q_local.get(svc, 0.0) + (a - cur.service_rate) * dt)
-            if row is not None and row.kind == "coop":
+            if row is not None and row.kind == "coop" and row.host:
                 offered[row.host] = offered.get(row.host, 0.0) + share * a
         for host in {r.host for r in self.rows.values() if r.kind == "coop" and r.host}:
             rows = [live[r.path_id] for r in self.rows.values() if r.kind == "coop" and r.host == host]
@@ -339,6 +384,9 @@ class Policy:
                 continue
             in_use = [live[p] for p, _ in self.current.values() if p in live and live[p].host == host]
             g = max((self.guest_rate(r) for r in (in_use or rows)), default=0.0)
+            for svc, (path, share) in self.current.items():  # what the host was measured to admit
+                if path in live and live[path].host == host and not self.waiting(live[path].host_node):
+                    g = max(g, share * (self._measured_rate(svc, path, share) or 0.0))
             self.q_host[host] = max(0.0, self.q_host.get(host, 0.0) + (offered.get(host, 0.0) - g) * dt)
 
     def step(self, m: Measurements) -> list[Decision]:
@@ -350,8 +398,36 @@ class Policy:
             decisions.append(self._decide(svc, m, live))
         return decisions
 
+    def _verify(self, svc: str, m: Measurements, cands: list[Candidate]) -> tuple[str, str, float] | None:
+        """Check `svc`'s last move once it has settled: None to keep it; else (why, path, share) of the choice to go
+        back to. Undone, the measured rates of both choices stand in the model, so the objective ranks them as
+        serving did."""
+        trial, tol = self.trial.get(svc), self.spec.verify_tolerance
+        held = m.t - self.since.get(svc, -math.inf)
+        if trial is None or tol is None or self.settled.get(svc, 0) <= VERIFY_INTERVALS or held < self.spec.min_dwell_s:
+            return None
+        del self.trial[svc]
+        path, share = self.current[svc]
+        rate = self.served[svc]
+        if rate >= (1 - tol) * trial["rate"]:
+            return None  # it serves what it was expected to, or the clients ask no more than it serves
+        if not any(c.path == trial["path"] and abs(c.share - trial["share"]) < 1e-9 for c in cands):
+            return None  # what it left is no longer feasible
+        self.measured[svc] = {
+            "rates": {_key(path, share): rate, _key(trial["path"], trial["share"]): trial["rate"]},
+            "until": m.t + self.spec.verify_memory_s,
+        }
+        why = (
+            f"revert: {path} at {share:g} served {rate:.1f} samples/s (the model: {trial['expected']:.1f}), less "
+            f"than {trial['path']} at {trial['share']:g} before it ({trial['rate']:.1f})"
+        )
+        return why, trial["path"], trial["share"]
+
     def _decide(self, svc: str, m: Measurements, live: Mapping[str, Row]) -> Decision:
         cands, excluded = self.candidates(svc, m, live)
+        undone = self._verify(svc, m, cands)
+        if undone is not None:  # re-ranked with the measured rates
+            cands, excluded = self.candidates(svc, m, live)
         best = min(cands, key=lambda c: (c.objective, c.path != f"{svc}:local", -c.share))
         prev_path, prev_share = self.current[svc]
         cur = next((c for c in cands if c.path == prev_path and abs(c.share - prev_share) < 1e-9), None)
@@ -360,7 +436,10 @@ class Policy:
         held = m.t - self.since.get(svc, -math.inf)
         gain = (cur.objective - best.objective) if cur is not None else math.inf
         need = self.spec.hysteresis * max(abs(cur.objective), 1e-9) if cur is not None else 0.0
-        if cur is None:
+        if undone is not None:
+            reason, path, share = undone
+            choice = next(c for c in cands if c.path == path and abs(c.share - share) < 1e-9)
+        elif cur is None:
             why = excluded.get(prev_path, "no longer servable")
             choice, reason = best, f"forced: {prev_path} {why}; best feasible {best.path} at {best.share:g}"
         elif best is cur or (best.path, best.share) == (cur.path, cur.share) or gain <= 0:
@@ -391,6 +470,19 @@ class Policy:
             )
         switched = (choice.path, choice.share) != (prev_path, prev_share)
         if switched:
+            self.trial.pop(svc, None)
+            settled = self.settled.get(svc, 0) > VERIFY_INTERVALS and svc in self.served
+            left = self.rows.get(prev_path)
+            shedding = left is not None and left.host_node is not None and self.distressed(left.host_node)
+            if reason.startswith("switch") and settled and not shedding:  # checked once it has settled
+                self.trial[svc] = {
+                    "path": prev_path,
+                    "share": prev_share,
+                    "rate": self.served[svc],
+                    "expected": choice.service_rate,
+                }
+            self.served.pop(svc, None)
+            self.settled[svc] = 0
             self.current[svc] = (choice.path, choice.share)
             self.since[svc] = m.t
         elif svc not in self.since:
@@ -411,6 +503,9 @@ class Policy:
             "current": cur.to_dict() if cur else None,
             "excluded": excluded,
             "candidates": len(cands),
+            "served": round(self.served[svc], 3) if svc in self.served else None,
+            "trial": self.trial.get(svc),
+            "measured": self.measured.get(svc),
         }
         d = Decision(
             m.t,
@@ -430,4 +525,8 @@ class Policy:
 
 
 def excluded_hosts(rows: Mapping[str, Row], excluded: Mapping[str, str]) -> list[str]:
-    return [rows[p].host for p in excluded if p in rows and rows[p].host]
+    return [host for p in excluded if p in rows and (host := rows[p].host)]
+
+
+def _key(path: str, share: float) -> str:
+    return f"{path}@{share:g}"

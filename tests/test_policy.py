@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from coderay.config import ControllerSpec, NetworkSpec, RewardSpec
-from coderay.policy import Decision, Measurements, NodeLoad, Policy
+from coderay.policy import VERIFY_INTERVALS, Decision, Measurements, NodeLoad, Policy
 from coderay.rows import Row, score
 from coderay.throughput import PathCosts
 
@@ -247,6 +247,66 @@ def test_measured_costs_rescore_the_rows():
     q = policy([local_row(), coop_row()])
     q.step(Measurements(t=0, dt=1, arrivals={}, nodes={"edge-b": NodeLoad(own_samples=20, compute_s=0.2)}))
     assert "edge-b" not in q.slowdown
+
+
+def served_under(p, ts, rate_of):
+    """Closed-loop clients that saturate digits: each interval they are answered at `rate_of(path, share)` samples/s
+    of the choice in force (what serving measures), whatever the model thinks. Returns the decisions."""
+    out = []
+    for t in ts:
+        path, share = p.current["digits"]
+        out.append(digits_of(p.step(meas(float(t), digits=rate_of(path, share)))))
+    return out
+
+
+def more_coop_serves_more(path, share):
+    return 300.0 * share if path == COOP else 100.0  # the host has room: each guest sample is a gain
+
+
+def test_a_move_that_serves_less_is_undone_and_held_off_while_measured():
+    """The demo's case: the model (its host grant g_H below what the host really admits) prefers less cooperation
+    than share 1.0, which serves the most. Each move away is undone once measured, and not tried again until the
+    measured rates are forgotten; without the check the controller stays where it serves less."""
+    spec = SPEC.model_copy(update={"verify_memory_s": 30.0})
+    at_one = {"digits": {"path": COOP, "coop_fraction": 1.0}}
+    p = Policy(spec, REWARD, NET, [local_row(), coop_row()], SERVICES, at_one, now=0.0)
+    ds = served_under(p, range(80), more_coop_serves_more)
+    moves = [d for d in ds if d.switched]
+    print("\n" + "\n".join(f"t={d.t:g} {d.path} at {d.share:g}: {d.reason}" for d in moves))
+    away, back = moves[0], moves[1]
+    assert (away.previous_path, away.previous_share) == (COOP, 1.0) and away.reason.startswith("switch")
+    assert back.reason.startswith("revert") and (back.path, back.share) == (COOP, 1.0)
+    assert back.t - away.t <= spec.min_dwell_s + VERIFY_INTERVALS + 1
+    assert back.figures["measured"]["rates"][f"{COOP}@1"] == pytest.approx(300.0)
+    # held at 1.0 while the rates are remembered; then at most one probe at a time, each undone
+    assert not [d for d in moves if back.t < d.t < back.t + spec.verify_memory_s]
+    assert all(m.reason.startswith("revert") for m in moves[1::2]) and len(moves) <= 6
+    served = [more_coop_serves_more(d.path, d.share) for d in ds]
+    assert sum(served) / len(served) >= 0.9 * 300
+
+    q = Policy(
+        SPEC.model_copy(update={"verify_tolerance": None}),
+        REWARD,
+        NET,
+        [local_row(), coop_row()],
+        SERVICES,
+        at_one,
+        0.0,
+    )
+    unchecked = served_under(q, range(80), more_coop_serves_more)
+    assert not any(d.reason.startswith("revert") for d in unchecked)
+    assert more_coop_serves_more(*q.current["digits"]) <= 0.75 * 300  # stuck where it serves less
+
+
+def test_a_move_that_serves_more_is_kept_and_an_unsaturated_one_too():
+    start = {"digits": {"path": "digits:local", "coop_fraction": 0.0}}
+    p = Policy(SPEC, REWARD, NET, [local_row(), coop_row()], SERVICES, start, now=0.0)
+    ds = served_under(p, range(40), more_coop_serves_more)
+    assert ds[-1].path == COOP and not any(d.reason.startswith("revert") for d in ds)
+    assert not p.measured and not p.trial  # checked, kept, nothing left standing in the model
+    # clients that ask 50 samples/s, which every choice serves: served rates tell nothing, no move is undone
+    q = Policy(SPEC, REWARD, NET, [local_row(), coop_row()], SERVICES, start, now=0.0)
+    assert not any(d.reason.startswith("revert") for d in served_under(q, range(40), lambda path, share: 50.0))
 
 
 def test_state_round_trips():
