@@ -246,8 +246,8 @@ class ControllerSpec(_Strict):
     smoothing: float = Field(0.3, gt=0, le=1)  # weight of the newest measurement in the moving averages
     host_latency_ms: float = Field(500.0, gt=0)  # a host whose own clients' requests take longer than this on
     # average admits no guests until they no longer do
-    verify_tolerance: float | None = Field(0.05, ge=0, lt=1)  # a move whose served rate, once settled, earns a
-    # reward this fraction below the one it left is undone (None: moves are not checked)
+    verify_tolerance: float | None = Field(0.05, ge=0, lt=1)  # a move under which, once settled, the service is
+    # answered this fraction fewer samples/s than under the choice it left is undone (None: no move is checked)
     verify_memory_s: float = Field(120.0, gt=0)  # how long an undone move's measured rates stand in the model
 
 
