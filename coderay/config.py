@@ -183,9 +183,7 @@ class ServingSpec(_Strict):
     # Serve takes to replace a crashed replica (8-16 s on this 2-core machine), so a request caught by a crash is
     # retried and answered, not lost
     max_ongoing_requests: int = Field(1024, ge=1)  # requests the ingress holds at once; more wait in Serve's proxy
-    fallback_cooldown_s: float | None = Field(
-        None, ge=0
-    )  # a failed path is skipped this long; None: max(10, timeout)
+    fallback_cooldown_s: float | None = Field(None, ge=0)  # a failed path is skipped this long; None: max(10, timeout)
     emulate_network: bool = True  # add RTT + bytes/bandwidth per cross-node hop
     ingress_replicas: int = Field(1, ge=1)  # HTTP ingress replicas (each polls the controller for routes)
     merge_requests: bool = True  # concurrent requests on one path share one chain of replica calls
