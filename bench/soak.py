@@ -237,8 +237,9 @@ async def soak(
                 if not injector.done():
                     injector.cancel()
                 await asyncio.gather(injector, return_exceptions=True)
-        if injector.done() and not injector.cancelled() and injector.exception():
-            raise injector.exception()
+        error = None if injector.cancelled() else injector.exception()
+        if error is not None:
+            raise error
     return run
 
 
@@ -267,11 +268,11 @@ def held_out_sender(cfg, service: str, headers: dict[str, str]):
     return send
 
 
-def med(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
+def med(values: list[float | None]) -> str:
+    got = [v for v in values if v is not None]
+    if not got:
         return "–"
-    return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
+    return f"{statistics.median(got):.1f} ({min(got):.1f}–{max(got):.1f})"
 
 
 def report(args, cfg, runs: list[SoakRun], mode: str, load_avg: tuple[float, float], started: str) -> str:
