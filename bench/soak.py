@@ -1,5 +1,5 @@
 """Sustained load: a fixed number of requests at N closed-loop clients, every replica's resident memory sampled
-throughout, block groups optionally SIGKILLed mid-load; writes bench/results/soak.md (and .json).
+throughout, block groups optionally SIGKILLed mid-load; writes bench/results/soak.md (and .json, .png).
 
     .venv/bin/python bench/soak.py [CONFIG] [--url http://127.0.0.1:8000] [--requests 20000] [--clients 32]
         [--repeats 3] [--service digits] [--kill digits mnist] [--pin] [--key KEY]
@@ -328,6 +328,35 @@ def report(args, cfg, runs: list[SoakRun], mode: str, load_avg: tuple[float, flo
     return "\n".join(lines) + "\n"
 
 
+def plot(records: list[dict], path: Path) -> None:
+    """Resident MiB of each replica process against requests answered, the runs end to end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    colors: dict[str, str] = {}
+    offset = 0
+    for k, rec in enumerate(records):
+        for key, series in rec["memory"].items():
+            name = key.rsplit(":", 1)[0]
+            color = colors.setdefault(name, f"C{len(colors)}")
+            xs = [offset + done for done, _ in series]
+            ax.plot(xs, [rss / MIB for _, rss in series], color=color, label=name if k == 0 else None, lw=1)
+        for kill in rec["kills"]:
+            ax.axvline(offset + kill["at_request"], color="grey", ls=":", lw=1)
+        offset += rec["sent"]
+        ax.axvline(offset, color="black", lw=0.5)
+    ax.set_xlabel("requests answered (runs end to end)")
+    ax.set_ylabel("resident memory (MiB)")
+    ax.set_title("Every replica process's resident memory under sustained load")
+    ax.legend(loc="center right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="?", default=None)
@@ -432,24 +461,22 @@ def main(argv: list[str] | None = None) -> int:
             cluster.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(args, cfg, runs, mode, (load_before, os.getloadavg()[0]), started))
-    args.out.with_suffix(".json").write_text(
-        json.dumps(
-            [
-                {
-                    "sent": r.step.sent,
-                    "lost": r.lost,
-                    "statuses": dict(r.statuses),
-                    "fallbacks": r.fallbacks,
-                    "p99_ms": r.step.p99_ms,
-                    "rps": r.step.achieved_rps,
-                    "kills": [vars(x) for x in r.kills],
-                    "memory": {f"{n}:{p}": s for (n, p), s in r.memory.items()},
-                }
-                for r in runs
-            ]
-        )
-    )
-    log(f"wrote {args.out}")
+    records = [
+        {
+            "sent": r.step.sent,
+            "lost": r.lost,
+            "statuses": dict(r.statuses),
+            "fallbacks": r.fallbacks,
+            "p99_ms": r.step.p99_ms,
+            "rps": r.step.achieved_rps,
+            "kills": [vars(x) for x in r.kills],
+            "memory": {f"{n}:{p}": s for (n, p), s in r.memory.items()},
+        }
+        for r in runs
+    ]
+    args.out.with_suffix(".json").write_text(json.dumps(records))
+    plot(records, args.out.with_suffix(".png"))
+    log(f"wrote {args.out} and its .json, .png")
     return 1 if any(r.lost for r in runs) else 0
 
 
