@@ -119,7 +119,7 @@ def flood(url: str, svc: str, shape: tuple, batch: int, stop: threading.Event) -
 
 def via_host(sample: dict, host: str) -> float:
     """The share of the local service's samples that goes through `host` on a recorded route."""
-    from coderay.paths import PathSpec
+    from coderay.pathspec import PathSpec
 
     spec = PathSpec.parse(sample["path"])
     return sample["share"] if spec.kind == "coop" and spec.host == host else 0.0
@@ -214,6 +214,7 @@ def one_run(args, cfg, table, svc: str, host: str, shape: tuple, host_shape: tup
 
         marks["host back"] = time.time()
         spec = cfg.node(host_node)
+        assert cluster.cluster is not None  # LocalCluster() raises unless its cluster started
         back = cluster.cluster.add_node(
             num_cpus=spec.cpus, resources={host_node: 1}, object_store_memory=spec.object_store_mb * 2**20
         )
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the reward table has no trained cooperative path: run `coderay search` first")
     best = max(coop, key=lambda r: r.reward or 0.0)
     svc, host = best.local, best.host
+    assert host is not None  # a cooperative row names its host
     cfg = cfg.model_copy(
         update={
             "controller": cfg.controller.model_copy(
@@ -417,7 +419,7 @@ def plot(recs: list[dict], samples: list[dict], marks: dict, path: Path, svc: st
     axes[1].set_ylabel("p99 latency (ms, 2 s windows)")
     axes[1].set_yscale("log")
     ts = [s["t"] - t0 for s in samples]
-    from coderay.paths import PathSpec
+    from coderay.pathspec import PathSpec
 
     via = [(lambda p: p.host if p.kind == "coop" else None)(PathSpec.parse(s["path"])) for s in samples]
     axes[2].step(ts, [s["share"] for s in samples], where="post", color="lightgrey", lw=1)

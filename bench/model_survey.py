@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def one(name: str, shape: tuple[int, ...], blocks: int) -> dict:
+def one(name: str, shape: tuple[int, int, int], blocks: int) -> dict:
     import torch
 
     from coderay.blocks import profile_blocks, split_model
@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "model_survey")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    shape = tuple(int(v) for v in args.input.split("x"))
+    dims = [int(v) for v in args.input.split("x")]
+    if len(dims) != 3:
+        p.error(f"--input is CxHxW, e.g. 1x28x28; got {args.input!r}")
+    shape = (dims[0], dims[1], dims[2])
     if args.one:
         print(json.dumps(one(args.one, shape, args.blocks)))
         return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from coderay.candidate import SearchContext, build_path, path_costs
 from coderay.config import DEFAULT_CONFIG, load_config
-from coderay.paths import PathSpec
+from coderay.pathspec import PathSpec
 from coderay.search import run_search, spearman
 from coderay.throughput import path_throughput
 

@@ -35,9 +35,10 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -140,12 +141,12 @@ async def call_json(client: loadgen.HttpClient, method: str, path: str, body: di
 # ---------------------------------------------------------------------------------------------------- figures
 
 
-def med(values: list[float | None]) -> tuple[float, float, float] | None:
+def med(values: Sequence[float | None]) -> tuple[float, float, float] | None:
     v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return (statistics.median(v), min(v), max(v)) if v else None
 
 
-def fmt(values: list[float | None], digits: int = 0, scale: float = 1.0) -> str:
+def fmt(values: Sequence[float | None], digits: int = 0, scale: float = 1.0) -> str:
     """'median (min–max)' of the runs, '–' when none."""
     m = med(values)
     if m is None:
@@ -242,7 +243,7 @@ async def measure_route(
 ) -> dict:
     """One run of one path: pin it, warm up, the open-loop rate search, then the closed-loop clients, each
     between two timings of raw torch (`raw_now(service)`, samples/s, the server idle) when given."""
-    body = {"path": route.path_id}
+    body: dict[str, object] = {"path": route.path_id}
     if route.path_id != f"{route.service}:local":
         body["coop_fraction"] = route.coop_fraction
     await call_json(client, "PUT", f"/v1/services/{route.service}/route", body)
@@ -280,7 +281,8 @@ async def measure_route(
     search = await loadgen.rate_search(
         run, check, start=args.start_rps, factor=args.factor, resolution=args.resolution, max_steps=args.max_steps
     )
-    out = {"search": records, "best_rps": search.best_rps, "first_fail_rps": search.first_fail_rps, "closed": []}
+    closed: list[dict] = []
+    out = {"search": records, "best_rps": search.best_rps, "first_fail_rps": search.first_fail_rps, "closed": closed}
     for n in args.clients:
         svc.tally = Tally()
         raw_before = raw_now(route.service) if raw_now else None
@@ -288,9 +290,10 @@ async def measure_route(
         step = await loadgen.closed_loop(client, svc.send, n, args.step_s)
         c = step_record(step, svc.tally, args.batch)
         c["replicas"] = replica_costs(replicas_before, await replicas_or_none(client), step.wall_s)
-        if raw_now:  # the raw-torch rate of the same minutes: this machine's speed drifts by ±20% within minutes
+        if raw_now and raw_before is not None:
+            # the raw-torch rate of the same minutes: this machine's speed drifts by ±20% within minutes
             c["raw_sps"] = (raw_before + raw_now(route.service)) / 2
-        out["closed"].append(c)
+        closed.append(c)
         log(
             f"  closed  {route.key:<32} {n:>3} clients  {c['achieved_sps']:7.1f} samples/s  "
             f"p50 {c['p50_ms'] or math.nan:6.0f}  p99 {c['p99_ms'] or math.nan:6.0f} ms  "
@@ -400,6 +403,7 @@ async def until_signal(coro):
     """Run `coro`, cancelling it on SIGINT or SIGTERM (its `finally` blocks run: routes are released); the
     cancellation then propagates to the caller."""
     loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None  # a coroutine runs in a task
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
     try:
@@ -424,8 +428,10 @@ class RawTorch:
         self.model = torch.nn.Sequential(*split_service(trained.spec, trained.model)).eval()
         self.cores = core_plan(cfg).get(trained.spec.node)
         self.batch = batch
-        self.x = torch.stack([trained.task.test[i][0] for i in range(len(trained.task.test))])
-        self.y = torch.tensor([int(trained.task.test[i][1]) for i in range(len(trained.task.test))])
+        test = trained.task.test
+        assert isinstance(test, Sized)  # a TensorDataset or a Subset
+        self.x = torch.stack([test[i][0] for i in range(len(test))])
+        self.y = torch.tensor([int(test[i][1]) for i in range(len(test))])
         self.batches = [self.x[i : i + batch] for i in range(0, len(self.x) - batch + 1, batch)] or [self.x[:batch]]
 
     def accuracy(self) -> float:
@@ -596,7 +602,9 @@ def call_cost_lines(before: dict | None, after: dict | None, configured_ms: floa
 
 
 def _replica_cpu_s(info: dict) -> float:
-    cap = info.get("capacity") if isinstance(info.get("capacity"), dict) else {}
+    cap = info.get("capacity")
+    if not isinstance(cap, dict):
+        cap = {}
     return cap.get("cpu_s") or info.get("process_cpu_s") or 0.0
 
 
@@ -663,10 +671,9 @@ def report(
     ]
     for route in routes:
         local_key = f"{route.service}:local"
-        outs = [runs.get((route.key, rep)) for rep in range(reps)]
-        outs = [o for o in outs if o]
+        outs = [o for rep in range(reps) if (o := runs.get((route.key, rep)))]
         best = [o["best_rps"] * batch if o["best_rps"] else None for o in outs]
-        at = [
+        found = [
             next(
                 (
                     s
@@ -677,7 +684,7 @@ def report(
             )
             for o in outs
         ]
-        at = [s for s in at if s]
+        at = [s for s in found if s]
         ratios = []
         for rep in range(reps):
             mine, base = runs.get((route.key, rep)), runs.get((local_key, rep))
@@ -859,7 +866,7 @@ def reprofile(cfg, services: list[str], repeats: int = 3) -> dict[str, float]:
     factors = {}
     for svc in load_services(cfg, services, train_missing=False, progress=False).values():
         b = svc.spec.batch_size
-        cached = sum(i.latency_ms[b] if b in i.latency_ms else i.latency_ms[str(b)] for i in svc.infos)
+        cached = sum(i.latency_ms[b] for i in svc.infos)  # BlockInfo.from_dict made JSON's keys ints again
         runs = [sum(sustained_block_ms(cfg, svc.spec, svc.blocks, svc.task.input_shape)) for _ in range(repeats)]
         factors[svc.spec.node] = statistics.median(runs) / cached
     return factors
@@ -935,8 +942,8 @@ def main(argv: list[str] | None = None) -> int:
 
     routes, best_rows, edge_rows = [], {}, {}
     for s in names:
-        r, best_rows[s], edge_rows[s] = choose_routes(s, rows_by_svc[s])
-        routes += r
+        svc_routes, best_rows[s], edge_rows[s] = choose_routes(s, rows_by_svc[s])
+        routes += svc_routes
     for route in routes:
         log(
             f"path {route.key}: {route.note}; model th_total {route.row.get('th_total')}, "
@@ -952,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log("raw torch rows (before any server load)")
     raw_models = {s: RawTorch(cfg, s, args.batch) for s in names}
-    raw = {
+    raw: dict[str, dict[str, Any]] = {
         s: {
             "accuracy": m.accuracy(),  # first: it also warms the model up before the timing
             "samples_per_s": [m.rate(min(args.step_s, 5.0)) for _ in range(args.repeats)],
@@ -997,6 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster = LocalCluster(cfg)
             sigterm_as_ctrl_c()
             log("deploying")
+            assert table is not None  # loaded (or SystemExit) above, without --url
             url = deploy(cfg, table, port=free_port())
             log(f"served at {url}")
             if args.front == "direct":

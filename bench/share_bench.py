@@ -49,9 +49,9 @@ async def measure(url: str, svc: Service, arms: list[tuple[str, str | None, floa
                         )
                         await loadgen.closed_loop(client, svc.send, args.clients, args.warmup_s)
                     svc.tally = type(svc.tally)()
-                    route = await route_of(control, svc.name)
+                    route = await route_of(control, svc.name) if path is None else (path, share)
                     step = await loadgen.closed_loop(client, svc.send, args.clients, args.step_s)
-                    after = await route_of(control, svc.name)
+                    after = await route_of(control, svc.name) if path is None else route
                     rate = svc.tally.samples / step.wall_s
                     out[name].append(
                         {
@@ -81,7 +81,7 @@ def report(args, arms, got: dict, load: tuple[float, float], started: str) -> st
         f"controller's step follows {args.settle_s:g} s of the same load with the pin released. CPU caps emulate "
         "the edge servers (emulated figures). Figures: median (min–max) of the rounds.",
         "",
-        "| route | samples/s | ÷ best pinned (same round) | accuracy | failed | route in force |",
+        "| route | samples/s | ÷ best pinned (same round) | accuracy | failed | route in force (start, end of step) |",
         "|---|---|---|---|---|---|",
     ]
     for name, _, _ in arms:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +23,9 @@ from torch.utils.data import Subset
 from coderay.config import CoderayConfig, LinkVariant
 from coderay.emulation import node_rate, speed_divisor, sustained_seconds, timing_as
 from coderay.links import Link, match_image, save_links
-from coderay.paths import PathModule, PathSpec, enumerate_paths, path_budget
-from coderay.plan import TO_END, crossings, stages
+from coderay.paths import PathModule, enumerate_paths, path_budget
+from coderay.pathspec import PathSpec
+from coderay.plan import TO_END, crossings, host_span, stages
 from coderay.rows import Row, score
 from coderay.services import ServiceModel, load_services
 from coderay.throughput import BYTES_PER_VALUE, PathCosts
@@ -41,7 +42,7 @@ class SearchContext:
 
     cfg: CoderayConfig
     services: dict[str, ServiceModel]
-    _acts: dict = field(default_factory=dict, repr=False)
+    _acts: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, cfg: CoderayConfig, *, progress: bool = True, train_missing: bool = True) -> SearchContext:
@@ -54,6 +55,7 @@ class SearchContext:
         if key not in self._acts:
             if upto == 0 and host is None:
                 svc = self.services[local]
+                assert isinstance(svc.task.train, Sized)  # a TensorDataset or a Subset
                 idx = torch.randperm(len(svc.task.train), generator=torch.Generator().manual_seed(self.cfg.seed))
                 self._acts[key] = torch.stack(
                     [svc.task.train[int(i)][0] for i in idx[: self.cfg.search.predict_samples]]
@@ -99,13 +101,14 @@ def build_path(ctx: SearchContext, spec: PathSpec, variant: LinkVariant | None =
         links["skip"] = Link(src.shape[1:], target.shape[1:], relu=bool(target.min() >= 0), capacity=capacity)
         residuals["skip"] = links["skip"].init_lstsq(src, target)
     elif spec.kind == "coop":
-        host = ctx.services[spec.host]
-        host_in = ctx.fit_activations(spec.local, spec.hin - 1, host=spec.host)
+        host_name, hin, hout = host_span(spec)
+        host = ctx.services[host_name]
+        host_in = ctx.fit_activations(spec.local, hin - 1, host=host_name)
         links["in"] = Link(src.shape[1:], host_in.shape[1:], relu=bool(host_in.min() >= 0))
         residuals["in"] = links["in"].init_lstsq(src, host_in)
         with torch.inference_mode():
             links["in"].eval()
-            mid = _run(host.blocks[spec.hin - 1 : spec.hout], links["in"](src))
+            mid = _run(host.blocks[hin - 1 : hout], links["in"](src))
         links["out"] = Link(mid.shape[1:], target.shape[1:], relu=bool(target.min() >= 0), capacity=capacity)
         residuals["out"] = links["out"].init_lstsq(mid, target)
     host_blocks = ctx.services[spec.host].blocks if spec.host else ()
@@ -121,7 +124,8 @@ def link_out_place(ctx: SearchContext, spec: PathSpec) -> str:
     choice = ctx.cfg.search.link_out
     if spec.kind != "coop" or choice != "auto":
         return "host" if spec.kind != "coop" else choice
-    host_out = math.prod(ctx.services[spec.host].boundaries[spec.hout])
+    host, _, hout = host_span(spec)
+    host_out = math.prod(ctx.services[host].boundaries[hout])
     local_in = math.prod(ctx.services[spec.local].boundaries[spec.lin - 1])
     return "local" if host_out < local_in else "host"
 
@@ -167,6 +171,7 @@ def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
         svc = ctx.services[hop.service]
         if hop.kind == "links":
             link = module.links[hop.link]
+            assert isinstance(link, Link)  # a path's links are Links (ModuleDict items are typed as Module)
             seconds[hop.service] += _link_seconds(cfg, link, svc.spec.batch_size, svc.node.name)
             shapes.append(link.dst)
         else:
@@ -178,12 +183,13 @@ def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
         nbytes["out" if src == spec.local else "back"] += BYTES_PER_VALUE[module.encoding] * math.prod(shapes[i])
     if spec.kind == "skip":
         return PathCosts(local_full=full, local_part=seconds[spec.local])
-    host = ctx.services[spec.host]
+    host_name = host_span(spec)[0]
+    host = ctx.services[host_name]
     return PathCosts(
         local_full=full,
         local_part=seconds[spec.local],
-        host_full=host.block_seconds(1, len(host.blocks)) + call_seconds(cfg, host.node.name, spec.host),
-        host_part=seconds[spec.host],
+        host_full=host.block_seconds(1, len(host.blocks)) + call_seconds(cfg, host.node.name, host_name),
+        host_part=seconds[host_name],
         batch=host.spec.batch_size,
         guest_quota=host.spec.grant(spec.local),
         bytes_out=nbytes["out"],
@@ -213,7 +219,9 @@ def path_row(ctx: SearchContext, spec: PathSpec, costs: PathCosts, *, link_param
         acc_local_val=local.metrics["val_acc"],
         acc_local_test=local.metrics["test_acc"],
         costs=costs,
-        **budget,
+        link_params=budget["link_params"],
+        local_skipped_params=budget["local_skipped_params"],
+        host_added_params=budget["host_added_params"],
         **fields,
     )
     return score(row, ctx.cfg.reward, ctx.cfg.network)
@@ -232,6 +240,7 @@ def predict_path(ctx: SearchContext, spec: PathSpec) -> Row:
         module, _ = build_path(ctx, spec)
         s = ctx.cfg.search
         if s.predict_steps:
+            assert isinstance(local.task.train, Sized)  # a TensorDataset or a Subset
             n = min(len(local.task.train), s.predict_steps * s.link_batch_size)
             torch.manual_seed(ctx.cfg.seed)
             fit(
@@ -263,7 +272,7 @@ def _feature_matching(
     spec = module.spec
     link = module.links["skip" if spec.kind == "skip" else "out"]
     teacher = torch.nn.Sequential(*ctx.services[spec.local].blocks[: spec.lin - 1])
-    seen = {}
+    seen: dict[str, torch.Tensor] = {}
     hook = link.register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out))
 
     def loss(x: torch.Tensor) -> torch.Tensor:
@@ -298,13 +307,16 @@ def train_path(
     start = time.perf_counter()
     trained = spec.kind != "local"
     variants = s.link_variants if trained else s.link_variants[:1]
-    best = None
+    best: tuple[float, PathModule, LinkVariant] | None = None
     for i, variant in enumerate(variants):
         if module is None or i > 0:
             module = PathModule(spec, local.blocks) if not trained else build_path(ctx, spec, variant)[0]
         if trained:
             torch.manual_seed(ctx.cfg.seed)
             shift = i * epochs
+            shifted: Callable[[int, float, float], None] | None = None
+            if on_epoch is not None:
+                shifted = lambda e, loss, acc, shift=shift: on_epoch(e + shift, loss, acc)
             with _feature_matching(ctx, module, variant.distill) as aux_loss:
                 fit(
                     module,
@@ -318,13 +330,12 @@ def train_path(
                     desc=f"{spec.id} [{variant.name}]",
                     progress=progress,
                     aux_loss=aux_loss,
-                    on_epoch=None
-                    if on_epoch is None
-                    else (lambda e, loss, acc, shift=shift: on_epoch(e + shift, loss, acc)),
+                    on_epoch=shifted,
                 )
         val_acc = evaluate(module, local.task.val)
         if best is None or val_acc > best[0]:
             best = (val_acc, module, variant)
+    assert best is not None  # search.link_variants has at least one variant (config validation)
     val_acc, module, variant = best
     test_acc = evaluate(module, local.task.test)
     links_file = str(save_links(module, links_dir)) if trained and links_dir is not None else None

@@ -154,6 +154,13 @@ class Detection:
         return self.kind != NONE
 
     @property
+    def root(self) -> Path:
+        """`cpu_root` of an available detection (every caller checks `available` first)."""
+        if self.cpu_root is None:
+            raise RuntimeError(f"no cgroup cpu controller: {self.reason}")
+        return self.cpu_root
+
+    @property
     def mechanism(self) -> str:
         """The label results and tables carry: "cgroup-v1", "cgroup-v2" or "none: <reason>"."""
         return self.kind if self.available else f"{NONE}: {self.reason}"
@@ -373,7 +380,7 @@ def _threads_in(pid: int, det: Detection, rel: str) -> tuple[int, int]:
 def _hierarchies(det: Detection) -> list[tuple[str, Path, str]]:
     """(controller, mount point, base) of each hierarchy `join` moves a process in: cpu, and cpuacct where
     it is mounted apart."""
-    out = [(_controller(det), det.cpu_root, det.cpu_base)]
+    out = [(_controller(det), det.root, det.cpu_base)]
     if det.kind == V1 and det.acct_root is not None and det.acct_root != det.cpu_root:
         out.append(("cpuacct", det.acct_root, det.acct_base))
     return out
@@ -396,7 +403,7 @@ def _remember_home(det: Detection, pid: int) -> None:
     """Record where `pid` is now, unless it joined before (then it is in a node's group, not at home)."""
     start = _start_ticks(pid)
     with _homes_lock:
-        known = _homes.get((det.cpu_root, pid))
+        known = _homes.get((det.root, pid))
         if known is not None and known.start == start:
             return
     groups: dict[str, dict[int, str]] = {}
@@ -405,9 +412,9 @@ def _remember_home(det: Detection, pid: int) -> None:
         where = {key: _proc_group(pid, tid, controller) for key, tid in ids}
         groups[controller] = {key: w for key, w in where.items() if w is not None}
     with _homes_lock:
-        known = _homes.get((det.cpu_root, pid))
+        known = _homes.get((det.root, pid))
         if known is None or known.start != start:
-            _homes[det.cpu_root, pid] = _Home(start, groups)
+            _homes[det.root, pid] = _Home(start, groups)
 
 
 def _existing(root: Path, base: str, where: str) -> Path:
@@ -497,7 +504,7 @@ def _groups(det: Detection, node: str, session: str) -> tuple[Path, Path | None]
     _check_name(session, "session")
     _check_name(node, "node")
     rel = Path(PARENT) / session / node
-    cpu = det.cpu_root / rel
+    cpu = det.root / rel
     acct = det.acct_root / rel if det.acct_root is not None else None
     return cpu, acct
 
@@ -668,7 +675,7 @@ def leave(pid: int | None = None) -> bool:
         return False
     pid = os.getpid() if pid is None else int(pid)
     with _homes_lock:
-        home = _homes.pop((det.cpu_root, pid), None)
+        home = _homes.pop((det.root, pid), None)
     now = _start_ticks(pid)
     if now is None:
         return True
@@ -838,7 +845,7 @@ def _caller_group(det: Detection, controller: str, root: Path, base: str) -> Pat
     mount's root only where that group is itself coderay's."""
     me = os.getpid()
     with _homes_lock:
-        home = _homes.get((det.cpu_root, me))
+        home = _homes.get((det.root, me))
     where = (home.groups.get(controller, {}).get(me) if home else None) or _proc_group(me, None, controller)
     target = _existing(root, base, where) if where else root
     return root if target.is_relative_to(root / PARENT) else target
@@ -1033,5 +1040,5 @@ def machine_cpus() -> float:
 def _own_group(det: Detection) -> Path | None:
     """This process's cpu group, where it is not the mount's top (which has no quota files)."""
     where = _proc_group("self", None, _controller(det))
-    group = _group_dir(det.cpu_root, det.cpu_base, where) if where else None
+    group = _group_dir(det.root, det.cpu_base, where) if where else None
     return group if group is not None and group != det.cpu_root else None

@@ -206,10 +206,11 @@ def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None) -> int:
             f"  cores:      Ray's own processes, the proxy and the ingress on {_cores(plan[HEAD])}, the nodes' work "
             f"on {_cores(nodes)} (emulation.pin_cores)"
         )
-    token = getattr(served.cluster, "token", None)
-    if token is not None:
+    local = served.cluster  # None on a cluster given by --address: its token is the operator's
+    token = local.token if local is not None else None  # None also where the local cluster runs without one
+    if local is not None and local.cluster is not None and token is not None:
         print(
-            f"  Ray:        {served.cluster.cluster.address}, token authentication, token in {token} (coderay "
+            f"  Ray:        {local.cluster.address}, token authentication, token in {token} (coderay "
             f"status finds it; other drivers: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token})"
         )
     if cfg.controller.enabled and not getattr(args, "no_controller", False):

@@ -12,9 +12,14 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from coderay.config import CoderayConfig
 from coderay.store import STORE_ENV, local_store
+
+if TYPE_CHECKING:
+    from ray._private.node import Node
+    from ray.cluster_utils import Cluster
 
 __all__ = [
     "ray_env",
@@ -73,7 +78,7 @@ def local_token(cfg: CoderayConfig) -> Path | None:
 def use_token(path: Path | None) -> None:
     """This process (and what it starts) authenticates with the token in `path` (None: RAY_AUTH_TOKEN's). Ray
     reads its auth mode once, when it is imported; the refresh is what Ray's own `_enable_token_auth` does."""
-    from ray._raylet import Config
+    from ray._raylet import Config  # type: ignore[attr-defined]  # ray's _raylet.pyi stub omits Config
 
     os.environ["RAY_AUTH_MODE"] = "token"
     if path is not None:
@@ -132,7 +137,8 @@ class LocalCluster:
         ray_env()
         self.token = local_token(cfg)  # token authentication, as `ray start` on a provider's server
         self.session = capacity.new_session()  # this cluster's CPU-cap groups (its workers inherit the name)
-        self.cluster, self.nodes = None, {}
+        self.cluster: Cluster | None = None  # set below; None only while starting fails
+        self.nodes: dict[str, Node] = {}
         try:
             # Ray's processes start on the head's cores (pin_cores) and inherit Serve's environment; the driver not
             with keep_sigterm(), pinned_head(cfg), environ(serve_env(cfg)):
@@ -169,6 +175,7 @@ class LocalCluster:
         still answer, so a caller could not tell a lost server from a live one."""
         import time
 
+        assert self.cluster is not None  # __init__ raises unless the cluster started
         ray_node = self.nodes[node]
         self.nodes = {k: v for k, v in self.nodes.items() if v is not ray_node}
         self.cluster.remove_node(ray_node, allow_graceful=False)
@@ -257,7 +264,9 @@ def join(address: str, *, namespace: str = "coderay", **kwargs) -> None:
     try:
         init_ray(address=address, namespace=namespace, log_to_driver=False, **kwargs)
     except (ray.exceptions.AuthenticationError, ConnectionError) as e:
-        chain, err = [], e  # Ray wraps the refusal in a ConnectionError, or only quotes it
+        # Ray wraps the refusal in a ConnectionError, or only quotes it
+        chain: list[BaseException] = []
+        err: BaseException | None = e
         while err is not None and len(chain) < 10:
             chain.append(err)
             err = err.__cause__ or err.__context__

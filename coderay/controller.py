@@ -3,9 +3,10 @@
 Every `controller.interval_s` it measures serving — each block group's latest report (own and guest samples,
 compute seconds, its queue; pushed by the group every `REPORT_S` through `report_blocks`, see below), what every
 ingress replica reported (requests, samples, fallbacks, latency p50/p99, per-path counts, paths it skips after a
-failure), which nodes Ray reports alive — turns the deltas into one `coderay.policy.Measurements`, runs the
-drift-plus-penalty policy, and keeps the outcome: each service's route (path, cooperative share), the reward table
-re-scored from measured costs, and a decision log with reasons. All of it is written to
+failure), which nodes Ray reports alive — turns the deltas into one `coderay.policy.Measurements`
+(`coderay.measurements.aggregate`), runs the drift-plus-penalty policy, and keeps the outcome: each service's
+route (path, cooperative share), the reward table re-scored from measured costs, and a decision log with
+reasons. All of it is written to
 `<workdir>/controller/state.json` after every interval (durably: a temp file fsynced, renamed over it, the
 directory fsynced) and read back in `__init__`, so a restarted actor (`max_restarts=-1`) comes back with its
 table, queues and log. The file is checked in one place (`parse_state`) before any of it is used: one that does
@@ -52,6 +53,7 @@ from typing import Any
 
 from coderay.cluster import HEAD_RESOURCE, alive_resources
 from coderay.config import CoderayConfig
+from coderay.measurements import aggregate, heard_blocks
 from coderay.policy import Decision, Measurements, NodeLoad, Policy, servable
 from coderay.routing import initial_routes
 from coderay.rows import PATH_KINDS, BaselineRow, Row, row_from_dict, score
@@ -94,9 +96,20 @@ UNREACHABLE_AFTER = 2  # ... and a node all of whose block groups missed this ma
 KEEP_DECISIONS = 400  # decisions kept (and persisted); switches are kept apart, as many
 REPLICA_FRESH_S = max(5.0, 3 * POLL_S)  # an ingress replica heard from this recently counts in an interval
 REPLICA_GONE_S = max(15.0, 10 * POLL_S)  # ... one silent this long is gone (Serve replaced or lost it): forgotten
-STATE_SCHEMA = 2  # the state file's layout; bump it on a change, and older files are set aside
-POLICY_TABLES = ("q_local", "q_host", "slowdown", "own_rate", "own_busy", "own_latency", "arrivals", "since")
-BY_SERVICE = ("q_local", "arrivals", "since")  # ... of those, the ones keyed by service
+STATE_SCHEMA = 3  # the state file's layout; bump it on a change, and older files are set aside
+POLICY_TABLES = (
+    "q_local",
+    "q_host",
+    "slowdown",
+    "own_rate",
+    "own_busy",
+    "own_latency",
+    "arrivals",
+    "since",
+    "served",
+    "settled",
+)
+BY_SERVICE = ("q_local", "arrivals", "since", "served", "settled")  # ... of those, the ones keyed by service
 
 
 def state_path(cfg: CoderayConfig) -> Path:
@@ -296,7 +309,34 @@ def _policy(raw: Mapping, services: Collection[str], path_ids: Collection[str]) 
         if choice[0] not in path_ids and choice[0] != f"{svc}:local":
             raise StateMismatch(f"policy.current[{svc!r}] is path {choice[0]!r}, not in the reward table")
     out["current"] = {svc: list(choice) for svc, choice in current.items()}
+    out["trial"] = _by_service(raw, "trial", services, _trial)
+    out["measured"] = _by_service(raw, "measured", services, _measured)
     return out
+
+
+def _by_service(raw: Mapping, table: str, services: Collection[str], fits) -> dict:
+    values = _get(raw, table, Mapping, "policy.")
+    for svc, v in values.items():
+        if svc not in services:
+            raise StateMismatch(f"policy.{table} names service {svc!r}, which is not configured")
+        if not fits(v):
+            raise StateMismatch(f"policy.{table}[{svc!r}] is {_show(v)}, not what Policy.state() writes")
+    return dict(values)
+
+
+def _trial(v: Any) -> bool:
+    """{path, share, rate, expected}: a move under check (coderay.policy)."""
+    return (
+        isinstance(v, Mapping)
+        and isinstance(v.get("path"), str)
+        and all(_finite(v.get(k)) for k in ("share", "rate", "expected"))
+    )
+
+
+def _measured(v: Any) -> bool:
+    """{rates: {"path@share": samples/s}, until}: an undone move's measured rates (coderay.policy)."""
+    rates = v.get("rates") if isinstance(v, Mapping) else None
+    return isinstance(rates, Mapping) and all(_finite(r) for r in rates.values()) and _finite(v.get("until"))
 
 
 def _rows(raw: list, path_ids: Collection[str]) -> list[Row]:
@@ -534,35 +574,19 @@ class Controller:
         return {n.name: n.name in offered for n in self.cfg.nodes}
 
     def _block_stats(self, alive: dict[str, bool]) -> dict[str, tuple[float, dict]]:
-        """{service: (when received, its block group's stats + its node's cgroup CPU seconds and share, where
-        capped)} for services on live nodes whose group reported within `REPORT_STALE_S`; the others count a
-        miss. Reads what the groups pushed: it never waits on a group."""
-        now = time.monotonic()
+        """The block groups heard from (`coderay.measurements.heard_blocks`); the others count a miss. Reads what
+        the groups pushed: it never waits on a group."""
         with self.lock:
             reports = dict(self._reports)
-        out = {}
-        for svc, node in self.services.items():
-            if not alive.get(node, True):
-                continue
-            at, info = reports.get(svc, (self._heard_since, None))
-            if now - at > REPORT_STALE_S:
-                self._misses[svc] = self._misses.get(svc, 0) + 1
-                continue
-            if info is None:  # the controller just started: not heard from yet, not missed yet
-                continue
-            cap = info.get("capacity") or {}
-            out[svc] = (
-                at,
-                dict(info["stats"])
-                | (
-                    {"cpu_s": cap["cpu_s"], "cpu_share": cap["share"]}
-                    if cap.get("cpu_s") is not None and cap.get("share")
-                    else {}
-                ),
-            )
-            self.hops[svc] = info.get("queue") or {}  # calls in flight, recent p50/p99 (for status)
+        heard, missed = heard_blocks(
+            reports, self.services, alive, now=time.monotonic(), since=self._heard_since, stale_s=REPORT_STALE_S
+        )
+        for svc in missed:
+            self._misses[svc] = self._misses.get(svc, 0) + 1
+        for svc in heard:
+            self.hops[svc] = reports[svc][1].get("queue") or {}  # calls in flight, recent p50/p99 (for status)
             self._misses[svc] = 0
-        return out
+        return heard
 
     def tick(self) -> list[Decision]:
         """One interval: measure, decide, persist. Returns the decisions."""
@@ -574,55 +598,29 @@ class Controller:
             mine = [svc for svc, n in self.services.items() if n == node]
             if alive[node] and mine and all(self._misses.get(svc, 0) >= UNREACHABLE_AFTER for svc in mine):
                 alive[node] = False
-        nodes: dict[str, dict] = {n: {"own_samples": 0.0, "guest_samples": 0.0, "compute_s": 0.0} for n in alive}
-        for svc, (at, stats) in blocks.items():
-            prev_at, prev = self._prev_blocks.setdefault(svc, (at, stats))  # the first report: the baseline
-            if at <= prev_at:  # no report since the last interval's (or the baseline): nothing to count
-                continue
-            # the counters' increase between two reports, scaled to this interval: reports and intervals are not
-            # in step, and a report's span may be half an interval longer or shorter than `dt`
-            scale = dt / (at - prev_at)
-            node = nodes[self.services[svc]]
-            for k in ("own_samples", "guest_samples", "compute_s"):
-                node[k] += scale * _delta(stats.get(k, 0.0), prev.get(k, 0.0))
-            if "cpu_s" in stats and "cpu_s" in prev:  # one cgroup per node: counted once per node
-                node["cpu_busy"] = min(1.5, scale * _delta(stats["cpu_s"], prev["cpu_s"]) / dt / stats["cpu_share"])
-            self._prev_blocks[svc] = (at, stats)
         self.prune_replicas(now)
         with self.lock:
             ingress = {rid: dict(v) for rid, v in self.ingress.items()}
-        fresh = {rid: v for rid, v in ingress.items() if now - v["seen"] <= REPLICA_FRESH_S}
-        arrivals = dict.fromkeys(self.services, 0.0)
-        served: dict[str, dict] = {
-            svc: {"requests": 0, "samples": 0, "fallbacks": 0, "latency_s": 0.0, "by_path": {}} for svc in self.services
-        }
-        failing: set[str] = set()
-        for rid, v in fresh.items():
-            prev = self._prev_ingress.get(rid, v["stats"])
-            for svc, s in (v["stats"].get("services") or {}).items():
-                if svc not in served:
-                    continue
-                p = (prev.get("services") or {}).get(svc, s)
-                for k in ("requests", "samples", "fallbacks", "latency_s"):
-                    served[svc][k] += _delta(s.get(k, 0), p.get(k, 0))
-                for path, n in (s.get("by_path") or {}).items():
-                    served[svc]["by_path"][path] = served[svc]["by_path"].get(path, 0) + _delta(
-                        n, (p.get("by_path") or {}).get(path, 0)
-                    )
-                failing |= set(s.get("suspended_paths") or {})
-            self._prev_ingress[rid] = v["stats"]
-        for svc in self.services:
-            arrivals[svc] = served[svc]["samples"] / dt
-        for name, node in nodes.items():  # how long its own clients waited, on average, this interval
-            own = [served[svc] for svc, n in self.services.items() if n == name and served[svc]["requests"]]
-            if own:
-                node["own_latency_ms"] = 1e3 * sum(s["latency_s"] for s in own) / sum(s["requests"] for s in own)
+        got = aggregate(
+            services=self.services,
+            nodes=alive,
+            dt=dt,
+            now=now,
+            blocks=blocks,
+            prev_blocks=self._prev_blocks,
+            ingress=ingress,
+            prev_ingress=self._prev_ingress,
+            fresh_s=REPLICA_FRESH_S,
+        )
+        self._prev_blocks.update(got.block_baselines)
+        self._prev_ingress.update(got.ingress_baselines)
         m = Measurements(
             t=now,
             dt=dt,
-            arrivals=arrivals,
-            failing=frozenset(failing),
-            nodes={n: NodeLoad(alive=alive[n], **nodes[n]) for n in alive},
+            arrivals=got.arrivals,
+            failing=got.failing,
+            paths={svc: dict(v["by_path"]) for svc, v in got.served.items()},
+            nodes={n: NodeLoad(alive=alive[n], **got.nodes[n]) for n in alive},
         )
         with self.lock:
             decisions = self.policy.step(m)
@@ -641,17 +639,17 @@ class Controller:
             self.last_measurements = {
                 "t": now,
                 "dt": round(dt, 3),
-                "arrivals": arrivals,
-                "failing": sorted(failing),
-                "nodes": {n: {"alive": alive[n], **nodes[n]} for n in alive},
-                "served": served,
-                "ingress_replicas": sorted(fresh),
+                "arrivals": got.arrivals,
+                "failing": sorted(got.failing),
+                "nodes": {n: {"alive": alive[n], **got.nodes[n]} for n in alive},
+                "served": got.served,
+                "ingress_replicas": got.replicas,
                 "latency_ms": {
                     rid: {
                         svc: {k: s.get(k) for k in ("p50_ms", "p99_ms")}
-                        for svc, s in (v["stats"].get("services") or {}).items()
+                        for svc, s in (ingress[rid]["stats"].get("services") or {}).items()
                     }
-                    for rid, v in fresh.items()
+                    for rid in got.replicas
                 },
             }
             self._save()
@@ -782,11 +780,6 @@ class Controller:
                 "decisions": [d.to_dict() for d in list(self.decisions)[-decisions:]],
                 "measurements": self.last_measurements,
             }
-
-
-def _delta(cur: float, prev: float) -> float:
-    """A counter's increase; a counter that went down (its replica restarted) counts from zero."""
-    return cur - prev if cur >= prev else cur
 
 
 def _num(v):

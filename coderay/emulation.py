@@ -106,7 +106,7 @@ def speed_divisor(cfg: CoderayConfig, node: str) -> float:
 def node_rate(cfg: CoderayConfig, node: str) -> float:
     """How fast `node` computes, relatively: its CPU share when capped, else its configured speed."""
     cap = node_capacity(cfg)[node]
-    return cap.share if cap.capped else speed_divisor(cfg, node)
+    return cap.share if cap.share is not None else speed_divisor(cfg, node)
 
 
 HEAD = "head"  # core_plan's key for Ray's own processes, the proxy and the ingress
@@ -184,7 +184,7 @@ def work_as(cfg: CoderayConfig, node: str) -> NodeCapacity:
     if cores:
         _pin(cores)
     cap = node_capacity(cfg)[node]
-    if cap.capped and _CURRENT["node"] != node:
+    if cap.share is not None and _CURRENT["node"] != node:  # capped
         done = capacity.join(node, cap.share)
         if not done.capped:
             return NodeCapacity(node, None, None, done.mechanism)
@@ -207,7 +207,9 @@ def timing_as(cfg: CoderayConfig, node: str) -> Iterator[NodeCapacity]:
             if before is None:
                 capacity.leave()
             else:
-                capacity.join(before, node_capacity(cfg)[before].share)
+                share = node_capacity(cfg)[before].share
+                assert share is not None  # this process was in `before`'s group: that node is capped
+                capacity.join(before, share)
             _CURRENT["node"] = before
 
 

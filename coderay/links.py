@@ -28,10 +28,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from coderay.paths import PathModule
 
 __all__ = ["Link", "link_kind", "layout", "match_image", "save_links", "load_links"]
 
@@ -90,7 +94,7 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def match_image(x: torch.Tensor, shape: Shape) -> torch.Tensor:
     """An image batch resized and channel-matched to `shape` (C, H, W): grey→RGB repeats, RGB→grey averages."""
-    x = _resize(x, tuple(shape[1:]))
+    x = _resize(x, (shape[1], shape[2]))
     c_in, c_out = x.shape[1], shape[0]
     if c_in == c_out:
         return x
@@ -109,6 +113,8 @@ class Link(nn.Module):
         self.refine = _refinement(self.capacity, dst[0]) if self.capacity != "1x1" else None
         self._from, self._to = self.kind.split("→")
         channels = src[0] if self._from != "tokens" else src[1]
+        self.norm: nn.BatchNorm1d | nn.BatchNorm2d
+        self.proj: nn.Conv1d | nn.Conv2d | nn.Linear
         if self._to == "conv":
             self.norm = nn.BatchNorm2d(channels)
             self.proj = nn.Conv2d(channels, dst[0], kernel_size=1)
@@ -137,7 +143,7 @@ class Link(nn.Module):
             return x  # (B, F)
         grid = _as_grid(x, self._from)  # (B, C, h, w)
         if self._to == "conv":
-            return grid if self._upsamples(x) else _resize(grid, self.dst[1:])  # (B, C, H_dst, W_dst) or (B, C, h, w)
+            return grid if self._upsamples(x) else _resize(grid, self._dst_hw)  # (B, C, H_dst, W_dst) or (B, C, h, w)
         if self._to == "flat":
             return F.adaptive_avg_pool2d(grid, self.grid).flatten(1)  # (B, C·g·g)
         (h, w), cls = _patch_grid(self.dst[0])
@@ -149,12 +155,17 @@ class Link(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.proj(self.norm(self._features(x)))
         if self._upsamples(x):
-            y = _resize(y, self.dst[1:])  # (B, C_dst, H_dst, W_dst)
+            y = _resize(y, self._dst_hw)  # (B, C_dst, H_dst, W_dst)
         if self.refine is not None:
             y = y + self.refine(y)  # conv targets only
         if self._to == "tokens":
             y = y.transpose(1, 2)  # (B, T_dst, D_dst)
         return self.act(y)
+
+    @property
+    def _dst_hw(self) -> tuple[int, int]:
+        """(H, W) of a conv target."""
+        return self.dst[1], self.dst[2]
 
     @property
     def num_params(self) -> int:
@@ -169,9 +180,11 @@ class Link(nn.Module):
         feats = self._features(src)
         target = dst
         if self._upsamples(src):  # fit at the source size, against the target averaged down to it
-            target = _resize(dst, tuple(feats.shape[-2:]))
+            target = _resize(dst, (feats.shape[-2], feats.shape[-1]))
         dims = {4: (0, 2, 3), 3: (0, 2), 2: (0,)}[feats.dim()]
         mean, var = feats.mean(dims), feats.var(dims, unbiased=False)
+        # BatchNorm tracks running statistics by default, and these norms are built with the default
+        assert self.norm.running_mean is not None and self.norm.running_var is not None
         self.norm.running_mean.copy_(mean)
         self.norm.running_var.copy_(var)
         self.norm.weight.fill_(1.0)
@@ -191,6 +204,7 @@ class Link(nn.Module):
         sol = torch.linalg.solve(gram, x1.T @ y_rows.double()).float()  # (C_in + 1, C_out)
         weight, bias = sol[:-1].T, sol[-1]
         self.proj.weight.copy_(weight.reshape(self.proj.weight.shape))
+        assert self.proj.bias is not None  # every projection is built with a bias
         self.proj.bias.copy_(bias)
         was_training = self.training
         self.eval()
@@ -203,30 +217,25 @@ def _refinement(capacity: str, channels: int) -> nn.Module:
     """A residual branch on the projected feature map whose last layer starts at zero, so the link starts
     as its least-squares fit: '3x3' depthwise 3×3 + 1×1 mix; 'bottleneck' 1×1 → 3×3 → 1×1 at C/4."""
     if capacity == "3x3":
-        branch = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.ReLU(), nn.Conv2d(channels, channels, 1)
-        )
+        head: list[nn.Module] = [nn.Conv2d(channels, channels, 3, padding=1, groups=channels), nn.ReLU()]
+        last = nn.Conv2d(channels, channels, 1)
     elif capacity == "bottleneck":
         mid = max(8, channels // 4)
-        branch = nn.Sequential(
-            nn.Conv2d(channels, mid, 1),
-            nn.ReLU(),
-            nn.Conv2d(mid, mid, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(mid, channels, 1),
-        )
+        head = [nn.Conv2d(channels, mid, 1), nn.ReLU(), nn.Conv2d(mid, mid, 3, padding=1), nn.ReLU()]
+        last = nn.Conv2d(mid, channels, 1)
     else:
         raise ValueError(f"unknown link capacity {capacity!r}; expected '1x1', '3x3' or 'bottleneck'")
-    nn.init.zeros_(branch[-1].weight)
-    nn.init.zeros_(branch[-1].bias)
-    return branch
+    assert last.bias is not None  # built with a bias
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*head, last)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, *([1] * (like.dim() - 2)))
 
 
-def save_links(module: nn.Module, directory: Path) -> Path:
+def save_links(module: PathModule, directory: Path) -> Path:
     """A path's links (`module.spec`, `module.links`) with what rebuilds them: all the serving side needs."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{module.spec.id.replace(':', '__')}.pt"

@@ -14,12 +14,20 @@ the paper); on the local node it ships the host block's output instead of the li
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # paths.py runs plans, so it imports this module, not the other way round
-    from coderay.paths import PathSpec
+from coderay.pathspec import PathSpec
 
-__all__ = ["TO_END", "LINK_OUT_PLACES", "Hop", "plan_hops", "stages", "link_owner", "link_services", "crossings"]
+__all__ = [
+    "TO_END",
+    "LINK_OUT_PLACES",
+    "Hop",
+    "host_span",
+    "plan_hops",
+    "stages",
+    "link_owner",
+    "link_services",
+    "crossings",
+]
 
 TO_END = -1  # `last` of a hop that runs a service's blocks to its last one
 LINK_OUT_PLACES = ("host", "local")
@@ -38,10 +46,17 @@ class Hop:
     link: str = ""  # 'in', 'out' or 'skip'
 
 
+def host_span(spec: PathSpec) -> tuple[str, int, int]:
+    """(host, hin, hout) of a cooperative path; ValueError for a path without a host or a spec missing a bound."""
+    if spec.host is None or spec.hin is None or spec.hout is None:
+        raise ValueError(f"{spec.id}: not a cooperative path with host blocks hin..hout")
+    return spec.host, spec.hin, spec.hout
+
+
 def link_owner(spec: PathSpec) -> str:
     """The service whose node trains a path's links (and runs link_in): the host for cooperative paths, the
     local service for skip paths."""
-    return spec.host if spec.kind == "coop" else spec.local
+    return spec.host if spec.host is not None else spec.local  # a host is what makes a path cooperative
 
 
 def plan_hops(spec: PathSpec, *, link_out: str = "host") -> list[Hop]:
@@ -54,11 +69,12 @@ def plan_hops(spec: PathSpec, *, link_out: str = "host") -> list[Hop]:
     owner = link_owner(spec)
     if spec.kind == "skip":
         return [*head, Hop("links", owner, path_id=spec.id, link="skip"), *tail]
-    out_on = spec.host if link_out == "host" else spec.local
+    host, hin, hout = host_span(spec)
+    out_on = host if link_out == "host" else spec.local
     return [
         *head,
         Hop("links", owner, path_id=spec.id, link="in"),
-        Hop("blocks", spec.host, spec.hin, spec.hout, guest=True, path_id=spec.id),
+        Hop("blocks", host, hin, hout, guest=True, path_id=spec.id),
         Hop("links", out_on, path_id=spec.id, link="out"),
         *tail,
     ]

@@ -81,6 +81,8 @@ class Measurements:
     arrivals: Mapping[str, float]  # service -> samples/s its clients sent (answered)
     nodes: Mapping[str, NodeLoad] = field(default_factory=dict)  # missing node: alive, no figures
     failing: frozenset[str] = frozenset()  # path ids the ingress skips after a failure
+    paths: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # service -> {path id: requests
+    # answered on it}; a service missing: not known
 
 
 @dataclass(frozen=True)
@@ -240,10 +242,16 @@ class Policy:
         for svc, a in m.arrivals.items():
             self.arrivals[svc] = _ewma(self.arrivals.get(svc), max(0.0, float(a)), w)
         for svc in self.services:
+            if not self._in_force(svc, m):  # pinned elsewhere: what it served says nothing of this choice
+                self.settled[svc] = 0
+                self.served.pop(svc, None)
+                self.trial.pop(svc, None)
+                continue
             n = self.settled.get(svc, 0)
             self.settled[svc] = n + 1
             if n >= 1:  # the interval a choice began in is a transition: requests of the last one still drain
                 self.served[svc] = _ewma(self.served.get(svc), max(0.0, float(m.arrivals.get(svc, 0.0))), w)
+
         for node, load in m.nodes.items():
             if not load.alive:
                 continue
@@ -261,6 +269,17 @@ class Policy:
                 self.slowdown[node] = _ewma(self.slowdown.get(node), min(hi, max(lo, load.compute_s / expected)), w)
             elif node in self.slowdown:  # idle: back toward the profile, which stands at light load
                 self.slowdown[node] = _ewma(self.slowdown[node], 1.0, w)
+
+    def _in_force(self, svc: str, m: Measurements) -> bool:
+        """Whether `svc`'s requests this interval went the way its current choice sends them: the share of them
+        on its cooperative or skip path within 0.2 of the choice's (a route pinned by hand overrides the choice)."""
+        counts = m.paths.get(svc)
+        total = sum(counts.values()) if counts else 0
+        if not total:
+            return True  # nothing known, or nothing answered
+        path, share = self.current[svc]
+        on_path = 0.0 if path == f"{svc}:local" else counts.get(path, 0) / total
+        return abs(on_path - (share if path != f"{svc}:local" else 0.0)) <= 0.2
 
     def measured_row(self, row: Row) -> Row:
         """The row with each node's measured slowdown applied to its profiled costs, re-scored."""

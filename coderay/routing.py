@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from coderay.config import CoderayConfig
 from coderay.errors import InvalidRouteError, UnknownServiceError
-from coderay.paths import PathSpec
+from coderay.pathspec import PathSpec
 from coderay.plan import link_services
 from coderay.rows import Row
 from coderay.table import RewardTable

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from coderay.config import NetworkSpec, RewardSpec
 from coderay.reward import average_accuracy, reward
@@ -143,13 +143,16 @@ class BaselineRow(Row):
     exit_after: int | None = None
 
 
+_R = TypeVar("_R", bound=Row)  # scoring keeps a row's class (a BaselineRow stays one)
+
+
 @functools.cache
-def _column_names(cls: type) -> tuple[str, ...]:
+def _column_names(cls: type[Row]) -> tuple[str, ...]:
     """A row class's readable names (its fields but `extra`), computed once per class."""
     return tuple(f.name for f in fields(cls) if f.name not in cls._hidden)
 
 
-def score(row: Row, reward_spec: RewardSpec, network: NetworkSpec) -> Row:
+def score(row: _R, reward_spec: RewardSpec, network: NetworkSpec) -> _R:
     """The row with every output re-derived from its inputs (costs, accuracies, nodes) for this reward and
     network: the one place a row is scored. A row without costs (a failed candidate) is returned as is."""
     if row.costs is None:
@@ -188,7 +191,7 @@ def score(row: Row, reward_spec: RewardSpec, network: NetworkSpec) -> Row:
     )
 
 
-def rescore(row: Row, factors: Mapping[str, float], reward_spec: RewardSpec, network: NetworkSpec) -> Row:
+def rescore(row: _R, factors: Mapping[str, float], reward_spec: RewardSpec, network: NetworkSpec) -> _R:
     """The row scored with each node's profiled per-sample seconds times its factor (a node not in `factors`:
     1), e.g. the slowdown measured under load. A row without costs is returned as is."""
     c = row.costs

@@ -16,7 +16,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -27,7 +27,7 @@ from coderay.baselines import edge_early_rows
 from coderay.candidate import SearchContext, candidates, predict_path, train_path
 from coderay.config import CoderayConfig
 from coderay.emulation import describe
-from coderay.paths import PathSpec
+from coderay.pathspec import PathSpec
 from coderay.plan import link_owner, link_services
 from coderay.rows import Row
 from coderay.services import PROFILE_METHOD
@@ -59,7 +59,7 @@ class Executor(Protocol):
 
     def measure(
         self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
-    ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
+    ) -> tuple[dict[str, Row], Mapping[str, Sequence[Row]]]:
         """Stage 2 for the chosen stage-1 rows (links saved under `links_dir`, relative to the store of each node
         that runs them; rows name them so), and the baseline rows of each local service in `baselines`."""
 
@@ -83,7 +83,7 @@ class InProcess:
 
     def measure(
         self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
-    ) -> tuple[dict[str, Row], dict[str, list[Row]]]:
+    ) -> tuple[dict[str, Row], Mapping[str, Sequence[Row]]]:
         cfg = self.ctx.cfg
         measured = {}
         for row in chosen:
@@ -141,10 +141,10 @@ def load_table(cfg: CoderayConfig, *, exhaustive: bool | None = None) -> RewardT
 
 def stage2_selection(rows: Sequence[Row], top_k: int, exhaustive: bool) -> list[str]:
     """Path ids to train: every candidate when exhaustive, else the top-k non-local by predicted reward."""
-    pool = [r for r in rows if r.kind != "local" and r.pred_reward is not None]
+    pool = [(pred, r) for r in rows if r.kind != "local" and (pred := r.pred_reward) is not None]
     if not exhaustive:
-        pool = sorted(pool, key=lambda r: -r.pred_reward)[:top_k]
-    return [r.path_id for r in pool]
+        pool = sorted(pool, key=lambda p: -p[0])[:top_k]
+    return [r.path_id for _, r in pool]
 
 
 def staged_search(ctx: SearchContext, executor: Executor, *, exhaustive: bool, out: Path) -> RewardTable:
@@ -202,16 +202,19 @@ def finish_table(rows: list[Row], meta: dict) -> RewardTable:
     for local in table.locals:
         svc_rows = table.for_service(local)
         trained = [r for r in svc_rows if r.measured and r.kind != "local"]
-        base = [r for r in table.baselines(local) if r.measured]
+        base = [(reward, r) for r in table.baselines(local) if (reward := r.reward) is not None]  # measured
+        ranked = [
+            (pred, reward) for r in trained if (pred := r.pred_reward) is not None and (reward := r.reward) is not None
+        ]
         summary[local] = {
             "candidates": len(svc_rows),
             "trained": len(trained),
             "trained_fraction": len(trained) / max(len(svc_rows), 1),
             "best": table.best(local).path_id,
-            "spearman_pred_vs_measured": spearman([r.pred_reward for r in trained], [r.reward for r in trained])
-            if len(trained) > 2
+            "spearman_pred_vs_measured": spearman([p for p, _ in ranked], [m for _, m in ranked])
+            if len(ranked) > 2
             else None,
-            "best_edge_early": max(base, key=lambda r: r.reward).path_id if base else None,
+            "best_edge_early": max(base, key=lambda p: p[0])[1].path_id if base else None,
         }
     table.meta["summary"] = summary
     return table

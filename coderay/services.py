@@ -29,7 +29,7 @@ class ServiceModel:
     spec: ServiceSpec
     node: NodeSpec
     task: TaskData
-    model: StagedModel
+    model: StagedModel | None  # None where the weights are elsewhere (a split-learning stand-in, a driver's metadata)
     blocks: list[Block]
     infos: list[BlockInfo]  # measured on this machine, under the node's CPU cap where one is in force
     metrics: dict  # from training: val_acc, test_acc, ...
@@ -59,7 +59,9 @@ def split_service(spec: ServiceSpec, model: StagedModel) -> list[Block]:
     return split_model(model, blocks=spec.blocks, cuts=spec.cuts)
 
 
-def _profile(cfg: CoderayConfig, spec: ServiceSpec, blocks: Sequence[Block], input_shape: Shape) -> list[BlockInfo]:
+def _profile(
+    cfg: CoderayConfig, spec: ServiceSpec, blocks: Sequence[Block], input_shape: tuple[int, int, int]
+) -> list[BlockInfo]:
     """Block profiles, measured once per (service checkpoint, cuts, batch size, node capacity, method) and
     cached beside the checkpoint. Under a CPU cap the blocks are timed inside their node's group
     (`sustained_block_ms`), so the throughput model describes the machine that serves."""
@@ -113,7 +115,7 @@ def sustained_block_ms(
                 runs += 1
         finally:
             torch.set_num_threads(threads)
-    share = cap.share if cap.capped else 1.0
+    share = cap.share if cap.share is not None else 1.0  # None: uncapped
     return [1e3 * c / runs / share for c in cpu]
 
 

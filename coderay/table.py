@@ -49,18 +49,18 @@ class RewardTable:
 
     def pareto(self, local: str) -> list[Row]:
         """Measured paths no other measured path beats on both average test accuracy and throughput."""
-        pts = [r for r in self.for_service(local) if r.acc_avg_test is not None]
-        front = [
-            r
-            for r in pts
-            if not any(
-                o.acc_avg_test >= r.acc_avg_test
-                and o.th_total >= r.th_total
-                and (o.acc_avg_test > r.acc_avg_test or o.th_total > r.th_total)
-                for o in pts
-            )
+        # (row, accuracy, throughput); a scored row has a throughput wherever it has an accuracy
+        pts = [
+            (r, acc, th)
+            for r in self.for_service(local)
+            if (acc := r.acc_avg_test) is not None and (th := r.th_total) is not None
         ]
-        return sorted(front, key=lambda r: r.th_total)
+        front = [
+            (r, th)
+            for r, acc, th in pts
+            if not any(o_acc >= acc and o_th >= th and (o_acc > acc or o_th > th) for _, o_acc, o_th in pts)
+        ]
+        return [r for r, _ in sorted(front, key=lambda p: p[1])]
 
     def rescored(self, reward_spec: RewardSpec, network: NetworkSpec) -> RewardTable:
         """Every row re-scored (new costs, reward shape or network): no torch, no training."""

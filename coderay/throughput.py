@@ -74,7 +74,7 @@ def path_throughput(
         "network": bandwidth * 1e6 / 8 / max(c.bytes_out + c.bytes_back, 1),
         "local": 1.0 / c.local_part if c.local_part > 0 else float("inf"),
     }
-    bottleneck = min(caps, key=caps.get)
+    bottleneck = min(caps, key=caps.__getitem__)
     host = caps[bottleneck]
     local = max(0.0, 1.0 - host * c.local_part) / c.local_full
     transfer_s = (c.bytes_out + c.bytes_back) * 8 / (bandwidth * 1e6) if bandwidth != float("inf") else 0.0

@@ -84,13 +84,15 @@ def fit(
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError(f"{desc}: nothing to train (no parameter requires grad)")
+    if on_epoch is not None and not validate:
+        raise ValueError(f"{desc}: on_epoch reports each epoch's validation accuracy, so it needs validate=True")
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen)
-    total = epochs * len(loader)
+    steps = epochs * len(loader)
     # one-cycle needs a few steps to warm up over; a run of a handful of steps (a stage-1 probe) keeps lr constant
     sched = (
-        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2) if total >= 10 else None
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2) if steps >= 10 else None
     )
     history = []
     for epoch in range(1, epochs + 1):
@@ -119,7 +121,7 @@ def fit(
         if progress:
             shown = "" if val_acc is None else f"  val acc {val_acc:.4f}"
             log.info("%s epoch %d/%d: loss %.4f%s", desc, epoch, epochs, total / n, shown)
-        if on_epoch is not None:
+        if on_epoch is not None and val_acc is not None:  # validated whenever on_epoch is given (checked above)
             on_epoch(epoch, total / n, val_acc)
     module.eval()
     return history

@@ -69,16 +69,17 @@ def build_app(cfg: CoderayConfig, table: RewardTable) -> Application:
         "graceful_shutdown_timeout_s": min(20.0, max(2.0, cfg.serving.request_timeout_s)),
         "logging_config": serve_logging(cfg),
     }
+    # mypy keeps a decorated class's type: @serve.deployment made BlockGroup and Ingress Deployments
     blocks = {
-        s.name: BlockGroup.options(name=f"blocks-{s.name}", ray_actor_options=block_options(cfg, s.name), **opts).bind(
-            cfg, s.name, shares[s.name], files.get(s.name, {})
-        )
+        s.name: BlockGroup.options(  # type: ignore[attr-defined]
+            name=f"blocks-{s.name}", ray_actor_options=block_options(cfg, s.name), **opts
+        ).bind(cfg, s.name, shares[s.name], files.get(s.name, {}))
         for s in cfg.services
     }
     # One ingress replica by default: PUT /route changes the replica it reaches; a config deploy reaches every
     # replica, and so do the controller's routes (each replica polls it: coderay.controller).
     # No routes in its user_config: routes given there are pins (an operator's), and none is set yet.
-    return Ingress.options(
+    return Ingress.options(  # type: ignore[attr-defined]
         name=INGRESS,
         num_replicas=cfg.serving.ingress_replicas,
         max_ongoing_requests=cfg.serving.max_ongoing_requests,
@@ -135,7 +136,9 @@ def _start_serve(cfg: CoderayConfig, port: int | None) -> int:
         http_options={"host": cfg.serving.host, "port": port},
         logging_config=serve_logging(cfg),
     )
-    actual = _get_global_client().http_config.port
+    client = _get_global_client()
+    assert client is not None  # Serve runs (serve.start above); Ray raises where it does not
+    actual = client.http_config.port
     if actual != port:
         log.warning("Serve already runs with HTTP on port %d; %d is ignored", actual, port)
     return actual

@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +37,9 @@ from ray import serve
 from coderay import controller as ctl
 from coderay.config import CoderayConfig
 from coderay.emulation import work_as
-from coderay.links import load_links
-from coderay.paths import PathSpec, to_wire
+from coderay.links import Link, load_links
+from coderay.paths import to_wire
+from coderay.pathspec import PathSpec
 from coderay.plan import TO_END, Hop
 from coderay.services import split_service
 from coderay.store import resolve
@@ -93,12 +94,12 @@ def batch_samples(chunks: list[Chunk]) -> int:
     return sum(len(c) for c in chunks)
 
 
-def run_grouped(blocks: list[torch.nn.Module], chunks: list[Chunk]) -> list[torch.Tensor]:
+def run_grouped(blocks: Sequence[torch.nn.Module], chunks: list[Chunk]) -> list[torch.Tensor]:
     """Run each chunk through blocks first..last (1-based), one forward per distinct range."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, c in enumerate(chunks):
         groups.setdefault((c.first, c.last), []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(chunks)
+    out: dict[int, torch.Tensor] = {}  # by chunk
     with torch.inference_mode():
         for (first, last), idx in groups.items():
             x = chunks[idx[0]].x if len(idx) == 1 else torch.cat([chunks[i].x for i in idx])
@@ -109,7 +110,7 @@ def run_grouped(blocks: list[torch.nn.Module], chunks: list[Chunk]) -> list[torc
             else:  # split views share the group's storage: clone so each result ships only its own samples
                 for i, part in zip(idx, x.split([len(chunks[i]) for i in idx])):
                     out[i] = part.clone()
-    return out  # type: ignore[return-value]
+    return [out[i] for i in range(len(chunks))]  # every chunk is in one group
 
 
 def latency_summary(latencies_ms) -> dict:
@@ -120,7 +121,7 @@ def latency_summary(latencies_ms) -> dict:
     return {"p50_ms": pick(0.5), "p99_ms": pick(0.99), "calls": len(lat)}
 
 
-def load_path_links(cfg: CoderayConfig, node: str, files: dict[str, str]) -> dict[str, torch.nn.ModuleDict]:
+def load_path_links(cfg: CoderayConfig, node: str, files: dict[str, str]) -> dict[str, dict[str, Link]]:
     """{path id: its links} from {path id: links file in `node`'s store}, checking each file holds the path it
     is listed for."""
     out = {}
@@ -185,8 +186,9 @@ class BlockGroup:
         self.links = load_path_links(cfg, self.node, link_files or {})
         self.in_flight = 0  # calls received and not yet answered: this hop's queue
         self.latencies_ms: collections.deque[float] = collections.deque(maxlen=512)  # recent calls, wait included
-        self._run_batch.set_max_batch_size(self.capacity)
-        self._run_batch.set_batch_wait_timeout_s(cfg.serving.batch_wait_timeout_s)
+        # serve.batch is typed as returning the plain method; its wrapper has these setters
+        self._run_batch.set_max_batch_size(self.capacity)  # type: ignore[attr-defined]
+        self._run_batch.set_batch_wait_timeout_s(cfg.serving.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.stats = {
             "calls": 0,
             "batches": 0,

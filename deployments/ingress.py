@@ -1,22 +1,9 @@
-"""The HTTP ingress: decodes a request, picks the service's path, chains the replicas, answers.
+"""The HTTP surface: routes, API keys, request bodies read and decoded, every refusal a JSON 4xx/5xx.
 
-The ingress holds one handle per block group. A path runs as a chain of `.remote()` calls, one per stage (its
-hops on one node, `coderay.plan.stages`), in which each call receives the previous call's `DeploymentResponse` as
-a top-level argument, so activations go from replica to replica (through Ray's object store) and only the final
-logits come back here. Concurrent requests on one path share a chain (`deployments.merging.Merger`).
-
-Each request has one deadline, `serving.request_timeout_s` after it arrived, that bounds all of it: its wait in
-the merger's queue, every chain it rides and every retry. A chain that fails, or that no request waits for any
-more (deadline, client gone), has every one of its replica calls cancelled, not only the last. A cooperative
-path gets at most `COOP_SHARE` of the time left; when it fails (a dead replica, a lost node, that budget spent)
-the request is answered on the local-only path with `"fallback": true`, and the path is then skipped (answered
-locally at once, still marked as a fallback) for a cool-down (`serving.fallback_cooldown_s`, default
-`request_timeout_s`, at least 10 s) before it is tried again, so a lost host costs one failure, not one per
-request. The local-only path has no fallback: a call lost with its replica (the process died, the replica is
-unreachable) is retried, with a short back-off, on a live replica or once Serve has restarted the group, until
-the deadline; inference is idempotent, so a retry is safe. Only a request whose deadline passes unanswered gets
-a 503 (a replica was lost and none came back in time) or 504 (no failure, just no answer in time), with a JSON
-reason. coderay's domain errors (unknown service, invalid route) become 404 / 422 here.
+`Ingress` is the Serve deployment every HTTP request enters: it decodes a request, asks the `Router` for the
+service's path and has it run (`deployments.chains.PathRunner`: the chain of replica calls, deadline, retries,
+fallback), while `deployments.sync.ControllerSync` keeps its routes in step with the controller. coderay's
+domain errors (unknown service, invalid route) become 404 / 422 here.
 
 Bad input is never a 500: every refusal is `{"error": reason, ...}` with a 4xx. An infer body is refused before it
 is buffered when it is above `serving.max_body_bytes` (413) or when the bodies in flight in this replica would pass
@@ -31,6 +18,7 @@ at run time through Serve's class-based view, where string annotations do not re
 """
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -49,20 +37,16 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from coderay import controller as ctl
 from coderay.auth import Denied, KeyRing
 from coderay.config import CoderayConfig
 from coderay.data import get_task
 from coderay.emulation import cores_of
 from coderay.errors import CoderayError
-from coderay.paths import PathSpec, to_wire
-from coderay.plan import crossings, plan_hops, stages
+from coderay.pathspec import PathSpec
 from coderay.routing import Router
 from coderay.rows import Row
-from deployments.blocks import latency_summary
-from deployments.merging import DeadlineExceeded, Merger
+from deployments.chains import PathRunner, resolve
 from deployments.placement import direct_http_port
-from deployments.routing import Activation
 from deployments.schemas import (
     ApiError,
     ErrorBody,
@@ -77,6 +61,7 @@ from deployments.schemas import (
     format_validation,
     infer_openapi_body,
 )
+from deployments.sync import ControllerSync
 
 __all__ = ["Ingress", "api", "read_body", "InflightBytes", "Claim", "decode_request", "INLINE_DECODE_BYTES"]
 
@@ -268,39 +253,6 @@ async def decode_request(
     return await asyncio.get_running_loop().run_in_executor(executor, decode)
 
 
-COOP_SHARE = 0.5  # of a request's time left, what its cooperative path may take: the rest is the fallback's
-RETRY_FIRST_S = 0.05  # back-off before the first retry of a call lost with its replica, doubled each time ...
-RETRY_MAX_S = 1.0  # ... up to this
-
-
-class HostGone(RuntimeError):
-    """A path's call through a node that the controller reports gone."""
-
-
-async def _resolve(response: Any) -> Any:
-    return await response
-
-
-def replica_lost(exc: BaseException) -> bool:
-    """Whether `exc` says a replica died or could not be reached (a retry, on another replica or on its
-    replacement, can succeed), looking through the wrappers Ray and Serve put around the cause: `RayTaskError`'s
-    `cause`, the `__cause__` of Serve's "upstream actor died" error. A model's own error is not such a loss."""
-    import grpc
-    from ray.exceptions import RayActorError
-    from ray.serve.exceptions import ReplicaUnavailableError
-
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, (RayActorError, ReplicaUnavailableError)):
-            return True
-        if isinstance(current, grpc.aio.AioRpcError) and current.code() == grpc.StatusCode.UNAVAILABLE:
-            return True
-        seen.add(id(current))
-        current = getattr(current, "cause", None) or current.__cause__
-    return False
-
-
 def _clean(value: Any) -> Any:
     """JSON-safe table values: non-finite floats become null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -323,8 +275,9 @@ def _json_safe(value: Any) -> Any:
 
 @serve.deployment
 @serve.ingress(api)
-class Ingress:
-    """HTTP front of every service; owns the routing state (active path, cooperative share)."""
+class Ingress(PathRunner, ControllerSync):
+    """HTTP front of every service; owns the routing state (active path, cooperative share) and the request figures.
+    Paths run through `PathRunner`, the controller is kept in step by `ControllerSync`: one concern per module."""
 
     def __init__(self, cfg: CoderayConfig, rows: list[Row], blocks: dict, keys: dict | None = None):
         self.cfg = cfg
@@ -332,26 +285,20 @@ class Ingress:
         self.keys = KeyRing.from_args(keys) if keys else KeyRing(False)  # digests only (coderay.auth)
         self.router = Router(cfg, rows)
         self.tasks = {s.name: get_task(s.task, data_root=cfg.data_root, seed=cfg.seed) for s in cfg.services}
-        self.blocks = {name: h.options(method_name="run") for name, h in blocks.items()}
         self._info_handles = [h.options(method_name="info") for h in blocks.values()]
-        self.mergers: dict[str, Merger] = {}
         self._direct_port: int | None = None
         self.stats = {
             s.name: {"requests": 0, "samples": 0, "fallbacks": 0, "retries": 0, "latency_s": 0.0, "by_path": {}}
             for s in cfg.services
         }
-        self.suspended: dict[str, float] = {}  # path id -> time.monotonic() until which it is skipped
-        self.gone: set[str] = set()  # nodes the controller reports gone: their guests' calls fail fast
-        self._gone_watch: dict[str, asyncio.Future] = {}  # node -> resolved when it is reported gone
-        self._plans: dict[str, tuple] = {}
+        self._latencies = {s.name: collections.deque(maxlen=512) for s in cfg.services}
         self.config_errors: dict[str, str] = {}  # the last reconfigure's rejected entries
         self.inflight = InflightBytes(cfg.serving.max_inflight_bytes)
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="coderay-decode")
-        cooldown = cfg.serving.fallback_cooldown_s
-        self.cooldown_s = max(10.0, cfg.serving.request_timeout_s) if cooldown is None else cooldown
+        self._runner_init(blocks)
         self._controller_init()
 
-    # ------------------------------------------------------------------ routing (config deploys, controller)
+    # ------------------------------------------------------------------ routing (config deploys)
 
     async def reconfigure(self, user_config: dict) -> dict:
         """`user_config = {"routes": {svc: {"path": id, "coop_fraction": f}}}`. Serve calls this on a config deploy
@@ -429,11 +376,6 @@ class Ingress:
                 }
             )
         return out
-
-    def _suspended_paths(self, svc: str) -> dict[str, float]:
-        """Cooperative paths of `svc` skipped after a failure, with the seconds left of their cool-down."""
-        now = time.monotonic()
-        return {p: round(t - now, 1) for p, t in self.suspended.items() if t > now and p.startswith(f"{svc}:")}
 
     @api.get("/v1/services/{svc}/paths", responses=_ERRORS, summary="the reward table rows of a service")
     async def paths(self, svc: str, request: Request) -> dict:
@@ -583,7 +525,7 @@ class Ingress:
     async def replicas(self, request: Request) -> dict:
         self._allow(request, "operate")
         infos = await asyncio.gather(
-            *(asyncio.wait_for(_resolve(h.remote()), self.cfg.serving.request_timeout_s) for h in self._info_handles),
+            *(asyncio.wait_for(resolve(h.remote()), self.cfg.serving.request_timeout_s) for h in self._info_handles),
             return_exceptions=True,
         )
         import os
@@ -607,176 +549,7 @@ class Ingress:
             "config_errors": self.config_errors,
         }
 
-    # ------------------------------------------------------------------ the controller (coderay.controller)
-    # Each replica pulls: every POLL_S seconds one call hands the controller this replica's figures and brings
-    # back the routes it chose, applied as coderay's own choice (pins stay). Nothing on the request path waits
-    # on it; while the controller is down the replica keeps its last routes.
-
-    def _controller_init(self) -> None:
-        import collections
-        import uuid
-
-        try:
-            self.replica_id = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # noqa: BLE001 — outside Serve (tests)
-            self.replica_id = uuid.uuid4().hex[:8]
-        self._latencies = {s.name: collections.deque(maxlen=512) for s in self.cfg.services}
-        self.controller_sync = {"ok": 0, "failed": 0, "last_ok": None, "last_error": None, "version": None}
-        self._controller_task = None
-        self._controller_actor = None
-        self._ensure_controller_sync()
-
-    def _ensure_controller_sync(self) -> None:
-        if self._controller_task is not None and not self._controller_task.done():
-            return
-        try:
-            self._controller_task = asyncio.get_running_loop().create_task(self._controller_loop())
-        except RuntimeError:  # no loop yet: the next health check starts it
-            self._controller_task = None
-
-    async def check_health(self) -> None:
-        """Serve's periodic health check: also (re)starts the controller sync if it is not running."""
-        self._ensure_controller_sync()
-
-    def controller_stats(self) -> dict:
-        """This replica's cumulative figures per service, as the controller reads them."""
-        out = {}
-        for svc, st in self.stats.items():
-            lat = latency_summary(self._latencies[svc])
-            out[svc] = {
-                "requests": st["requests"],
-                "samples": st["samples"],
-                "fallbacks": st["fallbacks"],
-                "latency_s": st["latency_s"],
-                "by_path": dict(st["by_path"]),
-                "p50_ms": lat["p50_ms"],
-                "p99_ms": lat["p99_ms"],
-                "suspended_paths": self._suspended_paths(svc),
-            }
-        return {
-            "replica_id": self.replica_id,
-            "services": out,
-            "pinned": sorted(self.router.pinned),
-            "routes": self.router.snapshot(),
-        }
-
-    async def _controller_call(self, method: str, *args, timeout_s: float) -> Any:
-        import ray
-
-        loop = asyncio.get_running_loop()
-        if self._controller_actor is None:
-            self._controller_actor = await loop.run_in_executor(None, ctl.get_controller)
-        try:
-            ref = getattr(self._controller_actor, method).remote(*args)
-            return await asyncio.wait_for(ref, timeout_s)
-        except (TimeoutError, ray.exceptions.RayActorError):
-            self._controller_actor = None  # look it up again next time (it may have been replaced)
-            raise
-
-    def _metrics_init(self) -> None:
-        """Prometheus metrics through Ray (`ray.serve.metrics` adds deployment/replica/application tags),
-        exported by every node's metrics agent; updated from the stats once a second, off the request path."""
-        from ray.serve import metrics
-
-        tags = ("service", "path")
-        self._metrics = {
-            "requests": metrics.Counter(
-                "coderay_requests", description="requests answered, by service and path", tag_keys=tags
-            ),
-            "samples": metrics.Counter(
-                "coderay_samples", description="samples answered, by service", tag_keys=("service",)
-            ),
-            "fallbacks": metrics.Counter(
-                "coderay_fallbacks",
-                description="requests answered on the local-only path after their path failed",
-                tag_keys=("service",),
-            ),
-            "latency": metrics.Histogram(
-                "coderay_latency_ms",
-                description="request latency in the ingress (ms)",
-                boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
-                tag_keys=("service",),
-            ),
-            "share": metrics.Gauge(
-                "coderay_coop_share", description="cooperative share of the active route", tag_keys=tags
-            ),
-        }
-        self._metrics_prev: dict = {}
-
-    def _record_metrics(self) -> None:
-        if getattr(self, "_metrics", None) is None:
-            self._metrics_init()
-        m, prev = self._metrics, self._metrics_prev
-        for svc, st in self.stats.items():
-            p = prev.setdefault(svc, {"samples": 0, "fallbacks": 0, "requests": 0, "by_path": {}})
-            for key in ("samples", "fallbacks"):
-                if st[key] > p[key]:
-                    m[key].inc(st[key] - p[key], tags={"service": svc})
-            for path, n in st["by_path"].items():
-                if n > p["by_path"].get(path, 0):
-                    m["requests"].inc(n - p["by_path"].get(path, 0), tags={"service": svc, "path": path})
-            new = min(st["requests"] - p["requests"], len(self._latencies[svc]))
-            for ms in list(self._latencies[svc])[len(self._latencies[svc]) - new :] if new > 0 else []:
-                m["latency"].observe(ms, tags={"service": svc})
-            route = self.router.routes[svc]
-            m["share"].set(route.coop_fraction, tags={"service": svc, "path": route.path.id})
-            prev[svc] = {
-                "samples": st["samples"],
-                "fallbacks": st["fallbacks"],
-                "requests": st["requests"],
-                "by_path": dict(st["by_path"]),
-            }
-
-    async def _controller_loop(self) -> None:
-        while True:
-            delay = ctl.POLL_S
-            try:
-                self._record_metrics()
-            except Exception as e:  # noqa: BLE001 — metrics never stop the sync
-                log.debug("metrics: %s", e)
-            try:
-                got = await self._controller_call(
-                    "sync", self.replica_id, self.controller_stats(), timeout_s=max(2.0, 2 * ctl.POLL_S)
-                )
-                self._apply_auto(got["routes"])
-                self._apply_gone(set(got.get("gone") or ()))
-                self.controller_sync.update(
-                    ok=self.controller_sync["ok"] + 1, last_ok=time.time(), version=got.get("version")
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 — no controller (yet), or it is restarting: keep the routes
-                self.controller_sync.update(
-                    failed=self.controller_sync["failed"] + 1, last_error=f"{type(e).__name__}: {e}"[:300]
-                )
-                delay = 5 * ctl.POLL_S if isinstance(e, ValueError) else ctl.POLL_S
-            await asyncio.sleep(delay)
-
-    async def set_auto_routes(self, routes: dict) -> dict:
-        """The controller's routes as coderay's own choice, service by service (an invalid entry leaves its
-        service's route as it was and is reported); pinned services keep their pins. Async: on the event loop
-        that serves requests, like every route change."""
-        return self._apply_auto(routes)
-
-    def _apply_auto(self, routes: dict) -> dict:
-        applied, rejected = {}, {}
-        for svc, route in (routes or {}).items():
-            current = self.router.auto.get(svc)
-            if current is not None and current.to_dict() == {
-                "path": route.get("path"),
-                "coop_fraction": route.get("coop_fraction"),
-            }:
-                continue
-            try:
-                self.router.set_auto({svc: route})
-                applied[svc] = route
-            except CoderayError as e:
-                rejected[svc] = e.reason
-        if applied:
-            log.info("controller routes applied: %s", applied)
-        for svc, reason in rejected.items():
-            log.warning("controller route for %s rejected: %s", svc, reason)
-        return {"applied": applied, "rejected": rejected, "routes": self.router.snapshot()}
+    # ------------------------------------------------------------------ the controller (deployments.sync)
 
     @api.get(
         "/v1/controller",
@@ -811,162 +584,3 @@ class Ingress:
             "sync": self.controller_sync,
         }
         return JSONResponse(_json_safe(status))
-
-    # ------------------------------------------------------------------ running a path
-
-    async def answer(
-        self, svc: str, x: torch.Tensor, deadline: float | None = None
-    ) -> tuple[PathSpec, bool, Activation]:
-        """(path used, fell back?, output activation) for the model input `x` of service `svc`, by `deadline`
-        (`time.monotonic()`; default: `serving.request_timeout_s` from now)."""
-        if deadline is None:
-            deadline = time.monotonic() + self.cfg.serving.request_timeout_s
-        spec = self.router.choose(svc)
-        if spec.kind == "local":
-            return spec, False, await self.run_retrying(svc, spec, x, deadline)
-        now = time.monotonic()
-        if self.suspended.get(spec.id, 0.0) <= now:
-            try:
-                out = await self.run_merged(svc, spec, x, now + COOP_SHARE * max(0.0, deadline - now))
-                self.suspended.pop(spec.id, None)
-                return spec, False, out
-            except Exception as exc:  # noqa: BLE001 — any failure of a cooperative path falls back
-                self.suspended[spec.id] = time.monotonic() + self.cooldown_s
-                log.warning(
-                    "%s: path %s failed (%s: %s); answering on the local-only path and skipping it for %.0f s",
-                    svc,
-                    spec.id,
-                    type(exc).__name__,
-                    exc,
-                    self.cooldown_s,
-                )
-        local = PathSpec.local_only(svc)
-        return local, True, await self.run_retrying(svc, local, x, deadline)
-
-    async def run_retrying(self, svc: str, spec: PathSpec, x: torch.Tensor, deadline: float) -> Activation:
-        """`x` on `spec` by `deadline`, retried while its calls are lost with their replica (`replica_lost`): Serve's
-        router sends a retry to a live replica, or holds it until the group's replacement is up. Any other failure
-        is final. ApiError 503/504 with the reason when the path fails or the deadline passes."""
-        tries, lost = 0, None
-        while True:
-            try:
-                return await self.run_merged(svc, spec, x, deadline)
-            except DeadlineExceeded:
-                raise self._expired(svc, spec, lost, tries) from None
-            except Exception as exc:  # noqa: BLE001 — sorted below: a lost replica is retried, the rest is final
-                if not replica_lost(exc):
-                    raise self._unavailable(svc, spec, exc) from None
-                lost = exc
-            if time.monotonic() >= deadline:
-                raise self._expired(svc, spec, lost, tries)
-            tries += 1
-            self.stats[svc]["retries"] += 1
-            if tries == 1:
-                log.warning(
-                    "%s: a call of path %s was lost with its replica (%s); retrying until the request's deadline",
-                    svc,
-                    spec.id,
-                    type(lost).__name__,
-                )
-            pause = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (tries - 1))
-            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-
-    def plan(self, spec: PathSpec) -> tuple[list[tuple], str | None, list[str | None]]:
-        """(stages, wire encoding of the input, wire encoding of each stage's output): the path's plan with its
-        placement from the reward table, its hops grouped into one call per node visited; `None` where the next
-        stage runs on the same node. Cached per path."""
-        if spec.id not in self._plans:
-            row = self.router.rows.get(spec.id)
-            link_out, encoding = (row.link_out_on or "host", row.encoding) if row is not None else ("host", "float32")
-            hops = plan_hops(spec, link_out=link_out)
-            cross = {i for i, _, _ in crossings(spec, link_out=link_out)}
-            runs = stages(hops)
-            ends = [sum(map(len, runs[: k + 1])) for k in range(len(runs))]  # hop index after each stage
-            sends = [encoding if end in cross else None for end in ends]
-            self._plans[spec.id] = (runs, encoding if 0 in cross else None, sends)
-        return self._plans[spec.id]
-
-    async def run_merged(self, svc: str, spec: PathSpec, x: torch.Tensor, deadline: float) -> Activation:
-        """`x` on the path, in one chain with the path's other concurrent requests (`serving.merge_requests`);
-        `DeadlineExceeded` once `deadline` passes, wherever the request then is (queued or in a chain)."""
-        if not self.cfg.serving.merge_requests:
-            try:
-                return await asyncio.wait_for(self.run_path(svc, spec, x), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                raise DeadlineExceeded(f"{spec.id}: no answer before the request's deadline") from None
-        merger = self.mergers.get(spec.id)
-        if merger is None:
-            b = min(self.cfg.service(svc).batch_size, self.cfg.serving.max_batch_size)
-            merger = self.mergers[spec.id] = Merger(
-                lambda batch: self.run_path(svc, spec, batch), max_samples=b, depth=len(self.plan(spec)[0]) + 1
-            )
-        return await merger.submit(x, deadline)
-
-    async def run_path(self, svc: str, spec: PathSpec, x: torch.Tensor) -> Activation:
-        """Chain the path's replica calls, one per stage, each taking the previous response; await the last.
-        Unbounded itself: the caller's deadline cancels it. However it ends short of an answer (a failure,
-        cancelled, a node gone), every call of the chain is cancelled, so no stage goes on computing for nobody.
-        A call through another service's node ends as soon as the controller reports that node gone (a crashed
-        node's calls would otherwise hang until the deadline), so its requests fall back at once."""
-        runs, first_send, sends = self.plan(spec)
-        home = self.cfg.service(svc).node
-        away = {self.cfg.service(run[0].service).node for run in runs} - {home}
-        if away & self.gone:
-            raise HostGone(f"{spec.id}: node {sorted(away & self.gone)[0]} is gone (the controller says so)")
-        response: Any = Activation(to_wire(x, first_send) if first_send else x, home)
-        responses = []
-        for run, send in zip(runs, sends):
-            response = self.blocks[run[0].service].remote(response, run, send)
-            responses.append(response)
-        call = asyncio.ensure_future(_resolve(response))
-        watch = [self._gone_future(n) for n in away]
-        answered = False
-        try:
-            done, _ = await asyncio.wait([call, *watch], return_when=asyncio.FIRST_COMPLETED)
-            if call in done:
-                out = call.result()
-                answered = True
-                return out
-        finally:
-            if not answered:
-                call.cancel()
-                for r in responses:
-                    r.cancel()
-        lost = [w.result() for w in watch if w in done]
-        raise HostGone(f"{spec.id}: node {lost[0]} gone while the call was in flight (the controller says so)")
-
-    def _gone_future(self, node: str) -> asyncio.Future:
-        """Resolved (with the node's name) when the controller reports `node` gone; one per node, shared."""
-        future = self._gone_watch.get(node)
-        if future is None:
-            future = self._gone_watch[node] = asyncio.get_running_loop().create_future()
-        return future
-
-    def _apply_gone(self, gone: set[str]) -> None:
-        """The controller's view of lost nodes: calls in flight through a newly lost one end now."""
-        for node in gone - self.gone:
-            watch = self._gone_watch.pop(node, None)
-            if watch is not None and not watch.done():
-                watch.set_result(node)
-            log.warning("node %s reported gone by the controller: guests' calls through it fall back", node)
-        self.gone = gone
-
-    def _expired(self, svc: str, spec: PathSpec, lost: BaseException | None, tries: int) -> ApiError:
-        """The refusal of a request whose deadline passed: 503 if a replica was lost and none answered since,
-        504 if the path was merely slow."""
-        timeout = self.cfg.serving.request_timeout_s
-        if lost is not None:
-            return ApiError(
-                503,
-                f"service {svc!r}: no live replica answered path {spec.id} within {timeout:g} s "
-                f"(serving.request_timeout_s): a call was lost with its replica "
-                f"({type(lost).__name__}) and {tries} retr{'y' if tries == 1 else 'ies'} found "
-                "none back in time",
-                headers={"Retry-After": "1"},
-            )
-        return ApiError(
-            504, f"service {svc!r}: path {spec.id} gave no answer within {timeout:g} s (serving.request_timeout_s)"
-        )
-
-    def _unavailable(self, svc: str, spec: PathSpec, exc: BaseException) -> ApiError:
-        return ApiError(503, f"service {svc!r}: path {spec.id} is unavailable ({type(exc).__name__})")

@@ -67,7 +67,7 @@ def listening_sockets() -> dict[str, int]:
 
 def open_files(pid: int | str = "self") -> set[str]:
     """What process `pid`'s file descriptors point at (sockets as 'socket:[inode]'); empty where not readable."""
-    out = set()
+    out: set[str] = set()
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:

@@ -17,7 +17,7 @@ import binascii
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -200,7 +200,7 @@ def parse_json(raw: bytes) -> Any:
         raise ApiError(422, "malformed JSON: an integer literal with too many digits") from None
 
 
-def format_validation(errors: list[dict]) -> str:
+def format_validation(errors: Sequence[Mapping[str, Any]]) -> str:
     """Pydantic/FastAPI validation errors as one line: `field: message; field: message` (client-chosen field
     names, such as an unknown key, are cut to `ECHO_CHARS`)."""
     parts = []
@@ -254,6 +254,7 @@ def decode_json_body(raw: bytes, input_shape: tuple[int, ...], *, max_samples: i
         raise ApiError(422, "give exactly one of 'inputs' (nested lists of pixels) and 'images' (base64 PNG)")
     if req.images is not None:
         return decode_images(req.images, input_shape, max_samples=max_samples), req.top_k
+    assert req.inputs is not None  # exactly one of the two was given (checked above)
     return to_batch(req.inputs, input_shape, max_samples=max_samples, field="inputs"), req.top_k
 
 

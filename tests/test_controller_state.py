@@ -206,6 +206,15 @@ BAD = {  # case: (how the good file is spoilt, what the warning must say)
         _mutated(lambda d: d["policy"]["current"].update(cifar=["cifar:local", 0.0])),
         "service 'cifar'",
     ),
+    "older code: no move checks": (_mutated(lambda d: d["policy"].pop("trial")), "policy.trial missing"),
+    "a move under check without its rate": (
+        _mutated(lambda d: d["policy"]["trial"].update(digits={"path": "digits:local", "share": 0.0})),
+        "policy.trial['digits']",
+    ),
+    "a measured rate a string": (
+        _mutated(lambda d: d["policy"]["measured"].update(digits={"rates": {"digits:local@0": "fast"}, "until": 1.0})),
+        "policy.measured['digits']",
+    ),
 }
 
 

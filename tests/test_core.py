@@ -14,7 +14,8 @@ from coderay.cli import main
 from coderay.config import NetworkSpec, RewardSpec
 from coderay.links import Link, link_kind, load_links
 from coderay.models import get_model, list_models
-from coderay.paths import PathModule, PathSpec, enumerate_paths, path_budget
+from coderay.paths import PathModule, enumerate_paths, path_budget
+from coderay.pathspec import PathSpec
 from coderay.reward import ACCURACY_FUNCTIONS, THROUGHPUT_FUNCTIONS, average_accuracy, reward
 from coderay.search import spearman
 from coderay.store import node_store

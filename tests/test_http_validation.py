@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from coderay.config import CoderayConfig
 from coderay.errors import CoderayError
-from coderay.paths import PathSpec
+from coderay.pathspec import PathSpec
 from coderay.plan import TO_END, Hop, plan_hops, stages
 from coderay.routing import Router, initial_routes, link_files
 from deployments.blocks import Chunk, batch_samples, run_grouped

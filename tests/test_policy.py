@@ -309,6 +309,27 @@ def test_a_move_that_serves_more_is_kept_and_an_unsaturated_one_too():
     assert not any(d.reason.startswith("revert") for d in served_under(q, range(40), lambda path, share: 50.0))
 
 
+def test_while_a_pin_holds_the_service_elsewhere_nothing_is_learnt_of_the_controllers_choice():
+    """A route pinned by hand overrides the controller's: the requests went another way (the ingress's per-path
+    counts say so), so what they were served at is not the controller's choice's rate, and no move is checked."""
+    spec = SPEC.model_copy(update={"verify_memory_s": 30.0})
+    at_one = {"digits": {"path": COOP, "coop_fraction": 1.0}}
+    p = Policy(spec, REWARD, NET, [local_row(), coop_row()], SERVICES, at_one, now=0.0)
+    for t in range(40):  # pinned local-only: 100 requests a second answered there, whatever the controller says
+        m = dataclasses.replace(meas(float(t), digits=100.0), paths={"digits": {"digits:local": 100}})
+        d = digits_of(p.step(m))
+        assert not d.reason.startswith("revert") and "digits" not in p.served and not p.trial
+    assert p.settled["digits"] == 0
+    # the pin released: its requests go the controller's way again, measured from the next interval on
+    path, share = p.current["digits"]
+    counts = (
+        {path: 100} if path == "digits:local" else {path: round(100 * share), "digits:local": round(100 * (1 - share))}
+    )
+    for t in (40.0, 41.0):
+        p.step(dataclasses.replace(meas(t), paths={"digits": counts}))
+    assert p.settled["digits"] == 2 and "digits" in p.served
+
+
 def test_state_round_trips():
     p = policy([local_row(), coop_row()])
     run(p, range(10), mnist=300.0)

@@ -124,13 +124,18 @@ def test_table_round_trips_through_json_and_csv(tmp_path):
     assert rescored.rows[0].reward > back.rows[0].reward and rescored.rows[2].reward is None
 
 
-def test_reward_table_needs_no_torch():
-    code = "import sys, coderay.table, coderay.rows, coderay.plan; assert 'torch' not in sys.modules, 'torch imported'"
+@pytest.mark.parametrize(
+    "module",
+    ["coderay.table", "coderay.rows", "coderay.plan", "coderay.pathspec", "coderay.routing", "coderay.controller"],
+)
+def test_the_table_routing_and_controller_need_no_torch(module):
+    """The controller is a detached actor on the head: loading torch there costs seconds and memory for nothing."""
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_failed_row_keeps_identity():
-    from coderay.paths import PathSpec
+    from coderay.pathspec import PathSpec
 
     row = Row.failed(PathSpec.parse("d:m:0:1:2:3"), "boom")
     assert (row.kind, row.hout, row.error, row.reward) == ("coop", 2, "boom", None)

@@ -165,7 +165,8 @@ def test_the_ingress_answers_on_its_own_port_as_through_the_proxy(served):
 
 def test_held_out_predictions_match_the_in_process_path(served, search_ctx):
     from coderay.links import load_links
-    from coderay.paths import PathModule, PathSpec
+    from coderay.paths import PathModule
+    from coderay.pathspec import PathSpec
 
     local = search_ctx.services["digits"]
     x01, y = pixels(local.task)

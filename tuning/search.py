@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from coderay.candidate import SearchContext
 from coderay.cluster import alive_resources, environ
 from coderay.config import CoderayConfig
-from coderay.paths import PathSpec
+from coderay.pathspec import PathSpec
 from coderay.plan import link_owner, link_services
 from coderay.rows import BaselineRow, Row, row_from_dict
 from coderay.search import search_dir, staged_search

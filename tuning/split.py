@@ -50,7 +50,7 @@ class LocalSide:
     """
 
     def __init__(self, cfg: dict, local: str, paths: Sequence[str]):
-        from coderay.paths import PathSpec
+        from coderay.pathspec import PathSpec
         from coderay.services import load_services
 
         torch.set_num_threads(1)

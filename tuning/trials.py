@@ -33,7 +33,7 @@ from coderay.candidate import SearchContext, build_path, predict_path, train_pat
 from coderay.config import CoderayConfig
 from coderay.emulation import work_as
 from coderay.links import load_links, save_links
-from coderay.paths import PathSpec
+from coderay.pathspec import PathSpec
 from coderay.rows import Row, row_from_dict, score
 from coderay.services import load_services
 from coderay.store import node_store, relative, resolve

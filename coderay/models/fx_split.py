@@ -28,7 +28,8 @@ class _Tracer(torch.fx.Tracer):
     so a cut can fall inside torchvision's composite blocks (``Conv2dNormActivation``, ...)."""
 
     def __init__(self) -> None:
-        super().__init__(autowrap_modules=(math, torchvision.ops))
+        # torch annotates autowrap_modules as a 1-tuple; it takes any number of modules
+        super().__init__(autowrap_modules=(math, torchvision.ops))  # type: ignore[arg-type]
 
 
 def _symbolic_trace(module: nn.Module, arch: str) -> torch.fx.Graph:
@@ -98,7 +99,8 @@ def _no_inplace(module: nn.Module, graph: torch.fx.Graph) -> None:
     the search caches and feeds to several blocks."""
     for m in module.modules():
         if isinstance(getattr(m, "inplace", None), bool):
-            m.inplace = False
+            # torch types a module's undeclared attributes as Tensor | Module
+            m.inplace = False  # type: ignore[assignment]
     swaps = {
         operator.iadd: operator.add,
         operator.isub: operator.sub,

@@ -36,6 +36,18 @@ def _set_submodule(root: nn.Module, target: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's geometry (torch types it as a tuple of any length; a 2-d conv's is a pair)."""
+    h, w = value
+    return h, w
+
+
+def _target(node: torch.fx.Node) -> str:
+    """The submodule path a ``call_module`` node calls (fx gives call_function nodes a callable instead)."""
+    assert isinstance(node.target, str), node
+    return node.target
+
+
 def adapt_input(module: nn.Module, input_shape: tuple[int, int, int], *, small: bool, arch: str = "model") -> list[str]:
     """Adapt a classifier to ``input_shape`` in place; returns what changed (also logged).
 
@@ -52,20 +64,22 @@ def adapt_input(module: nn.Module, input_shape: tuple[int, int, int], *, small: 
     convs = [n for n in nodes if n.op == "call_module" and isinstance(module.get_submodule(n.target), nn.Conv2d)]
     changes = []
     if convs:
-        first = module.get_submodule(convs[0].target)
+        first = module.get_submodule(_target(convs[0]))
+        assert isinstance(first, nn.Conv2d)  # convs holds Conv2d nodes only
         if first.in_channels != input_shape[0]:
+            padding = first.padding if isinstance(first.padding, str) else _pair(first.padding)
             new = nn.Conv2d(
                 input_shape[0],
                 first.out_channels,
-                first.kernel_size,
-                stride=first.stride,
-                padding=first.padding,
-                dilation=first.dilation,
+                _pair(first.kernel_size),
+                stride=_pair(first.stride),
+                padding=padding,
+                dilation=_pair(first.dilation),
                 bias=first.bias is not None,
                 padding_mode=first.padding_mode,
             )
             nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
-            _set_submodule(module, convs[0].target, new)
+            _set_submodule(module, _target(convs[0]), new)
             changes.append(f"{convs[0].target}: {first.in_channels} -> {input_shape[0]} input channels")
     if small:
         live = _live_after(nodes)
@@ -93,7 +107,8 @@ def adapt_input(module: nn.Module, input_shape: tuple[int, int, int], *, small: 
             segment_of[n] = segment
             if live[i] == {n}:
                 segment += 1
-        total, largest = 1, {}
+        total = 1
+        largest: dict[int, int] = {}  # segment -> its largest stride
         for n, stride, chain in strided:
             if chain:
                 total *= stride
@@ -105,12 +120,12 @@ def adapt_input(module: nn.Module, input_shape: tuple[int, int, int], *, small: 
                 break
             if not chain:
                 continue
-            m = module.get_submodule(n.target)
+            m = module.get_submodule(_target(n))
             if isinstance(m, nn.Conv2d):
                 m.stride = (1, 1)
                 changes.append(f"{n.target}: stride {stride} -> 1")
             else:
-                _set_submodule(module, n.target, nn.Identity())
+                _set_submodule(module, _target(n), nn.Identity())
                 changes.append(f"{n.target}: {type(m).__name__} (stride {stride}) -> Identity")
             total //= stride
     if changes:

@@ -116,7 +116,8 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     shape = tuple(input_shape)
     if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise ValueError(f"input_shape must be (C, H, W) of positive ints, e.g. (1, 28, 28); got {input_shape!r}")
-    return shape  # type: ignore[return-value]
+    c, h, w = shape
+    return c, h, w
 
 
 def _source_keys(source: nn.Module, staged: StagedModel, arch: str) -> dict[str, str]:
