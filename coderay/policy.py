@@ -236,6 +236,28 @@ class Policy:
             ]
         return sum(vals) / len(vals) if vals else None
 
+    def _own_cost(self, node: str, m: Measurements) -> float | None:
+        """Profiled seconds per own sample on `node` as its services' requests went this interval (else as their
+        choices send them): the full model for a request on the local path, only the local part (head, tail, skip
+        link) for one on a cooperative or skip path. Charging the full model for all of them made a cooperating
+        node look faster than its profile, and every lower share look better than it serves."""
+        vals = []
+        for svc, n in self.services.items():
+            full = next((r.costs.local_full for r in self.rows.values() if r.local == svc and r.costs), None)
+            if n != node or full is None:
+                continue
+            counts: Mapping[str, float] = m.paths.get(svc) or {}
+            if not sum(counts.values()):
+                path, share = self.current[svc]
+                counts = {path: share, f"{svc}:local": 1.0 - share}
+            cost = 0.0
+            for path, k in counts.items():
+                row = self.rows.get(path)
+                part = row.costs.local_part if row is not None and row.kind != "local" and row.costs else full
+                cost += k * part
+            vals.append(cost / sum(counts.values()))
+        return sum(vals) / len(vals) if vals else self._profile_cost(node, guest=False)
+
     def _learn(self, m: Measurements) -> None:
         w = self.spec.smoothing
         self._now = m.t
@@ -261,7 +283,7 @@ class Policy:
             own_busy = busy * load.own_samples / ran if ran > 0 else 0.0
             self.own_busy[node] = _ewma(self.own_busy.get(node), own_busy, w)
             self.own_latency[node] = _ewma(self.own_latency.get(node), load.own_latency_ms or 0.0, w)
-            own_c, guest_c = self._profile_cost(node, guest=False), self._profile_cost(node, guest=True)
+            own_c, guest_c = self._own_cost(node, m), self._profile_cost(node, guest=True)
             expected = load.own_samples * (own_c or 0.0) + load.guest_samples * (guest_c or own_c or 0.0)
             busy = load.compute_s / max(m.dt, 1e-9)
             if expected > 0 and load.own_samples + load.guest_samples >= MIN_SAMPLES and busy >= BUSY:
@@ -273,8 +295,8 @@ class Policy:
     def _in_force(self, svc: str, m: Measurements) -> bool:
         """Whether `svc`'s requests this interval went the way its current choice sends them: the share of them
         on its cooperative or skip path within 0.2 of the choice's (a route pinned by hand overrides the choice)."""
-        counts = m.paths.get(svc)
-        total = sum(counts.values()) if counts else 0
+        counts = m.paths.get(svc) or {}
+        total = sum(counts.values())
         if not total:
             return True  # nothing known, or nothing answered
         path, share = self.current[svc]
