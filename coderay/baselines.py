@@ -37,9 +37,8 @@ class ExitHead(nn.Module):
 
 def _branch(ctx: SearchContext, local: str, exit_after: int) -> tuple[nn.Module, float, float, int]:
     """The local model right-sized to exit after block `exit_after`: (module, val acc, test acc, head params)."""
-    svc = ctx.services[local]
-    n = len(svc.blocks)
-    if exit_after == n:
+    svc = ctx.service_model(local)
+    if exit_after == svc.num_blocks:
         module = nn.Sequential(*svc.blocks)
         return module, svc.metrics["val_acc"], svc.metrics["test_acc"], 0
     head = ExitHead(svc.boundaries[exit_after], svc.task.num_classes)
@@ -67,8 +66,8 @@ def _branch(ctx: SearchContext, local: str, exit_after: int) -> tuple[nn.Module,
 
 def edge_early_rows(ctx: SearchContext, local: str, *, exits: list[int] | None = None) -> list[BaselineRow]:
     """Every (partition k, exit e) of `local` offloading to each other service's node, as reward-table rows."""
-    svc = ctx.services[local]
-    n = len(svc.blocks)
+    svc = ctx.service_model(local)
+    n = svc.num_blocks
     exits = exits or list(range(1, n + 1))
     full = svc.block_seconds(1, n)
     wire = BYTES_PER_VALUE[ctx.cfg.network.encoding]  # the same wire as the paths (accuracy not re-measured)
@@ -81,7 +80,7 @@ def edge_early_rows(ctx: SearchContext, local: str, *, exits: list[int] | None =
                 costs = PathCosts(
                     local_full=full,
                     local_part=svc.block_seconds(1, k),
-                    host_full=host.block_seconds(1, len(host.blocks)),
+                    host_full=host.block_seconds(1, host.num_blocks),
                     host_part=svc.block_seconds(k + 1, e) * host_speed_ratio,
                     batch=host.spec.batch_size,
                     guest_quota=host.spec.grant(local),

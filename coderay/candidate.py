@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from coderay.paths import PathModule, enumerate_paths, path_budget
 from coderay.pathspec import PathSpec
 from coderay.plan import TO_END, crossings, host_span, stages
 from coderay.rows import Row, score
-from coderay.services import ServiceModel, load_services
+from coderay.services import ServiceModel, ServiceProfile, load_services
 from coderay.throughput import BYTES_PER_VALUE, PathCosts
 from coderay.train import evaluate, fit
 
@@ -38,15 +38,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SearchContext:
-    """What a search needs, loaded once: the config and the trained, split, profiled services."""
+    """What a search needs, loaded once: the config and the services, trained, split and profiled where paths
+    run here, their profiles only where a driver schedules them (`coderay.provider.metadata_services`)."""
 
     cfg: CoderayConfig
-    services: dict[str, ServiceModel]
+    services: Mapping[str, ServiceProfile]
     _acts: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, cfg: CoderayConfig, *, progress: bool = True, train_missing: bool = True) -> SearchContext:
         return cls(cfg, load_services(cfg, progress=progress, train_missing=train_missing))
+
+    def service_model(self, name: str) -> ServiceModel:
+        """`name` with its task data and blocks, to run a path on; an error where only its profile is here."""
+        svc = self.services[name]
+        if not isinstance(svc, ServiceModel):
+            raise TypeError(f"service {name!r}: only its profile is here, not its blocks or task data")
+        return svc
 
     def fit_activations(self, local: str, upto: int, host: str | None = None) -> torch.Tensor:
         """Activations after block `upto` of `host` (default: `local`) on the local task's fitting samples,
@@ -54,7 +62,7 @@ class SearchContext:
         key = (local, host or local, upto)
         if key not in self._acts:
             if upto == 0 and host is None:
-                svc = self.services[local]
+                svc = self.service_model(local)
                 assert isinstance(svc.task.train, Sized)  # a TensorDataset or a Subset
                 idx = torch.randperm(len(svc.task.train), generator=torch.Generator().manual_seed(self.cfg.seed))
                 self._acts[key] = torch.stack(
@@ -62,11 +70,11 @@ class SearchContext:
                 )  # (n, C, H, W)
             elif host is None:
                 self._acts[key] = _run(
-                    self.services[local].blocks[upto - 1 : upto], self.fit_activations(local, upto - 1)
+                    self.service_model(local).blocks[upto - 1 : upto], self.fit_activations(local, upto - 1)
                 )
             else:
                 image = match_image(self.fit_activations(local, 0), self.services[host].boundaries[0])
-                self._acts[key] = _run(self.services[host].blocks[:upto], image)
+                self._acts[key] = _run(self.service_model(host).blocks[:upto], image)
         return self._acts[key]
 
 
@@ -93,7 +101,7 @@ def build_path(ctx: SearchContext, spec: PathSpec, variant: LinkVariant | None =
     Returns the module and the fit residuals.
     """
     capacity = (variant or ctx.cfg.search.link_variants[0]).capacity
-    local = ctx.services[spec.local]
+    local = ctx.service_model(spec.local)
     src = ctx.fit_activations(spec.local, spec.lout)
     target = ctx.fit_activations(spec.local, spec.lin - 1)
     links, residuals = {}, {}
@@ -102,7 +110,7 @@ def build_path(ctx: SearchContext, spec: PathSpec, variant: LinkVariant | None =
         residuals["skip"] = links["skip"].init_lstsq(src, target)
     elif spec.kind == "coop":
         host_name, hin, hout = host_span(spec)
-        host = ctx.services[host_name]
+        host = ctx.service_model(host_name)
         host_in = ctx.fit_activations(spec.local, hin - 1, host=host_name)
         links["in"] = Link(src.shape[1:], host_in.shape[1:], relu=bool(host_in.min() >= 0))
         residuals["in"] = links["in"].init_lstsq(src, host_in)
@@ -111,7 +119,7 @@ def build_path(ctx: SearchContext, spec: PathSpec, variant: LinkVariant | None =
             mid = _run(host.blocks[hin - 1 : hout], links["in"](src))
         links["out"] = Link(mid.shape[1:], target.shape[1:], relu=bool(target.min() >= 0), capacity=capacity)
         residuals["out"] = links["out"].init_lstsq(mid, target)
-    host_blocks = ctx.services[spec.host].blocks if spec.host else ()
+    host_blocks = ctx.service_model(spec.host).blocks if spec.host else ()
     module = PathModule(
         spec, local.blocks, host_blocks, links, link_out=link_out_place(ctx, spec), encoding=ctx.cfg.network.encoding
     ).eval()
@@ -160,7 +168,7 @@ def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
     spec = module.spec
     local = ctx.services[spec.local]
     cfg = ctx.cfg
-    full = local.block_seconds(1, len(local.blocks)) + call_seconds(cfg, local.node.name, spec.local)
+    full = local.block_seconds(1, local.num_blocks) + call_seconds(cfg, local.node.name, spec.local)
     if spec.kind == "local":
         return PathCosts(local_full=full, local_part=full)
     seconds = {spec.local: 0.0, spec.host: 0.0}
@@ -175,7 +183,7 @@ def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
             seconds[hop.service] += _link_seconds(cfg, link, svc.spec.batch_size, svc.node.name)
             shapes.append(link.dst)
         else:
-            last = len(svc.blocks) if hop.last == TO_END else hop.last
+            last = svc.num_blocks if hop.last == TO_END else hop.last
             seconds[hop.service] += svc.block_seconds(hop.first, last)
             shapes.append(svc.boundaries[last])
     nbytes = {"out": 0, "back": 0}
@@ -188,7 +196,7 @@ def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
     return PathCosts(
         local_full=full,
         local_part=seconds[spec.local],
-        host_full=host.block_seconds(1, len(host.blocks)) + call_seconds(cfg, host.node.name, host_name),
+        host_full=host.block_seconds(1, host.num_blocks) + call_seconds(cfg, host.node.name, host_name),
         host_part=seconds[host_name],
         batch=host.spec.batch_size,
         guest_quota=host.spec.grant(spec.local),
@@ -233,7 +241,7 @@ def _link_params(module: PathModule) -> int:
 
 def predict_path(ctx: SearchContext, spec: PathSpec) -> Row:
     """Stage 1 for one candidate: least-squares links, validation accuracy, modelled throughput, reward."""
-    local = ctx.services[spec.local]
+    local = ctx.service_model(spec.local)
     if spec.kind == "local":
         module, pred_acc = PathModule(spec, local.blocks), local.metrics["val_acc"]
     else:
@@ -271,7 +279,7 @@ def _feature_matching(
         return
     spec = module.spec
     link = module.links["skip" if spec.kind == "skip" else "out"]
-    teacher = torch.nn.Sequential(*ctx.services[spec.local].blocks[: spec.lin - 1])
+    teacher = torch.nn.Sequential(*ctx.service_model(spec.local).blocks[: spec.lin - 1])
     seen: dict[str, torch.Tensor] = {}
     hook = link.register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out))
 
@@ -301,7 +309,7 @@ def train_path(
     config, keep the variant of best validation accuracy, measure it, save its links. `module` (the first
     variant's, e.g. restored from a checkpoint) is trained instead of a fresh one; `on_epoch` counts epochs
     across variants. `predicted` (its stage-1 row) keeps the prediction beside the measurement."""
-    local = ctx.services[spec.local]
+    local = ctx.service_model(spec.local)
     s = ctx.cfg.search
     epochs = epochs or s.link_epochs
     start = time.perf_counter()

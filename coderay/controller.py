@@ -53,7 +53,7 @@ from typing import Any
 
 from coderay.cluster import HEAD_RESOURCE, alive_resources
 from coderay.config import CoderayConfig
-from coderay.measurements import aggregate, heard_blocks
+from coderay.measurements import Report, aggregate, heard_blocks
 from coderay.policy import Decision, Measurements, NodeLoad, Policy, servable
 from coderay.routing import initial_routes
 from coderay.rows import PATH_KINDS, BaselineRow, Row, row_from_dict, score
@@ -398,7 +398,7 @@ def _fits(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         names = {f.name for f in dataclasses.fields(hint)}
         return isinstance(value, Mapping) and set(value) <= names and not _misfits(hint, value)
     return isinstance(value, typing.get_origin(hint) or hint)
@@ -447,8 +447,8 @@ class Controller:
         self.last_measurements: dict = {}
         self.nodes_alive: dict[str, bool] = {}
         self.ingress: dict[str, dict] = {}  # replica id -> {"seen": t, "stats": cumulative figures}
-        self._prev_ingress: dict[str, dict] = {}  # replica id -> the cumulative figures at the last tick
-        self._prev_blocks: dict[str, tuple[float, dict]] = {}  # service -> (when, its group's report) last used
+        self._prev_ingress: dict[str, Mapping] = {}  # replica id -> the cumulative figures at the last tick
+        self._prev_blocks: dict[str, Report] = {}  # service -> (when, its group's report) last used
         self.hops: dict[str, dict] = {}  # service -> its block group's queue: in flight, p50/p99 ms
         self._reports: dict[str, tuple[float, dict]] = {}  # service -> (time.monotonic() received, its last report)
         self._heard_since = time.monotonic()  # a group not heard from at all is missed from then on
@@ -573,7 +573,7 @@ class Controller:
         offered = {r for resources in alive_resources().values() for r in resources}
         return {n.name: n.name in offered for n in self.cfg.nodes}
 
-    def _block_stats(self, alive: dict[str, bool]) -> dict[str, tuple[float, dict]]:
+    def _block_stats(self, alive: dict[str, bool]) -> dict[str, Report]:
         """The block groups heard from (`coderay.measurements.heard_blocks`); the others count a miss. Reads what
         the groups pushed: it never waits on a group."""
         with self.lock:
@@ -659,10 +659,10 @@ class Controller:
         """Prometheus gauges through `ray.util.metrics` (exported by the node's metrics agent): per service its
         share, reward, arrivals and backlog; per path its live reward; per host its guest queue."""
         try:
-            if not hasattr(self, "_metrics"):
+            if not hasattr(self, "_gauges"):
                 from ray.util.metrics import Counter, Gauge
 
-                self._metrics = {
+                gauges: dict[str, Gauge] = {
                     "share": Gauge(
                         "coderay_controller_coop_share", "cooperative share chosen", tag_keys=("service", "path")
                     ),
@@ -679,14 +679,15 @@ class Controller:
                         "virtual queue (samples): Q_l of a service, Q_h of a host",
                         tag_keys=("kind", "name"),
                     ),
-                    "switches": Counter("coderay_controller_switches", "route switches", tag_keys=("service",)),
                 }
-            m = self._metrics
+                switches = Counter("coderay_controller_switches", "route switches", tag_keys=("service",))
+                self._gauges, self._switches = gauges, switches  # all made, or none kept
+            m = self._gauges
             for d in decisions:
                 m["share"].set(d.share, tags={"service": d.service, "path": d.path})
                 m["arrivals"].set(self.policy.arrivals.get(d.service, 0.0), tags={"service": d.service})
                 if d.switched:
-                    m["switches"].inc(1, tags={"service": d.service})
+                    self._switches.inc(1, tags={"service": d.service})
             for r in self.live_rows:
                 if servable(r) and r.reward is not None:
                     m["reward"].set(r.reward, tags={"service": r.local, "path": r.path_id})
@@ -860,6 +861,7 @@ def start_controller(cfg: CoderayConfig, rows: Sequence[Row], *, resume: bool = 
     if not resume and path.exists():
         os.replace(path, path.with_name("state.prev.json"))
     actor = ray.remote(Controller).options(**actor_options()).remote(cfg.portable(), list(rows))
-    ray.get(actor.ping.remote(), timeout=timeout_s)
+    # ray types the handle as `ActorHandle | type[Controller]`, where a method has no `.remote`
+    ray.get(actor.ping.remote(), timeout=timeout_s)  # type: ignore[attr-defined]
     log.info("controller %s started (namespace %s)", NAME, NAMESPACE)
     return actor

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["COUNTERS", "SERVED", "Interval", "aggregate", "delta", "heard_blocks"]
+__all__ = ["COUNTERS", "SERVED", "Interval", "Report", "aggregate", "delta", "heard_blocks"]
 
 COUNTERS = ("own_samples", "guest_samples", "compute_s")  # a block group's counters, summed per node
 SERVED = ("requests", "samples", "fallbacks", "latency_s")  # an ingress replica's counters, summed per service
@@ -35,7 +35,8 @@ def heard_blocks(
     """({service: (when received, its group's stats + its node's cgroup CPU seconds and share, where capped)} for
     services on live nodes whose group reported within `stale_s` of `now`, [services missed]). A service never
     heard from counts from `since`: missed once that is `stale_s` old, not before."""
-    heard, missed = {}, []
+    heard: dict[str, Report] = {}
+    missed: list[str] = []
     for svc, node in services.items():
         if not alive.get(node, True):
             continue

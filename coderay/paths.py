@@ -13,7 +13,7 @@ from torch import nn
 
 from coderay.links import Link, link_kind
 from coderay.pathspec import PathSpec
-from coderay.plan import TO_END, crossings, plan_hops
+from coderay.plan import TO_END, crossings, host_span, plan_hops
 
 __all__ = ["PathModule", "WIRE_DTYPES", "to_wire", "enumerate_paths", "path_budget"]
 
@@ -126,5 +126,8 @@ def path_budget(
 ) -> dict[str, int]:
     """The paper's parameter budget of a path: links, local blocks skipped, host blocks added."""
     skipped = sum(local_params[spec.lout : spec.lin - 1])
-    added = sum(host_params[spec.hin - 1 : spec.hout]) if spec.host else 0
+    added = 0
+    if spec.host:
+        _, hin, hout = host_span(spec)
+        added = sum(host_params[hin - 1 : hout])
     return {"link_params": link_params, "local_skipped_params": skipped, "host_added_params": added}

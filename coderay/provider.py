@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import ray
 
 from coderay.cluster import pin
 from coderay.config import CoderayConfig
 from coderay.errors import CoderayError, NotTrainedError
+
+if TYPE_CHECKING:  # coderay.services imports torch, which this module loads only inside the functions that use it
+    from coderay.services import ServiceProfile
 
 __all__ = ["train_on_nodes", "describe_on_nodes", "metadata_services", "check_stores", "copy_links"]
 
@@ -169,24 +173,20 @@ def describe_on_nodes(cfg: CoderayConfig, names: Iterable[str] | None = None) ->
     return dict(zip(names, results))
 
 
-def metadata_services(cfg: CoderayConfig, described: Mapping[str, dict]) -> dict:
-    """`ServiceModel`s that carry only what a driver may know (specs, profiles, metrics; no task data, no
-    blocks): enough to enumerate candidates, score rows and schedule trials."""
+def metadata_services(cfg: CoderayConfig, described: Mapping[str, dict]) -> dict[str, ServiceProfile]:
+    """The services as far as a driver may know them (specs, profiles, metrics; no task data, no blocks):
+    enough to enumerate candidates, score rows and schedule trials."""
     from coderay.blocks import BlockInfo
     from coderay.emulation import speed_divisor
-    from coderay.services import ServiceModel
+    from coderay.services import ServiceProfile
 
     out = {}
     for name, d in described.items():
         spec = cfg.service(name)
-        infos = [BlockInfo.from_dict(i) for i in d["infos"]]
-        out[name] = ServiceModel(
+        out[name] = ServiceProfile(
             spec,
             cfg.node(spec.node),
-            None,
-            None,
-            [None] * len(infos),
-            infos,
+            [BlockInfo.from_dict(i) for i in d["infos"]],
             d["metrics"],
             speed_divisor(cfg, spec.node),
         )

@@ -1,4 +1,9 @@
-"""A trained service as the rest of coderay sees it: frozen blocks, their profiles, its node."""
+"""A trained service as the rest of coderay sees it: frozen blocks, their profiles, its node.
+
+`ServiceProfile` is what a driver may know of a service (spec, node, block profiles, metrics: never task data or
+weights), enough to enumerate candidates, score rows and schedule trials; `ServiceModel` adds the task data and
+the blocks that run a path, and only exists where the service's node store is.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from coderay.blocks import Block, BlockInfo, profile_blocks, split_model
 from coderay.config import CoderayConfig, NodeSpec, ServiceSpec
@@ -17,7 +23,7 @@ from coderay.emulation import node_capacity, speed_divisor, timing_as
 from coderay.models import StagedModel
 from coderay.train import load_service, service_dir, train_service
 
-__all__ = ["PROFILE_METHOD", "ServiceModel", "load_services", "split_service", "sustained_block_ms"]
+__all__ = ["PROFILE_METHOD", "ServiceModel", "ServiceProfile", "load_services", "split_service", "sustained_block_ms"]
 
 Shape = tuple[int, ...]
 log = logging.getLogger(__name__)
@@ -25,12 +31,11 @@ PROFILE_METHOD = "chain-cpu"  # how capped blocks are timed; part of every cache
 
 
 @dataclass
-class ServiceModel:
+class ServiceProfile:
+    """A service as far as its metadata goes: what a driver may hold of another node's service."""
+
     spec: ServiceSpec
     node: NodeSpec
-    task: TaskData
-    model: StagedModel | None  # None where the weights are elsewhere (a split-learning stand-in, a driver's metadata)
-    blocks: list[Block]
     infos: list[BlockInfo]  # measured on this machine, under the node's CPU cap where one is in force
     metrics: dict  # from training: val_acc, test_acc, ...
     divisor: float | None = None  # profiled seconds / divisor = seconds on the node (None: node.speed)
@@ -38,6 +43,11 @@ class ServiceModel:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def num_blocks(self) -> int:
+        """N, the service's blocks: one profile each."""
+        return len(self.infos)
 
     @property
     def boundaries(self) -> list[Shape]:
@@ -53,6 +63,15 @@ class ServiceModel:
         b = self.spec.batch_size
         divisor = self.node.speed if self.divisor is None else self.divisor
         return sum(self.infos[k - 1].latency_ms[b] / b for k in range(first, last + 1)) / 1e3 / divisor
+
+
+@dataclass(kw_only=True)
+class ServiceModel(ServiceProfile):
+    """A service with what runs its paths: its task data and frozen blocks, on the node whose store holds them."""
+
+    task: TaskData
+    model: StagedModel | None  # None where the weights are elsewhere (a split-learning stand-in)
+    blocks: Sequence[nn.Module]  # its Blocks, or a stand-in whose slices run elsewhere (`tuning.split.RemoteBlocks`)
 
 
 def split_service(spec: ServiceSpec, model: StagedModel) -> list[Block]:
@@ -85,7 +104,7 @@ def _profile(
 def sustained_block_ms(
     cfg: CoderayConfig,
     spec: ServiceSpec,
-    blocks: Sequence[Block],
+    blocks: Sequence[nn.Module],
     input_shape: Shape,
     *,
     seconds: float = 1.5,
@@ -133,11 +152,11 @@ def load_services(
         out[spec.name] = ServiceModel(
             spec,
             cfg.node(spec.node),
-            trained.task,
-            trained.model,
-            blocks,
             infos,
             trained.metrics,
-            speed_divisor(cfg, spec.node),
+            divisor=speed_divisor(cfg, spec.node),
+            task=trained.task,
+            model=trained.model,
+            blocks=blocks,
         )
     return out

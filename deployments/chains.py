@@ -31,12 +31,14 @@ from typing import Any
 
 import torch
 
+from coderay.config import CoderayConfig
 from coderay.paths import to_wire
 from coderay.pathspec import PathSpec
 from coderay.plan import crossings, plan_hops, stages
+from coderay.routing import Router
 from deployments.merging import DeadlineExceeded, Merger
 from deployments.routing import Activation
-from deployments.schemas import ApiError
+from deployments.schemas import ApiError, ServiceStats
 
 __all__ = ["COOP_SHARE", "RETRY_FIRST_S", "RETRY_MAX_S", "HostGone", "PathRunner", "replica_lost", "resolve"]
 
@@ -80,6 +82,11 @@ class PathRunner:
     """Path execution of the ingress deployment (`deployments.ingress.Ingress`, which provides `cfg`, `router`
     and `stats`): one per replica, it holds the block groups' handles, the paths' plans and mergers, the paths
     in cool-down and the nodes reported gone."""
+
+    # set by the ingress (`deployments.ingress.Ingress.__init__`)
+    cfg: CoderayConfig
+    router: Router
+    stats: dict[str, ServiceStats]
 
     def _runner_init(self, blocks: dict) -> None:
         self.blocks = {name: h.options(method_name="run") for name, h in blocks.items()}

@@ -78,7 +78,7 @@ api = FastAPI(
     description="Coordinated DNN services at the edge (CoDE) on Ray Serve: each service answers on its active "
     "path, local-only or through another provider's frozen blocks joined by trained links.",
 )
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {  # FastAPI's `responses`: status -> OpenAPI response fields
     401: {"model": ErrorBody},
     403: {"model": ErrorBody},
     404: {"model": ErrorBody},

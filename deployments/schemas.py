@@ -18,7 +18,7 @@ import io
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ __all__ = [
     "RouteRequest",
     "RouteInfo",
     "ServiceInfo",
+    "ServiceStats",
     "ErrorBody",
     "PIXEL_TOLERANCE",
     "DEFAULT_TOP_K",
@@ -168,6 +169,17 @@ class ServiceInfo(_Model):
     coop_fraction: float
     pinned: bool  # True: set by PUT (or a config deploy), held until DELETE releases it
     stats: dict
+
+
+class ServiceStats(TypedDict):
+    """A service's cumulative request figures in one ingress replica (`ServiceInfo.stats`, the controller's sync)."""
+
+    requests: int
+    samples: int
+    fallbacks: int
+    retries: int
+    latency_s: float
+    by_path: dict[str, int]  # path id -> requests answered on it
 
 
 class ErrorBody(_Model):

@@ -10,34 +10,59 @@ exports the figures to Prometheus, off the request path.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from ray import serve
 
 from coderay import controller as ctl
 from coderay.errors import CoderayError
+from coderay.routing import Router
 from deployments.blocks import latency_summary
+from deployments.schemas import ServiceStats
 
-__all__ = ["ControllerSync"]
+if TYPE_CHECKING:  # for annotations only: the metrics module is imported where it is used (tests replace it)
+    from ray.actor import ActorHandle
+    from ray.serve.metrics import Counter
+
+__all__ = ["ControllerSync", "SyncStatus"]
 
 log = logging.getLogger(__name__)
+
+
+class SyncStatus(TypedDict):
+    """How this replica's syncs with the controller went (`sync` under `ingress` in GET /v1/controller)."""
+
+    ok: int
+    failed: int
+    last_ok: float | None  # time.time() of the last sync that succeeded
+    last_error: str | None
+    version: int | None  # the controller's routes version last applied
 
 
 class ControllerSync:
     """Controller sync of the ingress deployment (`deployments.ingress.Ingress`, which provides `cfg`, `router`,
     `stats` and `_latencies`, and `_suspended_paths` and `_apply_gone` through `deployments.chains.PathRunner`)."""
 
+    # set by the ingress (`deployments.ingress.Ingress.__init__`) and by `deployments.chains.PathRunner`
+    router: Router
+    stats: dict[str, ServiceStats]
+    _latencies: dict[str, collections.deque[float]]  # service -> its recent request latencies (ms)
+    _suspended_paths: Callable[[str], dict[str, float]]
+    _apply_gone: Callable[[set[str]], None]
+
     def _controller_init(self) -> None:
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 — outside Serve (tests)
             self.replica_id = uuid.uuid4().hex[:8]
-        self.controller_sync = {"ok": 0, "failed": 0, "last_ok": None, "last_error": None, "version": None}
-        self._controller_task = None
-        self._controller_actor = None
+        self.controller_sync: SyncStatus = {"ok": 0, "failed": 0, "last_ok": None, "last_error": None, "version": None}
+        self._controller_task: asyncio.Task[None] | None = None
+        self._controller_actor: ActorHandle | None = None
         self._ensure_controller_sync()
 
     def _ensure_controller_sync(self) -> None:
@@ -92,10 +117,13 @@ class ControllerSync:
         exported by every node's metrics agent; updated from the stats once a second, off the request path."""
         from ray.serve import metrics
 
+        # ray.serve.metrics types tag_keys as Tuple[str] (one key); the ray.util.metrics it wraps takes any number
         tags = ("service", "path")
-        self._metrics = {
+        counters: dict[str, Counter] = {
             "requests": metrics.Counter(
-                "coderay_requests", description="requests answered, by service and path", tag_keys=tags
+                "coderay_requests",
+                description="requests answered, by service and path",
+                tag_keys=tags,  # type: ignore[arg-type]
             ),
             "samples": metrics.Counter(
                 "coderay_samples", description="samples answered, by service", tag_keys=("service",)
@@ -105,35 +133,39 @@ class ControllerSync:
                 description="requests answered on the local-only path after their path failed",
                 tag_keys=("service",),
             ),
-            "latency": metrics.Histogram(
-                "coderay_latency_ms",
-                description="request latency in the ingress (ms)",
-                boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
-                tag_keys=("service",),
-            ),
-            "share": metrics.Gauge(
-                "coderay_coop_share", description="cooperative share of the active route", tag_keys=tags
-            ),
         }
+        latency_ms = metrics.Histogram(
+            "coderay_latency_ms",
+            description="request latency in the ingress (ms)",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000],
+            tag_keys=("service",),
+        )
+        share = metrics.Gauge(
+            "coderay_coop_share",
+            description="cooperative share of the active route",
+            tag_keys=tags,  # type: ignore[arg-type]
+        )
+        self._counters, self._latency_ms, self._share = counters, latency_ms, share  # all made, or none kept
         self._metrics_prev: dict = {}
 
     def _record_metrics(self) -> None:
-        if getattr(self, "_metrics", None) is None:
+        if getattr(self, "_counters", None) is None:
             self._metrics_init()
-        m, prev = self._metrics, self._metrics_prev
+        counters, prev = self._counters, self._metrics_prev
+        key: Literal["samples", "fallbacks"]
         for svc, st in self.stats.items():
             p = prev.setdefault(svc, {"samples": 0, "fallbacks": 0, "requests": 0, "by_path": {}})
             for key in ("samples", "fallbacks"):
                 if st[key] > p[key]:
-                    m[key].inc(st[key] - p[key], tags={"service": svc})
+                    counters[key].inc(st[key] - p[key], tags={"service": svc})
             for path, n in st["by_path"].items():
                 if n > p["by_path"].get(path, 0):
-                    m["requests"].inc(n - p["by_path"].get(path, 0), tags={"service": svc, "path": path})
+                    counters["requests"].inc(n - p["by_path"].get(path, 0), tags={"service": svc, "path": path})
             new = min(st["requests"] - p["requests"], len(self._latencies[svc]))
             for ms in list(self._latencies[svc])[len(self._latencies[svc]) - new :] if new > 0 else []:
-                m["latency"].observe(ms, tags={"service": svc})
+                self._latency_ms.observe(ms, tags={"service": svc})
             route = self.router.routes[svc]
-            m["share"].set(route.coop_fraction, tags={"service": svc, "path": route.path.id})
+            self._share.set(route.coop_fraction, tags={"service": svc, "path": route.path.id})
             prev[svc] = {
                 "samples": st["samples"],
                 "fallbacks": st["fallbacks"],
@@ -154,15 +186,14 @@ class ControllerSync:
                 )
                 self._apply_auto(got["routes"])
                 self._apply_gone(set(got.get("gone") or ()))
-                self.controller_sync.update(
-                    ok=self.controller_sync["ok"] + 1, last_ok=time.time(), version=got.get("version")
-                )
+                self.controller_sync["ok"] += 1
+                self.controller_sync["last_ok"] = time.time()
+                self.controller_sync["version"] = got.get("version")
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 — no controller (yet), or it is restarting: keep the routes
-                self.controller_sync.update(
-                    failed=self.controller_sync["failed"] + 1, last_error=f"{type(e).__name__}: {e}"[:300]
-                )
+                self.controller_sync["failed"] += 1
+                self.controller_sync["last_error"] = f"{type(e).__name__}: {e}"[:300]
                 delay = 5 * ctl.POLL_S if isinstance(e, ValueError) else ctl.POLL_S
             await asyncio.sleep(delay)
 

@@ -216,10 +216,10 @@ def remote_service(cfg: CoderayConfig, local: str, side: ray.actor.ActorHandle, 
     return ServiceModel(
         spec,
         cfg.node(spec.node),
-        task,
-        None,
-        RemoteBlocks(side, len(info["infos"]), path_id),
         info["infos"],
         info["metrics"],
         speed_divisor(cfg, spec.node),
+        task=task,
+        model=None,
+        blocks=RemoteBlocks(side, len(info["infos"]), path_id),
     )
