@@ -211,15 +211,8 @@ def path_row(ctx: SearchContext, spec: PathSpec, costs: PathCosts, *, link_param
     local = ctx.services[spec.local]
     host = ctx.services[spec.host] if spec.host else None
     budget = path_budget(spec, local.block_params, host.block_params if host else (), link_params)
-    row = Row(
-        path_id=spec.id,
-        local=spec.local,
-        kind=spec.kind,
-        host=spec.host,
-        lout=spec.lout,
-        hin=spec.hin,
-        hout=spec.hout,
-        lin=spec.lin,
+    row = Row.of(
+        spec,
         local_node=local.node.name,
         host_node=host.node.name if host else "",
         link_out_on=link_out_place(ctx, spec) if spec.kind == "coop" else None,

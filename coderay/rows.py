@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, TypeVar
 
 from coderay.config import NetworkSpec, RewardSpec
+from coderay.pathspec import PathSpec
 from coderay.reward import average_accuracy, reward
 from coderay.throughput import PathCosts, path_throughput
 
@@ -105,19 +106,15 @@ class Row(Mapping):
         return self.reward is not None
 
     @classmethod
-    def failed(cls, spec: Any, error: str) -> Row:
-        """A candidate (a `PathSpec`) with no result: its identity and why."""
-        return cls(
-            path_id=spec.id,
-            local=spec.local,
-            kind=spec.kind,
-            host=spec.host,
-            lout=spec.lout,
-            hin=spec.hin,
-            hout=spec.hout,
-            lin=spec.lin,
-            error=error,
-        )
+    def of(cls, spec: PathSpec, **fields: Any) -> Row:
+        """The row of candidate `spec`: its identity from the spec, everything else from `fields`."""
+        identity = {k: getattr(spec, k) for k in ("local", "kind", "host", "lout", "hin", "hout", "lin")}
+        return cls(path_id=spec.id, **identity, **fields)
+
+    @classmethod
+    def failed(cls, spec: PathSpec, error: str) -> Row:
+        """A candidate with no result: its identity and why."""
+        return cls.of(spec, error=error)
 
     def with_extra(self, **extra: Any) -> Row:
         return replace(self, extra=self.extra | extra)
