@@ -4,7 +4,11 @@ One search with two injected faults, then the same search again (resumed), compa
 search of the same config (`searched_table`, which must run first: both engines write the same search dir).
 """
 
+import tempfile
+from pathlib import Path
+
 import pytest
+import ray
 import torch
 
 from coderay.links import load_links
@@ -43,13 +47,30 @@ def faults(searched_table):
     return {"best": best, "worst": worst, "faults": {best: 1, worst: 3}}
 
 
+def _checkpoint_temps() -> set[str]:
+    """The trials' temporary checkpoint directories in this machine's temp dir."""
+    return {p.name for p in Path(tempfile.gettempdir()).glob("coderay-ckpt-*")}
+
+
 @pytest.fixture(scope="module")
-def tune_runs(trained_cfg, cluster, faults):
+def checkpoint_temps() -> dict:
+    return {"before": _checkpoint_temps()}
+
+
+@pytest.fixture(scope="module")
+def tune_runs(trained_cfg, cluster, faults, checkpoint_temps):
     from tuning.search import run_tune_search
 
     first = run_tune_search(trained_cfg, progress=False, resume=False, faults=faults["faults"])
     second = run_tune_search(trained_cfg, progress=False, faults=faults["faults"])
+    checkpoint_temps["after"] = _checkpoint_temps()
     return first, second
+
+
+def test_trials_leave_no_temporary_checkpoint(tune_runs, checkpoint_temps):
+    """Every stage-2 epoch reports its links as a checkpoint from a temporary directory; Tune copies it into
+    the experiment, and the trial removes its own copy (126 were left in /tmp after a day of searches)."""
+    assert checkpoint_temps["after"] <= checkpoint_temps["before"]
 
 
 def test_split_learning_matches_local_blocks(trained_cfg, search_ctx, cluster):
@@ -87,6 +108,56 @@ def test_split_learning_matches_local_blocks(trained_cfg, search_ctx, cluster):
             other.blocks[:1][0](svc_input)
     finally:
         stop_side(trained_cfg, "digits")
+
+
+def test_local_side_serves_concurrent_trials(trained_cfg, search_ctx, cluster):
+    """Trials on different hosts call the local side at once: each caller's forward and backward pair up (a
+    pending graph is the caller's own), and the gradients are those of the local blocks in this process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tuning.split import SIDE_THREADS, local_side, remote_service, stop_side
+
+    assert SIDE_THREADS > 1
+    paths = ["digits:mnist:0:1:2:3", "digits:mnist:0:1:1:2"]
+    side = local_side(trained_cfg, "digits", create=True, paths=paths)
+    blocks = search_ctx.services["digits"].blocks
+    try:
+
+        def trial(path: str, seed: int) -> None:
+            lin = int(path.rsplit(":", 1)[1])
+            (tail,) = remote_service(trained_cfg, "digits", side, path).blocks[lin - 1 :]
+            real = torch.nn.Sequential(*blocks[lin - 1 :])
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(6):
+                x = torch.randn(8, *search_ctx.services["digits"].boundaries[lin - 1], generator=gen)
+                xr, xl = x.clone().requires_grad_(), x.clone().requires_grad_()
+                g = torch.randn(8, 10, generator=gen)
+                tail(xr).backward(g)
+                real(xl).backward(g)
+                torch.testing.assert_close(xr.grad, xl.grad)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(trial, paths * 2, range(4)))
+        busy = ray.get(side.stats.remote())
+        assert busy["calls"] == 4 * 6 * 2 and busy["seconds"] >= busy["cpu_seconds"] > 0
+    finally:
+        stop_side(trained_cfg, "digits")
+
+
+def test_trials_report_where_their_time_went(tune_runs, faults):
+    """Each trial reports its phases (process start and imports, Tune's hand-over, services and data, the work
+    and, of it, the local side's share); the meta sums them per stage over the trials that ran."""
+    first, second = tune_runs
+    tune = first.meta["tune"]
+    p1, p2 = tune["phases"]["predict"], tune["phases"]["train"]
+    assert p1["trials"] == tune["trials"]["predict"] - 1  # the worst candidate never reported
+    assert p2["trials"] == tune["trials"]["train"]
+    for p in (p1, p2):
+        assert all(p[k] >= 0 for k in ("handover_s", "data_s", "cpu_s", "local_side_s"))
+        assert p["process_s"] > 0 and p["work_s"] > 0 and p["first_trial_after_s"] > 0
+    assert 0 < p1["local_side_calls"] + p2["local_side_calls"] <= tune["split_busy"]["digits"]["calls"]
+    resumed = second.meta["tune"]["phases"]
+    assert (resumed["predict"]["trials"], resumed["train"]["trials"]) == (1, 0)  # only what ran again
 
 
 def test_table_and_links_land_where_serving_loads_them(trained_cfg, searched_table, tune_runs):

@@ -12,8 +12,10 @@ search's own, so the reward table is the in-process one (same rows, same seeds, 
 noise), saved in the same `search_dir` with `meta["engine"] = "tune"`, links where serving loads them.
 
 Where things run. Every Ray node carries a custom resource named after the config's node; a trial asks for
-`{"CPU": 1, "<node>": 0.01}` (`tune.PlacementGroupFactory`), which pins it to that node, and works under the
-node's CPU cap where emulation has one (`coderay.emulation.work_as`):
+`{"CPU": 1, "<node>": 0.01}` (`tune.PlacementGroupFactory`), which pins it to that node. It computes at the
+machine's speed, as the in-process search does: a node's CPU cap emulates serving capacity, and what the
+throughput model reads (block profiles, link timings) is still timed inside the node's group. Tune reuses a
+node's trial process for its next trial, with the services and fitted activations it loaded:
 - a cooperative path `L[1..lout] → link_in → H[hin..hout] → link_out → L[lin..N]` trains on the HOST's node,
   holding the host's frozen blocks and the links (the host creates the links, per the paper);
 - local-only and skip paths, and the edge-early baseline, run on the LOCAL node.
@@ -29,11 +31,10 @@ weights; the local node never sees the host's blocks or the links. Limits, state
 - the host's trial holds the local task's training samples and labels, read from coderay's data registry
   (in deployment the local node would stream them); with lout = 0, the setting the paper fixes, the raw
   input is what the local node sends to the host anyway;
-- the local node's actor serves all of its cooperative trials one call at a time (its node is one server):
-  the local model's share of the work does not parallelise across hosts, and activations cross nodes
-  (through Ray's object store) twice per batch;
-- `run_tune_search(..., private=False)` loads the local model into the host's trial instead: no split, no
-  privacy, trials independent of each other;
+- the local node's actor serves its cooperative trials a few calls at once (`tuning.split.SIDE_THREADS`), so
+  trials on different hosts do not queue behind each other; the local model's share of the work (most of it
+  in the demo, whose local model is the widest) runs there, and activations cross nodes (through Ray's object
+  store) twice per batch;
 - the edge-early baseline mirrors the local model's tail by definition; its trial runs on the local node and
   gets only the hosts' block profiles.
 

@@ -275,6 +275,7 @@ class TuneExecutor:
 
         s1, s2 = self.stages["predict"], self.stages["train"]
         split_nodes = dict(zip(self.sides, ray.get([s.node_id.remote() for s in self.sides.values()])))
+        side_busy = dict(zip(self.sides, ray.get([s.stats.remote() for s in self.sides.values()])))
         rows_errors = {pid: s.error(pid) for s in (s1, s2) for pid in s.results if s.error(pid)}
         return {
             "tune": {
@@ -282,10 +283,12 @@ class TuneExecutor:
                 "experiments": [s1.path, s2.path],
                 "nodes": self.nodes,
                 "split_nodes": split_nodes,
+                "split_busy": side_busy,
                 "trials": {"predict": s1.total, "train": s2.total},
                 "trials_run": {"predict": len(s1.started), "train": len(s2.started)},
                 "reports_run": {"predict": s1.reports, "train": s2.reports},
                 "stage_seconds": {"predict": s1.seconds, "train": s2.seconds},
+                "phases": {"predict": _phase_totals(s1), "train": _phase_totals(s2)},
                 "retries": s1.retries + s2.retries,
                 "resumed": s1.restored or s2.restored,
                 "early_stop": self.scheduler is not None,
@@ -300,6 +303,19 @@ def _dispatch_train(config: dict) -> None:
     from tuning.trials import baseline_trial, train_trial
 
     (baseline_trial if config["cand"].get("kind") == "baseline" else train_trial)(config)
+
+
+PHASES = ("process_s", "handover_s", "data_s", "work_s", "cpu_s", "local_side_s", "local_side_calls")
+
+
+def _phase_totals(stage: _Stage) -> dict:
+    """Where a stage's trial time went (`tuning.trials` reports it per trial), summed over the trials this run
+    ran; `first_trial_after_s`: from the stage's start to its first trial's start (Tune, actors, imports)."""
+    ran = [p for r in stage.results.values() if (p := (r.metrics or {}).get("phases")) and p["began"] >= stage.began]
+    out = {k: round(sum(p.get(k, 0) for p in ran), 3) for k in PHASES}
+    out["trials"] = len(ran)
+    out["first_trial_after_s"] = round(min(p["began"] for p in ran) - stage.began, 3) if ran else None
+    return out
 
 
 def _trial_fields(stage: str, metrics: dict) -> dict:
@@ -341,7 +357,8 @@ class _Stage:
     retries: int = 0
     results: dict = field(default_factory=dict)  # path id → ray.tune.Result
     seconds: float = 0.0
-    bar: object = None
+    began: float = 0.0  # wall clock at the stage's start
+    bar: tqdm | None = None  # while the stage runs
 
     def error(self, path_id: str) -> str | None:
         res = self.results.get(path_id)
@@ -475,12 +492,13 @@ def _run_stage(
                     ),
                 )
             began = time.perf_counter()
+            stage.began = time.time()
             log.debug("%s: fit", name)
             grid = tuner.fit()
             log.debug("%s: fit returned", name)
             stage.seconds = round(time.perf_counter() - began, 1)
-            for result in grid:
-                stage.results[_path_of(result)] = result
+            for i in range(len(grid)):
+                stage.results[_path_of(grid[i])] = grid[i]
             stage.total = len(grid)
             if grid.num_terminated + grid.num_errors < len(grid):
                 raise RuntimeError(

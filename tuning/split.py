@@ -21,7 +21,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
+import time
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import ray
@@ -30,23 +33,39 @@ from torch import nn
 
 from coderay.cluster import pin
 from coderay.config import CoderayConfig
-from coderay.emulation import speed_divisor, work_as
+from coderay.emulation import speed_divisor
 from coderay.services import ServiceModel
 
-__all__ = ["LocalSide", "RemoteSegment", "RemoteBlocks", "local_side", "stop_side", "remote_service", "NAMESPACE"]
+__all__ = [
+    "LocalSide",
+    "RemoteSegment",
+    "RemoteBlocks",
+    "local_side",
+    "stop_side",
+    "remote_service",
+    "NAMESPACE",
+    "SIDE_THREADS",
+    "WAITED",
+]
 
 log = logging.getLogger(__name__)
 NAMESPACE = "coderay"
+WAITED = {"calls": 0, "seconds": 0.0}  # this process's round trips to a local side and the time spent in them
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+SIDE_THREADS = 4  # calls a local side runs at once: trials on different hosts do not queue behind each other
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=SIDE_THREADS)  # type: ignore[call-overload]  # ray's typed remote() lacks max_concurrency
 class LocalSide:
     """The local service's frozen blocks on its own node: forward, backward and timing for remote trials.
 
-    One actor serves every trial of the search (calls run one at a time); a pending backward is keyed by
-    the calling trial, which has at most one forward in flight. It runs only the block ranges of the search's
-    candidates `paths`: a path's own blocks before its return (head, the link's targets) and its tail
-    lin..N; any other range or path is refused.
+    One actor serves every trial of the search, up to `SIDE_THREADS` calls at once (one torch thread each; the
+    blocks are frozen, so calls share them safely); a pending backward is keyed by the calling trial, which has
+    at most one forward in flight. It computes at this machine's speed, like the trials (the node's CPU cap
+    emulates serving, not the search). It runs only the block ranges of the search's candidates `paths`: a
+    path's own blocks before its return (head, the link's targets) and its tail lin..N; any other range or path
+    is refused.
     """
 
     def __init__(self, cfg: dict, local: str, paths: Sequence[str]):
@@ -56,9 +75,10 @@ class LocalSide:
         torch.set_num_threads(1)
         self.cfg = CoderayConfig.model_validate(cfg)
         self.svc = load_services(self.cfg, [local], train_missing=False, progress=False)[local]
-        work_as(self.cfg, self.svc.node.name)  # the local node's CPU cap, where emulation has one
         self.paths = {p: PathSpec.parse(p) for p in paths}
         self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.busy = {"calls": 0, "seconds": 0.0, "cpu_seconds": 0.0}  # what its calls cost it (the profile)
+        self.lock = threading.Lock()
 
     def _check(self, path_id: str, first: int, last: int) -> None:
         spec, n = self.paths.get(path_id), len(self.svc.blocks)
@@ -73,6 +93,16 @@ class LocalSide:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def stats(self) -> dict:
+        """Calls served and their wall and CPU seconds inside this actor (where the search's time goes)."""
+        return dict(self.busy)
+
+    def _count(self, began: float, cpu: float) -> None:
+        with self.lock:
+            self.busy["calls"] += 1
+            self.busy["seconds"] += time.perf_counter() - began
+            self.busy["cpu_seconds"] += time.thread_time() - cpu
+
     def describe(self) -> dict:
         """What the host may know about the local service: block profiles and accuracy, no weights."""
         return {"infos": self.svc.infos, "metrics": self.svc.metrics}
@@ -81,26 +111,32 @@ class LocalSide:
         """Blocks first..last (1-based) of candidate `path_id` on `x`; with `keep`, remember the graph for
         `backward(key, ...)`."""
         self._check(path_id, first, last)
+        began, cpu = time.perf_counter(), time.thread_time()
         blocks = self.svc.blocks[first - 1 : last]
-        x = torch.tensor(x)  # a copy: what Ray hands over may be read-only
+        t = torch.tensor(x)  # a copy: what Ray hands over may be read-only
         if not keep:
             with torch.inference_mode():
                 for b in blocks:
-                    x = b(x)
-            return x.numpy()
-        x.requires_grad_(True)
-        out = x.clone()  # a non-leaf, so a block may start with an in-place op
+                    t = b(t)
+            self._count(began, cpu)
+            return t.numpy()
+        t.requires_grad_(True)
+        out = t.clone()  # a non-leaf, so a block may start with an in-place op
         for b in blocks:
             out = b(out)
-        self.pending[key] = (x, out)
+        self.pending[key] = (t, out)
+        self._count(began, cpu)
         return out.detach().numpy()
 
     def backward(self, key: str, grad: np.ndarray) -> np.ndarray:
         """d loss / d input of the segment `key` ran forward last, given d loss / d output."""
         if key not in self.pending:
             raise RuntimeError(f"no pending forward for {key!r} (the local side restarted?): retry the trial")
+        began, cpu = time.perf_counter(), time.thread_time()
         x, out = self.pending.pop(key)
         out.backward(torch.tensor(grad))
+        self._count(began, cpu)
+        assert x.grad is not None  # x requires grad and `out` was computed from it
         return x.grad.numpy()
 
 
@@ -135,14 +171,22 @@ def local_side(
     if not create:
         return ray.get_actor(name, namespace=NAMESPACE)
     node = cfg.node(cfg.service(local).node).name
-    return LocalSide.options(name=name, namespace=NAMESPACE, get_if_exists=True, **pin(node)).remote(
-        cfg.model_dump(mode="json"), local, list(paths)
-    )
+    return LocalSide.options(  # type: ignore[attr-defined]  # a @ray.remote class
+        name=name, namespace=NAMESPACE, get_if_exists=True, **pin(node)
+    ).remote(cfg.model_dump(mode="json"), local, list(paths))
 
 
 def _array(x: torch.Tensor) -> np.ndarray:
     """Activations travel as numpy arrays: Ray moves them with less overhead than pickled tensors."""
     return x.detach().contiguous().numpy()
+
+
+def _waited(ref) -> torch.Tensor:
+    began = time.perf_counter()
+    out = torch.tensor(ray.get(ref))
+    WAITED["calls"] += 1
+    WAITED["seconds"] += time.perf_counter() - began
+    return out
 
 
 class _Backprop(torch.autograd.Function):
@@ -167,12 +211,10 @@ class RemoteSegment(nn.Module):
         self.key = f"{os.getpid()}-{id(self)}-{next(self._ids)}"
 
     def call(self, x: torch.Tensor, *, keep: bool) -> torch.Tensor:
-        return torch.tensor(
-            ray.get(self.side.forward.remote(self.path_id, self.key, self.first, self.last, _array(x), keep))
-        )
+        return _waited(self.side.forward.remote(self.path_id, self.key, self.first, self.last, _array(x), keep))
 
     def grad(self, grad: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(ray.get(self.side.backward.remote(self.key, _array(grad))))
+        return _waited(self.side.backward.remote(self.key, _array(grad)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -211,14 +253,15 @@ def remote_service(cfg: CoderayConfig, local: str, side: ray.actor.ActorHandle, 
     from coderay.data import get_task
 
     spec = cfg.service(local)
-    info = ray.get(side.describe.remote())
-    task = get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed)
+    info = cast(dict, ray.get(side.describe.remote()))
+    # ray's stubs type an actor method's .remote() as never returning: what follows is reachable
+    task = get_task(spec.task, data_root=cfg.data_root, seed=cfg.seed)  # type: ignore[unreachable]
     return ServiceModel(
-        spec,
-        cfg.node(spec.node),
-        info["infos"],
-        info["metrics"],
-        speed_divisor(cfg, spec.node),
+        spec=spec,
+        node=cfg.node(spec.node),
+        infos=info["infos"],
+        metrics=info["metrics"],
+        divisor=speed_divisor(cfg, spec.node),
         task=task,
         model=None,
         blocks=RemoteBlocks(side, len(info["infos"]), path_id),

@@ -1,18 +1,20 @@
 """The Tune trainables of the path search: one trial per candidate and stage, pinned to the node it trains on.
 
 Every trial rebuilds the config from `config["cfg"]` (a `model_dump`, never a file path), loads the
-services it needs from its node's store (never trains a model; never another node's model) and calls coderay's own
-per-candidate
-functions (`predict_path`, `build_path`, `train_path`, `edge_early_rows`): one implementation, two engines.
+services it needs from its node's store (never trains a model; never another node's model; a reused process
+keeps them for its next trial) and calls coderay's own per-candidate functions (`predict_path`, `build_path`,
+`train_path`, `edge_early_rows`): one implementation, two engines.
 
 - a cooperative path's trial runs on the host's node with the host's blocks; the local blocks are reached
   through the local node's `LocalSide` actor (`tuning.split`);
 - local-only and skip paths (and the edge-early baseline) run on the local node, which owns every block
   they touch.
 
-Each report carries the node the trial ran on (`node`, `node_id`). Stage-2 trials report the validation
-accuracy and the reward it implies after every epoch (what the early-stopping scheduler ranks), with the
-links as a checkpoint; the last report carries the measured row and the final links.
+Each report carries the node the trial ran on (`node`, `node_id`) and where its wall time went so far
+(`phases`: process start and imports, Tune's hand-over, data, work, the wait on the local side; the search's
+profile, `bench/results/tune_trial_profile.md`). Stage-2 trials report the validation accuracy and the reward
+it implies after every epoch (what the early-stopping scheduler ranks), with the links as a checkpoint; the
+last report carries the measured row and the final links.
 """
 
 from __future__ import annotations
@@ -31,19 +33,70 @@ from ray import tune
 
 from coderay.candidate import SearchContext, build_path, predict_path, train_path
 from coderay.config import CoderayConfig
-from coderay.emulation import work_as
 from coderay.links import load_links, save_links
 from coderay.pathspec import PathSpec
 from coderay.rows import Row, row_from_dict, score
-from coderay.services import load_services
+from coderay.services import ServiceProfile, load_services
 from coderay.store import node_store, relative, resolve
-from tuning.split import local_side, remote_service
+from tuning.split import WAITED, RemoteBlocks, local_side, remote_service
 
 __all__ = ["predict_trial", "train_trial", "baseline_trial", "trial_resources", "STATE_FILE"]
 
 STATE_FILE = "state.json"
 _CONTEXTS: dict[tuple, SearchContext] = {}  # per worker process: reused actors keep their loaded services
-_STARTED: dict[str, float] = {}  # when the current trial began (reported as trial_seconds)
+
+
+def _process_began() -> float:
+    """When this process started (epoch seconds), from /proc; now where there is none."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        lines = Path("/proc/stat").read_text().splitlines()
+        boot = next(float(ln.split()[1]) for ln in lines if ln.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return time.time()
+
+
+_PROCESS = {"began": _process_began(), "imported": time.time(), "last_end": 0.0, "trials": 0}
+_MARKS: dict = {}  # the current trial's marks: wall clock at its start and once its data is loaded, counters
+
+
+def _begin() -> None:
+    """Mark a trial's start. A previous trial of this process counts once it has reported (Tune may stop a
+    trial's thread inside its last `report`, so nothing after that runs)."""
+    if _MARKS.get("reported"):
+        _PROCESS["trials"] += 1
+    first = _PROCESS["trials"] == 0
+    _MARKS.clear()
+    _MARKS.update(
+        begin=time.time(),
+        first=first,
+        after=_PROCESS["imported"] if first else _PROCESS["last_end"],
+        cpu=time.process_time(),
+        waited=WAITED["seconds"],
+        calls=WAITED["calls"],
+    )
+
+
+def _phases() -> dict:
+    """Where this trial's wall time went so far: the process's start and imports (its first trial only), the
+    hand-over since the process's previous trial (or its imports), services and data, the work and, of it,
+    the trial's CPU and its wait on the local side. Every report carries them, the last one the totals."""
+    first, begin, now = _MARKS["first"], _MARKS["begin"], time.time()
+    data = _MARKS.get("data", begin)
+    _PROCESS["last_end"], _MARKS["reported"] = now, True
+    return {
+        "first_in_process": first,
+        "process_s": round(_PROCESS["imported"] - _PROCESS["began"], 3) if first else 0.0,
+        "handover_s": round(begin - _MARKS["after"], 3),
+        "data_s": round(data - begin, 3),
+        "work_s": round(now - data, 3),
+        "cpu_s": round(time.process_time() - _MARKS["cpu"], 3),
+        "local_side_s": round(WAITED["seconds"] - _MARKS["waited"], 3),
+        "local_side_calls": WAITED["calls"] - _MARKS["calls"],
+        "began": begin,
+        "ended": now,
+    }
 
 
 def trial_resources(config: dict) -> tune.PlacementGroupFactory:
@@ -54,12 +107,12 @@ def trial_resources(config: dict) -> tune.PlacementGroupFactory:
 
 
 def _setup(config: dict) -> tuple[CoderayConfig, dict]:
-    """The trial's config and candidate; the process now works as the trial's node (under its CPU cap)."""
-    _STARTED["t"] = time.perf_counter()
+    """The trial's config and candidate. The trial computes at this machine's speed, as the in-process search
+    does: a node's CPU cap emulates its serving capacity, and what the throughput model reads (block profiles,
+    link timings) is still timed inside the node's group (`coderay.emulation.timing_as`)."""
+    _begin()
     torch.set_num_threads(1)
-    cfg, cand = CoderayConfig.model_validate(config["cfg"]), config["cand"]
-    work_as(cfg, cand["node"])
-    return cfg, cand
+    return CoderayConfig.model_validate(config["cfg"]), config["cand"]
 
 
 def _context(cfg: CoderayConfig, spec: PathSpec, cand: dict) -> SearchContext:
@@ -69,6 +122,7 @@ def _context(cfg: CoderayConfig, spec: PathSpec, cand: dict) -> SearchContext:
     key = (cfg.fingerprint(cfg), spec.local, spec.host)
     if key not in _CONTEXTS:
         if spec.kind == "coop":
+            assert spec.host is not None  # a cooperative path names its host
             services = load_services(cfg, [spec.host], train_missing=False, progress=False)
             services[spec.local] = remote_service(cfg, spec.local, local_side(cfg, spec.local), spec.id)
         else:
@@ -77,7 +131,9 @@ def _context(cfg: CoderayConfig, spec: PathSpec, cand: dict) -> SearchContext:
         _CONTEXTS[key] = SearchContext(cfg, services)
     ctx = _CONTEXTS[key]
     if spec.kind == "coop":
-        ctx.services[spec.local].blocks.path_id = spec.id  # the side serves this candidate's ranges only
+        blocks = ctx.service_model(spec.local).blocks
+        assert isinstance(blocks, RemoteBlocks)  # a cooperative trial's local service is its split-learning stand-in
+        blocks.path_id = spec.id  # the side serves this candidate's ranges only
     return ctx
 
 
@@ -86,8 +142,16 @@ def _where(cand: dict) -> dict:
         "node": cand["node"],
         "node_id": ray.get_runtime_context().get_node_id(),
         "pid": os.getpid(),
-        "trial_seconds": round(time.perf_counter() - _STARTED.get("t", time.perf_counter()), 3),
+        "trial_seconds": round(time.time() - _MARKS["begin"], 3),
     }
+
+
+def _report(cand: dict, metrics: dict, checkpoint: tune.Checkpoint | None = None) -> None:
+    """A trial's report: `metrics`, where it runs and where its wall time went so far. Tune has copied a
+    checkpoint into the experiment's storage when `report` returns, so its temporary directory goes."""
+    tune.report(metrics | _where(cand) | {"phases": _phases()}, checkpoint=checkpoint)
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint.path, ignore_errors=True)
 
 
 def _maybe_fail(cand: dict, stage: str) -> None:
@@ -107,14 +171,17 @@ def predict_trial(config: dict) -> None:
     cfg, cand = _setup(config)
     spec = PathSpec.parse(cand["path_id"])
     ctx = _context(cfg, spec, cand)
+    _MARKS["data"] = time.time()
     _maybe_fail(cand, "predict")
     row = predict_path(ctx, spec)
-    tune.report({"row": row.to_dict(), "reward": row.pred_reward, **_where(cand)})
+    _report(cand, {"row": row.to_dict(), "reward": row.pred_reward})
 
 
 def _epoch_reward(cfg: CoderayConfig, predicted: Row, val_acc: float) -> float:
     """The reward a validation accuracy implies for this path (costs from its stage-1 row)."""
-    return score(replace(predicted, val_acc=val_acc), cfg.reward, cfg.network).reward
+    reward = score(replace(predicted, val_acc=val_acc), cfg.reward, cfg.network).reward
+    assert reward is not None  # a path's row with its validation accuracy has a reward
+    return reward
 
 
 def _checkpoint(module, epoch: int, store_dir: Path, cfg: CoderayConfig, node: str) -> tune.Checkpoint:
@@ -123,7 +190,7 @@ def _checkpoint(module, epoch: int, store_dir: Path, cfg: CoderayConfig, node: s
     name = relative(save_links(module, store_dir), cfg, node)
     d = Path(tempfile.mkdtemp(prefix="coderay-ckpt-"))
     (d / STATE_FILE).write_text(json.dumps({"epoch": epoch, "links": name}))
-    return tune.Checkpoint.from_directory(str(d))
+    return tune.Checkpoint.from_directory(str(d))  # type: ignore[return-value]  # typed as train's base class
 
 
 def train_trial(config: dict) -> None:
@@ -135,13 +202,14 @@ def train_trial(config: dict) -> None:
     cfg, cand = _setup(config)
     spec = PathSpec.parse(cand["path_id"])
     ctx = _context(cfg, spec, cand)
+    _MARKS["data"] = time.time()
     resumable = len(cfg.search.link_variants) == 1
     epochs = cfg.search.link_epochs * len(cfg.search.link_variants)
     predicted = row_from_dict(cand["predicted"])
     if spec.kind == "local":
         _maybe_fail(cand, "train")
         row, _ = train_path(ctx, spec, progress=False, predicted=predicted)
-        tune.report({"row": row.to_dict(), "reward": row.reward, **_where(cand)})
+        _report(cand, {"row": row.to_dict(), "reward": row.reward})
         return
 
     module, _ = build_path(ctx, spec)
@@ -162,17 +230,8 @@ def train_trial(config: dict) -> None:
         epoch += done
         if epoch >= epochs:  # the final report below carries this epoch
             return
-        report = {
-            "epoch": epoch,
-            "loss": loss,
-            "val_acc": val_acc,
-            "reward": _epoch_reward(cfg, predicted, val_acc),
-            **_where(cand),
-        }
-        if not resumable:
-            tune.report(report)
-            return
-        tune.report(report, checkpoint=_checkpoint(module, epoch, work, cfg, node))
+        report = {"epoch": epoch, "loss": loss, "val_acc": val_acc, "reward": _epoch_reward(cfg, predicted, val_acc)}
+        _report(cand, report, checkpoint=_checkpoint(module, epoch, work, cfg, node) if resumable else None)
 
     row, module = train_path(
         ctx,
@@ -184,11 +243,13 @@ def train_trial(config: dict) -> None:
         on_epoch=on_epoch,
         predicted=predicted,
     )
+    assert row.links_file is not None  # train_path saved the links
     row = replace(row, links_file=relative(Path(row.links_file), cfg, node)).with_extra(
         epochs=epochs, resumed_from_epoch=done
     )
-    tune.report(
-        {"epoch": epochs, "val_acc": row.val_acc, "reward": row.reward, "row": row.to_dict(), **_where(cand)},
+    _report(
+        cand,
+        {"epoch": epochs, "val_acc": row.val_acc, "reward": row.reward, "row": row.to_dict()},
         checkpoint=_checkpoint(module, epochs, work, cfg, node),
     )
     shutil.rmtree(work, ignore_errors=True)
@@ -204,8 +265,9 @@ def baseline_trial(config: dict) -> None:
     cfg, cand = _setup(config)
     _maybe_fail(cand, "train")
     local = cand["local"]
-    services = load_services(cfg, [local], train_missing=False, progress=False)
+    services: dict[str, ServiceProfile] = dict(load_services(cfg, [local], train_missing=False, progress=False))
     services |= metadata_services(cfg, cand["hosts"])
+    _MARKS["data"] = time.time()
     rows = edge_early_rows(SearchContext(cfg, services), local)
-    best = max((r.reward for r in rows), default=None)
-    tune.report({"rows": {r.path_id: r.to_dict() for r in rows}, "reward": best, **_where(cand)})
+    best = max((r.reward for r in rows if r.reward is not None), default=None)
+    _report(cand, {"rows": {r.path_id: r.to_dict() for r in rows}, "reward": best})
