@@ -1,0 +1,1 @@
+"""coderay: CoDE (cooperative DNN services at the edge) on Ray; the core library and the command line."""
