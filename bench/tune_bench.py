@@ -47,9 +47,9 @@ class _Timed(InProcess):
         super().__init__(ctx, progress=False)
         self.seconds: dict[str, float] = {}
 
-    def predict(self, specs):
+    def predict(self, frontier):
         began = time.perf_counter()
-        out = super().predict(specs)
+        out = super().predict(frontier)
         self.seconds["predict"] = round(time.perf_counter() - began, 1)
         return out
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +25,22 @@ from coderay.emulation import node_rate, speed_divisor, sustained_seconds, timin
 from coderay.links import Link, match_image, save_links
 from coderay.paths import PathModule, enumerate_paths, path_budget
 from coderay.pathspec import PathSpec
-from coderay.plan import TO_END, crossings, host_span, stages
+from coderay.plan import TO_END, Hop, crossings, host_span, plan_hops, stages
 from coderay.rows import Row, score
-from coderay.services import ServiceModel, ServiceProfile, load_services
+from coderay.services import ServiceModel, ServiceProfile, Shape, load_services
 from coderay.throughput import BYTES_PER_VALUE, PathCosts
 from coderay.train import evaluate, fit
 
-__all__ = ["SearchContext", "candidates", "build_path", "path_costs", "path_row", "predict_path", "train_path"]
+__all__ = [
+    "SearchContext",
+    "candidates",
+    "build_path",
+    "path_costs",
+    "path_row",
+    "reward_bound",
+    "predict_path",
+    "train_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -165,30 +174,62 @@ def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
     node that runs it (blocks from profiles, links timed at that node's batch), one replica call's fixed cost
     per stage (`plan.stages`: the hops of one node are one call), and the bytes of every activation that
     crosses between the local and the host node."""
-    spec = module.spec
+
+    def link_seconds(name: str, node: str, batch: int) -> float:
+        link = module.links[name]
+        assert isinstance(link, Link)  # a path's links are Links (ModuleDict items are typed as Module)
+        return _link_seconds(ctx.cfg, link, batch, node)
+
+    return _costs(ctx, module.spec, module.hops, module.link_out, module.encoding, link_seconds)
+
+
+def reward_bound(ctx: SearchContext, spec: PathSpec, *, acc: float = 1.0) -> Row:
+    """The most a candidate could earn, known before any fit: its row with free links and accuracy `acc`
+    (perfect by default) as its prediction. The reward grows with accuracy and throughput and a link only adds
+    time, so no fitted link beats it. Profiles and shapes suffice: a driver holding only `ServiceProfile`s
+    computes it. For local-only (no links) with its own validation accuracy it is local-only's prediction."""
+    link_out = link_out_place(ctx, spec)
+    costs = _costs(ctx, spec, plan_hops(spec, link_out=link_out), link_out, ctx.cfg.network.encoding, lambda *_: 0.0)
+    return path_row(ctx, spec, costs, pred_acc=acc)
+
+
+def _link_dst(ctx: SearchContext, spec: PathSpec, name: str) -> Shape:
+    """What a link hands on: the input of the block it feeds (the host's hin for link_in, else the local's lin)."""
+    if name == "in":
+        host, hin, _ = host_span(spec)
+        return ctx.services[host].boundaries[hin - 1]
+    return ctx.services[spec.local].boundaries[spec.lin - 1]
+
+
+def _costs(
+    ctx: SearchContext,
+    spec: PathSpec,
+    hops: Sequence[Hop],
+    link_out: str,
+    encoding: str,
+    link_seconds: Callable[[str, str, int], float],
+) -> PathCosts:
     local = ctx.services[spec.local]
     cfg = ctx.cfg
     full = local.block_seconds(1, local.num_blocks) + call_seconds(cfg, local.node.name, spec.local)
     if spec.kind == "local":
         return PathCosts(local_full=full, local_part=full)
     seconds = {spec.local: 0.0, spec.host: 0.0}
-    for run in stages(module.hops):  # one call per stage, its cost shared by the chain's samples
+    for run in stages(list(hops)):  # one call per stage, its cost shared by the chain's samples
         seconds[run[0].service] += call_seconds(cfg, ctx.services[run[0].service].node.name, spec.local)
     shapes = [local.boundaries[0]]  # the activation leaving each hop
-    for hop in module.hops:
+    for hop in hops:
         svc = ctx.services[hop.service]
         if hop.kind == "links":
-            link = module.links[hop.link]
-            assert isinstance(link, Link)  # a path's links are Links (ModuleDict items are typed as Module)
-            seconds[hop.service] += _link_seconds(cfg, link, svc.spec.batch_size, svc.node.name)
-            shapes.append(link.dst)
+            seconds[hop.service] += link_seconds(hop.link, svc.node.name, svc.spec.batch_size)
+            shapes.append(_link_dst(ctx, spec, hop.link))
         else:
             last = svc.num_blocks if hop.last == TO_END else hop.last
             seconds[hop.service] += svc.block_seconds(hop.first, last)
             shapes.append(svc.boundaries[last])
     nbytes = {"out": 0, "back": 0}
-    for i, src, _ in crossings(spec, link_out=module.link_out):
-        nbytes["out" if src == spec.local else "back"] += BYTES_PER_VALUE[module.encoding] * math.prod(shapes[i])
+    for i, src, _ in crossings(spec, link_out=link_out):
+        nbytes["out" if src == spec.local else "back"] += BYTES_PER_VALUE[encoding] * math.prod(shapes[i])
     if spec.kind == "skip":
         return PathCosts(local_full=full, local_part=seconds[spec.local])
     host_name = host_span(spec)[0]

@@ -148,6 +148,8 @@ class SearchSpec(_Strict):
     # node that makes fewer bytes cross (the host block's output
     # or the link's)
     exhaustive: bool = False  # train every candidate (for comparison)
+    prune: bool = True  # stage 1 skips a candidate whose reward bound (free links, perfect accuracy) cannot
+    # beat local-only's nor the top_k-th prediction so far: it could never be trained, let alone win
     baselines: bool = True  # also score the edge-early baseline (Edgent-style)
 
 

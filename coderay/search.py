@@ -4,7 +4,9 @@ One algorithm (`staged_search`), two executors that run its per-candidate work (
 `InProcess` here, one candidate after another, and `tuning.search.TuneExecutor`, trials in parallel on the
 nodes that own the blocks. Both produce the same table: same candidates, same selection, same rows.
 
-    stage 1   predict every candidate of every local service      (executor.predict)
+    bound     each candidate's reward bound: free links, perfect accuracy (profiles and shapes only)
+    stage 1   predict candidates by bound, best first, while one can still reach the top-k and beat
+              local-only; the rest are pruned, never fitted              (executor.predict over a Frontier)
     select    top-k by predicted reward per service (every candidate when exhaustive), plus local-only
     stage 2   train and measure the selected, score the baselines  (executor.measure)
     merge     candidates in enumeration order, then baselines; summary; save; plot
@@ -24,7 +26,7 @@ from typing import Protocol
 from tqdm.auto import tqdm
 
 from coderay.baselines import edge_early_rows
-from coderay.candidate import SearchContext, candidates, predict_path, train_path
+from coderay.candidate import SearchContext, candidates, predict_path, reward_bound, train_path
 from coderay.config import CoderayConfig
 from coderay.emulation import describe
 from coderay.pathspec import PathSpec
@@ -36,6 +38,7 @@ from coderay.table import RewardTable
 
 __all__ = [
     "Executor",
+    "Frontier",
     "InProcess",
     "staged_search",
     "run_search",
@@ -49,13 +52,78 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+class Frontier:
+    """Stage 1's order and its stop. Candidates come best reward bound first; one is handed out only while its
+    bound beats the bar of its service: local-only's predicted reward, and once `top_k` of its candidates are
+    predicted, the k-th best of them. A candidate under the bar can neither be trained (stage 2 takes the top
+    k) nor beat local-only, so pruning it changes neither the selection nor the best path; the bar only
+    rises, so a candidate pruned stays pruned. Exhaustive: no bar, every candidate is predicted."""
+
+    def __init__(self, bounds: Sequence[Row], local_rows: Mapping[str, Row], *, top_k: int, exhaustive: bool):
+        self.rows: dict[str, Row] = {}
+        self._local = dict(local_rows)  # local-only's predicted row of each service
+        self._queue = sorted(bounds, key=lambda r: -(r.pred_reward or 0.0))
+        self._predicted: dict[str, list[float]] = {local: [] for local in self._local}
+        self.top_k, self.exhaustive = top_k, exhaustive
+        self.pruned: dict[str, Row] = {}
+
+    def __len__(self) -> int:
+        """Candidates still to hand out or prune."""
+        return len(self._queue)
+
+    def bar(self, local: str) -> float:
+        """What a candidate of `local` must beat to be worth predicting (−inf when exhaustive)."""
+        if self.exhaustive:
+            return -math.inf
+        own = self._local[local].pred_reward
+        preds = sorted(self._predicted[local], reverse=True)
+        kth = preds[self.top_k - 1] if len(preds) >= self.top_k else -math.inf
+        return max(own if own is not None else -math.inf, kth)
+
+    def next(self) -> PathSpec | None:
+        """The next candidate to predict, pruning those under their bar on the way; None when none is left."""
+        while self._queue:
+            row = self._queue.pop(0)
+            bar = self.bar(row.local)
+            if (row.pred_reward or 0.0) > bar:
+                return PathSpec.parse(row.path_id)
+            self.pruned[row.path_id] = replace(row, pred_acc=None, pred_reward=None).with_extra(
+                pruned=f"reward bound {row.pred_reward:.3f} ≤ {bar:.3f}", reward_bound=row.pred_reward
+            )
+        return None
+
+    def take(self, n: int) -> list[PathSpec]:
+        """Up to `n` candidates at once (engines that run several together; the bar is the one known now)."""
+        out: list[PathSpec] = []
+        while len(out) < n and (spec := self.next()) is not None:
+            out.append(spec)
+        return out
+
+    def record(self, row: Row) -> None:
+        """A candidate's stage-1 row: its prediction raises its service's bar."""
+        self.rows[row.path_id] = row
+        if row.pred_reward is not None and row.kind != "local":
+            self._predicted[row.local].append(row.pred_reward)
+
+    def local_rows(self) -> list[Row]:
+        """Local-only's stage-1 row of each service, from its profiles (an engine may predict it anew)."""
+        return list(self._local.values())
+
+    def result(self) -> dict[str, Row]:
+        """Every candidate's stage-1 row: local-only, the predicted and the pruned."""
+        return {r.path_id: r for r in self._local.values()} | self.rows | self.pruned
+
+
 class Executor(Protocol):
-    """Runs the per-candidate work of a search; rows come back keyed by path id."""
+    """Runs the per-candidate work of a search; rows come back keyed by path id. `prunes`: whether stage 1 may
+    skip candidates under their bar (an engine that predicts them all at once cannot use the bar)."""
 
     name: str
+    prunes: bool
 
-    def predict(self, specs: Sequence[PathSpec]) -> dict[str, Row]:
-        """Stage 1 for every spec (a candidate that fails for good gets a row with `error`)."""
+    def predict(self, frontier: Frontier) -> dict[str, Row]:
+        """Stage 1 for the candidates `frontier` hands out, each recorded as it finishes (a candidate that
+        fails for good gets a row with `error`); returns `frontier.result()`."""
 
     def measure(
         self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
@@ -73,13 +141,20 @@ class InProcess:
     node."""
 
     name = "in-process"
+    prunes = True
 
     def __init__(self, ctx: SearchContext, *, progress: bool = True):
         self.ctx, self.progress = ctx, progress
 
-    def predict(self, specs: Sequence[PathSpec]) -> dict[str, Row]:
-        bar = tqdm(specs, desc="stage 1 (predict)", unit="path", disable=not self.progress)
-        return {spec.id: predict_path(self.ctx, spec) for spec in bar}
+    def predict(self, frontier: Frontier) -> dict[str, Row]:
+        with tqdm(total=len(frontier), desc="stage 1 (predict)", unit="path", disable=not self.progress) as bar:
+            while (spec := frontier.next()) is not None:
+                frontier.record(predict_path(self.ctx, spec))
+                bar.total = bar.n + 1 + len(frontier)  # the pruned leave the count
+                bar.update()
+            bar.total = bar.n
+            bar.refresh()
+        return frontier.result()
 
     def measure(
         self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
@@ -153,7 +228,16 @@ def staged_search(ctx: SearchContext, executor: Executor, *, exhaustive: bool, o
     start = time.perf_counter()
     locals_ = cfg.search.locals or [s.name for s in cfg.services]
     cands = {local: candidates(ctx, local) for local in locals_}
-    preds = executor.predict([spec for local in locals_ for spec in cands[local]])
+    local_rows, bounds = {}, []
+    for local in locals_:
+        for spec in cands[local]:
+            if spec.kind == "local":
+                local_rows[local] = reward_bound(ctx, spec, acc=ctx.services[local].metrics["val_acc"])
+            else:
+                bounds.append(reward_bound(ctx, spec))
+    prune = cfg.search.prune and executor.prunes and not exhaustive
+    frontier = Frontier(bounds, local_rows, top_k=cfg.search.top_k, exhaustive=not prune)
+    preds = executor.predict(frontier)
     chosen = []
     for local in locals_:
         rows = [preds[spec.id] for spec in cands[local]]

@@ -33,7 +33,7 @@ from coderay.config import CoderayConfig
 from coderay.pathspec import PathSpec
 from coderay.plan import link_owner, link_services
 from coderay.rows import BaselineRow, Row, row_from_dict
-from coderay.search import search_dir, staged_search
+from coderay.search import Frontier, search_dir, staged_search
 from coderay.table import RewardTable
 
 __all__ = ["run_tune_search", "experiment_dir", "TuneExecutor"]
@@ -138,6 +138,7 @@ class TuneExecutor:
     another, each trial pinned to the node that owns its blocks."""
 
     name = "tune"
+    prunes = False  # one experiment runs every stage-1 trial at once: no prediction can raise a bar in time
 
     def __init__(
         self,
@@ -169,8 +170,13 @@ class TuneExecutor:
         node = self.cfg.service(link_owner(spec)).node
         return {"path_id": spec.id, "node": node, "cpus": min(1.0, self.cfg.node(node).cpus)} | self._extra(spec.id)
 
-    def predict(self, specs: Sequence[PathSpec]) -> dict[str, Row]:
+    def predict(self, frontier: Frontier) -> dict[str, Row]:
+        """One experiment for local-only and every candidate the frontier hands out (trials run together, so the
+        search runs this executor with an exhaustive frontier: nothing pruned); local-only's trial row replaces
+        the driver's."""
         from tuning.trials import predict_trial
+
+        specs = [PathSpec.parse(r.path_id) for r in frontier.local_rows()] + frontier.take(len(frontier))
 
         stage = self.stages["predict"] = _run_stage(
             self.cfg,
@@ -188,7 +194,8 @@ class TuneExecutor:
                 rows[spec.id] = Row.failed(spec, stage.error(spec.id) or "no result")
             else:
                 rows[spec.id] = row_from_dict(res.metrics["row"]).with_extra(**_trial_fields("predict", res.metrics))
-        return rows
+            frontier.record(rows[spec.id])
+        return frontier.result()
 
     def measure(
         self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path

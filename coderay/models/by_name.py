@@ -10,7 +10,6 @@ import importlib
 import inspect
 from collections.abc import Callable
 
-import torchvision
 from torch import nn
 
 from coderay.models.fx_split import trace_model
@@ -20,6 +19,8 @@ from coderay.models.staged import StagedModel
 
 def list_torchvision_models() -> list[str]:
     """Every torchvision classification model name (``torchvision.models.list_models(module=torchvision.models)``)."""
+    import torchvision  # here, not at import: a replica serving a staged model never needs it (1.4 s of CPU)
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -87,6 +88,8 @@ def _traced_model(name: str, *, num_classes: int, input_shape: tuple[int, int, i
     if small_input is not None and not isinstance(small_input, bool):
         raise TypeError(f"{name}: small_input must be true, false or null (auto), got {small_input!r}")
     if name in _torchvision_names():
+        import torchvision
+
         fn = torchvision.models.get_model_builder(name)
         module = _build_module(fn, name, num_classes, _torchvision_kwargs(name, input_shape, kwargs), input_shape)
         small = _is_small(input_shape, small_input)

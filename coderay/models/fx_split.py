@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx
-import torchvision
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
@@ -29,6 +28,8 @@ class _Tracer(torch.fx.Tracer):
 
     def __init__(self) -> None:
         # torch annotates autowrap_modules as a 1-tuple; it takes any number of modules
+        import torchvision
+
         super().__init__(autowrap_modules=(math, torchvision.ops))  # type: ignore[arg-type]
 
 

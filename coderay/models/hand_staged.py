@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torchvision
 from torch import nn
 
 from coderay.models.input_adapt import _is_small
@@ -58,6 +57,8 @@ def _alexnet_pair(
 ) -> tuple[nn.Module, StagedModel]:
     if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
         raise ValueError(f"hidden must be a positive int (4096 in the original), got {hidden!r}")
+    import torchvision
+
     tv = torchvision.models.alexnet(num_classes=num_classes)
     if _is_small(input_shape, small_input):
         # 11x11 stride 4 would shrink 28 px to 6 px before the first pool; keep the resolution instead.
@@ -112,6 +113,8 @@ def _mobilenet_v2_pair(
 ) -> tuple[nn.Module, StagedModel]:
     if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or width_mult <= 0:
         raise ValueError(f"width_mult must be a positive number, e.g. 1.0 or 0.5; got {width_mult!r}")
+    import torchvision
+
     tv = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=float(width_mult))
     small = _is_small(input_shape, small_input)
     stem = tv.features[0][0]
@@ -161,6 +164,8 @@ def mobilenet_v2(
 def _resnet18_pair(
     *, num_classes: int, input_shape: tuple[int, int, int], small_input: bool | None = None
 ) -> tuple[nn.Module, StagedModel]:
+    import torchvision
+
     tv = torchvision.models.resnet18(num_classes=num_classes)
     small = _is_small(input_shape, small_input)
     if small or input_shape[0] != 3:

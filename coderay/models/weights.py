@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torchvision
 
 from coderay.models.by_name import _torchvision_names
 from coderay.models.staged import StagedModel
@@ -25,6 +24,8 @@ def _resolve_weights(name: str, weights: str | os.PathLike[str] | None) -> str |
     if not isinstance(weights, str) or Path(weights).expanduser().is_file() or name not in _torchvision_names():
         return weights
     try:
+        import torchvision
+
         enum = torchvision.models.get_model_weights(name)
         entry = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
     except (KeyError, ValueError):
