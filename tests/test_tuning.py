@@ -40,7 +40,7 @@ def node_ids(cluster, trained_cfg):
 def faults(searched_table):
     """The in-process best path fails its first attempt in both stages (the retry succeeds); the candidate
     predicted worst fails all 1 + max_failures attempts of stage 1 (and succeeds when resumed)."""
-    rows = [r for r in searched_table.rows if r["kind"] in ("coop", "skip")]
+    rows = [r for r in searched_table.rows if r["kind"] in ("coop", "skip") and r["pred_reward"] is not None]
     best = searched_table.best("digits")["path_id"]
     worst = min(rows, key=lambda r: r["pred_reward"])["path_id"]
     assert best != worst
