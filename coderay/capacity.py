@@ -89,6 +89,7 @@ __all__ = [
     "cleanup",
     "sweep",
     "group_pids",
+    "session_pids",
     "threads_in_group",
     "session_id",
     "new_session",
@@ -707,6 +708,19 @@ def group_pids(node: str, *, session: str | None = None) -> list[int]:
     return _pids(_groups(det, node, session or session_id())[0])
 
 
+def session_pids(session: str | None = None) -> list[int]:
+    """The processes now in any group of `session` (default: this run's), in every hierarchy: the run's capped
+    work, whatever else knows it by."""
+    det = detect()
+    if not det.available:
+        return []
+    name = session or session_id()
+    _check_name(name, "session")
+    return sorted(
+        {pid for _, root, _ in _hierarchies(det) for group in _subgroups(root / PARENT / name) for pid in _pids(group)}
+    )
+
+
 def threads_in_group(node: str, pid: int | None = None, *, session: str | None = None) -> tuple[int, int]:
     """(threads of `pid` now inside `node`'s group, all threads of `pid`): checks that no thread escaped."""
     det = detect()
@@ -851,9 +865,9 @@ def _caller_group(det: Detection, controller: str, root: Path, base: str) -> Pat
     return root if target.is_relative_to(root / PARENT) else target
 
 
-def _remove_session(det: Detection, name: str, *, evict: bool) -> list[str]:
+def _remove_session(det: Detection, name: str, *, evict: bool, wait_s: float = 0.4) -> list[str]:
     """rmdir session `name`'s groups that hold no process, deepest first; `evict` moves processes out first
-    (to where they came from, see `leave`, else to the caller's group)."""
+    (to where they came from, see `leave`, else to the caller's group); `wait_s`: see `_rmdir`."""
     removed = []
     for controller, root, base in _hierarchies(det):
         for group in _subgroups(root / PARENT / name):
@@ -867,19 +881,22 @@ def _remove_session(det: Detection, name: str, *, evict: bool) -> list[str]:
                         _fs.write(_caller_group(det, controller, root, base) / "cgroup.procs", str(pid))
                     except OSError:
                         pass  # exited meanwhile
-            if _rmdir(group):
+            if _rmdir(group, wait_s=wait_s):
                 removed.append(str(group))
     return removed
 
 
-def cleanup(session: str | None = None, *, all_sessions: bool = False, evict: bool = False) -> list[str]:
+def cleanup(
+    session: str | None = None, *, all_sessions: bool = False, evict: bool = False, wait_s: float = 0.4
+) -> list[str]:
     """Remove the session's groups whose processes have exited, then the session group and, once empty,
     coderay's parent group.
 
     `all_sessions`: also every other session whose owner is not known to run (crashed runs' and hand-named
     ones; a live run's groups are left alone). `evict`: move live processes out first (back to where they
-    came from, uncapped) so every group goes. Returns removed paths; groups still holding processes are
-    kept (and logged)."""
+    came from, uncapped) so every group goes. `wait_s`: how long a group whose processes have all exited may
+    stay busy (a killed process's zombie holds its group until its parent, or init, reaps it). Returns removed
+    paths; groups still holding processes are kept (and logged)."""
     det = detect()
     if not det.available:
         return []
@@ -888,7 +905,7 @@ def cleanup(session: str | None = None, *, all_sessions: bool = False, evict: bo
     names = {own}
     if all_sessions:
         names |= {n for n in _session_names(det) if not _owner_alive(n)}
-    removed = [path for name in sorted(names) for path in _remove_session(det, name, evict=evict)]
+    removed = [path for name in sorted(names) for path in _remove_session(det, name, evict=evict, wait_s=wait_s)]
     for _, root, _ in _hierarchies(det):
         if _rmdir(root / PARENT):
             removed.append(str(root / PARENT))
@@ -919,8 +936,11 @@ def sweep(*, unowned: bool = False) -> list[str]:
     return removed
 
 
-def _rmdir(group: Path) -> bool:
-    for attempt in range(20):  # a process that just exited leaves its group a moment later
+def _rmdir(group: Path, *, wait_s: float = 0.4) -> bool:
+    """rmdir `group`; one that holds no child group and no process but zombies, yet is busy, is tried again for
+    `wait_s` (a process that just exited leaves its group a moment later, a zombie once it is reaped)."""
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
             _fs.rmdir(group)
             return True
@@ -929,8 +949,8 @@ def _rmdir(group: Path) -> bool:
         except OSError as e:
             if (
                 e.errno == errno.EBUSY
-                and attempt < 19
-                and _pids(group) == []
+                and time.monotonic() < deadline
+                and all(_start_ticks(pid) is None for pid in _pids(group))  # none, or zombies
                 and not any(p.is_dir() for p in group.iterdir())
             ):
                 time.sleep(0.02)
@@ -940,7 +960,6 @@ def _rmdir(group: Path) -> bool:
             elif group.name != PARENT:  # a delegated parent is not ours to remove
                 log.warning("could not remove %s: %s", group, e.strerror or e)
             return False
-    return False
 
 
 # --------------------------------------------------------------------------- budget

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
+from coderay.cluster import INTERRUPTED
 from coderay.config import DEFAULT_CONFIG, load_config
 from coderay.emulation import HEAD, core_plan
 from coderay.errors import CoderayError
 
 __all__ = ["main"]
+
+WATCH_S = 0.2  # how often the stop watcher looks at the local cluster while the main thread does not answer
+_heard = threading.Event()  # the main thread ran its stop handler (`_interrupt`)
+_cleaning = threading.Event()  # ... and its code took the stop: the clean-up runs (`_stopping`)
+_serving = threading.Event()  # `up`/`serve` serves: a stop from now on ends with status 0
+_said = threading.Event()  # "stopping" was said (once: the main thread and the stop watcher may both get there)
+_saying = threading.Lock()  # ... and not twice at once
+_watching = threading.Event()  # the stop watcher runs (one per process)
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -106,13 +118,41 @@ def _print_epoch(e: dict) -> None:
     )
 
 
-def _disconnect(cluster) -> None:
+def _disconnect(cluster, *, exit_code: int | None = None) -> None:
+    """Shut the local cluster down, or leave the one given by --address. exit_code: where the cluster turns out
+    lost meanwhile (a stop sent to the whole process group took it down), the process ends with it at once."""
     import ray
 
+    from coderay.cluster import exit_if_gcs_lost
+
     if cluster is not None:
-        cluster.shutdown()
+        cluster.shutdown(exit_code=exit_code)
     else:
-        ray.shutdown()
+        with exit_if_gcs_lost(exit_code):
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _disconnected_on_error(cluster):
+    """The block's failure shuts the cluster down; Ctrl-C or SIGTERM says "stopping" first, and a cluster lost
+    with this process then ends it with INTERRUPTED (`main` says the rest)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _stopping()
+        _disconnect(cluster, exit_code=INTERRUPTED)
+        raise
+    except BaseException:
+        _disconnect(cluster)
+        raise
+
+
+def _check_port(cfg, args: argparse.Namespace) -> None:
+    """The HTTP port of a local cluster, checked before anything starts (a remote head's is not ours to see)."""
+    if args.address is None:
+        from deployments.app import check_port
+
+        check_port(cfg, args.port)
 
 
 def print_search(table) -> None:
@@ -164,20 +204,54 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None) -> int:
-    """Deploy, print how to reach it, and serve until Ctrl-C or SIGTERM (unless --no-block)."""
+    """Deploy on `cluster` (None: the one --address names), print how to reach it, and serve until Ctrl-C or
+    SIGTERM (unless --no-block). A stop at any point of it shuts down what runs (`_shut_down`)."""
     import time
 
     from deployments.app import start_serving
+
+    served = None
+    try:
+        served = start_serving(
+            cfg,
+            config_path=Path(args.config).resolve(),
+            address=args.address,
+            port=args.port,
+            controller=False if getattr(args, "no_controller", False) else None,
+            cluster=cluster,
+        )
+        _print_served(cfg, args, served)
+        if args.no_block:
+            return 0
+        signal.signal(signal.SIGTERM, _interrupt)  # ours again, whatever Serve's start-up installed
+        _serving.set()
+        print("serving until Ctrl-C (or SIGTERM)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _stopping()
+        stopped = 0 if _serving.is_set() else INTERRUPTED  # a stop while serving is the end asked for
+        _shut_down(served, cluster, exit_code=stopped)
+        if stopped:
+            raise
+        return 0
+    except BaseException:
+        _shut_down(served, cluster)
+        raise
+
+
+def _shut_down(served, cluster, *, exit_code: int | None = None) -> None:
+    """Stop Serve and the cluster, or only the cluster where nothing was served yet (`_disconnect`)."""
+    if served is not None:
+        served.shutdown(exit_code=exit_code)
+    else:
+        _disconnect(cluster, exit_code=exit_code)
+
+
+def _print_served(cfg, args: argparse.Namespace, served) -> None:
+    """Where the services answer, and how to try them."""
     from deployments.schemas import BODY_DTYPE
 
-    served = start_serving(
-        cfg,
-        config_path=Path(args.config).resolve(),
-        address=args.address,
-        port=args.port,
-        controller=False if getattr(args, "no_controller", False) else None,
-        cluster=cluster,
-    )
     url, svc = served.url, cfg.services[0]
     shape = (1, *_input_shape(cfg, svc.name))
     print(f"coderay is serving {len(cfg.services)} service(s) at {url}")
@@ -218,18 +292,6 @@ def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None) -> int:
             f"  controller: coderay status{'' if args.address is None else ' --address ' + args.address}   "
             f"(or curl {url}/v1/controller)"
         )
-    if args.no_block:
-        return 0
-    print("serving until Ctrl-C (or SIGTERM)", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # ours again, whatever Serve's start-up installed
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping")
-    finally:
-        served.shutdown()
-    return 0
 
 
 def _interrupt(signum, frame) -> None:
@@ -237,7 +299,67 @@ def _interrupt(signum, frame) -> None:
     Serve, cgroups) runs to its end instead of being cut short with a traceback."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _heard.set()
     raise KeyboardInterrupt
+
+
+def _unraisable(hook):
+    """sys.unraisablehook: a stop that `_interrupt` raised where Python cannot raise it (an at-fork hook of a
+    Popen, a finalizer) would be printed as "Exception ignored" and lost, with further signals ignored; it is
+    raised again in the main thread a moment later instead, silently. Anything else goes to `hook`."""
+
+    def unraisable(args) -> None:
+        if args.exc_type is not KeyboardInterrupt or not _heard.is_set():
+            hook(args)
+            return
+        signal.signal(signal.SIGTERM, _interrupt)
+        threading.Timer(0.05, _thread.interrupt_main, args=(signal.SIGTERM,)).start()
+
+    return unraisable
+
+
+def _say_stopping() -> None:
+    with _saying:
+        if not _said.is_set():
+            print("stopping", flush=True)
+            _said.set()
+
+
+def _stopping() -> None:
+    """The main thread takes a stop: its clean-up watches the cluster from here (`exit_if_gcs_lost`)."""
+    _cleaning.set()
+    _say_stopping()
+
+
+def _watch_stops() -> None:
+    """Hear Ctrl-C and SIGTERM in a thread too (`signal.set_wakeup_fd`): Python runs `_interrupt` in the main
+    thread between two bytecodes only, and a stop sent to the whole process group takes the local cluster's GCS
+    down with this process, so a main thread waiting in a GCS call (starting a node, say) would hear it only when
+    Ray gives up, 30 to 60 s later, and then end with Ray's errors. Once per process."""
+    if _watching.is_set():
+        return
+    _watching.set()
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    threading.Thread(target=_stop_if_stuck, args=(read,), name="coderay-stop-watch", daemon=True).start()
+
+
+def _stop_if_stuck(read: int) -> None:
+    """On a stop signal: "stopping" at once; then, until the main thread takes the stop (it may wait in Ray, or
+    be starting the cluster), where the local cluster is gone, abandon it and end the process with the status
+    the main thread would give."""
+    from coderay.cluster import abandon_local_clusters, local_gcs_lost
+
+    while os.read(read, 1)[0] not in (signal.SIGTERM, signal.SIGINT):
+        pass
+    _say_stopping()  # at once, whatever the main thread is doing
+    while not _cleaning.wait(WATCH_S):
+        if local_gcs_lost():
+            abandon_local_clusters()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(0 if _serving.is_set() else INTERRUPTED)
 
 
 def _cores(cores) -> str:
@@ -252,7 +374,14 @@ def _input_shape(cfg, service: str) -> tuple[int, ...]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    return serve_until_stopped(load_config(args.config, **_workdir(args)), args)
+    from coderay.cluster import connect
+
+    cfg = load_config(args.config, **_workdir(args))
+    if args.address:
+        cfg = cfg.on_real_cluster()
+    _check_port(cfg, args)
+    _watch_stops()
+    return serve_until_stopped(cfg, args, cluster=connect(cfg, args.address))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -267,8 +396,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, **_workdir(args))
     if args.address:
         cfg = cfg.on_real_cluster()
+    _check_port(cfg, args)
+    _watch_stops()
     cluster = connect(cfg, args.address)
-    try:
+    with _disconnected_on_error(cluster):
         print(
             f"[1/3] services of {cfg.name!r}: each trains (or loads its cached checkpoint) on its own node", flush=True
         )
@@ -289,17 +420,16 @@ def cmd_up(args: argparse.Namespace) -> int:
             print_search(run_tune_search(cfg, address=args.address))
         where = "the local Ray cluster" if args.address is None else args.address
         print(f"[3/3] serving on {where}{' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
-    except BaseException:
-        _disconnect(cluster)
-        raise
     return serve_until_stopped(cfg, args, cluster=cluster)
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    """Remove CPU-cap groups left by crashed runs (owner gone, no task inside); live runs' groups stay."""
+    """Remove CPU-cap groups left by crashed runs (owner gone, no task inside) and stop the Ray HAProxies their
+    clusters left (parent gone); live runs' groups and HAProxies stay."""
     from coderay import capacity
+    from coderay.cluster import stop_orphaned_haproxies
 
-    removed = capacity.sweep(unowned=args.all)
+    removed = capacity.sweep(unowned=args.all) + stop_orphaned_haproxies()
     print(json.dumps(removed) if args.json else "\n".join(removed) or "nothing stale")
     return 0
 
@@ -492,9 +622,13 @@ def build_parser() -> argparse.ArgumentParser:
     _deploy_args(v)
     v.set_defaults(func=cmd_serve)
 
-    c = sub.add_parser("cleanup", help="remove CPU-cap cgroups of crashed runs (never one with live tasks)")
+    c = sub.add_parser(
+        "cleanup",
+        help="remove CPU-cap cgroups of crashed runs (never one with live tasks) and stop the Ray HAProxies "
+        "their clusters left",
+    )
     c.add_argument("--all", action="store_true", help="also hand-named sessions, once they hold no task")
-    c.add_argument("--json", action="store_true", help="print the removed paths as JSON")
+    c.add_argument("--json", action="store_true", help="print the removed paths (and stopped HAProxies) as JSON")
     c.set_defaults(func=cmd_cleanup)
 
     st = sub.add_parser(
@@ -526,14 +660,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("torch").setLevel(logging.WARNING)  # its INFO (e.g. cache stats at exit) is not ours
     signal.signal(signal.SIGTERM, _interrupt)  # `kill`, a service manager: shut down as on Ctrl-C
     signal.signal(signal.SIGINT, _interrupt)  # also when started in the background, where SIGINT is ignored
+    sys.unraisablehook = _unraisable(sys.unraisablehook)
     try:
         return args.func(args)
     except (CoderayError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _cleaning.set()  # the clean-up is over: nothing left for the stop watcher
         print(f"coderay {args.command}: interrupted, stopped cleanly", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

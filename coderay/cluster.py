@@ -11,8 +11,14 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from coderay.config import CoderayConfig
 from coderay.store import STORE_ENV, local_store
@@ -38,6 +44,15 @@ __all__ = [
     "pin",
     "HEAD_RESOURCE",
     "LocalCluster",
+    "INTERRUPTED",
+    "gcs_reachable",
+    "exit_if_gcs_lost",
+    "ray_haproxies",
+    "orphaned_haproxies",
+    "stop_orphaned_haproxies",
+    "port_holder",
+    "local_gcs_lost",
+    "abandon_local_clusters",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,6 +61,12 @@ HEAD_RESOURCE = "head"  # the custom resource of LocalCluster's head node (the i
 
 
 TOKEN_FILE = ".ray/auth_token"  # the local cluster's token, under the workdir
+INTERRUPTED = 130  # the exit status of a process stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
+WATCH_S = 0.1  # how often a clean-up's GCS calls check that the GCS still answers (exit_if_gcs_lost)
+LOST_AFTER = 2  # ... and how many refused checks in a row mean it is gone
+STOP_WAIT_S = 3.0  # how long a stopped process gets to exit before SIGKILL
+# Serve's HAProxy reads <dir>/<Ray node id>/haproxy.cfg, <dir>/haproxy.cfg being Serve's setting (its default here)
+HAPROXY_CONFIG_ENV, HAPROXY_CONFIG = "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg"
 
 
 def ray_env() -> None:
@@ -137,8 +158,10 @@ class LocalCluster:
         ray_env()
         self.token = local_token(cfg)  # token authentication, as `ray start` on a provider's server
         self.session = capacity.new_session()  # this cluster's CPU-cap groups (its workers inherit the name)
+        stop_orphaned_haproxies()  # a crashed run's HAProxy would hold the HTTP port Serve's needs
         self.cluster: Cluster | None = None  # set below; None only while starting fails
         self.nodes: dict[str, Node] = {}
+        self.ray_nodes: list[Node] = []  # the head and every node, kept after shutdown (their processes' record)
         try:
             # Ray's processes start on the head's cores (pin_cores) and inherit Serve's environment; the driver not
             with keep_sigterm(), pinned_head(cfg), environ(serve_env(cfg)):
@@ -151,6 +174,7 @@ class LocalCluster:
                         "resources": {HEAD_RESOURCE: 1},
                     },
                 )
+                self.ray_nodes = self.cluster.list_all_nodes()  # the head
                 for cpus, names in layout or [(n.cpus, [n.name]) for n in cfg.nodes]:
                     objects = max(cfg.node(n).object_store_mb for n in names)
                     # each node its own coderay store, as `ray start` on a provider's server gives it
@@ -161,10 +185,12 @@ class LocalCluster:
                         env_vars={STORE_ENV: str(local_store(cfg, names[0]))},
                     )
                     self.nodes |= dict.fromkeys(names, ray_node)
+                    self.ray_nodes.append(ray_node)
             self.cluster.wait_for_nodes()
             init_ray(address=self.cluster.address, namespace="coderay", log_to_driver=False)
-        except BaseException:  # Ctrl-C or SIGTERM while starting: leave nothing behind
-            self.shutdown()
+        except BaseException as e:  # Ctrl-C or SIGTERM while starting: leave nothing behind
+            stopped = isinstance(e, KeyboardInterrupt)
+            self.shutdown(exit_code=INTERRUPTED if stopped else None, graceful=not stopped)
             raise
         log.info("local Ray cluster: head + %s", ", ".join(self.nodes))
 
@@ -173,8 +199,6 @@ class LocalCluster:
 
         Returns once Ray reports the node dead (its health checks take ~15 s): until then work on it may
         still answer, so a caller could not tell a lost server from a live one."""
-        import time
-
         assert self.cluster is not None  # __init__ raises unless the cluster started
         ray_node = self.nodes[node]
         self.nodes = {k: v for k, v in self.nodes.items() if v is not ray_node}
@@ -185,15 +209,58 @@ class LocalCluster:
                 raise TimeoutError(f"Ray still reports node {node!r} alive {timeout_s:.0f} s after removing it")
             time.sleep(0.2)
 
-    def shutdown(self) -> None:
+    def shutdown(self, *, exit_code: int | None = None, graceful: bool = True) -> None:
+        """Disconnect this driver, stop every process of the cluster (Serve's HAProxy too) and remove its CPU-cap
+        groups. A cluster whose GCS is gone is abandoned instead (`abandon`): its processes got the signal this
+        one did (a stop sent to the whole process group) and may hang on their way out, and Ray would wait a
+        second for each in turn.
+
+        exit_code: where the GCS is found gone while this driver is still connected, end this process with it
+        once the cluster is abandoned (`exit_if_gcs_lost`): Ray's disconnect would wait 60 s for the GCS and
+        then end the process itself, the clean-up undone. None (a library caller, a test): Ray's behaviour.
+        graceful: False abandons the cluster whatever its GCS says (one interrupted while starting: nothing to
+        drain, and the GCS may be a moment from closing its port)."""
         import ray
 
         from coderay import capacity
 
-        ray.shutdown()
-        if self.cluster is not None:
-            self.cluster.shutdown()
-        capacity.cleanup(self.session)  # the node groups of exited workers
+        with self.guard(exit_code):
+            ray.shutdown()
+        if self.cluster is None or not graceful or not gcs_reachable(self.cluster.address):
+            self.abandon()
+            return
+        self.cluster.shutdown()
+        _stop(self.processes())  # workers that outlive their raylet a moment, an HAProxy Serve did not stop
+        capacity.cleanup(self.session, wait_s=STOP_WAIT_S)  # the node groups of exited workers, once reaped
+
+    def guard(self, exit_code: int | None) -> contextlib.AbstractContextManager[None]:
+        """`exit_if_gcs_lost` for this cluster's GCS, abandoning the cluster where the GCS is lost."""
+        if self.cluster is None:
+            return contextlib.nullcontext()
+        return exit_if_gcs_lost(exit_code, address=self.cluster.address, on_lost=self.abandon)
+
+    def abandon(self) -> None:
+        """The clean-up of a cluster whose GCS is gone, with no call to Ray: every process of it killed at once
+        (each already got the stop signal, and a raylet or the GCS then hangs on its way out), its CPU-cap groups
+        removed."""
+        from coderay import capacity
+
+        _stop(self.processes(), signal.SIGKILL)
+        for process in self._own_processes():
+            process.poll()  # reaped: a zombie keeps its group busy
+        capacity.cleanup(self.session, wait_s=STOP_WAIT_S)  # the workers' zombies are init's to reap
+
+    def processes(self) -> list[int]:
+        """The pids of every process of this cluster still running: the nodes' own (GCS, raylets, monitors; this
+        driver's Ray children where no node is known yet: the head's start was interrupted) and what descends
+        from them or their raylets started (`_tree`), and any HAProxy reading one of the nodes' config files."""
+        own = {process.pid for process in self._own_processes() if process.poll() is None}
+        roots = own if self.ray_nodes else _ray_children()
+        return _tree(roots, self.session, {node.node_id for node in self.ray_nodes})
+
+    def _own_processes(self) -> list:
+        """The Popen of every process the nodes started from this driver (GCS, raylets, monitors, dashboard)."""
+        return [info.process for node in self.ray_nodes for infos in node.all_processes.values() for info in infos]
 
 
 @contextlib.contextmanager
@@ -229,20 +296,30 @@ def connect(cfg: CoderayConfig, address: str | None) -> LocalCluster | None:
 
 
 @contextlib.contextmanager
-def keep_sigterm():
-    """This process's own SIGTERM handler kept across the block: `ray.init` replaces it with `sys.exit` and a
-    node started in this process with a drain of its own, so a `kill` of the CLI would end it wherever it is
-    instead of shutting the cluster down cleanly."""
-    import signal
-    import threading
+def keep_sigterm() -> Iterator[None]:
+    """This process's own SIGTERM handler kept across the block: `ray.init` would replace it with `sys.exit`, a
+    node started in this process with a drain of its own (which asks the GCS, for up to 30 s, and ends in a
+    stack dump where a stop sent to the whole process group took the GCS down too), and the driver's core worker
+    with a C++ one that dumps a stack and aborts, so a `kill` of the CLI would end it wherever it is instead of
+    shutting the cluster down cleanly. No Ray handler is installed while the block runs, so a SIGTERM reaches
+    this one; the driver goes without Ray's C++ crash dumps for good (RAY_DISABLE_FAILURE_SIGNAL_HANDLER, read
+    where the core worker starts)."""
+    import ray._private.ray_constants as ray_constants
+    import ray._private.utils as ray_utils
 
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
+    if not callable(before):
+        yield
+        return
+    install = ray_utils.set_sigterm_handler  # how every Ray module installs its handler
+    ray_utils.set_sigterm_handler = lambda handler: None
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # for good: the core worker installs it once
     try:
         yield
     finally:
-        if callable(before):
-            signal.signal(signal.SIGTERM, before)
+        ray_utils.set_sigterm_handler = install
+        signal.signal(signal.SIGTERM, before)
 
 
 def init_ray(**kwargs) -> None:
@@ -290,3 +367,337 @@ def check_nodes(cfg: CoderayConfig, nodes: list[str] | None = None) -> None:
             f"`ray start ... --resources '{{\"{missing[0]}\": 1}}'` (see cluster.yaml) or fix `nodes` "
             "in the config"
         )
+
+
+def gcs_reachable(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether the GCS at `address` ("host:port") accepts a TCP connection within `timeout_s`: the quick test of
+    a cluster that may have gone down with this driver (a GCS told to stop closes its port at once, while its
+    process lingers). Ray's own calls would retry for 60 s and then end the process."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def exit_if_gcs_lost(
+    exit_code: int | None, *, address: str | None = None, on_lost: Callable[[], None] | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """Run the block's GCS calls (a driver's clean-up), or end this process with `exit_code` where the GCS at
+    `address` (default: the connected cluster's) is gone before or while they run, after `on_lost` (the clean-up
+    that needs no GCS).
+
+    A stop sent to the whole process group (systemd's default, `timeout`, `kill -- -PGID`) takes a local
+    cluster's GCS down together with its driver: a GCS call then blocks until Ray's core worker ends the process
+    after 60 s, with an error line and the rest of the clean-up undone. A thread checks the GCS's port every
+    WATCH_S while the block runs (the calls block outside Python's lock). Nothing is watched where `exit_code`
+    is None or no driver is connected (nothing could block)."""
+    import ray
+
+    if exit_code is None or not ray.is_initialized():
+        return contextlib.nullcontext()
+    return _watching_gcs(address or ray.get_runtime_context().gcs_address, exit_code, on_lost)
+
+
+@contextlib.contextmanager
+def _watching_gcs(address: str, exit_code: int, on_lost: Callable[[], None] | None) -> Iterator[None]:
+    if not gcs_reachable(address):
+        _lost(exit_code, on_lost)
+    done = threading.Event()
+    watcher = threading.Thread(
+        target=_watch_gcs, args=(address, done, exit_code, on_lost), name="coderay-gcs-watch", daemon=True
+    )
+    watcher.start()
+    try:
+        yield
+    except Exception:
+        if _gcs_going(address):  # the call failed as the GCS went, rather than blocking
+            _lost(exit_code, on_lost)
+        raise
+    finally:
+        done.set()
+        watcher.join()
+
+
+def _watch_gcs(address: str, done: threading.Event, exit_code: int, on_lost: Callable[[], None] | None) -> None:
+    """The watcher of `_watching_gcs`: LOST_AFTER refusals in a row, WATCH_S apart, mean the GCS is gone."""
+    misses = 0
+    while not done.wait(WATCH_S):
+        misses = 0 if gcs_reachable(address) else misses + 1
+        if misses >= LOST_AFTER and not done.is_set():
+            _lost(exit_code, on_lost)
+
+
+def _gcs_going(address: str, wait_s: float = 1.0) -> bool:
+    """Whether the GCS refuses connections within `wait_s` (one told to stop closes its port in a few ms)."""
+    deadline = time.monotonic() + wait_s
+    while gcs_reachable(address):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(WATCH_S)
+    return True
+
+
+_lost_lock = threading.Lock()  # the watcher and the main thread may both find the GCS gone: one ends the process
+
+
+def _lost(exit_code: int, on_lost: Callable[[], None] | None) -> NoReturn:
+    """The GCS is gone: the clean-up that needs none, then the end of this process, skipping Ray's."""
+    with _lost_lock:
+        log.debug("the GCS is gone (stopped with this process): clean-up without Ray, exit %d", exit_code)
+        try:
+            if on_lost is not None:
+                on_lost()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(exit_code)
+
+
+def local_gcs_lost() -> bool:
+    """Whether a GCS server this process started (the head of a local cluster, from the moment it starts) is
+    gone: exited, or refusing connections (one told to stop closes its port at once, its process lingering)."""
+    for pid in _children(os.getpid()):
+        if _comm(pid) != "gcs_server":
+            continue
+        address = _gcs_address(_argv(pid))
+        if _gone(pid) or (address is not None and not gcs_reachable(address)):
+            return True
+    return False
+
+
+def abandon_local_clusters() -> None:
+    """`LocalCluster.abandon` for every local cluster of this driver, the one still starting too (before any
+    `LocalCluster` holds it): its processes (this driver's children, what descends from them, what their
+    raylets started) killed, its session's CPU-cap groups removed; nothing asks the GCS."""
+    from coderay import capacity
+
+    session = os.environ.get(capacity.SESSION_ENV)
+    if session is None:
+        return  # no local cluster was started: nothing of ours runs
+    _stop(_tree(_ray_children(), session), signal.SIGKILL)
+    capacity.cleanup(session, wait_s=STOP_WAIT_S)
+
+
+# --------------------------------------------------------------------------- processes, from /proc
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
+
+
+def _environ(pid: int) -> list[bytes]:
+    """`pid`'s environment as it started ([] where this user may not read it)."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state first, then the parent's pid); [] once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
+def _comm(pid: int) -> str:
+    """The command's name, as the kernel keeps it (a zombie's too)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    return [child for child in _pids() if _ppid(child) == pid]
+
+
+def _ray_children() -> set[int]:
+    """This process's children that run Ray's programs (a node's GCS, raylet, monitors, dashboard)."""
+    import ray
+
+    home = str(Path(ray.__file__).parent) + "/"
+    return {pid for pid in _children(os.getpid()) if any(home in arg for arg in _argv(pid)[:3])}
+
+
+def _gcs_address(argv: list[str]) -> str | None:
+    """The address of a GCS server from its command line: `--node-ip-address` and `--gcs_server_port` or, where
+    that is 0, the port it wrote to `<--session-dir>/gcs_server_port_<--node-id>` once bound; None before."""
+    opts = _options(argv)
+    port = opts.get("gcs_server_port", "0")
+    if port == "0":
+        try:
+            port = (Path(opts.get("session-dir", "")) / f"gcs_server_port_{opts.get('node-id')}").read_text().strip()
+        except OSError:
+            return None
+    return f"{opts['node-ip-address']}:{port}" if opts.get("node-ip-address") and port.isdigit() else None
+
+
+def _options(argv: list[str]) -> dict[str, str]:
+    """The `--name=value` options of a command line."""
+    return dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
+
+
+def _holds_file_under(pid: int, dirs: set[str]) -> bool:
+    """Whether `pid` has a file open below one of `dirs` (a Ray process: its logs, in its session's dir)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(tuple(dirs)):
+                return True
+    return False
+
+
+def _tree(roots: set[int], session: str, node_ids: set[str] | None = None) -> list[int]:
+    """The pids of a local cluster's processes, this driver's excepted: `roots` (its nodes' own processes) and
+    their descendants (agents, workers, what workers started: Serve's HAProxy), and what the raylets started
+    that no longer descends from them (a raylet told to stop may be gone first; a worker or an agent outlives
+    it a while, an HAProxy for good): a process in one of the CPU-cap groups of coderay's session `session`, a
+    Ray worker or agent with its logs open in the roots' session dir, one with the session and a raylet's pid in
+    its environment (a Ray process that retitles itself may overwrite that), or an HAProxy reading the config
+    file of one of `node_ids`."""
+    from coderay import capacity
+
+    marker = f"{capacity.SESSION_ENV}={session}".encode()
+    dirs = {
+        value.rstrip("/") + "/"
+        for pid in roots
+        for name, value in _options(_argv(pid)).items()
+        if name in ("session-dir", "session_dir") and value.startswith("/")
+    }
+    parents = {pid: _ppid(pid) for pid in _pids()}
+    ours = set(roots) | set(capacity.session_pids(session))  # what the nodes' CPU caps hold is the nodes' work
+    for pid in parents:
+        env = _environ(pid)
+        if (
+            (marker in env and any(v.startswith(b"RAY_RAYLET_PID=") for v in env))
+            or (node_ids and _haproxy_node(_argv(pid)) in node_ids)
+            or (dirs and _ray_titled(pid) and _holds_file_under(pid, dirs))
+        ):
+            ours.add(pid)
+    while children := {pid for pid, parent in parents.items() if parent in ours and pid not in ours}:
+        ours |= children
+    ours.discard(os.getpid())
+    return sorted(ours)
+
+
+def _ppid(pid: int) -> int:
+    """`pid`'s parent (0 once it is gone)."""
+    fields = _stat(pid)
+    return int(fields[1]) if len(fields) > 1 else 0
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie counts: it holds no port, no CPU, no cgroup task)."""
+    fields = _stat(pid)
+    return not fields or fields[0] in ("Z", "X")
+
+
+def _stop(pids: Iterable[int], sig: int = signal.SIGTERM, *, wait_s: float = STOP_WAIT_S) -> None:
+    """Send `sig` to every process in `pids` and wait until each has exited; SIGKILL for one still there after
+    `wait_s`."""
+    pending = set(pids)
+    for pid in pending:
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
+    deadline = time.monotonic() + wait_s
+    while pending := {pid for pid in pending if not _gone(pid)}:
+        if time.monotonic() > deadline:
+            if sig == signal.SIGKILL:
+                log.warning("processes %s did not exit on SIGKILL (blocked in the kernel?)", sorted(pending))
+                return
+            _stop(pending, signal.SIGKILL, wait_s=wait_s)
+            return
+        time.sleep(0.02)
+
+
+def _haproxy_node(argv: list[str]) -> str | None:
+    """The Ray node id in the command line of an HAProxy Serve started (`.../haproxy -db -f <dir>/<node
+    id>/haproxy.cfg ...`, <dir>/haproxy.cfg being Serve's HAProxy config setting); None for any other process."""
+    if not argv or Path(argv[0]).name != "haproxy" or "-f" not in argv[:-1]:
+        return None
+    config = Path(argv[argv.index("-f") + 1])
+    setting = Path(os.environ.get(HAPROXY_CONFIG_ENV, HAPROXY_CONFIG))
+    return config.parent.name if config.name == setting.name and config.parent.parent == setting.parent else None
+
+
+def _ray_titled(pid: int) -> bool:
+    """Whether `pid` is a running Ray worker or agent (Ray titles them `ray::<actor, task or agent>`, not a
+    driver; a zombie shows no title)."""
+    argv = _argv(pid) if pid > 0 else []
+    return bool(argv) and argv[0].startswith("ray::")
+
+
+def ray_haproxies() -> dict[int, str]:
+    """{pid: Ray node id} of every HAProxy that Ray Serve started on this machine (its HAProxyManager actor
+    runs one per node, as its child)."""
+    found = {}
+    for pid in _pids():
+        node = _haproxy_node(_argv(pid))
+        if node is not None and not _gone(pid):
+            found[pid] = node
+    return found
+
+
+def orphaned_haproxies() -> dict[int, str]:
+    """The Ray HAProxies whose Ray worker is gone (their parent is init, a subreaper, anything but a Ray
+    worker): a cluster that died without Serve's shutdown leaves its HAProxy running, holding the HTTP port and
+    its stats ports, and the next Serve's HAProxy then fails to start."""
+    return {pid: node for pid, node in ray_haproxies().items() if not _ray_titled(_ppid(pid))}
+
+
+def stop_orphaned_haproxies() -> list[str]:
+    """Stop every orphaned Ray HAProxy (`orphaned_haproxies`), with one INFO line; returns what was stopped, as
+    "haproxy pid <pid> (node <Ray node id>)". Only another run's leftovers: a live cluster's HAProxy has its
+    Ray worker for parent."""
+    orphans = orphaned_haproxies()
+    if not orphans:
+        return []
+    _stop(orphans)
+    stopped = [f"haproxy pid {pid} (node {node[:12]})" for pid, node in sorted(orphans.items())]
+    log.info(
+        "stopped %d orphaned Ray HAProxy process(es) left by a Ray cluster that ended without Serve's shutdown: %s",
+        len(stopped),
+        ", ".join(stopped),
+    )
+    return stopped
+
+
+def port_holder(port: int) -> tuple[int, str] | None:
+    """(pid, command line) of a process listening on TCP `port` on any address, from /proc; None where no
+    process this user can see does (another user's, another network namespace's)."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rpartition(":")[2], 16) == port:  # 0A: listening
+                sockets.add(f"socket:[{f[9]}]")
+    for pid in _pids() if sockets else []:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in sockets:
+                    return pid, " ".join(_argv(pid))
+    return None

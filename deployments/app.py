@@ -11,6 +11,7 @@ Ingress's `user_config` (in-place `reconfigure`, no replica restart).
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import time
@@ -22,10 +23,10 @@ from ray import serve
 from ray.serve import Application
 
 from coderay.auth import load_keyring
-from coderay.cluster import LocalCluster, connect
+from coderay.cluster import LocalCluster, connect, exit_if_gcs_lost, port_holder, stop_orphaned_haproxies
 from coderay.config import CoderayConfig, load_config
 from coderay.controller import APP_NAME
-from coderay.errors import NotSearchedError
+from coderay.errors import CoderayError, NotSearchedError
 from coderay.routing import initial_routes, link_files
 from coderay.search import load_table
 from coderay.table import RewardTable
@@ -47,6 +48,8 @@ __all__ = [
     "direct_url",
     "served_table",
     "free_port",
+    "PortInUseError",
+    "check_port",
 ]
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,45 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+class PortInUseError(CoderayError):
+    """The HTTP port is held by another process (Serve's HAProxy would crash at start-up with a long trace)."""
+
+
+def check_port(cfg: CoderayConfig, port: int | None = None) -> None:
+    """PortInUseError naming the process that holds `port` (None: the config's `serving.port`; 0 picks a free
+    one, nothing to check) on the serving host, so a run fails before it starts anything. An orphaned Ray
+    HAProxy (a cluster's that ended without Serve's shutdown) is no one's: it is stopped first."""
+    port = cfg.serving.port if port is None else port
+    if port == 0:
+        return
+    freed_by = time.monotonic() + (2.0 if stop_orphaned_haproxies() else 0.0)  # a stopped HAProxy's port: soon
+    while not _bindable(cfg.serving.host, port):
+        if time.monotonic() >= freed_by:
+            holder = port_holder(port)
+            who = "a process this user cannot see" if holder is None else f"pid {holder[0]} ({_clip(holder[1], 100)})"
+            raise PortInUseError(
+                f"port {port} on {cfg.serving.host} is taken by {who}: stop it, or serve on another port "
+                "(--port, or serving.port in the config)"
+            )
+        time.sleep(0.1)
+
+
+def _bindable(host: str, port: int) -> bool:
+    """Whether a listening socket could take `port` now (SO_REUSEADDR, as servers bind: a closed connection
+    still waiting out its TIME_WAIT does not count)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.errno != errno.EADDRINUSE
+    return True
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _start_serve(cfg: CoderayConfig, port: int | None) -> int:
@@ -230,13 +272,17 @@ class Served:
     cluster: LocalCluster | None
     direct_url: str | None = None
 
-    def shutdown(self) -> None:
+    def shutdown(self, *, exit_code: int | None = None) -> None:
+        """Stop the controller and Serve, then the local cluster. exit_code: where the cluster's GCS is gone
+        before or while they stop (a stop sent to the whole process group took it down), this process ends with
+        it once the cluster is abandoned, instead of Ray's 60 s wait for the GCS (`LocalCluster.shutdown`)."""
         from coderay.controller import stop_controller
 
-        stop_controller()
-        serve.shutdown()
+        with self.cluster.guard(exit_code) if self.cluster is not None else exit_if_gcs_lost(exit_code):
+            stop_controller()
+            serve.shutdown()
         if self.cluster is not None:
-            self.cluster.shutdown()
+            self.cluster.shutdown(exit_code=exit_code)
 
 
 def start_serving(
@@ -257,6 +303,7 @@ def start_serving(
     if address:
         cfg = cfg.on_real_cluster()  # real nodes: no CPU caps, no emulated delays
     table = served_table(cfg)
+    own = cluster is None  # a cluster given is its caller's to shut down, on failure too
     if cluster is None:
         cluster = connect(cfg, address)
     try:
@@ -269,7 +316,7 @@ def start_serving(
         actual = int(url.rsplit(":", 1)[1])
         out = write_serve_config(cfg, config_path, cfg.root / "serve-config.yaml", port=actual)
     except BaseException:
-        if cluster is not None:
+        if own and cluster is not None:
             cluster.shutdown()
         raise
     return Served(url, out, cluster, direct_url(url) if cfg.serving.throughput_optimized else None)
