@@ -16,10 +16,11 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from coderay import processes
 from coderay.config import CoderayConfig
 from coderay.store import STORE_ENV, local_store
 
@@ -50,7 +51,6 @@ __all__ = [
     "ray_haproxies",
     "orphaned_haproxies",
     "stop_orphaned_haproxies",
-    "port_holder",
     "local_gcs_lost",
     "abandon_local_clusters",
 ]
@@ -64,7 +64,6 @@ TOKEN_FILE = ".ray/auth_token"  # the local cluster's token, under the workdir
 INTERRUPTED = 130  # the exit status of a process stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
 WATCH_S = 0.1  # how often a clean-up's GCS calls check that the GCS still answers (exit_if_gcs_lost)
 LOST_AFTER = 2  # ... and how many refused checks in a row mean it is gone
-STOP_WAIT_S = 3.0  # how long a stopped process gets to exit before SIGKILL
 # Serve's HAProxy reads <dir>/<Ray node id>/haproxy.cfg, <dir>/haproxy.cfg being Serve's setting (its default here)
 HAPROXY_CONFIG_ENV, HAPROXY_CONFIG = "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg"
 
@@ -230,8 +229,8 @@ class LocalCluster:
             self.abandon()
             return
         self.cluster.shutdown()
-        _stop(self.processes())  # workers that outlive their raylet a moment, an HAProxy Serve did not stop
-        capacity.cleanup(self.session, wait_s=STOP_WAIT_S)  # the node groups of exited workers, once reaped
+        processes.stop(self.processes())  # workers that outlive their raylet a moment, an HAProxy Serve did not stop
+        capacity.cleanup(self.session, wait_s=processes.STOP_WAIT_S)  # the node groups of exited workers, once reaped
 
     def guard(self, exit_code: int | None) -> contextlib.AbstractContextManager[None]:
         """`exit_if_gcs_lost` for this cluster's GCS, abandoning the cluster where the GCS is lost."""
@@ -245,10 +244,10 @@ class LocalCluster:
         removed."""
         from coderay import capacity
 
-        _stop(self.processes(), signal.SIGKILL)
+        processes.stop(self.processes(), signal.SIGKILL)
         for process in self._own_processes():
             process.poll()  # reaped: a zombie keeps its group busy
-        capacity.cleanup(self.session, wait_s=STOP_WAIT_S)  # the workers' zombies are init's to reap
+        capacity.cleanup(self.session, wait_s=processes.STOP_WAIT_S)  # the workers' zombies are init's to reap
 
     def processes(self) -> list[int]:
         """The pids of every process of this cluster still running: the nodes' own (GCS, raylets, monitors; this
@@ -459,11 +458,11 @@ def _lost(exit_code: int, on_lost: Callable[[], None] | None) -> NoReturn:
 def local_gcs_lost() -> bool:
     """Whether a GCS server this process started (the head of a local cluster, from the moment it starts) is
     gone: exited, or refusing connections (one told to stop closes its port at once, its process lingering)."""
-    for pid in _children(os.getpid()):
-        if _comm(pid) != "gcs_server":
+    for pid in processes.children(os.getpid()):
+        if processes.command_name(pid) != "gcs_server":
             continue
-        address = _gcs_address(_argv(pid))
-        if _gone(pid) or (address is not None and not gcs_reachable(address)):
+        address = _gcs_address(processes.argv(pid))
+        if processes.gone(pid) or (address is not None and not gcs_reachable(address)):
             return True
     return False
 
@@ -477,51 +476,11 @@ def abandon_local_clusters() -> None:
     session = os.environ.get(capacity.SESSION_ENV)
     if session is None:
         return  # no local cluster was started: nothing of ours runs
-    _stop(_tree(_ray_children(), session), signal.SIGKILL)
-    capacity.cleanup(session, wait_s=STOP_WAIT_S)
+    processes.stop(_tree(_ray_children(), session), signal.SIGKILL)
+    capacity.cleanup(session, wait_s=processes.STOP_WAIT_S)
 
 
-# --------------------------------------------------------------------------- processes, from /proc
-
-
-def _pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def _argv(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
-
-
-def _environ(pid: int) -> list[bytes]:
-    """`pid`'s environment as it started ([] where this user may not read it)."""
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return []
-
-
-def _stat(pid: int) -> list[str]:
-    """The fields of /proc/<pid>/stat after the command name (state first, then the parent's pid); [] once gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return []
-
-
-def _comm(pid: int) -> str:
-    """The command's name, as the kernel keeps it (a zombie's too)."""
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _children(pid: int) -> list[int]:
-    return [child for child in _pids() if _ppid(child) == pid]
+# --------------------------------------------------------------------------- a local cluster's processes
 
 
 def _ray_children() -> set[int]:
@@ -529,13 +488,13 @@ def _ray_children() -> set[int]:
     import ray
 
     home = str(Path(ray.__file__).parent) + "/"
-    return {pid for pid in _children(os.getpid()) if any(home in arg for arg in _argv(pid)[:3])}
+    return {pid for pid in processes.children(os.getpid()) if any(home in arg for arg in processes.argv(pid)[:3])}
 
 
 def _gcs_address(argv: list[str]) -> str | None:
     """The address of a GCS server from its command line: `--node-ip-address` and `--gcs_server_port` or, where
     that is 0, the port it wrote to `<--session-dir>/gcs_server_port_<--node-id>` once bound; None before."""
-    opts = _options(argv)
+    opts = processes.options(argv)
     port = opts.get("gcs_server_port", "0")
     if port == "0":
         try:
@@ -543,24 +502,6 @@ def _gcs_address(argv: list[str]) -> str | None:
         except OSError:
             return None
     return f"{opts['node-ip-address']}:{port}" if opts.get("node-ip-address") and port.isdigit() else None
-
-
-def _options(argv: list[str]) -> dict[str, str]:
-    """The `--name=value` options of a command line."""
-    return dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
-
-
-def _holds_file_under(pid: int, dirs: set[str]) -> bool:
-    """Whether `pid` has a file open below one of `dirs` (a Ray process: its logs, in its session's dir)."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(tuple(dirs)):
-                return True
-    return False
 
 
 def _tree(roots: set[int], session: str, node_ids: set[str] | None = None) -> list[int]:
@@ -577,53 +518,23 @@ def _tree(roots: set[int], session: str, node_ids: set[str] | None = None) -> li
     dirs = {
         value.rstrip("/") + "/"
         for pid in roots
-        for name, value in _options(_argv(pid)).items()
+        for name, value in processes.options(processes.argv(pid)).items()
         if name in ("session-dir", "session_dir") and value.startswith("/")
     }
-    parents = {pid: _ppid(pid) for pid in _pids()}
+    parents = {pid: processes.parent(pid) for pid in processes.pids()}
     ours = set(roots) | set(capacity.session_pids(session))  # what the nodes' CPU caps hold is the nodes' work
     for pid in parents:
-        env = _environ(pid)
+        env = processes.environ(pid)
         if (
             (marker in env and any(v.startswith(b"RAY_RAYLET_PID=") for v in env))
-            or (node_ids and _haproxy_node(_argv(pid)) in node_ids)
-            or (dirs and _ray_titled(pid) and _holds_file_under(pid, dirs))
+            or (node_ids and _haproxy_node(processes.argv(pid)) in node_ids)
+            or (dirs and _ray_titled(pid) and processes.holds_file_under(pid, dirs))
         ):
             ours.add(pid)
     while children := {pid for pid, parent in parents.items() if parent in ours and pid not in ours}:
         ours |= children
     ours.discard(os.getpid())
     return sorted(ours)
-
-
-def _ppid(pid: int) -> int:
-    """`pid`'s parent (0 once it is gone)."""
-    fields = _stat(pid)
-    return int(fields[1]) if len(fields) > 1 else 0
-
-
-def _gone(pid: int) -> bool:
-    """Exited (a zombie counts: it holds no port, no CPU, no cgroup task)."""
-    fields = _stat(pid)
-    return not fields or fields[0] in ("Z", "X")
-
-
-def _stop(pids: Iterable[int], sig: int = signal.SIGTERM, *, wait_s: float = STOP_WAIT_S) -> None:
-    """Send `sig` to every process in `pids` and wait until each has exited; SIGKILL for one still there after
-    `wait_s`."""
-    pending = set(pids)
-    for pid in pending:
-        with contextlib.suppress(OSError):
-            os.kill(pid, sig)
-    deadline = time.monotonic() + wait_s
-    while pending := {pid for pid in pending if not _gone(pid)}:
-        if time.monotonic() > deadline:
-            if sig == signal.SIGKILL:
-                log.warning("processes %s did not exit on SIGKILL (blocked in the kernel?)", sorted(pending))
-                return
-            _stop(pending, signal.SIGKILL, wait_s=wait_s)
-            return
-        time.sleep(0.02)
 
 
 def _haproxy_node(argv: list[str]) -> str | None:
@@ -639,7 +550,7 @@ def _haproxy_node(argv: list[str]) -> str | None:
 def _ray_titled(pid: int) -> bool:
     """Whether `pid` is a running Ray worker or agent (Ray titles them `ray::<actor, task or agent>`, not a
     driver; a zombie shows no title)."""
-    argv = _argv(pid) if pid > 0 else []
+    argv = processes.argv(pid) if pid > 0 else []
     return bool(argv) and argv[0].startswith("ray::")
 
 
@@ -647,9 +558,9 @@ def ray_haproxies() -> dict[int, str]:
     """{pid: Ray node id} of every HAProxy that Ray Serve started on this machine (its HAProxyManager actor
     runs one per node, as its child)."""
     found = {}
-    for pid in _pids():
-        node = _haproxy_node(_argv(pid))
-        if node is not None and not _gone(pid):
+    for pid in processes.pids():
+        node = _haproxy_node(processes.argv(pid))
+        if node is not None and not processes.gone(pid):
             found[pid] = node
     return found
 
@@ -658,7 +569,7 @@ def orphaned_haproxies() -> dict[int, str]:
     """The Ray HAProxies whose Ray worker is gone (their parent is init, a subreaper, anything but a Ray
     worker): a cluster that died without Serve's shutdown leaves its HAProxy running, holding the HTTP port and
     its stats ports, and the next Serve's HAProxy then fails to start."""
-    return {pid: node for pid, node in ray_haproxies().items() if not _ray_titled(_ppid(pid))}
+    return {pid: node for pid, node in ray_haproxies().items() if not _ray_titled(processes.parent(pid))}
 
 
 def stop_orphaned_haproxies() -> list[str]:
@@ -668,7 +579,7 @@ def stop_orphaned_haproxies() -> list[str]:
     orphans = orphaned_haproxies()
     if not orphans:
         return []
-    _stop(orphans)
+    processes.stop(orphans)
     stopped = [f"haproxy pid {pid} (node {node[:12]})" for pid, node in sorted(orphans.items())]
     log.info(
         "stopped %d orphaned Ray HAProxy process(es) left by a Ray cluster that ended without Serve's shutdown: %s",
@@ -676,28 +587,3 @@ def stop_orphaned_haproxies() -> list[str]:
         ", ".join(stopped),
     )
     return stopped
-
-
-def port_holder(port: int) -> tuple[int, str] | None:
-    """(pid, command line) of a process listening on TCP `port` on any address, from /proc; None where no
-    process this user can see does (another user's, another network namespace's)."""
-    sockets = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            f = row.split()
-            if len(f) > 9 and f[3] == "0A" and int(f[1].rpartition(":")[2], 16) == port:  # 0A: listening
-                sockets.add(f"socket:[{f[9]}]")
-    for pid in _pids() if sockets else []:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in sockets:
-                    return pid, " ".join(_argv(pid))
-    return None

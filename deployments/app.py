@@ -23,10 +23,11 @@ from ray import serve
 from ray.serve import Application
 
 from coderay.auth import load_keyring
-from coderay.cluster import LocalCluster, connect, exit_if_gcs_lost, port_holder, stop_orphaned_haproxies
+from coderay.cluster import LocalCluster, connect, exit_if_gcs_lost, stop_orphaned_haproxies
 from coderay.config import CoderayConfig, load_config
 from coderay.controller import APP_NAME
 from coderay.errors import CoderayError, NotSearchedError
+from coderay.processes import port_holder
 from coderay.routing import initial_routes, link_files
 from coderay.search import load_table
 from coderay.table import RewardTable
