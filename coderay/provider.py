@@ -34,13 +34,18 @@ def _here(cfg: CoderayConfig, node: str) -> dict:
 
 @ray.remote(max_retries=0)
 def _train(cfg_json: dict, name: str, force: bool, epochs=None) -> dict:
+    from coderay.store import cached_metrics
+
+    cfg = CoderayConfig.model_validate(cfg_json)
+    spec = cfg.service(name)
+    cached = None if force else cached_metrics(cfg, spec)
+    if cached is not None:  # trained before: its metrics, without torch or the model (a cached start's node task)
+        return {k: v for k, v in cached.items() if k != "history"} | _here(cfg, spec.node)
     import torch
 
     from coderay.train import train_service
 
     torch.set_num_threads(1)
-    cfg = CoderayConfig.model_validate(cfg_json)
-    spec = cfg.service(name)
     report = (
         None
         if epochs is None
@@ -68,8 +73,7 @@ def _describe(cfg_json: dict, name: str) -> dict:
 
 @ray.remote(max_retries=0)
 def _check(cfg_json: dict, name: str, links: list[str]) -> dict:
-    from coderay.store import resolve
-    from coderay.train import service_dir
+    from coderay.store import resolve, service_dir
 
     cfg = CoderayConfig.model_validate(cfg_json)
     spec = cfg.service(name)

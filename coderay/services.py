@@ -21,7 +21,8 @@ from coderay.config import CoderayConfig, NodeSpec, ServiceSpec
 from coderay.data import TaskData
 from coderay.emulation import node_capacity, speed_divisor, timing_as
 from coderay.models import StagedModel
-from coderay.train import load_service, service_dir, train_service
+from coderay.store import service_dir
+from coderay.train import load_service, train_service
 
 __all__ = ["PROFILE_METHOD", "ServiceModel", "ServiceProfile", "load_services", "split_service", "sustained_block_ms"]
 

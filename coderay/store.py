@@ -12,13 +12,23 @@ for that node's raylet), so the demo takes the same code path as a real cluster.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
-from coderay.config import CoderayConfig
+from coderay.config import CoderayConfig, ServiceSpec
 
-__all__ = ["STORE_ENV", "node_store", "local_store", "relative", "resolve", "pt_files"]
+__all__ = [
+    "STORE_ENV",
+    "node_store",
+    "local_store",
+    "service_dir",
+    "cached_metrics",
+    "relative",
+    "resolve",
+    "pt_files",
+]
 
 STORE_ENV = "CODERAY_STORE"
 
@@ -54,3 +64,19 @@ def resolve(name: str | Path, cfg: CoderayConfig, node: str) -> Path:
 def pt_files(directory: Path) -> list[Path]:
     """Every parameter file under `directory` (what an audit counts)."""
     return sorted(directory.rglob("*.pt")) if directory.exists() else []
+
+
+def service_dir(cfg: CoderayConfig, spec: ServiceSpec) -> Path:
+    """Where a service's checkpoint lives: in its node's store, keyed by everything that changes its weights."""
+    key = cfg.fingerprint(spec.arch, spec.arch_kwargs, spec.task, spec.weights, spec.train, cfg.seed)
+    return node_store(cfg, spec.node) / "services" / f"{spec.name}-{key}"
+
+
+def cached_metrics(cfg: CoderayConfig, spec: ServiceSpec) -> dict | None:
+    """The metrics of the service's checkpoint where its store holds one for this exact configuration, else None:
+    whether it is trained, known without loading torch or the model (a cached `coderay up` asks every node)."""
+    out = service_dir(cfg, spec)
+    ckpt, metrics = out / "model.pt", out / "metrics.json"
+    if not (ckpt.exists() and metrics.exists()):
+        return None
+    return json.loads(metrics.read_text()) | {"from_cache": True}

@@ -22,14 +22,13 @@ from coderay.config import CoderayConfig, ServiceSpec
 from coderay.data import TaskData, get_task
 from coderay.errors import NotTrainedError
 from coderay.models import StagedModel, get_model
-from coderay.store import node_store
+from coderay.store import cached_metrics, service_dir
 
 __all__ = [
     "TrainedService",
     "fit",
     "evaluate",
     "build_model",
-    "service_dir",
     "train_service",
     "train_all",
     "load_service",
@@ -133,21 +132,14 @@ def build_model(spec: ServiceSpec, task: TaskData) -> StagedModel:
     )
 
 
-def service_dir(cfg: CoderayConfig, spec: ServiceSpec) -> Path:
-    """Where a service's checkpoint lives: in its node's store (`coderay.store`), keyed by everything that
-    changes its weights."""
-    key = cfg.fingerprint(spec.arch, spec.arch_kwargs, spec.task, spec.weights, spec.train, cfg.seed)
-    return node_store(cfg, spec.node) / "services" / f"{spec.name}-{key}"
-
-
 def _load(cfg: CoderayConfig, spec: ServiceSpec, task: TaskData, out: Path) -> TrainedService | None:
-    ckpt, metrics_file = out / "model.pt", out / "metrics.json"
-    if not (ckpt.exists() and metrics_file.exists()):
+    metrics = cached_metrics(cfg, spec)
+    if metrics is None:
         return None
+    ckpt = out / "model.pt"
     model = build_model(spec, task)
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
     model.eval()
-    metrics = json.loads(metrics_file.read_text()) | {"from_cache": True}
     log.info("%s: loaded cached model (test acc %.4f)", spec.name, metrics["test_acc"])
     return TrainedService(spec, task, model, metrics, ckpt)
 

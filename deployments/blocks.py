@@ -179,11 +179,13 @@ class BlockGroup:
         self.node, self.quota = spec.node, spec.guest_quota
         self.capacity = min(spec.batch_size, cfg.serving.max_batch_size)  # B, in samples
         self.threads = torch_threads(cpus)
-        self.cap = work_as(cfg, self.node)  # the node's real CPU quota, where emulation has one
         trained = load_service(cfg, service)
         self.blocks = split_service(spec, trained.model)
         self.n_blocks = len(self.blocks)
         self.links = load_path_links(cfg, self.node, link_files or {})
+        # the node's CPU quota, where emulation has one, from here on: it emulates a server's serving speed, not
+        # its start (loading under it would only make every start on this 2-core machine wait on the smallest cap)
+        self.cap = work_as(cfg, self.node)
         self.in_flight = 0  # calls received and not yet answered: this hop's queue
         self.latencies_ms: collections.deque[float] = collections.deque(maxlen=512)  # recent calls, wait included
         # serve.batch is typed as returning the plain method; its wrapper has these setters

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from coderay.train import evaluate, fit, load_service, service_dir, train_service
+from coderay.store import cached_metrics, service_dir
+from coderay.train import evaluate, fit, load_service, train_service
 
 
 def test_trained_services_learn_their_tasks(trained_cfg):
@@ -24,6 +25,9 @@ def test_training_cache_is_reused_and_keyed_by_config(trained_cfg):
         assert torch.equal(v, again.model.state_dict()[k])
     changed = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": 99})})
     assert service_dir(trained_cfg, changed) != service_dir(trained_cfg, spec)
+    # what a cached start's node task returns without loading the model: the checkpoint's own metrics, or None
+    assert cached_metrics(trained_cfg, spec) == again.metrics
+    assert cached_metrics(trained_cfg, changed) is None
 
 
 def test_untrained_service_is_reported_not_trained(tiny_cfg, tmp_path):
