@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import math
@@ -147,10 +148,23 @@ def _disconnected_on_error(cluster):
         raise
 
 
+def _import_meanwhile(*modules: str) -> None:
+    """Import `modules` in a thread while the main one waits on Ray (nodes loading): seconds of a start's critical
+    path spent where a core is idle. Started once Ray itself is imported, so the two threads share no module
+    half-imported. A failure is left to the main thread's own import, which raises it where it belongs."""
+
+    def run() -> None:
+        for name in modules:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+
+    threading.Thread(target=run, name="coderay-imports", daemon=True).start()
+
+
 def _check_port(cfg, args: argparse.Namespace) -> None:
     """The HTTP port of a local cluster, checked before anything starts (a remote head's is not ours to see)."""
     if args.address is None:
-        from deployments.app import check_port
+        from coderay.cluster import check_port
 
         check_port(cfg, args.port)
 
@@ -399,6 +413,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _check_port(cfg, args)
     _watch_stops()
     cluster = connect(cfg, args.address)
+    _import_meanwhile("deployments.app")  # the search's and Serve's modules (torch, Serve) while the nodes load
     with _disconnected_on_error(cluster):
         print(
             f"[1/3] services of {cfg.name!r}: each trains (or loads its cached checkpoint) on its own node", flush=True

@@ -8,6 +8,7 @@ Ray would otherwise keep such a replica or trial pending forever.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from coderay import processes
 from coderay.config import CoderayConfig
+from coderay.errors import PortInUseError
 from coderay.store import STORE_ENV, local_store
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ __all__ = [
     "stop_orphaned_haproxies",
     "local_gcs_lost",
     "abandon_local_clusters",
+    "check_port",
 ]
 
 log = logging.getLogger(__name__)
@@ -587,3 +590,38 @@ def stop_orphaned_haproxies() -> list[str]:
         ", ".join(stopped),
     )
     return stopped
+
+
+def check_port(cfg: CoderayConfig, port: int | None = None) -> None:
+    """PortInUseError naming the process that holds `port` (None: the config's `serving.port`; 0 picks a free
+    one, nothing to check) on the serving host, so a run fails before it starts anything. An orphaned Ray
+    HAProxy (a cluster's that ended without Serve's shutdown) is no one's: it is stopped first."""
+    port = cfg.serving.port if port is None else port
+    if port == 0:
+        return
+    freed_by = time.monotonic() + (2.0 if stop_orphaned_haproxies() else 0.0)  # a stopped HAProxy's port: soon
+    while not _bindable(cfg.serving.host, port):
+        if time.monotonic() >= freed_by:
+            holder = processes.port_holder(port)
+            who = "a process this user cannot see" if holder is None else f"pid {holder[0]} ({_clip(holder[1], 100)})"
+            raise PortInUseError(
+                f"port {port} on {cfg.serving.host} is taken by {who}: stop it, or serve on another port "
+                "(--port, or serving.port in the config)"
+            )
+        time.sleep(0.1)
+
+
+def _bindable(host: str, port: int) -> bool:
+    """Whether a listening socket could take `port` now (SO_REUSEADDR, as servers bind: a closed connection
+    still waiting out its TIME_WAIT does not count)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.errno != errno.EADDRINUSE
+    return True
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."

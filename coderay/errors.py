@@ -14,6 +14,7 @@ __all__ = [
     "NotTrainedError",
     "NotSearchedError",
     "ClusterAuthError",
+    "PortInUseError",
 ]
 
 
@@ -51,3 +52,7 @@ class NotSearchedError(CoderayError, FileNotFoundError):
 class ClusterAuthError(CoderayError, ConnectionError):
     """A Ray cluster that refused this driver: token authentication is on and this process has no (or the
     wrong) token."""
+
+
+class PortInUseError(CoderayError):
+    """The HTTP port is held by another process (Serve's HAProxy would crash at start-up with a long trace)."""

@@ -11,7 +11,6 @@ Ingress's `user_config` (in-place `reconfigure`, no replica restart).
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import time
@@ -23,11 +22,10 @@ from ray import serve
 from ray.serve import Application
 
 from coderay.auth import load_keyring
-from coderay.cluster import LocalCluster, connect, exit_if_gcs_lost, stop_orphaned_haproxies
+from coderay.cluster import LocalCluster, connect, exit_if_gcs_lost
 from coderay.config import CoderayConfig, load_config
 from coderay.controller import APP_NAME
-from coderay.errors import CoderayError, NotSearchedError
-from coderay.processes import port_holder
+from coderay.errors import NotSearchedError
 from coderay.routing import initial_routes, link_files
 from coderay.search import load_table
 from coderay.table import RewardTable
@@ -49,8 +47,6 @@ __all__ = [
     "direct_url",
     "served_table",
     "free_port",
-    "PortInUseError",
-    "check_port",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,45 +120,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-class PortInUseError(CoderayError):
-    """The HTTP port is held by another process (Serve's HAProxy would crash at start-up with a long trace)."""
-
-
-def check_port(cfg: CoderayConfig, port: int | None = None) -> None:
-    """PortInUseError naming the process that holds `port` (None: the config's `serving.port`; 0 picks a free
-    one, nothing to check) on the serving host, so a run fails before it starts anything. An orphaned Ray
-    HAProxy (a cluster's that ended without Serve's shutdown) is no one's: it is stopped first."""
-    port = cfg.serving.port if port is None else port
-    if port == 0:
-        return
-    freed_by = time.monotonic() + (2.0 if stop_orphaned_haproxies() else 0.0)  # a stopped HAProxy's port: soon
-    while not _bindable(cfg.serving.host, port):
-        if time.monotonic() >= freed_by:
-            holder = port_holder(port)
-            who = "a process this user cannot see" if holder is None else f"pid {holder[0]} ({_clip(holder[1], 100)})"
-            raise PortInUseError(
-                f"port {port} on {cfg.serving.host} is taken by {who}: stop it, or serve on another port "
-                "(--port, or serving.port in the config)"
-            )
-        time.sleep(0.1)
-
-
-def _bindable(host: str, port: int) -> bool:
-    """Whether a listening socket could take `port` now (SO_REUSEADDR, as servers bind: a closed connection
-    still waiting out its TIME_WAIT does not count)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            return e.errno != errno.EADDRINUSE
-    return True
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _start_serve(cfg: CoderayConfig, port: int | None) -> int:
