@@ -5,7 +5,6 @@ from __future__ import annotations
 import _thread
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import math
@@ -13,7 +12,10 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import TypeVar
 
 from coderay.cluster import INTERRUPTED
 from coderay.config import DEFAULT_CONFIG, load_config
@@ -21,6 +23,8 @@ from coderay.emulation import HEAD, core_plan
 from coderay.errors import CoderayError
 
 __all__ = ["main"]
+
+T = TypeVar("T")
 
 WATCH_S = 0.2  # how often the stop watcher looks at the local cluster while the main thread does not answer
 _heard = threading.Event()  # the main thread ran its stop handler (`_interrupt`)
@@ -148,17 +152,27 @@ def _disconnected_on_error(cluster):
         raise
 
 
-def _import_meanwhile(*modules: str) -> None:
-    """Import `modules` in a thread while the main one waits on Ray (nodes loading): seconds of a start's critical
-    path spent where a core is idle. Started once Ray itself is imported, so the two threads share no module
-    half-imported. A failure is left to the main thread's own import, which raises it where it belongs."""
+def _meanwhile(work: Callable[[], T]) -> Future[T]:
+    """Run `work` in a thread while the main one waits on Ray (nodes training or loading): seconds of a start's
+    critical path spent where a core is idle. Its result, or its failure, comes from the future."""
+    done: Future[T] = Future()
 
     def run() -> None:
-        for name in modules:
-            with contextlib.suppress(Exception):
-                importlib.import_module(name)
+        try:
+            done.set_result(work())
+        except BaseException as e:  # noqa: BLE001 — handed to whoever takes the result
+            done.set_exception(e)
 
-    threading.Thread(target=run, name="coderay-imports", daemon=True).start()
+    threading.Thread(target=run, name="coderay-meanwhile", daemon=True).start()  # daemon: a stop never waits on it
+    return done
+
+
+def _start_front(cfg, port: int | None) -> int:
+    """Serve's controller and HTTP front started (`deployments.app.start_front`); its modules (torch, Serve, the
+    search's) imported on the way."""
+    from deployments.app import start_front
+
+    return start_front(cfg, port)
 
 
 def _check_port(cfg, args: argparse.Namespace) -> None:
@@ -413,7 +427,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _check_port(cfg, args)
     _watch_stops()
     cluster = connect(cfg, args.address)
-    _import_meanwhile("deployments.app")  # the search's and Serve's modules (torch, Serve) while the nodes load
+    front = _meanwhile(lambda: _start_front(cfg, args.port))  # started once Ray is imported: no module half-imported
     with _disconnected_on_error(cluster):
         print(
             f"[1/3] services of {cfg.name!r}: each trains (or loads its cached checkpoint) on its own node", flush=True
@@ -435,6 +449,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print_search(run_tune_search(cfg, address=args.address))
         where = "the local Ray cluster" if args.address is None else args.address
         print(f"[3/3] serving on {where}{' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
+        args.port = front.result()  # where Serve listens (a free port where 0 was asked); its failure raises here
     return serve_until_stopped(cfg, args, cluster=cluster)
 
 

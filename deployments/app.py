@@ -47,6 +47,7 @@ __all__ = [
     "direct_url",
     "served_table",
     "free_port",
+    "start_front",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _start_serve(cfg: CoderayConfig, port: int | None) -> int:
+def start_front(cfg: CoderayConfig, port: int | None) -> int:
     """Start Serve's HTTP front (on the head node: Ray's HAProxy ingress where `serving.haproxy` put it in the
     cluster's environment, else Serve's proxy) at `port` (None: the config's; 0: a free one). When Serve already
     runs, its port stays and is returned."""
@@ -157,7 +158,7 @@ def deploy(cfg: CoderayConfig, table: RewardTable, *, port: int | None = None, b
     check_placement(cfg)
     app = build_app(cfg, table)
     start = time.perf_counter()
-    actual = _start_serve(cfg, port)
+    actual = start_front(cfg, port)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
     url = base_url(cfg, actual)
     log.info("coderay served at %s (deployed in %.1f s)", url, time.perf_counter() - start)

@@ -32,12 +32,15 @@ def _marked(marker: str) -> list[int]:
     return found
 
 
-def _groups() -> set[str]:
+def _groups(owner: int | None = None) -> set[str]:
+    """The CPU-cap session groups now on this machine; `owner`: only the sessions that pid started (another run
+    on the machine makes and removes its own meanwhile)."""
     from coderay import capacity
 
     det = capacity.detect(refresh=True)
     parent = det.cpu_root / capacity.PARENT if det.available else None
-    return {p.name for p in parent.iterdir() if p.is_dir()} if parent is not None and parent.exists() else set()
+    names = {p.name for p in parent.iterdir() if p.is_dir()} if parent is not None and parent.exists() else set()
+    return names if owner is None else {n for n in names if f"-{owner}-" in n}
 
 
 def _free(port: int) -> bool:
@@ -110,7 +113,7 @@ def test_sigterm_at_any_phase_stops_cleanly(capped_config, phase):
     while _marked(marker.split("=")[1]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _marked(marker.split("=")[1]) == [], f"processes of the stopped run left behind ({phase})"
-    assert _groups() <= groups_before, f"CPU-cap groups left behind: {_groups() - groups_before}"
+    assert _groups(proc.pid) <= groups_before, f"CPU-cap groups left behind: {_groups(proc.pid) - groups_before}"
     assert _free(port), f"port {port} still taken"
 
 
@@ -184,7 +187,7 @@ def test_signal_to_the_whole_process_group_stops_within_seconds(capped_config, s
         time.sleep(0.2)
     left = _commands(_marked(marker))  # its raylets, GCS, workers, and Serve's HAProxy: all carry the marker
     assert not left, f"processes of the stopped run left behind: {left}"
-    assert _groups() <= groups_before, f"CPU-cap groups left behind: {_groups() - groups_before}"
+    assert _groups(proc.pid) <= groups_before, f"CPU-cap groups left behind: {_groups(proc.pid) - groups_before}"
     assert _free(port), f"port {port} still taken"
 
 
