@@ -47,6 +47,10 @@ def test_up_serves_until_sigterm_then_exits_cleanly(trained_cfg, searched_table,
         assert r.status_code == 200 and len(r.json()["predictions"]) == 1
         bad = httpx.post(f"{url}/v1/services/digits/infer", json={"inputs": [[1, 2]]}, timeout=30)
         assert bad.status_code == 422 and "expected" in bad.json()["error"]
+        example = re.search(r"^  infer:\s+(.+)$", out, re.M)  # the command it prints, run as a user pastes it
+        assert example, out[-3000:]
+        tried = subprocess.run(["bash", "-c", example.group(1)], capture_output=True, text=True, timeout=60)
+        assert len(json.loads(tried.stdout)["predictions"]) == 1, tried.stdout[-2000:] + tried.stderr[-2000:]
 
         token = trained_cfg.root / ".ray" / "auth_token"
         address = re.search(r"Ray: +(\S+), token authentication, token in (\S+) ", out)
