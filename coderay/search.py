@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+NEVER_HANDED_OUT = "never handed out"  # the error of a candidate a stopped engine left above its bar
 
 
 class Frontier:
@@ -121,7 +122,7 @@ class Frontier:
         for row in rows.values():
             self.record(row)
         while (spec := self.next()) is not None:
-            self.rows[spec.id] = Row.failed(spec, "never handed out")
+            self.rows[spec.id] = Row.failed(spec, NEVER_HANDED_OUT)
         return self.result()
 
     def local_rows(self) -> list[Row]:

@@ -236,8 +236,8 @@ def test_resume_runs_no_finished_trial_again(tune_runs, faults):
 def test_searcher_prunes_and_selects_as_in_process(trained_cfg, search_ctx, cluster):
     """Stage 1 on Tune with a bar that prunes (local-only's reward raised to the median bound; the tiny config's
     own bar is under every bound): candidates under their bar get no trial, a node runs one trial at a time, and
-    predicting one at a time from the trials' own predictions never needs one Tune pruned and selects the same
-    rows."""
+    and reuses one process; predicting one at a time from the trials' own predictions never needs one Tune pruned
+    and selects the same rows."""
     import statistics
     from dataclasses import replace
 
@@ -268,15 +268,18 @@ def test_searcher_prunes_and_selects_as_in_process(trained_cfg, search_ctx, clus
     assert len(stage.results) + len(pruned) == len(specs)
 
     spans: dict[str, list] = {}
+    pids: dict[str, set] = {}
     for res in stage.results.values():
         assert res.error is None
         spans.setdefault(res.metrics["node_id"], []).append(
             (res.metrics["phases"]["began"], res.metrics["phases"]["ended"])
         )
+        pids.setdefault(res.metrics["node_id"], set()).add(res.metrics["pid"])
     assert len(spans) == 2
     for node in spans.values():  # one CPU per node: one trial at a time
         node.sort()
         assert all(end <= nxt for (_, end), (nxt, _) in zip(node, node[1:]))
+    assert all(len(p) == 1 for p in pids.values()), pids  # a node's trials reuse one process (its imports, data)
 
     one_by_one = Frontier(bounds, local_rows, top_k=1, exhaustive=False)
     while (spec := one_by_one.next()) is not None:

@@ -4,7 +4,10 @@ Tune asks the searcher for a trial whenever it could start one. Candidates leave
 first, and only while their bound beats their service's bar; every finished prediction raises the bar, so
 fewer candidates are predicted than with one experiment of every trial. A trial waits on its node's CPU (it is
 pinned there), so the searcher hands out only candidates whose node has room: the next best bound on a busy
-node never holds back an idle one. Pruning stays exact in that order too, since a bar only rises.
+node never holds back an idle one. Pruning stays exact in that order too, since a bar only rises. Each node
+gets one trial more than it can run, waiting: Tune hands a finished trial's process (`reuse_actors`, with the
+services it loaded) only to a trial already waiting for its resources, and stops it otherwise, so without one
+every trial would start a new process (imports and data, ~20 s on a busy machine).
 """
 
 from __future__ import annotations
@@ -20,14 +23,12 @@ from coderay.search import Frontier
 
 __all__ = ["FrontierSearcher"]
 
-_EPS = 1e-9
-
 
 class FrontierSearcher(Searcher):
     """`first` (local-only paths: outside the frontier) go first, then the frontier's candidates; FINISHED once
     nothing is left. `cands`: each path's trial candidate (its node and CPUs); `node_of`: edge server → the Ray
-    node it runs on; `capacity`: CPUs per Ray node. Pickled with the experiment, so a resumed search goes on
-    from the same state."""
+    node it runs on; `slots`: trials each Ray node runs at once. Pickled with the experiment, so a resumed search
+    goes on from the same state."""
 
     def __init__(
         self,
@@ -35,11 +36,11 @@ class FrontierSearcher(Searcher):
         first: Sequence[PathSpec],
         cands: Mapping[str, dict],
         node_of: Mapping[str, str],
-        capacity: Mapping[str, float],
+        slots: Mapping[str, int],
     ):
         super().__init__()
         self.frontier, self.first = frontier, list(first)
-        self.cands, self.node_of, self.capacity = dict(cands), dict(node_of), dict(capacity)
+        self.cands, self.node_of, self.slots = dict(cands), dict(node_of), dict(slots)
         self.running: dict[str, dict] = {}  # trial id → its candidate
         self.total = len(self.first) + len(frontier)  # trials at most: none pruned
 
@@ -47,11 +48,9 @@ class FrontierSearcher(Searcher):
         return True  # the space is the frontier's; Tune's param space holds only the config
 
     def _fits(self, spec: PathSpec) -> bool:
-        """Whether `spec`'s Ray node has CPU left for its trial beside the trials running there."""
-        cand = self.cands[spec.id]
-        node = self.node_of[cand["node"]]
-        used = sum(c["cpus"] for c in self.running.values() if self.node_of[c["node"]] == node)
-        return used + cand["cpus"] <= self.capacity[node] + _EPS
+        """Whether `spec`'s Ray node has a slot, or none waiting yet, for its trial."""
+        node = self.node_of[self.cands[spec.id]["node"]]
+        return sum(self.node_of[c["node"]] == node for c in self.running.values()) <= self.slots[node]
 
     def suggest(self, trial_id: str) -> dict | None:
         spec = next((s for s in self.first if self._fits(s)), None)

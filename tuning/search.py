@@ -36,7 +36,7 @@ from coderay.config import CoderayConfig
 from coderay.pathspec import PathSpec
 from coderay.plan import link_owner, link_services
 from coderay.rows import BaselineRow, Row, row_from_dict
-from coderay.search import Frontier, search_dir, staged_search
+from coderay.search import NEVER_HANDED_OUT, Frontier, search_dir, staged_search
 from coderay.table import RewardTable
 from tuning.frontier import FrontierSearcher
 
@@ -184,20 +184,20 @@ class TuneExecutor:
         first = [PathSpec.parse(r.path_id) for r in frontier.local_rows()]
         specs = first + [PathSpec.parse(r.path_id) for r in frontier.queued()]
         cands = {spec.id: self._cand(spec) for spec in specs}
-        capacity = {nid: res.get("CPU", 0.0) for nid, res in alive_resources().items() if nid in self.nodes.values()}
-        searcher = FrontierSearcher(copy.deepcopy(frontier), first, cands, self.nodes, capacity)
+        cpus = {nid: res.get("CPU", 0.0) for nid, res in alive_resources().items() if nid in self.nodes.values()}
+        slots = {
+            nid: _slots(n, [c["cpus"] for c in cands.values() if self.nodes[c["node"]] == nid])
+            for nid, n in cpus.items()
+        }
         stage = self.stages["predict"] = _run_stage(
             self.cfg,
             experiment_dir(self.cfg, "predict", exhaustive=self.exhaustive),
             predict_trial,
-            searcher,
+            FrontierSearcher(copy.deepcopy(frontier), first, cands, self.nodes, slots),
             resume=self.resume,
             progress=self.progress,
             scheduler=None,
-            concurrency=sum(
-                _slots(cap, [c["cpus"] for c in cands.values() if self.nodes[c["node"]] == nid])
-                for nid, cap in capacity.items()
-            ),
+            concurrency=sum(slots.values()) + len(slots),  # one waiting per node
         )
         rows = {}
         for pid in stage.results:
@@ -206,8 +206,14 @@ class TuneExecutor:
                 rows[pid] = Row.failed(spec, stage.error(pid) or "no result")
             else:
                 rows[pid] = row_from_dict(res.metrics["row"]).with_extra(**_trial_fields("predict", res.metrics))
+        out = frontier.settle(rows)
+        if left := [pid for pid, r in out.items() if r.error == NEVER_HANDED_OUT]:
+            raise RuntimeError(
+                f"the predict stage stopped with {len(left)} candidates not yet tried; run the search again to resume "
+                f"it ({stage.path})"
+            )
         self.never_predicted = len(specs) - len(rows)
-        return frontier.settle(rows)
+        return out
 
     def measure(
         self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
