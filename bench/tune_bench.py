@@ -1,7 +1,7 @@
 """Wall time of the path search: in-process, and on Ray Tune on 1, 2 and 3 Ray nodes (same config, same trials);
 writes bench/results/tune.md.
 
-    python bench/tune_bench.py [CONFIG] [--runs N] [--workdir DIR]
+    python bench/tune_bench.py [CONFIG] [--runs N] [--workdir DIR] [--layouts in-process 3]
 
 The config's edge servers are packed onto fewer Ray nodes (one CPU each), so every layout runs exactly the
 same trials, pinned to the same edge server's resource; only how many run at once changes. A packed node has
@@ -102,10 +102,13 @@ def _spread(values: list[float]) -> str:
     return f"{med:.0f} ({min(values):.0f}–{max(values):.0f})" if len(values) > 1 else f"{med:.0f}"
 
 
-def main(config: str | None = None, *, runs: int = 3, workdir: str | None = None) -> Path:
+def main(
+    config: str | None = None, *, runs: int = 3, workdir: str | None = None, only: list[str] | None = None
+) -> Path:
     cfg = load_config(config or DEFAULT_CONFIG, **({"workdir": workdir} if workdir else {}))
     SearchContext.load(cfg)  # train (or load) the services first: not part of the timing
     plan = {IN_PROCESS: None} | layouts([node.name for node in cfg.nodes])
+    plan = {k: v for k, v in plan.items() if not only or k in only or k == IN_PROCESS}  # the reference
     results: dict[str, list[dict]] = {k: [] for k in plan}
     local = (cfg.search.locals or [cfg.services[0].name])[0]
     out = Path(__file__).parent / "results" / "tune.md"
@@ -117,7 +120,8 @@ def main(config: str | None = None, *, runs: int = 3, workdir: str | None = None
             res["load"] = (load + os.getloadavg()[0]) / 2
             table = res.pop("table")
             best = table.best(local)
-            res |= {"best": best["path_id"], "test_acc": best["test_acc"], "round": round_ + 1}
+            predicted = sum(r.pred_reward is not None for r in table.for_service(local) if r.kind != "local")
+            res |= {"best": best["path_id"], "test_acc": best["test_acc"], "round": round_ + 1, "predicted": predicted}
             if layout is None:
                 reference = table
             res["gap"] = accuracy_gap(table, reference)
@@ -126,6 +130,11 @@ def main(config: str | None = None, *, runs: int = 3, workdir: str | None = None
         out.write_text(report(cfg, plan, results, round_ + 1))
     print(out.read_text())
     return out
+
+
+def _rest(r: dict) -> float:
+    """A run's time outside its two stages: loading the services' metadata, the local sides, the table."""
+    return r["wall"] - r["stages"]["predict"] - r["stages"]["train"]
 
 
 def report(cfg, plan: dict, results: dict[str, list[dict]], rounds: int) -> str:
@@ -144,11 +153,12 @@ def report(cfg, plan: dict, results: dict[str, list[dict]], rounds: int) -> str:
             f"{max(r['gap'] for r in rs):.4f} | {statistics.median(r['load'] for r in rs):.1f} |"
         )
         raw += [
-            f"| {r['round']} | {key} | {r['stages']['predict']} | {r['stages']['train']} | {r['wall']:.0f} | "
-            f"{r['cluster_s']:.0f} | `{r['best']}` | {r['test_acc']:.4f} | {r['gap']:.4f} | {r['load']:.1f} |"
+            f"| {r['round']} | {key} | {r['stages']['predict']} | {r['predicted']} | {r['stages']['train']} | "
+            f"{_rest(r):.0f} | {r['wall']:.0f} | {r['cluster_s']:.0f} | `{r['best']}` | {r['test_acc']:.4f} | "
+            f"{r['gap']:.4f} | {r['load']:.1f} |"
             if layout
-            else f"| {r['round']} | {key} | {r['stages']['predict']} | {r['stages']['train']} | {r['wall']:.0f} | "
-            f"– | `{r['best']}` | {r['test_acc']:.4f} | – | {r['load']:.1f} |"
+            else f"| {r['round']} | {key} | {r['stages']['predict']} | {r['predicted']} | {r['stages']['train']} | "
+            f"{_rest(r):.0f} | {r['wall']:.0f} | – | `{r['best']}` | {r['test_acc']:.4f} | – | {r['load']:.1f} |"
             for r in rs
         ]
     return (
@@ -162,7 +172,9 @@ def report(cfg, plan: dict, results: dict[str, list[dict]], rounds: int) -> str:
                 "starting the local cluster (its own column; `coderay search` pays it, `--in-process` does not). "
                 "Δacc: the largest difference of any candidate's predicted, validation or test accuracy from the "
                 "in-process table of the same round. Load: the machine's 1-minute load average during the run "
-                "(a shared machine).",
+                "(a shared machine). Stage-1 predicted: candidates predicted (the others pruned by their reward "
+                "bound); other: a run's time outside its two stages (the services' metadata, the local sides, the "
+                "table).",
                 "",
                 "| Ray nodes | edge servers per node | stage 1 s | stage 2 s | total s | × in-process | "
                 "cluster start s | best path | Δacc | load |",
@@ -171,9 +183,9 @@ def report(cfg, plan: dict, results: dict[str, list[dict]], rounds: int) -> str:
                 "",
                 "Every run:",
                 "",
-                "| round | Ray nodes | stage 1 s | stage 2 s | total s | cluster start s | best path | its test acc | "
-                "Δacc | load |",
-                "|---|---|---|---|---|---|---|---|---|---|",
+                "| round | Ray nodes | stage 1 s | stage-1 predicted | stage 2 s | other s | total s | "
+                "cluster start s | best path | its test acc | Δacc | load |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
                 *raw,
             ]
         )
@@ -186,5 +198,6 @@ if __name__ == "__main__":
     p.add_argument("config", nargs="?")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--workdir", help="override the config's workdir")
+    p.add_argument("--layouts", nargs="+", help="run only these rows (in-process, 1, 2, 3)")
     a = p.parse_args()
-    main(a.config, runs=a.runs, workdir=a.workdir)
+    main(a.config, runs=a.runs, workdir=a.workdir, only=a.layouts)

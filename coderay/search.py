@@ -18,7 +18,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+NEVER_HANDED_OUT = "never handed out"  # the error of a candidate a stopped engine left above its bar
 
 
 class Frontier:
@@ -80,30 +81,49 @@ class Frontier:
         kth = preds[self.top_k - 1] if len(preds) >= self.top_k else -math.inf
         return max(own if own is not None else -math.inf, kth)
 
-    def next(self) -> PathSpec | None:
-        """The next candidate to predict, pruning those under their bar on the way; None when none is left."""
-        while self._queue:
-            row = self._queue.pop(0)
+    def next(self, accept: Callable[[PathSpec], bool] | None = None) -> PathSpec | None:
+        """The best-bound candidate still above its bar that `accept` takes (any, by default), pruning those under
+        their bar on the way; None when none is left to take. An engine passes `accept` to skip candidates whose
+        node is busy: pruning stays exact in any order, since a bar only rises."""
+        i = 0
+        while i < len(self._queue):
+            row = self._queue[i]
             bar = self.bar(row.local)
-            if (row.pred_reward or 0.0) > bar:
-                return PathSpec.parse(row.path_id)
-            self.pruned[row.path_id] = replace(row, pred_acc=None, pred_reward=None).with_extra(
-                pruned=f"reward bound {row.pred_reward:.3f} ≤ {bar:.3f}", reward_bound=row.pred_reward
-            )
+            if (row.pred_reward or 0.0) <= bar:
+                del self._queue[i]
+                self._prune(row, bar)
+                continue
+            spec = PathSpec.parse(row.path_id)
+            if accept is None or accept(spec):
+                del self._queue[i]
+                return spec
+            i += 1
         return None
 
-    def take(self, n: int) -> list[PathSpec]:
-        """Up to `n` candidates at once (engines that run several together; the bar is the one known now)."""
-        out: list[PathSpec] = []
-        while len(out) < n and (spec := self.next()) is not None:
-            out.append(spec)
-        return out
+    def _prune(self, row: Row, bar: float) -> None:
+        self.pruned[row.path_id] = replace(row, pred_acc=None, pred_reward=None).with_extra(
+            pruned=f"reward bound {row.pred_reward:.3f} ≤ {bar:.3f}", reward_bound=row.pred_reward
+        )
+
+    def queued(self) -> list[Row]:
+        """The reward bounds of the candidates not yet handed out nor pruned, best first."""
+        return list(self._queue)
 
     def record(self, row: Row) -> None:
         """A candidate's stage-1 row: its prediction raises its service's bar."""
         self.rows[row.path_id] = row
         if row.pred_reward is not None and row.kind != "local":
             self._predicted[row.local].append(row.pred_reward)
+
+    def settle(self, rows: Mapping[str, Row]) -> dict[str, Row]:
+        """The result when a copy of this frontier handed the candidates out (a Tune searcher, maybe restored from
+        disk): `rows` are recorded, every other candidate is pruned under the final bar, or failed if above it."""
+        self._queue = [r for r in self._queue if r.path_id not in rows]
+        for row in rows.values():
+            self.record(row)
+        while (spec := self.next()) is not None:
+            self.rows[spec.id] = Row.failed(spec, NEVER_HANDED_OUT)
+        return self.result()
 
     def local_rows(self) -> list[Row]:
         """Local-only's stage-1 row of each service, from its profiles (an engine may predict it anew)."""

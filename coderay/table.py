@@ -91,10 +91,12 @@ class RewardTable:
         )
         lines = [head, "-" * len(head)]
         for r in rows[:limit]:
+            pruned = bool(r.get("pruned"))  # its throughput is the bound's (free links), not the path's
             lines.append(
-                f"{r['path_id']:<34} {r['kind']:<5} {'yes' if r['trained'] else 'no':<7} "
+                f"{r['path_id']:<34} {r['kind']:<5} {'pruned' if pruned else 'yes' if r['trained'] else 'no':<7} "
                 f"{_f(r['pred_acc'])} {_f(r['val_acc'], 7)} {_f(r['test_acc'])} {_f(r['acc_avg_test'], 6)} "
-                f"{_f(r['th_total'], 7, 0)} {_f(r['th_ratio'], 6, 2)} {_f(r['reward'], 7, 3)}"
+                f"{_f(None if pruned else r['th_total'], 7, 0)} {_f(None if pruned else r['th_ratio'], 6, 2)} "
+                f"{_f(r['reward'], 7, 3)}"
             )
         return "\n".join(lines)
 

@@ -231,3 +231,58 @@ def test_resume_runs_no_finished_trial_again(tune_runs, faults):
         if a["path_id"] != faults["worst"]:
             b = second.row(a["path_id"])
             assert (a["val_acc"], a["test_acc"], a["pred_acc"]) == (b["val_acc"], b["test_acc"], b["pred_acc"])
+
+
+def test_searcher_prunes_and_selects_as_in_process(trained_cfg, search_ctx, cluster):
+    """Stage 1 on Tune with a bar that prunes (local-only's reward raised to the median bound; the tiny config's
+    own bar is under every bound): candidates under their bar get no trial, a node runs one trial at a time, and
+    and reuses one process; predicting one at a time from the trials' own predictions never needs one Tune pruned
+    and selects the same rows."""
+    import statistics
+    from dataclasses import replace
+
+    from coderay.candidate import SearchContext, candidates, reward_bound
+    from coderay.search import Frontier, stage2_selection
+    from tuning.search import TuneExecutor
+    from tuning.split import local_side, stop_side
+
+    cfg = trained_cfg.model_copy(update={"search": trained_cfg.search.model_copy(update={"top_k": 1})})  # own dir
+    specs = candidates(search_ctx, "digits")
+    bounds = [reward_bound(search_ctx, s) for s in specs if s.kind != "local"]
+    local = reward_bound(search_ctx, specs[0], acc=search_ctx.services["digits"].metrics["val_acc"])
+    assert specs[0].kind == "local"
+    local_rows = {"digits": replace(local, pred_reward=statistics.median(b.pred_reward for b in bounds))}
+
+    sides = {"digits": local_side(cfg, "digits", create=True, paths=[s.id for s in specs])}
+    try:
+        ctx = SearchContext(cfg, search_ctx.services)
+        executor = TuneExecutor(
+            ctx, exhaustive=False, resume=False, progress=False, early_stop=False, faults=None, sides=sides
+        )
+        rows = executor.predict(Frontier(bounds, local_rows, top_k=1, exhaustive=False))
+    finally:
+        stop_side(cfg, "digits")
+    pruned = {pid for pid, r in rows.items() if r.get("pruned")}
+    stage = executor.stages["predict"]
+    assert pruned and executor.never_predicted == len(pruned) and not pruned & set(stage.results)
+    assert len(stage.results) + len(pruned) == len(specs)
+
+    spans: dict[str, list] = {}
+    pids: dict[str, set] = {}
+    for res in stage.results.values():
+        assert res.error is None
+        spans.setdefault(res.metrics["node_id"], []).append(
+            (res.metrics["phases"]["began"], res.metrics["phases"]["ended"])
+        )
+        pids.setdefault(res.metrics["node_id"], set()).add(res.metrics["pid"])
+    assert len(spans) == 2
+    for node in spans.values():  # one CPU per node: one trial at a time
+        node.sort()
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(node, node[1:]))
+    assert all(len(p) == 1 for p in pids.values()), pids  # a node's trials reuse one process (its imports, data)
+
+    one_by_one = Frontier(bounds, local_rows, top_k=1, exhaustive=False)
+    while (spec := one_by_one.next()) is not None:
+        one_by_one.record(rows[spec.id])  # KeyError: a candidate Tune pruned was worth predicting
+    ref = one_by_one.result()
+    assert stage2_selection(list(ref.values()), 1, False) == stage2_selection(list(rows.values()), 1, False)

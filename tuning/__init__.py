@@ -6,10 +6,11 @@
 
 What it does. coderay's one staged search (`coderay.search.staged_search`) runs with a Tune executor
 (`tuning.search.TuneExecutor`): stage 1 is one experiment (a trial per candidate calling
-`coderay.candidate.predict_path`), stage 2 another (a trial per selected candidate and local-only path calling
-`train_path`, and one per service for the edge-early baseline). The selection, merge and table are the
-search's own, so the reward table is the in-process one (same rows, same seeds, the same numbers up to float
-noise), saved in the same `search_dir` with `meta["engine"] = "tune"`, links where serving loads them.
+`coderay.candidate.predict_path`, handed out by the search's `Frontier`: pruned as in-process), stage 2
+another (a trial per selected candidate and local-only path calling `train_path`, and one per service for the
+edge-early baseline). The selection, merge and table are the search's own, so the reward table is the
+in-process one (same rows, same seeds, the same numbers up to float noise), saved in the same `search_dir`
+with `meta["engine"] = "tune"`, links where serving loads them.
 
 Where things run. Every Ray node carries a custom resource named after the config's node; a trial asks for
 `{"CPU": 1, "<node>": 0.01}` (`tune.PlacementGroupFactory`), which pins it to that node. It computes at the

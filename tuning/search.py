@@ -1,10 +1,12 @@
 """`run_tune_search`: CoDE's multi-stage path search (`coderay.search.staged_search`) run by Ray Tune.
 
 `TuneExecutor` is the search's second executor: stage 1 is one Tune experiment ("predict", a trial per
-candidate calling `coderay.candidate.predict_path`), stage 2 another ("train": a trial per selected
-candidate and local-only path calling `train_path`, and one per service for the edge-early baseline). The
-algorithm, the selection, the merge and the table are `staged_search`'s, so the table is the in-process one,
-saved in the same `search_dir` with `meta["engine"] = "tune"`, links where serving loads them.
+candidate calling `coderay.candidate.predict_path`, handed out by `tuning.frontier.FrontierSearcher` best
+reward bound first, so candidates that cannot beat their bar are pruned as in-process), stage 2 another
+("train": a trial per selected candidate and local-only path calling `train_path`, and one per service for the
+edge-early baseline). The algorithm, the selection, the merge and the table are `staged_search`'s, so the
+table is the in-process one, saved in the same `search_dir` with `meta["engine"] = "tune"`, links where
+serving loads them.
 
 Each experiment is stored under `<workdir>/tune/<search key>-predict|-train`; a search that stops (Ctrl-C,
 a crash, a lost driver) resumes from there with `Tuner.restore`: finished trials are not run again,
@@ -17,6 +19,7 @@ measure every candidate.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -33,8 +36,9 @@ from coderay.config import CoderayConfig
 from coderay.pathspec import PathSpec
 from coderay.plan import link_owner, link_services
 from coderay.rows import BaselineRow, Row, row_from_dict
-from coderay.search import Frontier, search_dir, staged_search
+from coderay.search import NEVER_HANDED_OUT, Frontier, search_dir, staged_search
 from coderay.table import RewardTable
+from tuning.frontier import FrontierSearcher
 
 __all__ = ["run_tune_search", "experiment_dir", "TuneExecutor"]
 
@@ -138,7 +142,7 @@ class TuneExecutor:
     another, each trial pinned to the node that owns its blocks."""
 
     name = "tune"
-    prunes = False  # one experiment runs every stage-1 trial at once: no prediction can raise a bar in time
+    prunes = True  # stage 1's trials come from a FrontierSearcher: finished predictions raise the bar
 
     def __init__(
         self,
@@ -157,7 +161,8 @@ class TuneExecutor:
         names = {n.name for n in self.cfg.nodes}
         self.nodes = {r: nid for nid, res in alive_resources().items() for r in res if r in names}  # name → node id
         self.stages: dict[str, _Stage] = {}
-        self.pruned: list[str] = []
+        self.pruned: list[str] = []  # stage 2: stopped early by ASHA
+        self.never_predicted = 0  # stage 1: candidates the searcher pruned
         self.scheduler = None
 
     def _extra(self, path_id: str) -> dict:
@@ -171,31 +176,44 @@ class TuneExecutor:
         return {"path_id": spec.id, "node": node, "cpus": min(1.0, self.cfg.node(node).cpus)} | self._extra(spec.id)
 
     def predict(self, frontier: Frontier) -> dict[str, Row]:
-        """One experiment for local-only and every candidate the frontier hands out (trials run together, so the
-        search runs this executor with an exhaustive frontier: nothing pruned); local-only's trial row replaces
-        the driver's."""
+        """One experiment whose trials a `FrontierSearcher` hands out: local-only first (its trial row replaces the
+        driver's), then the frontier's candidates while they can still beat their bar, as many at once as their
+        nodes have CPUs for."""
         from tuning.trials import predict_trial
 
-        specs = [PathSpec.parse(r.path_id) for r in frontier.local_rows()] + frontier.take(len(frontier))
-
+        first = [PathSpec.parse(r.path_id) for r in frontier.local_rows()]
+        specs = first + [PathSpec.parse(r.path_id) for r in frontier.queued()]
+        cands = {spec.id: self._cand(spec) for spec in specs}
+        cpus = {nid: res.get("CPU", 0.0) for nid, res in alive_resources().items() if nid in self.nodes.values()}
+        slots = {
+            nid: _slots(n, [c["cpus"] for c in cands.values() if self.nodes[c["node"]] == nid])
+            for nid, n in cpus.items()
+        }
         stage = self.stages["predict"] = _run_stage(
             self.cfg,
             experiment_dir(self.cfg, "predict", exhaustive=self.exhaustive),
             predict_trial,
-            [self._cand(spec) for spec in specs],
+            FrontierSearcher(copy.deepcopy(frontier), first, cands, self.nodes, slots),
             resume=self.resume,
             progress=self.progress,
             scheduler=None,
+            concurrency=sum(slots.values()) + len(slots),  # one waiting per node
         )
         rows = {}
-        for spec in specs:
-            res = stage.results.get(spec.id)
-            if res is None or res.error is not None or "row" not in (res.metrics or {}):
-                rows[spec.id] = Row.failed(spec, stage.error(spec.id) or "no result")
+        for pid in stage.results:
+            res, spec = stage.results[pid], PathSpec.parse(pid)
+            if res.error is not None or "row" not in (res.metrics or {}):
+                rows[pid] = Row.failed(spec, stage.error(pid) or "no result")
             else:
-                rows[spec.id] = row_from_dict(res.metrics["row"]).with_extra(**_trial_fields("predict", res.metrics))
-            frontier.record(rows[spec.id])
-        return frontier.result()
+                rows[pid] = row_from_dict(res.metrics["row"]).with_extra(**_trial_fields("predict", res.metrics))
+        out = frontier.settle(rows)
+        if left := [pid for pid, r in out.items() if r.error == NEVER_HANDED_OUT]:
+            raise RuntimeError(
+                f"the predict stage stopped with {len(left)} candidates not yet tried; run the search again to resume "
+                f"it ({stage.path})"
+            )
+        self.never_predicted = len(specs) - len(rows)
+        return out
 
     def measure(
         self, chosen: Sequence[Row], baselines: Sequence[str], links_dir: Path
@@ -300,6 +318,7 @@ class TuneExecutor:
                 "resumed": s1.restored or s2.restored,
                 "early_stop": self.scheduler is not None,
                 "pruned": self.pruned,
+                "pruned_before_predicting": self.never_predicted,
                 "errors": rows_errors,
             }
         }
@@ -463,10 +482,24 @@ class _Watch(tune.Callback):
 _QUIET = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 
 
+def _slots(cpus: float, trials: Sequence[float]) -> int:
+    """How many trials can run at once on a node of `cpus` CPUs: as many as of its smallest trial fit."""
+    return int((cpus + 1e-9) // min(trials)) if trials else 0
+
+
 def _run_stage(
-    cfg: CoderayConfig, path: Path, trainable: Callable, space: list[dict], *, resume: bool, progress: bool, scheduler
+    cfg: CoderayConfig,
+    path: Path,
+    trainable: Callable,
+    space: list[dict] | FrontierSearcher,
+    *,
+    resume: bool,
+    progress: bool,
+    scheduler,
+    concurrency: int | None = None,
 ) -> _Stage:
-    """Run (or resume) the experiment at `path`: a trial per entry of `space`; results by path id."""
+    """Run (or resume) the experiment at `path`: a trial per entry of `space`, or per candidate a searcher hands
+    out (at most `concurrency` at once); results by path id."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from tuning.trials import trial_resources
@@ -474,7 +507,10 @@ def _run_stage(
     name = path.name.rsplit("-", 1)[1]
     log.debug("%s: stage begins", name)
     key = str(path)
-    stage = _STAGES[key] = _Stage(name, progress, path=key, total=len(space))
+    searcher = space if isinstance(space, FrontierSearcher) else None
+    cands = {} if isinstance(space, FrontierSearcher) else {"cand": tune.grid_search(space)}
+    total = space.total if isinstance(space, FrontierSearcher) else len(space)
+    stage = _STAGES[key] = _Stage(name, progress, path=key, total=total)
     with environ(_QUIET):  # Tune reads them while it runs this stage
         try:
             fn = tune.with_resources(trainable, trial_resources)
@@ -486,9 +522,14 @@ def _run_stage(
                     shutil.rmtree(path)
                 tuner = tune.Tuner(
                     fn,
-                    param_space={"cfg": cfg.model_dump(mode="json"), "cand": tune.grid_search(space)},
+                    param_space={"cfg": cfg.model_dump(mode="json")} | cands,
                     tune_config=tune.TuneConfig(
-                        scheduler=scheduler, reuse_actors=True, trial_dirname_creator=_trial_dirname
+                        scheduler=scheduler,
+                        search_alg=searcher,
+                        num_samples=1 if searcher is None else -1,  # a searcher: until it says FINISHED
+                        max_concurrent_trials=concurrency,
+                        reuse_actors=True,
+                        trial_dirname_creator=_trial_dirname,
                     ),
                     run_config=tune.RunConfig(
                         name=path.name,
@@ -501,16 +542,16 @@ def _run_stage(
             began = time.perf_counter()
             stage.began = time.time()
             log.debug("%s: fit", name)
-            grid = tuner.fit()
+            results = tuner.fit()
             log.debug("%s: fit returned", name)
             stage.seconds = round(time.perf_counter() - began, 1)
-            for i in range(len(grid)):
-                stage.results[_path_of(grid[i])] = grid[i]
-            stage.total = len(grid)
-            if grid.num_terminated + grid.num_errors < len(grid):
+            for i in range(len(results)):
+                stage.results[_path_of(results[i])] = results[i]
+            stage.total = len(results)
+            if results.num_terminated + results.num_errors < len(results):
                 raise RuntimeError(
-                    f"the {name} stage stopped with {len(grid) - grid.num_terminated - grid.num_errors} "
-                    f"of {len(grid)} trials unfinished; run the search again to resume it ({path})"
+                    f"the {name} stage stopped with {len(results) - results.num_terminated - results.num_errors} "
+                    f"of {len(results)} trials unfinished; run the search again to resume it ({path})"
                 )
             return stage
         finally:
