@@ -68,20 +68,25 @@ def capped_config(trained_cfg, searched_table, tmp_path_factory):
     return path
 
 
+def _up(capped_config, marker: str, port: int, **popen) -> subprocess.Popen:
+    """`coderay up` on `port`, its processes marked CODERAY_STOP_TEST=`marker` (Ray's inherit the environment)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "coderay.cli", "up", str(capped_config), "--port", str(port), "--no-controller"],
+        env=os.environ | {"PYTHONUNBUFFERED": "1", "CODERAY_STOP_TEST": marker},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_sigterm_at_any_phase_stops_cleanly(capped_config, phase):
     from deployments.app import free_port
 
     marker, port = f"CODERAY_STOP_TEST={uuid.uuid4().hex}", free_port()
     groups_before = _groups()
-    env = os.environ | {"PYTHONUNBUFFERED": "1", marker.split("=")[0]: marker.split("=")[1]}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "coderay.cli", "up", str(capped_config), "--port", str(port), "--no-controller"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _up(capped_config, marker.split("=")[1], port)
     lines: list[str] = []
     try:
         when = PHASES[phase]
@@ -120,15 +125,7 @@ def test_sigterm_at_any_phase_stops_cleanly(capped_config, phase):
 def _started(capped_config, marker: str, port: int, until: str) -> tuple[subprocess.Popen, list[str]]:
     """`coderay up` in a process group of its own (a signal to that group spares the test's), once it printed a
     line starting with `until`."""
-    env = os.environ | {"PYTHONUNBUFFERED": "1", "CODERAY_STOP_TEST": marker}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "coderay.cli", "up", str(capped_config), "--port", str(port), "--no-controller"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _up(capped_config, marker, port, start_new_session=True)
     lines: list[str] = []
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
