@@ -38,14 +38,19 @@ def _train(cfg_json: dict, name: str, force: bool, epochs=None) -> dict:
 
     cfg = CoderayConfig.model_validate(cfg_json)
     spec = cfg.service(name)
-    cached = None if force else cached_metrics(cfg, spec)
-    if cached is not None:  # trained before: its metrics, without torch or the model (a cached start's node task)
-        return {k: v for k, v in cached.items() if k != "history"} | _here(cfg, spec.node)
+    # trained before: its metrics, without torch or the model (a cached start's node task)
+    metrics = (None if force else cached_metrics(cfg, spec)) or _train_here(cfg, name, force, epochs)
+    return {k: v for k, v in metrics.items() if k != "history"} | _here(cfg, spec.node)
+
+
+def _train_here(cfg: CoderayConfig, name: str, force: bool, epochs) -> dict:
+    """Train (or load) `name` in this process, each epoch reported to the `epochs` queue; its metrics."""
     import torch
 
     from coderay.train import train_service
 
     torch.set_num_threads(1)
+    spec = cfg.service(name)
     report = (
         None
         if epochs is None
@@ -55,8 +60,7 @@ def _train(cfg_json: dict, name: str, force: bool, epochs=None) -> dict:
             )
         )
     )
-    trained = train_service(cfg, spec, progress=False, force=force, on_epoch=report)
-    return {k: v for k, v in trained.metrics.items() if k != "history"} | _here(cfg, spec.node)
+    return train_service(cfg, spec, progress=False, force=force, on_epoch=report).metrics
 
 
 @ray.remote(max_retries=0)
