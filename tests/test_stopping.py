@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,28 +81,33 @@ def _up(capped_config, marker: str, port: int, **popen) -> subprocess.Popen:
     )
 
 
+def _read_until(proc: subprocess.Popen, lines: list[str], done: Callable[[str], bool], wait_s: float = 240) -> bool:
+    """Read `proc`'s output into `lines` until a line `done` takes (True), or its end or `wait_s` (False)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            return False
+        lines.append(line)
+        if done(line):
+            return True
+    return False
+
+
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_sigterm_at_any_phase_stops_cleanly(capped_config, phase):
     from deployments.app import free_port
 
-    marker, port = f"CODERAY_STOP_TEST={uuid.uuid4().hex}", free_port()
+    marker, port = uuid.uuid4().hex, free_port()
     groups_before = _groups()
-    proc = _up(capped_config, marker.split("=")[1], port)
+    proc = _up(capped_config, marker, port)
     lines: list[str] = []
     try:
         when = PHASES[phase]
         if isinstance(when, float):
             time.sleep(when)
         else:
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                lines.append(line)
-                if when in line:
-                    break
-            assert any(when in ln for ln in lines), "".join(lines[-30:])
+            assert _read_until(proc, lines, lambda line: when in line), "".join(lines[-30:])
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=120)
     finally:
@@ -115,9 +121,9 @@ def test_sigterm_at_any_phase_stops_cleanly(capped_config, phase):
     ours = [ln.strip() for ln in out.strip().splitlines() if ln.strip() and not re.match(r"(\x1b\[\d+m)?\(", ln)]
     assert re.fullmatch(r"stopping|coderay up: interrupted, stopped cleanly", ours[-1]), out[-3000:]
     deadline = time.monotonic() + 20
-    while _marked(marker.split("=")[1]) and time.monotonic() < deadline:
+    while _marked(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _marked(marker.split("=")[1]) == [], f"processes of the stopped run left behind ({phase})"
+    assert _marked(marker) == [], f"processes of the stopped run left behind ({phase})"
     assert _groups(proc.pid) <= groups_before, f"CPU-cap groups left behind: {_groups(proc.pid) - groups_before}"
     assert _free(port), f"port {port} still taken"
 
@@ -127,14 +133,8 @@ def _started(capped_config, marker: str, port: int, until: str) -> tuple[subproc
     line starting with `until`."""
     proc = _up(capped_config, marker, port, start_new_session=True)
     lines: list[str] = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith(until):
-            return proc, lines
+    if _read_until(proc, lines, lambda line: line.startswith(until)):
+        return proc, lines
     proc.kill()
     raise AssertionError("".join(lines[-30:]))
 
