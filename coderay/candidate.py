@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from coderay.config import CoderayConfig, LinkVariant
 from coderay.emulation import node_rate, speed_divisor, sustained_seconds, timing_as
@@ -39,6 +39,7 @@ __all__ = [
     "path_row",
     "reward_bound",
     "predict_path",
+    "training_plan",
     "train_path",
 ]
 
@@ -301,15 +302,20 @@ def predict_path(ctx: SearchContext, spec: PathSpec) -> Row:
     return path_row(ctx, spec, path_costs(ctx, module), link_params=_link_params(module), pred_acc=pred_acc)
 
 
+TEACHER_BYTES = 256 * 2**20  # the local model's activations for every training sample, computed once, up to this
+
+
 @contextlib.contextmanager
 def _feature_matching(
-    ctx: SearchContext, module: PathModule, weight: float
-) -> Iterator[Callable[[torch.Tensor], torch.Tensor] | None]:
-    """The distillation term of a path's training, while it trains (None for weight 0): the link that brings a
-    sample back should produce what the local model's own blocks 1..lin−1 produce for the same input (relative
-    squared error, times `weight`). The link's output is caught by a forward hook, removed afterwards."""
+    ctx: SearchContext, module: PathModule, weight: float, train: Dataset
+) -> Iterator[tuple[Callable[..., torch.Tensor] | None, Dataset]]:
+    """The distillation term of a path's training and the data to train on, while it trains (None and `train`
+    for weight 0): the link that brings a sample back should produce what the local model's own blocks 1..lin−1
+    produce for the same input (relative squared error, times `weight`). The link's output is caught by a
+    forward hook, removed afterwards. The blocks are frozen, so their activations are computed once, not every
+    epoch: where they fit in `TEACHER_BYTES` they ride with the samples (`train` then yields x, y, target)."""
     if not weight:
-        yield None
+        yield None, train
         return
     spec = module.spec
     link = module.links["skip" if spec.kind == "skip" else "out"]
@@ -317,15 +323,40 @@ def _feature_matching(
     seen: dict[str, torch.Tensor] = {}
     hook = link.register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out))
 
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = teacher(x)
+    def loss(x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        if target is None:
+            with torch.no_grad():
+                target = teacher(x)
         return weight * (seen["out"] - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-8)
 
     try:
-        yield loss
+        yield loss, _with_targets(train, teacher)
     finally:
         hook.remove()
+
+
+def _with_targets(train: Dataset, teacher: torch.nn.Module) -> Dataset:
+    """`train` as (x, y, teacher(x)) where the targets fit in `TEACHER_BYTES`, else `train` itself."""
+    assert isinstance(train, Sized)  # a TensorDataset or a Subset
+    xs, ys, targets = [], [], []
+    with torch.no_grad():
+        for x, y in DataLoader(train, batch_size=256):
+            target = teacher(x)
+            if len(train) * target[0].numel() * target.element_size() > TEACHER_BYTES:
+                return train
+            xs.append(x)
+            ys.append(y)
+            targets.append(target)
+    return TensorDataset(torch.cat(xs), torch.cat(ys), torch.cat(targets))
+
+
+def training_plan(cfg: CoderayConfig, predicted: Row | None) -> tuple[list[LinkVariant], int]:
+    """The link variants stage 2 trains a candidate with and the epochs of each: `search.explore`'s for a
+    candidate chosen by exploration (its stage-1 row says `explored`), the search's own otherwise."""
+    s = cfg.search
+    if predicted is not None and predicted.extra.get("explored"):
+        return s.explore.variants or s.link_variants, s.explore.epochs or s.link_epochs
+    return s.link_variants, s.link_epochs
 
 
 def train_path(
@@ -345,10 +376,11 @@ def train_path(
     across variants. `predicted` (its stage-1 row) keeps the prediction beside the measurement."""
     local = ctx.service_model(spec.local)
     s = ctx.cfg.search
-    epochs = epochs or s.link_epochs
+    variants, planned = training_plan(ctx.cfg, predicted)
+    epochs = epochs or planned
     start = time.perf_counter()
     trained = spec.kind != "local"
-    variants = s.link_variants if trained else s.link_variants[:1]
+    variants = variants if trained else variants[:1]
     best: tuple[float, PathModule, LinkVariant] | None = None
     for i, variant in enumerate(variants):
         if module is None or i > 0:
@@ -359,11 +391,11 @@ def train_path(
             shifted: Callable[[int, float, float], None] | None = None
             if on_epoch is not None:
                 shifted = lambda e, loss, acc, shift=shift: on_epoch(e + shift, loss, acc)
-            with _feature_matching(ctx, module, variant.distill) as aux_loss:
+            with _feature_matching(ctx, module, variant.distill, local.task.train) as (aux_loss, train):
                 fit(
                     module,
                     module.link_parameters(),
-                    local.task.train,
+                    train,
                     local.task.val,
                     epochs=epochs,
                     lr=s.link_lr,

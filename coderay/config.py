@@ -30,6 +30,7 @@ __all__ = [
     "EmulationSpec",
     "ControllerSpec",
     "LinkVariant",
+    "ExploreSpec",
     "CoderayConfig",
     "load_config",
     "DEFAULT_CONFIG",
@@ -132,6 +133,18 @@ class LinkVariant(_Strict):
         return self.capacity + (f"+distill{self.distill:g}" if self.distill else "")
 
 
+class ExploreSpec(_Strict):
+    """Stage 2 beyond the top-k: candidates whose least-squares prediction undersells what a trained link reaches
+    (bench/results/depth.md: `digits:mnist:0:1:3:4` predicted 0.915, trained 0.985). Per local service, the `count`
+    candidates outside the top-k of highest modelled throughput whose prediction is within `reach` of
+    local-only's validation accuracy are trained as well, with their own variants and epochs."""
+
+    count: int = Field(0, ge=0)
+    reach: float = Field(0.10, ge=0, le=1)
+    epochs: int | None = Field(None, ge=1)  # default: search.link_epochs
+    variants: list[LinkVariant] | None = Field(None, min_length=1)  # default: search.link_variants
+
+
 class SearchSpec(_Strict):
     locals: list[str] | None = None  # services to find paths for; default: every service
     lout: list[int] | None = [0]  # allowed local exit blocks (0 = raw input); null = all
@@ -144,6 +157,7 @@ class SearchSpec(_Strict):
     link_lr: float = Field(2e-3, gt=0)
     link_batch_size: int = Field(64, ge=1)
     link_variants: list[LinkVariant] = Field(default_factory=lambda: [LinkVariant()], min_length=1)
+    explore: ExploreSpec = Field(default_factory=ExploreSpec)
     link_out: Literal["auto", "host", "local"] = "auto"  # where a cooperative path's link_out runs; auto: on the
     # node that makes fewer bytes cross (the host block's output
     # or the link's)

@@ -108,8 +108,9 @@ POLICY_TABLES = (
     "since",
     "served",
     "settled",
+    "split",
 )
-BY_SERVICE = ("q_local", "arrivals", "since", "served", "settled")  # ... of those, the ones keyed by service
+BY_SERVICE = ("q_local", "arrivals", "since", "served", "settled", "split")  # ... of those, the ones keyed by service
 
 
 def state_path(cfg: CoderayConfig) -> Path:

@@ -35,11 +35,20 @@ held `min_dwell_s`; a path whose host node is gone (or that the ingress reports 
 A move the objective makes is checked against what serving measures: once the new choice has settled
 (`VERIFY_INTERVALS` intervals after the one the move happened in, and `min_dwell_s`), a move under which the
 service is answered `verify_tolerance` fewer samples/s than under the choice it left is undone, and for
-`verify_memory_s` both choices' μ is their measured rate (and the host's g_H at least what it was measured to
+`verify_memory_s` both choices' μ is their measured rate (so is a kept move's, when it serves `verify_tolerance`
+more: the clients then ask more than either serves; each new pair joins those still remembered). A move that
+served more is followed by a probe one `share_step` further the same way along the path (from local-only: up),
+checked the same way: the model's μ is a capacity and may rank shares otherwise than serving does (its g_H is
+the host's grant, while an idle host's batches take more guests), so the controller climbs on what it measures
+until a step serves less (and the host's g_H at least what it was measured to
 admit, unless its own clients wait). A move away from a host measured to need its time back (its own clients wait
 or take all it admits) or a host gone is not checked: serving less is what it is for. The model's μ is a capacity;
 what a chain of merged requests really costs (its batch shrinks when a service's requests are split over two paths,
-and each call costs the same) only serving shows.
+and each call costs the same) only serving shows. So a checked move to a split share (0 < φ < 1) whose rate tells
+(it served `verify_tolerance` more or less than the choice it left: the clients asked more than it served) also
+teaches the service's split factor, measured ÷ modelled μ (EWMA), by which every split share's μ is scaled from
+then on. On the demo the model gave digits' shares 0.7–0.9 25–35% more than they served, so the controller went
+from one unmeasured split share to the next while share 1.0 served the most (bench/results/shares.md).
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ BUSY = 0.3  # a node learns its slowdown only in intervals where it computed at 
 MIN_SAMPLES = 16  # ... and ran at least this many samples
 SLOWDOWN_RANGE = (0.2, 50.0)
 HEADROOM = 0.1  # a host admits guests only up to (1 − HEADROOM) of its time, its own load first
+SPLIT_RANGE = (0.3, 1.5)  # what a split share's measured rate over its modelled μ may teach
 VERIFY_INTERVALS = 2  # intervals a choice must be measured under (after the one it began in) before its rate counts
 
 
@@ -181,6 +191,7 @@ class Policy:
         # rate}, until the move is checked
         self.measured: dict[str, dict] = {}  # service -> {"rates": {"path@share": samples/s}, "until": t} after an
         # undone move
+        self.split: dict[str, float] = {}  # service -> served / modelled μ of its split shares (0 < φ < 1), EWMA
         self._now = -math.inf
 
     # ------------------------------------------------------------------ persistence
@@ -200,10 +211,11 @@ class Policy:
             "settled": self.settled,
             "trial": self.trial,
             "measured": self.measured,
+            "split": self.split,
         }
 
     def restore(self, state: Mapping) -> None:
-        keys = ("q_local", "q_host", "slowdown", "own_rate", "own_busy", "own_latency", "arrivals", "since")
+        keys = ("q_local", "q_host", "slowdown", "own_rate", "own_busy", "own_latency", "arrivals", "since", "split")
         for key in (*keys, "served", "settled", "trial", "measured"):
             getattr(self, key).update(state.get(key) or {})
         for svc, (path, share) in (state.get("current") or {}).items():
@@ -355,6 +367,8 @@ class Policy:
         if host is not None:
             g = self.guest_rate(live)
             mu = min(mu, g / share)
+            if share < 1:  # two streams, each in smaller merged chains: what serving measured of split shares
+                mu *= self.split.get(svc, 1.0)
         measured = self._measured_rate(svc, live.path_id, share)
         if measured is not None:  # served at that rate, so its host admitted share × rate guest samples/s
             mu = measured
@@ -367,7 +381,7 @@ class Policy:
         return Candidate(live.path_id, round(share, 4), f, mu, g, j, host)
 
     def _measured_rate(self, svc: str, path: str, share: float) -> float | None:
-        """The samples/s `svc` was answered at under (path, share) when a move from or to it was undone."""
+        """The samples/s `svc` was answered at under (path, share), while remembered (`_remember`)."""
         mem = self.measured.get(svc)
         if mem is None or self._now >= mem["until"]:
             return None
@@ -441,8 +455,9 @@ class Policy:
 
     def _verify(self, svc: str, m: Measurements, cands: list[Candidate]) -> tuple[str, str, float] | None:
         """Check `svc`'s last move once it has settled: None to keep it; else (why, path, share) of the choice to go
-        back to. Undone, the measured rates of both choices stand in the model, so the objective ranks them as
-        serving did."""
+        to: back to the one it left (`revert`), or, when it served more, one share step further the same way along
+        the path (`probe`; the model's rate of a share is a capacity, and serving may rank shares otherwise).
+        Measured rates of both choices then stand in the model, so the objective ranks them as serving did."""
         trial, tol = self.trial.get(svc), self.spec.verify_tolerance
         held = m.t - self.since.get(svc, -math.inf)
         if trial is None or tol is None or self.settled.get(svc, 0) <= VERIFY_INTERVALS or held < self.spec.min_dwell_s:
@@ -450,19 +465,59 @@ class Policy:
         del self.trial[svc]
         path, share = self.current[svc]
         rate = self.served[svc]
+        self._calibrate(svc, path, share, rate, trial)
+        rates = {_key(path, share): rate, _key(trial["path"], trial["share"]): trial["rate"]}
         if rate >= (1 - tol) * trial["rate"]:
-            return None  # it serves what it was expected to, or the clients ask no more than it serves
+            if rate <= (1 + tol) * trial["rate"]:
+                return None  # it serves what it was expected to, or the clients ask no more than it serves
+            self._remember(svc, rates, m.t)  # it serves more: the clients ask more than either choice serves
+            further = self._further(svc, trial, cands)
+            if further is None:
+                return None
+            why = (
+                f"probe: {path} at {share:g} served {rate:.1f} samples/s, more than {trial['path']} at "
+                f"{trial['share']:g} before it ({trial['rate']:.1f}); trying share {further:g}"
+            )
+            return why, path, further
         if not any(c.path == trial["path"] and abs(c.share - trial["share"]) < 1e-9 for c in cands):
             return None  # what it left is no longer feasible
-        self.measured[svc] = {
-            "rates": {_key(path, share): rate, _key(trial["path"], trial["share"]): trial["rate"]},
-            "until": m.t + self.spec.verify_memory_s,
-        }
+        self._remember(svc, rates, m.t)
         why = (
             f"revert: {path} at {share:g} served {rate:.1f} samples/s (the model: {trial['expected']:.1f}), less "
             f"than {trial['path']} at {trial['share']:g} before it ({trial['rate']:.1f})"
         )
         return why, trial["path"], trial["share"]
+
+    def _further(self, svc: str, trial: Mapping, cands: Sequence[Candidate]) -> float | None:
+        """One share step on from the current choice, away from the one it left (local-only counts as share 0 of
+        the path), where that share is feasible and not already measured; None otherwise."""
+        path, share = self.current[svc]
+        if path == f"{svc}:local" or trial["path"] not in (path, f"{svc}:local"):
+            return None
+        left = trial["share"] if trial["path"] == path else 0.0
+        step = self.spec.share_step if share > left else -self.spec.share_step
+        nxt = round(share + step, 4)
+        if not 0 < nxt <= 1 or self._measured_rate(svc, path, nxt) is not None:
+            return None
+        return nxt if any(c.path == path and abs(c.share - nxt) < 1e-9 for c in cands) else None
+
+    def _remember(self, svc: str, rates: Mapping[str, float], t: float) -> None:
+        """Add measured rates to what stands in the model for `verify_memory_s` from `t`, with those still
+        remembered: a choice measured to serve less is not tried again while any of them stands."""
+        mem = self.measured.get(svc)
+        kept = mem["rates"] if mem is not None and t < mem["until"] else {}
+        self.measured[svc] = {"rates": kept | dict(rates), "until": t + self.spec.verify_memory_s}
+
+    def _calibrate(self, svc: str, path: str, share: float, rate: float, trial: Mapping) -> None:
+        """Learn how a split share serves against its modelled μ, from a checked move to one whose rate tells:
+        it served `verify_tolerance` more or less than the choice it left, so the clients asked more than it served."""
+        tol = self.spec.verify_tolerance or 0.0
+        if path == f"{svc}:local" or not 0 < share < 1 or abs(rate - trial["rate"]) <= tol * trial["rate"]:
+            return
+        modelled = trial["expected"] / trial.get("split", 1.0)  # the move's μ before this calibration
+        if modelled > 0:
+            seen = min(SPLIT_RANGE[1], max(SPLIT_RANGE[0], rate / modelled))
+            self.split[svc] = _ewma(self.split.get(svc), seen, self.spec.smoothing)
 
     def _decide(self, svc: str, m: Measurements, live: Mapping[str, Row]) -> Decision:
         cands, excluded = self.candidates(svc, m, live)
@@ -515,12 +570,13 @@ class Policy:
             settled = self.settled.get(svc, 0) > VERIFY_INTERVALS and svc in self.served
             left = self.rows.get(prev_path)
             shedding = left is not None and left.host_node is not None and self.distressed(left.host_node)
-            if reason.startswith("switch") and settled and not shedding:  # checked once it has settled
+            if reason.startswith(("switch", "probe")) and settled and not shedding:  # checked once settled
                 self.trial[svc] = {
                     "path": prev_path,
                     "share": prev_share,
                     "rate": self.served[svc],
                     "expected": choice.service_rate,
+                    "split": self.split.get(svc, 1.0) if 0 < choice.share < 1 else 1.0,
                 }
             self.served.pop(svc, None)
             self.settled[svc] = 0
@@ -547,6 +603,7 @@ class Policy:
             "served": round(self.served[svc], 3) if svc in self.served else None,
             "trial": self.trial.get(svc),
             "measured": self.measured.get(svc),
+            "split": self.split.get(svc),
         }
         d = Decision(
             m.t,

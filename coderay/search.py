@@ -7,7 +7,8 @@ nodes that own the blocks. Both produce the same table: same candidates, same se
     bound     each candidate's reward bound: free links, perfect accuracy (profiles and shapes only)
     stage 1   predict candidates by bound, best first, while one can still reach the top-k and beat
               local-only; the rest are pruned, never fitted              (executor.predict over a Frontier)
-    select    top-k by predicted reward per service (every candidate when exhaustive), plus local-only
+    select    top-k by predicted reward per service (every candidate when exhaustive), plus local-only, plus
+              `search.explore.count` of highest modelled throughput whose prediction a trained link may lift
     stage 2   train and measure the selected, score the baselines  (executor.measure)
     merge     candidates in enumeration order, then baselines; summary; save; plot
 """
@@ -18,7 +19,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from coderay.baselines import edge_early_rows
 from coderay.candidate import SearchContext, candidates, predict_path, reward_bound, train_path
-from coderay.config import CoderayConfig
+from coderay.config import CoderayConfig, ExploreSpec
 from coderay.emulation import describe
 from coderay.pathspec import PathSpec
 from coderay.plan import link_owner, link_services
@@ -44,6 +45,7 @@ __all__ = [
     "run_search",
     "search_dir",
     "stage2_selection",
+    "explore_selection",
     "finish_table",
     "load_table",
     "spearman",
@@ -242,6 +244,28 @@ def stage2_selection(rows: Sequence[Row], top_k: int, exhaustive: bool) -> list[
     return [r.path_id for _, r in pool]
 
 
+def explore_selection(rows: Sequence[Row], picked: Collection[str], explore: ExploreSpec) -> list[str]:
+    """Path ids stage 2 trains beyond `picked`: the `explore.count` predicted candidates of highest modelled
+    throughput whose predicted accuracy is within `explore.reach` of local-only's validation accuracy. Their
+    predicted reward may be 0 (under the floor); a trained link can lift them above it."""
+    local = next((r for r in rows if r.kind == "local" and r.pred_acc is not None), None)
+    if local is None or not explore.count:
+        return []
+    assert local.pred_acc is not None  # checked just above
+    pool = [
+        r
+        for r in rows
+        if r.kind != "local"
+        and r.path_id not in picked
+        and r.error is None
+        and r.pred_acc is not None
+        and r.th_ratio is not None
+        and r.pred_acc >= local.pred_acc - explore.reach
+    ]
+    pool.sort(key=lambda r: (-(r.th_ratio or 0.0), r.path_id))
+    return [r.path_id for r in pool[: explore.count]]
+
+
 def staged_search(ctx: SearchContext, executor: Executor, *, exhaustive: bool, out: Path) -> RewardTable:
     """The search, run by `executor`; the table is saved (JSON, CSV) and plotted under `out`."""
     cfg = ctx.cfg
@@ -262,7 +286,12 @@ def staged_search(ctx: SearchContext, executor: Executor, *, exhaustive: bool, o
     for local in locals_:
         rows = [preds[spec.id] for spec in cands[local]]
         picked = set(stage2_selection(rows, cfg.search.top_k, exhaustive))
-        chosen += [r for r in rows if r.path_id in picked or (r.kind == "local" and r.error is None)]
+        explored = set() if exhaustive else set(explore_selection(rows, picked, cfg.search.explore))
+        chosen += [
+            r.with_extra(explored=True) if r.path_id in explored else r
+            for r in rows
+            if r.path_id in picked | explored or (r.kind == "local" and r.error is None)
+        ]
     measured, baselines = executor.measure(chosen, locals_ if cfg.search.baselines else [], Path("links") / out.name)
     rows = []
     for local in locals_:

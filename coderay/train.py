@@ -74,12 +74,12 @@ def fit(
     progress: bool = True,
     validate: bool = True,
     on_epoch: Callable[[int, float, float], None] | None = None,
-    aux_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    aux_loss: Callable[..., torch.Tensor] | None = None,
 ) -> list[dict]:
     """Adam (one-cycle learning rate) on cross-entropy over `params` only; one line per epoch. Returns the per-epoch
     history
     (validation accuracy is None when `validate` is False). `aux_loss(x)`, called after the forward pass on
-    the batch `x`, is added to the loss (links' feature matching)."""
+    the batch `x` (and what else `train` yields after x and y), is added to the loss (links' feature matching)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError(f"{desc}: nothing to train (no parameter requires grad)")
@@ -104,10 +104,10 @@ def fit(
             unit="batch",
             disable=not progress or not sys.stderr.isatty(),
         )
-        for x, y in bar:
+        for x, y, *extra in bar:
             loss = nn.functional.cross_entropy(module(x), y)
             if aux_loss is not None:
-                loss = loss + aux_loss(x)
+                loss = loss + aux_loss(x, *extra)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -286,3 +286,21 @@ def test_searcher_prunes_and_selects_as_in_process(trained_cfg, search_ctx, clus
         one_by_one.record(rows[spec.id])  # KeyError: a candidate Tune pruned was worth predicting
     ref = one_by_one.result()
     assert stage2_selection(list(ref.values()), 1, False) == stage2_selection(list(rows.values()), 1, False)
+
+
+def test_tune_trains_an_explored_candidate_with_the_explore_links(trained_cfg, cluster, tune_runs):
+    """`search.explore` on Tune: one more candidate trained, on its host's node, with the explore variant and
+    epochs (its trial builds the explore variant's links, not the search's first)."""
+    from coderay.config import ExploreSpec, LinkVariant
+    from tuning.search import run_tune_search
+
+    explore = ExploreSpec(count=1, epochs=2, variants=[LinkVariant(capacity="bottleneck", distill=0.5)])
+    cfg = trained_cfg.model_copy(update={"search": trained_cfg.search.model_copy(update={"explore": explore})})
+    table = run_tune_search(cfg, progress=False, resume=False)
+    explored = [r for r in table.for_service("digits") if r.get("explored")]
+    assert len(explored) == 1
+    row = explored[0]
+    assert row["trained"] and row["link_variant"] == "bottleneck+distill0.5" and row["val_acc"] is not None
+    assert row["epochs"] == 2 and not row.get("error")
+    plain = [r for r in table.for_service("digits") if r["trained"] and r["kind"] != "local" and not r.get("explored")]
+    assert plain and all(r["link_variant"] == "1x1" for r in plain)

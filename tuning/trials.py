@@ -31,7 +31,7 @@ import ray
 import torch
 from ray import tune
 
-from coderay.candidate import SearchContext, build_path, predict_path, train_path
+from coderay.candidate import SearchContext, build_path, predict_path, train_path, training_plan
 from coderay.config import CoderayConfig
 from coderay.links import load_links, save_links
 from coderay.pathspec import PathSpec
@@ -203,16 +203,18 @@ def train_trial(config: dict) -> None:
     spec = PathSpec.parse(cand["path_id"])
     ctx = _context(cfg, spec, cand)
     _MARKS["data"] = time.time()
-    resumable = len(cfg.search.link_variants) == 1
-    epochs = cfg.search.link_epochs * len(cfg.search.link_variants)
     predicted = row_from_dict(cand["predicted"])
+    variants, per_variant = training_plan(cfg, predicted)
+    resumable = len(variants) == 1
+    epochs = per_variant * len(variants)
+    explored = bool(predicted.extra.get("explored"))
     if spec.kind == "local":
         _maybe_fail(cand, "train")
         row, _ = train_path(ctx, spec, progress=False, predicted=predicted)
         _report(cand, {"row": row.to_dict(), "reward": row.reward})
         return
 
-    module, _ = build_path(ctx, spec)
+    module, _ = build_path(ctx, spec, variants[0])
     node = cand["node"]
     links_dir = Path(cand["links_dir"])  # store-relative
     work = node_store(cfg, node) / "checkpoints" / links_dir.name / spec.id.replace(":", "__")
@@ -230,13 +232,15 @@ def train_trial(config: dict) -> None:
         epoch += done
         if epoch >= epochs:  # the final report below carries this epoch
             return
-        report = {"epoch": epoch, "loss": loss, "val_acc": val_acc, "reward": _epoch_reward(cfg, predicted, val_acc)}
+        report = {"epoch": epoch, "loss": loss, "val_acc": val_acc}
+        if not explored:  # an explored candidate trains longer, to where the others cannot: ASHA never ranks it
+            report["reward"] = _epoch_reward(cfg, predicted, val_acc)
         _report(cand, report, checkpoint=_checkpoint(module, epoch, work, cfg, node) if resumable else None)
 
     row, module = train_path(
         ctx,
         spec,
-        epochs=max(cfg.search.link_epochs - done, 1),
+        epochs=max(per_variant - done, 1),
         progress=False,
         module=module,
         links_dir=node_store(cfg, node) / links_dir,
