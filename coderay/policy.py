@@ -465,12 +465,12 @@ class Policy:
         del self.trial[svc]
         path, share = self.current[svc]
         rate = self.served[svc]
-        self._calibrate(svc, path, share, rate, trial)
+        if abs(rate - trial["rate"]) <= tol * trial["rate"]:
+            return None  # it serves what it was expected to, or the clients ask no more than it serves
+        self._calibrate(svc, share, rate, trial)  # its rate tells: the clients ask more than one choice serves
         rates = {_key(path, share): rate, _key(trial["path"], trial["share"]): trial["rate"]}
-        if rate >= (1 - tol) * trial["rate"]:
-            if rate <= (1 + tol) * trial["rate"]:
-                return None  # it serves what it was expected to, or the clients ask no more than it serves
-            self._remember(svc, rates, m.t)  # it serves more: the clients ask more than either choice serves
+        if rate > trial["rate"]:
+            self._remember(svc, rates, m.t)
             further = self._further(svc, trial, cands)
             if further is None:
                 return None
@@ -508,13 +508,13 @@ class Policy:
         kept = mem["rates"] if mem is not None and t < mem["until"] else {}
         self.measured[svc] = {"rates": kept | dict(rates), "until": t + self.spec.verify_memory_s}
 
-    def _calibrate(self, svc: str, path: str, share: float, rate: float, trial: Mapping) -> None:
-        """Learn how a split share serves against its modelled μ, from a checked move to one whose rate tells:
-        it served `verify_tolerance` more or less than the choice it left, so the clients asked more than it served."""
-        tol = self.spec.verify_tolerance or 0.0
-        if path == f"{svc}:local" or not 0 < share < 1 or abs(rate - trial["rate"]) <= tol * trial["rate"]:
+    def _calibrate(self, svc: str, share: float, rate: float, trial: Mapping) -> None:
+        """Learn how a split share serves against its modelled μ, from a checked move to one whose rate tells
+        (`_verify`: it served `verify_tolerance` more or less than the choice it left). The move's μ was scaled
+        by the factor in force, which nothing changes until its check."""
+        if not 0 < share < 1:  # local-only is share 0
             return
-        modelled = trial["expected"] / trial.get("split", 1.0)  # the move's μ before this calibration
+        modelled = trial["expected"] / self.split.get(svc, 1.0)
         if modelled > 0:
             seen = min(SPLIT_RANGE[1], max(SPLIT_RANGE[0], rate / modelled))
             self.split[svc] = _ewma(self.split.get(svc), seen, self.spec.smoothing)
@@ -576,7 +576,6 @@ class Policy:
                     "share": prev_share,
                     "rate": self.served[svc],
                     "expected": choice.service_rate,
-                    "split": self.split.get(svc, 1.0) if 0 < choice.share < 1 else 1.0,
                 }
             self.served.pop(svc, None)
             self.settled[svc] = 0
