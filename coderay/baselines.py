@@ -41,10 +41,10 @@ def _branch(ctx: SearchContext, local: str, exit_after: int) -> tuple[nn.Module,
     if exit_after == svc.num_blocks:
         module = nn.Sequential(*svc.blocks)
         return module, svc.metrics["val_acc"], svc.metrics["test_acc"], 0
+    torch.manual_seed(ctx.cfg.seed)  # the head starts the same whatever ran before it
     head = ExitHead(svc.boundaries[exit_after], svc.task.num_classes)
     module = nn.Sequential(*svc.blocks[:exit_after], head)
     s = ctx.cfg.search
-    torch.manual_seed(ctx.cfg.seed)
     fit(
         module,
         head.parameters(),

@@ -280,6 +280,7 @@ def predict_path(ctx: SearchContext, spec: PathSpec) -> Row:
     if spec.kind == "local":
         module, pred_acc = PathModule(spec, local.blocks), local.metrics["val_acc"]
     else:
+        torch.manual_seed(ctx.cfg.seed)  # a candidate's links start the same whatever ran before it
         module, _ = build_path(ctx, spec)
         s = ctx.cfg.search
         if s.predict_steps:
@@ -384,6 +385,7 @@ def train_path(
     best: tuple[float, PathModule, LinkVariant] | None = None
     for i, variant in enumerate(variants):
         if module is None or i > 0:
+            torch.manual_seed(ctx.cfg.seed)  # its links start the same whatever trained before (deferred, on Tune)
             module = PathModule(spec, local.blocks) if not trained else build_path(ctx, spec, variant)[0]
         if trained:
             torch.manual_seed(ctx.cfg.seed)

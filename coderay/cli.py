@@ -231,9 +231,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None) -> int:
-    """Deploy on `cluster` (None: the one --address names), print how to reach it, and serve until Ctrl-C or
-    SIGTERM (unless --no-block). A stop at any point of it shuts down what runs (`_shut_down`)."""
+def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None, table=None, finish=None) -> int:
+    """Deploy `table` (None: the search's on disk) on `cluster` (None: the one --address names), print how to
+    reach it, and serve until Ctrl-C or SIGTERM (unless --no-block); `finish()`, where given, completes the search
+    while serving and its table is deployed in place. A stop at any point of it shuts down what runs."""
     import time
 
     from deployments.app import start_serving
@@ -247,13 +248,18 @@ def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None) -> int:
             port=args.port,
             controller=False if getattr(args, "no_controller", False) else None,
             cluster=cluster,
+            table=table,
         )
         _print_served(cfg, args, served)
         if args.no_block:
+            if finish is not None:
+                print("search: its explored candidates stay untrained (--no-block); the next `coderay up` trains them")
             return 0
         signal.signal(signal.SIGTERM, _interrupt)  # ours again, whatever Serve's start-up installed
         _serving.set()
         print("serving until Ctrl-C (or SIGTERM)", flush=True)
+        if finish is not None:
+            _finish_while_serving(served, finish)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -266,6 +272,25 @@ def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None) -> int:
     except BaseException:
         _shut_down(served, cluster)
         raise
+
+
+def _finish_while_serving(served, finish) -> None:
+    """The search's deferred part (explored candidates, baselines) while its first table serves; the whole table
+    then replaces it in place. A failure leaves the first table serving."""
+    import time
+
+    start = time.perf_counter()
+    print("search: training the explored candidates and scoring the baselines while serving", flush=True)
+    try:
+        table = finish()
+        print_search(table)
+        served.redeploy(table)
+    except Exception as e:  # noqa: BLE001 — what serves keeps serving
+        print(f"search: finishing it failed ({type(e).__name__}: {e}); the first table keeps serving", flush=True)
+        return
+    best = ", ".join(f"{local} {table.best(local).path_id}" for local in table.locals)
+    print(f"search finished while serving [+{time.perf_counter() - start:.0f}s]: serving the whole table ({best})")
+    sys.stdout.flush()
 
 
 def _shut_down(served, cluster, *, exit_code: int | None = None) -> None:
@@ -448,17 +473,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         engine = "in-process" if args.address is None else "Ray Tune"
         print(f"[2/3] path search (staged, {engine}){' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
         if args.address is None:
-            from coderay.search import run_search
+            from coderay.search import search_to_serve
 
-            print_search(run_search(cfg))
+            table, finish = search_to_serve(cfg)  # explored candidates and baselines: while serving
         else:
             from tuning.search import run_tune_search
 
-            print_search(run_tune_search(cfg, address=args.address))
+            table, finish = run_tune_search(cfg, address=args.address), None
+        print_search(table)
+        if finish is not None:
+            pending = table.meta["pending"]
+            print(
+                f"  (to train while serving: {len(pending['explore'])} explored candidate(s)"
+                f"{', and the baselines' if pending['baselines'] else ''}; the best path may change then)"
+            )
         where = "the local Ray cluster" if args.address is None else args.address
         print(f"[3/3] serving on {where}{' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
         args.port = front.result()  # where Serve listens (a free port where 0 was asked); its failure raises here
-    return serve_until_stopped(cfg, args, cluster=cluster)
+    return serve_until_stopped(cfg, args, cluster=cluster, table=table, finish=finish)
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

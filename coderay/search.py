@@ -43,6 +43,8 @@ __all__ = [
     "InProcess",
     "staged_search",
     "run_search",
+    "search_to_serve",
+    "finish_search",
     "search_dir",
     "stage2_selection",
     "explore_selection",
@@ -266,8 +268,12 @@ def explore_selection(rows: Sequence[Row], picked: Collection[str], explore: Exp
     return [r.path_id for r in pool[: explore.count]]
 
 
-def staged_search(ctx: SearchContext, executor: Executor, *, exhaustive: bool, out: Path) -> RewardTable:
-    """The search, run by `executor`; the table is saved (JSON, CSV) and plotted under `out`."""
+def staged_search(
+    ctx: SearchContext, executor: Executor, *, exhaustive: bool, out: Path, defer: bool = False
+) -> RewardTable:
+    """The search, run by `executor`; the table is saved (JSON, CSV) and plotted under `out`. With `defer`, stage 2
+    leaves the explored candidates and the baselines (what serving does not need to start) for `finish_search`:
+    the table then says what it left in `meta["pending"]` and is saved under `out`/partial."""
     cfg = ctx.cfg
     start = time.perf_counter()
     locals_ = cfg.search.locals or [s.name for s in cfg.services]
@@ -292,11 +298,15 @@ def staged_search(ctx: SearchContext, executor: Executor, *, exhaustive: bool, o
             for r in rows
             if r.path_id in picked | explored or (r.kind == "local" and r.error is None)
         ]
-    measured, baselines = executor.measure(chosen, locals_ if cfg.search.baselines else [], Path("links") / out.name)
+    baselines = locals_ if cfg.search.baselines else []
+    later = {r.path_id: r for r in chosen if r.extra.get("explored")} if defer else {}
+    measured, base_rows = executor.measure(
+        [r for r in chosen if r.path_id not in later], [] if defer else baselines, Path("links") / out.name
+    )
     rows = []
     for local in locals_:
-        rows += [measured.get(spec.id, preds[spec.id]) for spec in cands[local]]
-        rows += baselines.get(local, [])
+        rows += [measured.get(spec.id, later.get(spec.id, preds[spec.id])) for spec in cands[local]]
+        rows += base_rows.get(local, [])
     meta = {
         "config": cfg.name,
         "mode": "exhaustive" if exhaustive else "staged",
@@ -308,12 +318,41 @@ def staged_search(ctx: SearchContext, executor: Executor, *, exhaustive: bool, o
         "network_source": "emulated (the config's)" if cfg.emulation.local else "measured between the nodes",
         **executor.meta(),
     }
-    table = finish_table(rows, meta)
-    table.meta["dir"] = str(out)
-    table.save(out)
-    table.plot(out / "pareto.png")
+    if defer and (later or baselines):
+        meta["pending"] = {"explore": list(later), "baselines": baselines}
+    return _saved(finish_table(rows, meta), out)
+
+
+def finish_search(ctx: SearchContext, executor: Executor, partial: RewardTable, *, out: Path) -> RewardTable:
+    """What a deferred search (`staged_search(defer=True)`) left: train its explored candidates, score the
+    baselines, and save the whole table under `out` (where `load_table` finds it), the partial one removed."""
+    start = time.perf_counter()
+    pending = partial.meta["pending"]
+    later = [r for r in partial.rows if r.path_id in pending["explore"]]
+    measured, base_rows = executor.measure(later, pending["baselines"], Path("links") / out.name)
+    rows = []
+    for local in dict.fromkeys(r.local for r in partial.rows):
+        rows += [measured.get(r.path_id, r) for r in partial.rows if r.local == local]
+        rows += base_rows.get(local, [])
+    meta = {k: v for k, v in partial.meta.items() if k not in ("pending", "summary", "dir", "from_cache")}
+    meta["seconds"] = round(meta["seconds"] + time.perf_counter() - start, 1)
+    meta["explored_after_serving"] = round(time.perf_counter() - start, 1)
+    table = _saved(finish_table(rows, meta), out)
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    return table
+
+
+PARTIAL = "partial"  # where a deferred search's table waits under its search dir until `finish_search`
+
+
+def _saved(table: RewardTable, out: Path) -> RewardTable:
+    """`table` saved and plotted under `out` (`out`/partial while it has work pending)."""
+    where = out / PARTIAL if "pending" in table.meta else out
+    table.meta["dir"] = str(where)
+    table.save(where)
+    table.plot(where / "pareto.png")
     table.meta["from_cache"] = False
-    log.info("reward table: %s (%d rows, %.0f s)", out / "table.json", len(rows), table.meta["seconds"])
+    log.info("reward table: %s (%d rows, %.0f s)", where / "table.json", len(table.rows), table.meta["seconds"])
     return table
 
 
@@ -365,6 +404,38 @@ def run_search(
     return staged_search(
         ctx, InProcess(ctx, progress=progress), exhaustive=exhaustive, out=search_dir(cfg, exhaustive=exhaustive)
     )
+
+
+def search_to_serve(
+    cfg: CoderayConfig, *, progress: bool = True
+) -> tuple[RewardTable, Callable[[], RewardTable] | None]:
+    """`coderay up`'s in-process search: a table to start serving from, and what finishes it while serving.
+
+    A whole table on disk comes back as is (nothing to finish). Otherwise the search runs deferred (or an
+    earlier `up`'s partial table is taken up): the function returned trains the explored candidates and scores
+    the baselines, and returns the whole table, saved where `load_table` finds it."""
+    exhaustive = cfg.search.exhaustive
+    cached = load_table(cfg, exhaustive=exhaustive)
+    if cached is not None:
+        return cached, None
+    out = search_dir(cfg, exhaustive=exhaustive)
+    loaded: list[SearchContext] = []
+    if (out / PARTIAL / "table.json").exists():
+        partial = RewardTable.load(out / PARTIAL)
+        partial.meta["from_cache"] = True
+    else:
+        loaded.append(SearchContext.load(cfg, progress=progress))
+        partial = staged_search(
+            loaded[0], InProcess(loaded[0], progress=progress), exhaustive=exhaustive, out=out, defer=True
+        )
+    if "pending" not in partial.meta:
+        return partial, None
+
+    def finish() -> RewardTable:
+        ctx = loaded[0] if loaded else SearchContext.load(cfg, progress=False)
+        return finish_search(ctx, InProcess(ctx, progress=False), partial, out=out)
+
+    return partial, finish
 
 
 def spearman(a: list[float], b: list[float]) -> float:

@@ -172,19 +172,20 @@ def serve_config_doc(
     port: int | None = None,
     workdir: str | Path | None = None,
     working_dir: str | Path | None = None,
+    table: RewardTable | None = None,
 ) -> dict:
     """The Serve config (`serve deploy`'s schema, KubeRay's `serveConfigV2`) that describes this application.
 
     `workdir` (the builder's) and `working_dir` (where coderay is importable) are paths as the cluster's nodes see
     them, by default this machine's; a URI `working_dir` is kept as is. The Ingress's `user_config.routes` come
-    from the search's table under that workdir when one is there: edit a route and deploy the config again to
-    switch it in place (reconfigure, no restart)."""
+    from `table` (default: the search's table under that workdir, when one is there): edit a route and deploy the
+    config again to switch it in place (reconfigure, no restart)."""
     if workdir is not None:
         cfg = cfg.model_copy(update={"workdir": str(workdir)})
     cfg = cfg.portable()
     port = cfg.serving.port if port is None else port
     code = str(working_dir or REPO_ROOT)
-    table = load_table(cfg)
+    table = table if table is not None else load_table(cfg)
     app: dict = {
         "name": APP_NAME,
         "route_prefix": "/",
@@ -203,12 +204,17 @@ def serve_config_doc(
 
 
 def write_serve_config(
-    cfg: CoderayConfig, config_path: str | Path, out_path: str | Path, *, port: int | None = None
+    cfg: CoderayConfig,
+    config_path: str | Path,
+    out_path: str | Path,
+    *,
+    port: int | None = None,
+    table: RewardTable | None = None,
 ) -> Path:
     """`serve_config_doc` as a YAML file for `serve deploy` (or Serve's REST API), with how to use it.
 
     The builder loads `config_path` with `workdir` made absolute."""
-    doc = serve_config_doc(cfg, config_path, port=port)
+    doc = serve_config_doc(cfg, config_path, port=port, table=table)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = (
@@ -230,6 +236,26 @@ class Served:
     serve_config: Path
     cluster: LocalCluster | None
     direct_url: str | None = None
+    cfg: CoderayConfig | None = None  # what `redeploy` deploys again
+    config_path: Path | None = None
+    controller: bool = False
+
+    def redeploy(self, table: RewardTable) -> None:
+        """Serve `table` in place of the one deployed (a search that finished while serving): Serve starts the
+        replicas whose links or rows changed and answers from the old ones until the new are up; the controller
+        starts over on the new table; the Serve config is written again."""
+        from coderay.provider import check_stores
+
+        assert self.cfg is not None and self.config_path is not None  # set by start_serving
+        check_stores(self.cfg, {svc: files.values() for svc, files in link_files(table.rows).items()})
+        deploy(self.cfg, table, port=int(self.url.rsplit(":", 1)[1]))
+        if self.controller:
+            from coderay.controller import start_controller
+
+            start_controller(self.cfg, table.rows)
+        write_serve_config(
+            self.cfg, self.config_path, self.serve_config, port=int(self.url.rsplit(":", 1)[1]), table=table
+        )
 
     def shutdown(self, *, exit_code: int | None = None) -> None:
         """Stop the controller and Serve, then the local cluster. exit_code: where the cluster's GCS is gone
@@ -252,33 +278,37 @@ def start_serving(
     port: int | None = None,
     controller: bool | None = None,
     cluster: LocalCluster | None = None,
+    table: RewardTable | None = None,
 ) -> Served:
     """Connect (or start a local cluster, or use `cluster`), check that every node's store holds its service
     and the links it runs, deploy, start the controller (unless `controller` is False, or None and the config's
     `controller.enabled` is off), and write the Serve config under the workdir. The driver reads the reward
-    table only; an untrained service or a missing links file fails with the node and the command to run."""
+    table only (`table`, default: the search's on disk); an untrained service or a missing links file fails
+    with the node and the command to run."""
     from coderay.provider import check_stores
 
     if address:
         cfg = cfg.on_real_cluster()  # real nodes: no CPU caps, no emulated delays
-    table = served_table(cfg)
+    table = table if table is not None else served_table(cfg)
     own = cluster is None  # a cluster given is its caller's to shut down, on failure too
     if cluster is None:
         cluster = connect(cfg, address)
     try:
         check_stores(cfg, {svc: files.values() for svc, files in link_files(table.rows).items()})
         url = deploy(cfg, table, port=port)
-        if cfg.controller.enabled if controller is None else controller:
+        controller = cfg.controller.enabled if controller is None else controller
+        if controller:
             from coderay.controller import start_controller
 
             start_controller(cfg, table.rows)
         actual = int(url.rsplit(":", 1)[1])
-        out = write_serve_config(cfg, config_path, cfg.root / "serve-config.yaml", port=actual)
+        out = write_serve_config(cfg, config_path, cfg.root / "serve-config.yaml", port=actual, table=table)
     except BaseException:
         if own and cluster is not None:
             cluster.shutdown()
         raise
-    return Served(url, out, cluster, direct_url(url) if cfg.serving.throughput_optimized else None)
+    direct = direct_url(url) if cfg.serving.throughput_optimized else None
+    return Served(url, out, cluster, direct, cfg, Path(config_path), controller)
 
 
 def direct_url(url: str, *, wait_s: float = 10.0) -> str | None:

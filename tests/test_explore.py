@@ -7,7 +7,8 @@ from coderay.candidate import SearchContext, train_path, training_plan
 from coderay.config import ExploreSpec, LinkVariant
 from coderay.pathspec import PathSpec
 from coderay.rows import Row
-from coderay.search import InProcess, explore_selection, staged_search
+from coderay.search import PARTIAL, InProcess, explore_selection, finish_search, staged_search
+from coderay.table import RewardTable
 
 
 def _row(lin: int, hout: int, pred_acc: float, th_ratio: float) -> Row:
@@ -66,3 +67,27 @@ def test_a_search_with_explore_trains_one_more_candidate_and_marks_it(search_ctx
     assert len(explored) == 1 and trained == before | {explored[0]["path_id"]}
     assert explored[0]["link_variant"] == "bottleneck+distill0.5"
     assert Path(table.meta["dir"]) == tmp_path / "explore"
+
+
+def test_a_deferred_search_leaves_its_explored_candidates_and_baselines_then_finishes_to_the_same_table(
+    search_ctx, tmp_path
+):
+    """`coderay up` serves the table without them first (`defer`); `finish_search` makes it the table a whole
+    search makes, saved where `load_table` finds it."""
+    ctx = _exploring(search_ctx)
+    whole = staged_search(ctx, InProcess(ctx, progress=False), exhaustive=False, out=tmp_path / "whole")
+    out = tmp_path / "deferred"
+    first = staged_search(ctx, InProcess(ctx, progress=False), exhaustive=False, out=out, defer=True)
+    explored = [r for r in whole.rows if r.get("explored")]
+    assert first.meta["pending"] == {"explore": [explored[0].path_id], "baselines": ["digits"]}
+    assert not first.row(explored[0].path_id).trained and not [r for r in first.rows if not r.is_path]
+    assert (out / PARTIAL / "table.json").exists() and not (out / "table.json").exists()
+    assert first.best("digits").path_id != explored[0].path_id  # served first: a path trained already
+
+    done = finish_search(ctx, InProcess(ctx, progress=False), first, out=out)
+    key = lambda t: [(r.path_id, r.trained, r.val_acc, r.test_acc, r.reward) for r in t.rows]  # noqa: E731
+    assert key(done) == key(whole) and "pending" not in done.meta
+    assert done.meta["summary"] == whole.meta["summary"]
+    assert not (out / PARTIAL).exists() and (out / "table.json").exists()
+    saved = RewardTable.load(out)
+    assert key(saved) == key(whole)
