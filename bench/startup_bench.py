@@ -102,15 +102,40 @@ def one_up(config: Path, workdir: Path, timeout_s: float) -> dict:
     }
 
 
-def report(runs: dict[str, list[dict]], args, loads: list[tuple[float, float]], started: str) -> str:
+REFERENCE = """
+import time, torch
+torch.set_num_threads(1); torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+    torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+    torch.nn.Linear(64 * 49, 10))
+opt = torch.optim.SGD(net.parameters(), lr=0.01)
+x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+start = time.perf_counter()
+for _ in range(60):
+    opt.zero_grad(); torch.nn.functional.cross_entropy(net(x), y).backward(); opt.step()
+print(time.perf_counter() - start)
+"""
+
+
+def reference_s() -> float:
+    """Seconds of a fixed one-thread torch workload (60 training steps of a small CNN): this VM's speed drifts by
+    a third within a day, so each round states it beside its times."""
+    out = subprocess.run([sys.executable, "-c", REFERENCE], capture_output=True, text=True, check=True)
+    return round(float(out.stdout.strip()), 2)
+
+
+def report(
+    runs: dict[str, list[dict]], args, loads: list[tuple[float, float]], started: str, references: list[float]
+) -> str:
     lines = [
         "# `coderay up`: seconds to serving, fresh and cached",
         "",
         f"Measured {started} on this machine ({os.cpu_count()} cores), {len(runs['fresh'])} rounds, config "
         f"`{args.config}`; load average before/after each round: "
         + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in loads)
-        + ". Fresh: an empty workdir (train, search, deploy); cached: the same workdir again. Nodes' CPU caps "
-        "are emulated (cgroup quotas). Figures: median (min–max) of the rounds.",
+        + f"; the machine's speed, a fixed one-thread torch workload before each round: {fmt(references, 2)} s "
+        "(lower is faster). Fresh: an empty workdir (train, search, deploy); cached: the same workdir again. "
+        "Nodes' CPU caps are emulated (cgroup quotas). Figures: median (min–max) of the rounds.",
         "",
         "| run | to serving | " + " | ".join(PHASES) + " | path served first | whole table served | best path "
         "| stop on SIGTERM | test acc |",
@@ -171,18 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     runs: dict[str, list[dict]] = {"fresh": [], "cached": []}
-    loads = []
+    loads: list[tuple[float, float]] = []
+    references: list[float] = []
     for k in range(args.runs):
         workdir = args.workdir / f"round-{k}"
         shutil.rmtree(workdir, ignore_errors=True)
         before = os.getloadavg()[0]
+        references.append(reference_s())
         for kind in ("fresh", "cached"):
             r = one_up(args.config, workdir, args.timeout_s)
             runs[kind].append(r)
             print(f"round {k + 1} {kind}: serving after {r['serving_s']} s {r['phases']}, stopped in {r['stop_s']} s")
         loads.append((before, os.getloadavg()[0]))
-        args.out.with_suffix(".json").write_text(json.dumps({"started": started, "runs": runs, "loads": loads}))
-        args.out.with_suffix(".md").write_text(report(runs, args, loads, started))
+        doc = {"started": started, "runs": runs, "loads": loads, "reference_s": references}
+        args.out.with_suffix(".json").write_text(json.dumps(doc))
+        args.out.with_suffix(".md").write_text(report(runs, args, loads, started, references))
     plot(runs, args.out.with_suffix(".png"))
     print(args.out.with_suffix(".md").read_text())
     return 0

@@ -260,6 +260,7 @@ def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None, table=No
         print("serving until Ctrl-C (or SIGTERM)", flush=True)
         if finish is not None:
             _finish_while_serving(served, finish)
+            signal.signal(signal.SIGTERM, _interrupt)  # ours again after the redeploy's Serve calls
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
