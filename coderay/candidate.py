@@ -286,7 +286,7 @@ def predict_path(ctx: SearchContext, spec: PathSpec) -> Row:
         if s.predict_steps:
             assert isinstance(local.task.train, Sized)  # a TensorDataset or a Subset
             n = min(len(local.task.train), s.predict_steps * s.link_batch_size)
-            torch.manual_seed(ctx.cfg.seed)
+            torch.manual_seed(ctx.cfg.seed)  # fit's shuffling, apart from how many draws building the links took
             fit(
                 module,
                 module.link_parameters(),
@@ -388,7 +388,7 @@ def train_path(
             torch.manual_seed(ctx.cfg.seed)  # its links start the same whatever trained before (deferred, on Tune)
             module = PathModule(spec, local.blocks) if not trained else build_path(ctx, spec, variant)[0]
         if trained:
-            torch.manual_seed(ctx.cfg.seed)
+            torch.manual_seed(ctx.cfg.seed)  # fit's shuffling too, whether or not the links were built just above
             shift = i * epochs
             shifted: Callable[[int, float, float], None] | None = None
             if on_epoch is not None:

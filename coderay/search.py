@@ -335,8 +335,9 @@ def finish_search(ctx: SearchContext, executor: Executor, partial: RewardTable, 
         rows += [measured.get(r.path_id, r) for r in partial.rows if r.local == local]
         rows += base_rows.get(local, [])
     meta = {k: v for k, v in partial.meta.items() if k not in ("pending", "summary", "dir", "from_cache")}
-    meta["seconds"] = round(meta["seconds"] + time.perf_counter() - start, 1)
-    meta["explored_after_serving"] = round(time.perf_counter() - start, 1)
+    took = time.perf_counter() - start
+    meta["seconds"] = round(meta["seconds"] + took, 1)
+    meta["explored_after_serving"] = round(took, 1)
     table = _saved(finish_table(rows, meta), out)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     return table
@@ -419,21 +420,19 @@ def search_to_serve(
     if cached is not None:
         return cached, None
     out = search_dir(cfg, exhaustive=exhaustive)
-    loaded: list[SearchContext] = []
+    ctx: SearchContext | None = None  # loaded once where this run searched; a partial table on disk loads it later
     if (out / PARTIAL / "table.json").exists():
         partial = RewardTable.load(out / PARTIAL)
         partial.meta["from_cache"] = True
     else:
-        loaded.append(SearchContext.load(cfg, progress=progress))
-        partial = staged_search(
-            loaded[0], InProcess(loaded[0], progress=progress), exhaustive=exhaustive, out=out, defer=True
-        )
+        ctx = SearchContext.load(cfg, progress=progress)
+        partial = staged_search(ctx, InProcess(ctx, progress=progress), exhaustive=exhaustive, out=out, defer=True)
     if "pending" not in partial.meta:
         return partial, None
 
     def finish() -> RewardTable:
-        ctx = loaded[0] if loaded else SearchContext.load(cfg, progress=False)
-        return finish_search(ctx, InProcess(ctx, progress=False), partial, out=out)
+        used = ctx if ctx is not None else SearchContext.load(cfg, progress=False)
+        return finish_search(used, InProcess(used, progress=False), partial, out=out)
 
     return partial, finish
 

@@ -240,22 +240,16 @@ class Served:
     config_path: Path | None = None
     controller: bool = False
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
     def redeploy(self, table: RewardTable) -> None:
         """Serve `table` in place of the one deployed (a search that finished while serving): Serve starts the
         replicas whose links or rows changed and answers from the old ones until the new are up; the controller
         starts over on the new table; the Serve config is written again."""
-        from coderay.provider import check_stores
-
         assert self.cfg is not None and self.config_path is not None  # set by start_serving
-        check_stores(self.cfg, {svc: files.values() for svc, files in link_files(table.rows).items()})
-        deploy(self.cfg, table, port=int(self.url.rsplit(":", 1)[1]))
-        if self.controller:
-            from coderay.controller import start_controller
-
-            start_controller(self.cfg, table.rows)
-        write_serve_config(
-            self.cfg, self.config_path, self.serve_config, port=int(self.url.rsplit(":", 1)[1]), table=table
-        )
+        _deploy_table(self.cfg, table, self.config_path, port=self.port, controller=self.controller)
 
     def shutdown(self, *, exit_code: int | None = None) -> None:
         """Stop the controller and Serve, then the local cluster. exit_code: where the cluster's GCS is gone
@@ -285,8 +279,6 @@ def start_serving(
     `controller.enabled` is off), and write the Serve config under the workdir. The driver reads the reward
     table only (`table`, default: the search's on disk); an untrained service or a missing links file fails
     with the node and the command to run."""
-    from coderay.provider import check_stores
-
     if address:
         cfg = cfg.on_real_cluster()  # real nodes: no CPU caps, no emulated delays
     table = table if table is not None else served_table(cfg)
@@ -294,21 +286,31 @@ def start_serving(
     if cluster is None:
         cluster = connect(cfg, address)
     try:
-        check_stores(cfg, {svc: files.values() for svc, files in link_files(table.rows).items()})
-        url = deploy(cfg, table, port=port)
         controller = cfg.controller.enabled if controller is None else controller
-        if controller:
-            from coderay.controller import start_controller
-
-            start_controller(cfg, table.rows)
-        actual = int(url.rsplit(":", 1)[1])
-        out = write_serve_config(cfg, config_path, cfg.root / "serve-config.yaml", port=actual, table=table)
+        url, out = _deploy_table(cfg, table, config_path, port=port, controller=controller)
     except BaseException:
         if own and cluster is not None:
             cluster.shutdown()
         raise
     direct = direct_url(url) if cfg.serving.throughput_optimized else None
     return Served(url, out, cluster, direct, cfg, Path(config_path), controller)
+
+
+def _deploy_table(
+    cfg: CoderayConfig, table: RewardTable, config_path: str | Path, *, port: int | None, controller: bool
+) -> tuple[str, Path]:
+    """Deploy `table` (each node's store checked first), start the controller on it, and write its Serve config
+    under the workdir: a first deploy and an in-place one alike. Returns the URL and the Serve config's path."""
+    from coderay.provider import check_stores
+
+    check_stores(cfg, {svc: files.values() for svc, files in link_files(table.rows).items()})
+    url = deploy(cfg, table, port=port)
+    if controller:
+        from coderay.controller import start_controller
+
+        start_controller(cfg, table.rows)
+    actual = int(url.rsplit(":", 1)[1])
+    return url, write_serve_config(cfg, config_path, cfg.root / "serve-config.yaml", port=actual, table=table)
 
 
 def direct_url(url: str, *, wait_s: float = 10.0) -> str | None:

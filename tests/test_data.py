@@ -118,12 +118,13 @@ def test_parity_and_rotation_labels():
 def test_normalize_reproduces_digits_tensors():
     from sklearn.datasets import load_digits
 
-    task = get_task("digits")
-    raw = torch.from_numpy(load_digits().images.astype(np.float32) / 16).unsqueeze(1)
+    task, sk = get_task("digits"), load_digits()  # the task reads scikit-learn's file itself: the same samples
+    raw = torch.from_numpy(sk.images.astype(np.float32) / 16).unsqueeze(1)
     x01 = torch.nn.functional.interpolate(raw, size=(28, 28), mode="bilinear", align_corners=False)
     for s in SPLITS:
         idx = torch.tensor(task.split_indices[s])  # split arrays are read-only
         assert torch.allclose(task.normalize(x01[idx]), getattr(task, s).tensors[0], atol=1e-5)
+        assert torch.equal(getattr(task, s).tensors[1], torch.from_numpy(sk.target)[idx])
     with pytest.raises(ValueError, match="expects pixels"):
         task.normalize(torch.zeros(2, 3, 28, 28))
 
