@@ -54,6 +54,16 @@ class SearchContext:
     cfg: CoderayConfig
     services: Mapping[str, ServiceProfile]
     _acts: dict[tuple[str, str, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    _link_times: dict[tuple, float] = field(default_factory=dict, repr=False)
+
+    def link_seconds(self, link: Link, node: str, batch: int) -> float:
+        """`_link_seconds`, timed once per search for each link shape on a node: links of one shape and capacity
+        are the same computation whatever their weights, so candidates sharing one (every link_in from the same
+        local block to the same host block) share its time instead of each drawing its own timing noise."""
+        key = (node, batch, link.src, link.dst, link.capacity)
+        if key not in self._link_times:
+            self._link_times[key] = _link_seconds(self.cfg, link, batch, node)
+        return self._link_times[key]
 
     @classmethod
     def load(cls, cfg: CoderayConfig, *, progress: bool = True, train_missing: bool = True) -> SearchContext:
@@ -179,7 +189,7 @@ def path_costs(ctx: SearchContext, module: PathModule) -> PathCosts:
     def link_seconds(name: str, node: str, batch: int) -> float:
         link = module.links[name]
         assert isinstance(link, Link)  # a path's links are Links (ModuleDict items are typed as Module)
-        return _link_seconds(ctx.cfg, link, batch, node)
+        return ctx.link_seconds(link, node, batch)
 
     return _costs(ctx, module.spec, module.hops, module.link_out, module.encoding, link_seconds)
 
