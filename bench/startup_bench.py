@@ -6,7 +6,8 @@ time to stop on SIGTERM. Writes bench/results/startup.md, .json and .png.
 Each round runs `coderay up` as a user does: once on an empty workdir, then once more on it (checkpoints, profiles
 and the reward table cached). The phases are read off the CLI's own progress lines: the local cluster until
 "[1/3]", training (or loading) until "[2/3]", the search until "[3/3]", deploying until "serving until Ctrl-C"
-(printed once /healthz answers). A fresh `up` serves its first table then and trains the explored candidates
+(printed once /healthz answers). A fresh `up` answers local-only while it searches ("answering": every service
+deployed with its own model), serves its first table at "serving until" and trains the explored candidates
 while serving: the run also waits for "search finished while serving" (the whole table served). Then
 SIGTERM, and the seconds until the process has exited. Every run's best path and accuracies are kept, to check
 that the runs agree. Nothing else should run on the machine meanwhile; the load average is recorded before and
@@ -34,6 +35,7 @@ from serving_bench import fmt  # noqa: E402
 
 PHASES = ("cluster", "train", "search", "deploy")
 MARKS = {
+    "meanwhile: each service local-only": "answering",
     "[1/3]": "train",
     "[2/3]": "search",
     "[3/3]": "deploy",
@@ -92,6 +94,7 @@ def one_up(config: Path, workdir: Path, timeout_s: float) -> dict:
     return {
         "phases": {p: round(b - a, 1) for p, a, b in zip(PHASES, marks, marks[1:])},
         "serving_s": round(seen["serving"], 1),
+        "answering_s": round(seen.get("answering", seen["serving"]), 1),
         "whole_s": round(seen.get("whole", seen["serving"]), 1),
         "first_path": best[0] if best else None,
         "stop_s": round(stop_s, 1),
@@ -137,15 +140,16 @@ def report(
         "(lower is faster). Fresh: an empty workdir (train, search, deploy); cached: the same workdir again. "
         "Nodes' CPU caps are emulated (cgroup quotas). Figures: median (min–max) of the rounds.",
         "",
-        "| run | to serving | " + " | ".join(PHASES) + " | path served first | whole table served | best path "
-        "| stop on SIGTERM | test acc |",
-        "|---|---|" + "---|" * len(PHASES) + "---|---|---|---|---|",
+        "| run | answering (local-only) | to serving | " + " | ".join(PHASES) + " | path served first | whole table "
+        "served | best path | stop on SIGTERM | test acc |",
+        "|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|---|",
     ]
     for kind in ("fresh", "cached"):
         rs = runs[kind]
         accs = sorted({json.dumps(r["test_acc"], sort_keys=True) for r in rs})
         lines.append(
-            f"| {kind} | **{fmt([r['serving_s'] for r in rs])} s** | "
+            f"| {kind} | {fmt([r.get('answering_s', r['serving_s']) for r in rs])} s "
+            f"| **{fmt([r['serving_s'] for r in rs])} s** | "
             + " | ".join(fmt([r["phases"][p] for r in rs]) for p in PHASES)
             + " | "
             + ", ".join(sorted({str(r.get("first_path")) for r in rs}))

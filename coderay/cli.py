@@ -231,25 +231,30 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None, table=None, finish=None) -> int:
-    """Deploy `table` (None: the search's on disk) on `cluster` (None: the one --address names), print how to
-    reach it, and serve until Ctrl-C or SIGTERM (unless --no-block); `finish()`, where given, completes the search
-    while serving and its table is deployed in place. A stop at any point of it shuts down what runs."""
+def serve_until_stopped(cfg, args: argparse.Namespace, *, cluster=None, table=None, finish=None, served=None) -> int:
+    """Deploy `table` (None: the search's on disk) on `cluster` (None: the one --address names), or in place of
+    what `served` serves, print how to reach it, and serve until Ctrl-C or SIGTERM (unless --no-block);
+    `finish()`, where given, completes the search while serving and its table is deployed in place. A stop at
+    any point of it shuts down what runs."""
     import time
 
     from deployments.app import start_serving
 
-    served = None
+    controller = False if getattr(args, "no_controller", False) else None
     try:
-        served = start_serving(
-            cfg,
-            config_path=Path(args.config).resolve(),
-            address=args.address,
-            port=args.port,
-            controller=False if getattr(args, "no_controller", False) else None,
-            cluster=cluster,
-            table=table,
-        )
+        if served is None:
+            served = start_serving(
+                cfg,
+                config_path=Path(args.config).resolve(),
+                address=args.address,
+                port=args.port,
+                controller=controller,
+                cluster=cluster,
+                table=table,
+            )
+        else:
+            served.controller = cfg.controller.enabled if controller is None else controller
+            served.redeploy(table)
         _print_served(cfg, args, served)
         if args.no_block:
             if finish is not None:
@@ -475,9 +480,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             )
         engine = "in-process" if args.address is None else "Ray Tune"
         print(f"[2/3] path search (staged, {engine}){' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
+        early = None
         if args.address is None:
-            from coderay.search import search_to_serve
+            from coderay.search import search_to_serve, searched
 
+            if not searched(cfg) and not args.no_block:  # the services answer while the search runs
+                early = _meanwhile(lambda: _serve_local_only(cfg, args, cluster, front))
             table, finish = search_to_serve(cfg)  # explored candidates and baselines: while serving
         else:
             from tuning.search import run_tune_search
@@ -493,7 +501,30 @@ def cmd_up(args: argparse.Namespace) -> int:
         where = "the local Ray cluster" if args.address is None else args.address
         print(f"[3/3] serving on {where}{' ' * 4}[{time.perf_counter() - start:.0f}s]", flush=True)
         args.port = front.result()  # where Serve listens (a free port where 0 was asked); its failure raises here
-    return serve_until_stopped(cfg, args, cluster=cluster, table=table, finish=finish)
+        served = early.result() if early is not None else None
+    return serve_until_stopped(cfg, args, cluster=cluster, table=table, finish=finish, served=served)
+
+
+def _serve_local_only(cfg, args: argparse.Namespace, cluster, front):
+    """Every service deployed with no table yet, each answering with its own model, while the search runs: the
+    block groups are up when the search's table comes, which then only gives them their links and starts an
+    ingress on its rows (`Served.redeploy`). The controller starts with the table."""
+    from coderay.table import RewardTable
+    from deployments.app import start_serving
+
+    served = start_serving(
+        cfg,
+        config_path=Path(args.config).resolve(),
+        port=front.result(),
+        controller=False,
+        cluster=cluster,
+        table=RewardTable([], {}),
+    )
+    print(
+        f"  serving at {served.url} meanwhile: each service local-only (its own model) until the search ends",
+        flush=True,
+    )
+    return served
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

@@ -407,6 +407,12 @@ def run_search(
     )
 
 
+def searched(cfg: CoderayConfig) -> bool:
+    """Whether `search_to_serve` has a table on disk to start from (the whole one, or an earlier `up`'s first)."""
+    out = search_dir(cfg, exhaustive=cfg.search.exhaustive)
+    return (out / "table.json").exists() or (out / PARTIAL / "table.json").exists()
+
+
 def search_to_serve(
     cfg: CoderayConfig, *, progress: bool = True
 ) -> tuple[RewardTable, Callable[[], RewardTable] | None]:

@@ -2,7 +2,7 @@
 
 One application, `coderay`, at route prefix `/`:
 - `blocks-<svc>`: every service's frozen blocks on its node (a `BlockGroup`, pinned, batched), with the trained
-  links that run on that node, so each stage of a path (its hops on one node) is one call;
+  links that run on that node (its `user_config`), so each stage of a path (its hops on one node) is one call;
 - `Ingress`: FastAPI over HTTP, with the routing map as its `user_config`.
 Every candidate path's blocks stay deployed (they are the services' block groups), so switching a path is a
 flip of the ingress's routing map: `PUT /v1/services/{svc}/route`, or a config deploy that changes the
@@ -11,6 +11,9 @@ Ingress's `user_config` (in-place `reconfigure`, no replica restart).
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import socket
 import time
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import yaml
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from coderay.auth import load_keyring
 from coderay.cluster import LocalCluster, connect, exit_if_gcs_lost
@@ -71,23 +74,57 @@ def build_app(cfg: CoderayConfig, table: RewardTable) -> Application:
         "logging_config": serve_logging(cfg),
     }
     # mypy keeps a decorated class's type: @serve.deployment made BlockGroup and Ingress Deployments
+    # the links in user_config: a table with other links reconfigures the running groups instead of replacing them
     blocks = {
-        s.name: BlockGroup.options(  # type: ignore[attr-defined]
-            name=f"blocks-{s.name}", ray_actor_options=block_options(cfg, s.name), **opts
-        ).bind(cfg, s.name, shares[s.name], files.get(s.name, {}))
+        s.name: _versioned(
+            BlockGroup.options(  # type: ignore[attr-defined]
+                name=f"blocks-{s.name}",
+                ray_actor_options=block_options(cfg, s.name),
+                user_config={"links": files.get(s.name, {})},
+                **opts,
+            ),
+            cfg.model_dump(mode="json"),
+            s.name,
+            shares[s.name],
+        ).bind(cfg, s.name, shares[s.name])
         for s in cfg.services
     }
     # One ingress replica by default: PUT /route changes the replica it reaches; a config deploy reaches every
     # replica, and so do the controller's routes (each replica polls it: coderay.controller).
     # No routes in its user_config: routes given there are pins (an operator's), and none is set yet.
-    return Ingress.options(  # type: ignore[attr-defined]
+    keys = load_keyring(cfg).as_args()
+    ingress = Ingress.options(  # type: ignore[attr-defined]
         name=INGRESS,
         num_replicas=cfg.serving.ingress_replicas,
         max_ongoing_requests=cfg.serving.max_ongoing_requests,
         ray_actor_options=ingress_options(),
         logging_config=serve_logging(cfg),
         user_config={"routes": {}},
-    ).bind(cfg, rows, blocks, load_keyring(cfg).as_args())
+    )
+    return _versioned(ingress, cfg.model_dump(mode="json"), [r.to_dict() for r in rows], keys).bind(
+        cfg, rows, blocks, keys
+    )
+
+
+def _versioned(deployment: Deployment, *built_from: object) -> Deployment:
+    """`deployment` with a version that stays the same while coderay's code and what it is `built_from` (its
+    init args) do: a deploy that changes only its user_config (other links, other routes) then reconfigures
+    its running replicas in place. `serve.run` would give every deployment a new random version each time and
+    replace every replica. Serve reserves `version` for itself (`_internal`); tests/test_cli_up.py checks that
+    the block groups keep their processes across a table switch."""
+    digest = hashlib.sha256(_code_digest().encode())
+    digest.update(json.dumps(built_from, sort_keys=True, default=str).encode())
+    return deployment.options(version=digest.hexdigest()[:16], _internal=True)
+
+
+@functools.cache
+def _code_digest() -> str:
+    """The coderay code this process runs (what the replicas would import): a new version on another code."""
+    digest = hashlib.sha256()
+    for package in ("coderay", "deployments"):
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def served_table(cfg: CoderayConfig) -> RewardTable:
@@ -245,11 +282,14 @@ class Served:
         return int(self.url.rsplit(":", 1)[1])
 
     def redeploy(self, table: RewardTable) -> None:
-        """Serve `table` in place of the one deployed (a search that finished while serving): Serve starts the
-        replicas whose links or rows changed and answers from the old ones until the new are up; the controller
-        starts over on the new table; the Serve config is written again."""
+        """Serve `table` in place of the one deployed (a search that finished while serving): the block groups load
+        the new links in place (`BlockGroup.reconfigure`, no restart), Serve starts a new ingress on the new rows
+        and answers from the old one until it is up; the controller starts over on the new table; the Serve
+        config is written again."""
         assert self.cfg is not None and self.config_path is not None  # set by start_serving
         _deploy_table(self.cfg, table, self.config_path, port=self.port, controller=self.controller)
+        if self.direct_url is not None:  # the new ingress replica's own port
+            self.direct_url = direct_url(self.url)
 
     def shutdown(self, *, exit_code: int | None = None) -> None:
         """Stop the controller and Serve, then the local cluster. exit_code: where the cluster's GCS is gone

@@ -2,7 +2,9 @@
 links that run on that node.
 
 Weights are loaded inside the replica, from its node's store (`load_service` + `split_service`; links from the
-reward table's `links_file`s, store-relative), never shipped from the driver. A call runs one stage of a path's
+reward table's `links_file`s, store-relative), never shipped from the driver. The links come in the deployment's
+`user_config`, so a table with other links (a search that finished while serving) reaches a running replica by
+`reconfigure`: the blocks stay loaded and the replica keeps answering. A call runs one stage of a path's
 plan: the consecutive
 hops on this service's node (`coderay.plan.stages`), e.g. link_in → blocks hin..hout → link_out on a host, so a
 request pays one call per node it visits. Block ranges are batched across calls; one batch may mix calls for
@@ -170,10 +172,10 @@ class HealthReporter:
 
 @serve.deployment(health_check_period_s=HEALTH_CHECK_PERIOD_S)
 class BlockGroup:
-    """Blocks 1..N of one service, frozen, on the service's node, with the links of the paths in `link_files`
-    ({path id: links file}) that run there."""
+    """Blocks 1..N of one service, frozen, on the service's node, with the links of the paths that run there
+    (`reconfigure`)."""
 
-    def __init__(self, cfg: CoderayConfig, service: str, cpus: float, link_files: dict[str, str] | None = None):
+    def __init__(self, cfg: CoderayConfig, service: str, cpus: float):
         self.cfg, self.service = cfg, service
         spec = self.spec = cfg.service(service)
         self.node, self.quota = spec.node, spec.guest_quota
@@ -182,7 +184,7 @@ class BlockGroup:
         trained = load_service(cfg, service)
         self.blocks = split_service(spec, trained.model)
         self.n_blocks = len(self.blocks)
-        self.links = load_path_links(cfg, self.node, link_files or {})
+        self.links: dict[str, dict[str, Link]] = {}  # {path id: its links}, from `reconfigure`
         # the node's CPU quota, where emulation has one, from here on: it emulates a server's serving speed, not
         # its start (loading under it would only make every start on this 2-core machine wait on the smallest cap)
         self.cap = work_as(cfg, self.node)
@@ -206,7 +208,7 @@ class BlockGroup:
         }
         self.reporter = HealthReporter(service, self.health) if _in_replica() else None
         log.info(
-            "block group %s: %d blocks on %s (CPU: %s, share %s), %d torch thread(s), B=%d, s=%d, links of %s",
+            "block group %s: %d blocks on %s (CPU: %s, share %s), %d torch thread(s), B=%d, s=%d",
             service,
             self.n_blocks,
             self.node,
@@ -215,8 +217,15 @@ class BlockGroup:
             self.threads,
             self.capacity,
             self.quota,
-            sorted(self.links) or "no path",
         )
+
+    def reconfigure(self, user_config: dict) -> None:
+        """`{"links": {path id: links file in this node's store}}`: the links this node runs. Serve calls it before
+        the replica takes requests, and again in place when a table with other links is deployed; a call in
+        flight finishes with the links it started with."""
+        files = (user_config or {}).get("links") or {}
+        self.links = load_path_links(self.cfg, self.node, dict(files))
+        log.info("block group %s: links of %s", self.service, sorted(self.links) or "no path")
 
     def __del__(self) -> None:
         reporter = getattr(self, "reporter", None)

@@ -87,9 +87,10 @@ def test_up_serves_until_sigterm_then_exits_cleanly(trained_cfg, searched_table,
 
 
 def test_a_first_up_serves_before_exploring_then_serves_the_whole_table(trained_cfg, tiny_config_path):
-    """A first `up` (trained services, no search yet) serves as soon as stage 2's top-k are trained; the explored
-    candidate trains while it serves, and the whole table replaces the first in place: every request sent
-    meanwhile is answered, and the explored path serves afterwards."""
+    """A first `up` (trained services, no search yet) serves each service local-only while it searches, its first
+    table as soon as stage 2's top-k are trained; the explored candidate trains while it serves, and the whole
+    table replaces the first in place: every request sent meanwhile is answered, the block groups keep their
+    processes, and the explored path serves afterwards."""
     from coderay.config import load_config
     from coderay.search import PARTIAL, load_table, search_dir
 
@@ -126,11 +127,15 @@ def test_a_first_up_serves_before_exploring_then_serves_the_whole_table(trained_
 
     asker = None
     try:
+        early = read_until("  serving at ", 240)  # while the search runs: every service its own model
+        r = httpx.post(f"{early.split()[2]}/v1/services/digits/infer", json={"inputs": [[[0.5] * 28] * 28]}, timeout=60)
+        assert r.status_code == 200 and r.json()["path"] == "digits:local", r.text
         read_until("serving until", 240)
         out = "".join(lines)
         assert "to train while serving: 1 explored candidate(s), and the baselines" in out, out[-3000:]
         url = re.search(r"is serving \d+ service\(s\) at (http://\S+)", out).group(1)
         first = httpx.get(f"{url}/v1/services/digits/route", timeout=30).json()["path"]
+        groups = _block_groups(url)
         asker = threading.Thread(target=keep_asking, args=(url,), daemon=True)
         asker.start()
         done = read_until("search finished while serving", 240)
@@ -144,6 +149,10 @@ def test_a_first_up_serves_before_exploring_then_serves_the_whole_table(trained_
         explored = next(r for r in table.rows if r.get("explored"))
         assert explored.trained and table.best("digits").path_id in done
         assert first != explored.path_id
+        after = _block_groups(url)  # the new links reached the running groups: none was replaced
+        assert {g: pid for g, (pid, _) in after.items()} == {g: pid for g, (pid, _) in groups.items()}, (groups, after)
+        assert any(explored.path_id in paths for _, paths in after.values()), after
+        assert not any(explored.path_id in paths for _, paths in groups.values()), groups
         put = httpx.put(f"{url}/v1/services/digits/route", json={"path": explored.path_id}, timeout=30)
         assert put.status_code == 200, put.text
         r = httpx.post(f"{url}/v1/services/digits/infer", json={"inputs": [[[0.5] * 28] * 28]}, timeout=60)
@@ -157,3 +166,9 @@ def test_a_first_up_serves_before_exploring_then_serves_the_whole_table(trained_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _block_groups(url: str) -> dict[str, tuple[int, list[str]]]:
+    """{block-group deployment: (its replica's pid, the paths whose links it holds)}."""
+    replicas = httpx.get(f"{url}/v1/debug/replicas", timeout=60).json()["replicas"]
+    return {r["deployment"]: (r["pid"], r["paths"]) for r in replicas}

@@ -355,8 +355,9 @@ def wait_replaced(crash, service: str, old_pid: int, timeout_s: float = 90.0) ->
 def crash_under_load(crash, service: str) -> tuple[Load, float, float, dict[str, int]]:
     """Clients on both services; `service`'s block group killed 2 s in, mid-request: half a second after a long
     call (4096 samples, straight to its handle) has queued the clients' calls behind its batches. The load goes on
-    until 2 s after the replacement answers (at least 10 s in all). (what the load saw, seconds to the kill's
-    replacement, the kill's time.monotonic(), the ingress's retries per service meanwhile)."""
+    until 2 s after the replacement answers (at least 10 s in all) and the controller has its first report.
+    (what the load saw, seconds to the kill's replacement, the kill's time.monotonic(), the ingress's retries per
+    service meanwhile)."""
     from ray import serve
 
     from coderay.controller import APP_NAME
@@ -371,7 +372,14 @@ def crash_under_load(crash, service: str) -> tuple[Load, float, float, dict[str,
         time.sleep(0.5)
         pid, killed_at = kill_block_group(crash, service)
         back = wait_replaced(crash, service, pid)
-        time.sleep(max(2.0, 8.0 - (time.monotonic() - killed_at)))
+        # on until 2 s after the replacement (8 s after the kill at least), and until the controller has seen the
+        # new replica's first report (a loaded machine may take longer than 2 s): at most 20 s more
+        node = crash.cfg.service(service).node
+        settled = time.monotonic() + max(2.0, 8.0 - (time.monotonic() - killed_at))
+        while time.monotonic() < settled or (
+            not reported_gone(seen, node, killed_at)[1] and time.monotonic() < settled + 20
+        ):
+            time.sleep(0.25)
     after = retries(crash)
     return seen, back, killed_at, {svc: after[svc] - before[svc] for svc in after}
 
