@@ -140,8 +140,9 @@ def report(
         "(lower is faster). Fresh: an empty workdir (train, search, deploy); cached: the same workdir again. "
         "Nodes' CPU caps are emulated (cgroup quotas). Figures: median (min–max) of the rounds.",
         "",
-        "| run | answering (local-only) | to serving | " + " | ".join(PHASES) + " | path served first | whole table "
-        "served | best path | stop on SIGTERM | test acc |",
+        "| run | first answers (local-only while searching) | to serving | "
+        + " | ".join(PHASES)
+        + " | path served first | whole table served | best path | stop on SIGTERM | test acc |",
         "|---|---|---|" + "---|" * len(PHASES) + "---|---|---|---|---|",
     ]
     for kind in ("fresh", "cached"):
